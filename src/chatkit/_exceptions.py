@@ -1,0 +1,235 @@
+"""chatkit's error vocabulary.
+
+Two families, kept apart on purpose (as in h11):
+
+* :class:`ProtocolError` and its subclasses are raised by the sans-IO protocol
+  layer. :class:`RemoteProtocolError` means the *peer* sent something bad and
+  carries the wire ``error`` code to answer with; :class:`LocalProtocolError`
+  means *we* misused the protocol object (a bug in the caller).
+* :class:`ChatError` and its subclasses are what :class:`chatkit.ChatClient`
+  raises when the server refuses a request; one subclass per wire error code.
+  :class:`ConnectionClosed` means the connection ended while we needed it.
+"""
+
+from __future__ import annotations
+
+import enum
+from types import MappingProxyType
+
+__all__ = [
+    "BadName",
+    "BadRequest",
+    "ChatError",
+    "ConnectionClosed",
+    "ErrorCode",
+    "Kicked",
+    "LocalProtocolError",
+    "NameTaken",
+    "NoSuchUser",
+    "NotInRoom",
+    "NotReady",
+    "ProtocolError",
+    "RateLimited",
+    "Reject",
+    "Rejected",
+    "RemoteProtocolError",
+    "ServerFull",
+    "TooLarge",
+    "TooSlow",
+    "Unauthorized",
+]
+
+
+class ErrorCode(enum.StrEnum):
+    """The ``code`` values of the wire ``error`` message."""
+
+    BAD_REQUEST = "bad_request"
+    TOO_LARGE = "too_large"
+    NAME_TAKEN = "name_taken"
+    BAD_NAME = "bad_name"
+    NOT_IN_ROOM = "not_in_room"
+    NO_SUCH_USER = "no_such_user"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHORIZED = "unauthorized"
+    SERVER_FULL = "server_full"
+    REJECTED = "rejected"
+    NOT_READY = "not_ready"
+    # Extensions to v1: the server closes the connection right after these.
+    TOO_SLOW = "too_slow"
+    KICKED = "kicked"
+
+
+class ProtocolError(Exception):
+    """Base class of errors raised by the sans-IO protocol layer."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks the protocol.
+
+    The connection stays usable: answer with an ``error`` frame carrying
+    :attr:`code` and carry on with the next line.
+
+    Attributes:
+        code: the wire error code to answer with.
+        ref: the offending request's ``ref``, when it could be recovered.
+    """
+
+    def __init__(
+        self, code: ErrorCode, message: str, ref: str | int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+class LocalProtocolError(ProtocolError):
+    """This side misused the protocol object (a bug in the calling code)."""
+
+
+class Reject(Exception):
+    """Raised by a plugin's hook implementation to veto what the hook is about.
+
+    From ``chatkit_authenticate`` it refuses the user (``error unauthorized``);
+    from ``chatkit_message`` / ``chatkit_dm`` it refuses the message
+    (``error rejected``, to the sender only). The reason is sent to the user.
+    """
+
+    def __init__(self, reason: str = "rejected by a plugin") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChatError(Exception):
+    """The server answered a request with an ``error``.
+
+    Attributes:
+        code: the wire error code (an :class:`ErrorCode` value where known).
+        message: the server's human-readable explanation.
+    """
+
+    code: str = ""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    @staticmethod
+    def from_code(code: str, message: str) -> ChatError:
+        """Build the :class:`ChatError` subclass that matches ``code``."""
+        cls = _BY_CODE.get(code)
+        if cls is None:
+            return ChatError(message, code)
+        return cls(message)
+
+
+class BadRequest(ChatError):
+    """``bad_request``: the request was malformed."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class TooLarge(ChatError):
+    """``too_large``: the line exceeded the server's limit."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class NameTaken(ChatError):
+    """``name_taken``: another user has that name (case-insensitively)."""
+
+    code = ErrorCode.NAME_TAKEN
+
+
+class BadName(ChatError):
+    """``bad_name``: not a valid user or room name."""
+
+    code = ErrorCode.BAD_NAME
+
+
+class NotInRoom(ChatError):
+    """``not_in_room``: the request needs membership of a room."""
+
+    code = ErrorCode.NOT_IN_ROOM
+
+
+class NoSuchUser(ChatError):
+    """``no_such_user``: nobody of that name is connected."""
+
+    code = ErrorCode.NO_SUCH_USER
+
+
+class RateLimited(ChatError):
+    """``rate_limited``: slow down."""
+
+    code = ErrorCode.RATE_LIMITED
+
+
+class Unauthorized(ChatError):
+    """``unauthorized``: authentication refused."""
+
+    code = ErrorCode.UNAUTHORIZED
+
+
+class ServerFull(ChatError):
+    """``server_full``: the server accepts no more connections."""
+
+    code = ErrorCode.SERVER_FULL
+
+
+class Rejected(ChatError):
+    """``rejected``: a server plugin refused the request."""
+
+    code = ErrorCode.REJECTED
+
+
+class NotReady(ChatError):
+    """``not_ready``: the request came before ``hello`` was accepted."""
+
+    code = ErrorCode.NOT_READY
+
+
+class TooSlow(ChatError):
+    """``too_slow``: this client did not read fast enough and was dropped."""
+
+    code = ErrorCode.TOO_SLOW
+
+
+class Kicked(ChatError):
+    """``kicked``: the server removed this client."""
+
+    code = ErrorCode.KICKED
+
+
+class ConnectionClosed(ChatError):
+    """The connection to the server ended while a request needed it."""
+
+    code = "connection_closed"
+
+
+# Read-only: no module-level mutable state.
+_BY_CODE: MappingProxyType[str, type[ChatError]] = MappingProxyType(
+    {
+        cls.code: cls
+        for cls in (
+            BadRequest,
+            TooLarge,
+            NameTaken,
+            BadName,
+            NotInRoom,
+            NoSuchUser,
+            RateLimited,
+            Unauthorized,
+            ServerFull,
+            Rejected,
+            NotReady,
+            TooSlow,
+            Kicked,
+        )
+    }
+)

@@ -1,0 +1,183 @@
+"""chatkit's own async hook dispatcher over a pluggy PluginManager.
+
+pluggy decides *which* implementations exist and in what order; chatkit calls
+them itself, because pluggy has no async support, its ``firstresult`` stops
+at an un-run coroutine, and one raising implementation skips the rest. Here
+each implementation is called in pluggy's order (``reversed(get_hookimpls())``,
+which honours ``tryfirst``/``trylast``), awaited if it returns an awaitable,
+bounded by a timeout, and isolated: an exception is logged with the plugin's
+name and the next implementation runs. :class:`~chatkit.Reject` is the only
+exception that escapes, and only from the veto/rewrite calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import pluggy
+import trio
+
+from . import hookspecs
+from ._exceptions import Reject
+
+__all__ = ["ENTRY_POINT_GROUP", "HookDispatcher", "make_plugin_manager"]
+
+#: Entry-point group third-party packages register plugins under.
+ENTRY_POINT_GROUP: Final = "chatkit"
+#: Environment variable: comma-separated allow-list of entry-point plugins.
+LOAD_PLUGINS_ENV: Final = "CHATKIT_LOAD_PLUGINS"
+
+_FAILED: Final = object()
+
+
+def make_plugin_manager(
+    spec: type,
+    plugins: Iterable[object],
+    *,
+    load_entry_points: bool,
+    environ: Mapping[str, str] | None = None,
+) -> pluggy.PluginManager:
+    """Build a PluginManager for ``spec`` holding ``plugins`` (called in the
+    order given) and, if asked, the ``chatkit`` entry-point plugins.
+
+    ``CHATKIT_LOAD_PLUGINS`` restricts entry points (as datasette's
+    ``DATASETTE_LOAD_PLUGINS`` does): unset loads every installed one, an
+    empty value none, ``a,b`` only those named.
+
+    Raises:
+        pluggy.PluginValidationError: a plugin implements a hook that does
+            not exist (a misspelling) or with arguments the spec lacks.
+        TypeError: a plugin uses a hook wrapper, which chatkit cannot await.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(spec)
+    if load_entry_points:
+        _load_entry_points(pm, os.environ if environ is None else environ)
+    # pluggy calls the last registered first: register in reverse so the
+    # order users list plugins in is the order they run in.
+    for plugin in reversed(list(plugins)):
+        register_plugin(pm, plugin)
+    pm.check_pending()
+    return pm
+
+
+def register_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Register one plugin, refusing hook wrappers."""
+    name = pm.register(plugin)
+    for caller in pm.get_hookcallers(plugin) or ():
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper):
+                pm.unregister(plugin)
+                raise TypeError(
+                    f"plugin {name!r}: {caller.name} is a hook wrapper; "
+                    "chatkit hooks do not support wrappers"
+                )
+
+
+def _load_entry_points(pm: pluggy.PluginManager, environ: Mapping[str, str]) -> None:
+    allow = environ.get(LOAD_PLUGINS_ENV)
+    if allow is None:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        return
+    for name in filter(None, (part.strip() for part in allow.split(","))):
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+
+
+class HookDispatcher:
+    """Calls one PluginManager's hooks the chatkit way (see module docs).
+
+    Args:
+        pm: the plugin manager.
+        timeout: seconds each awaited implementation may take.
+        logger: where plugin failures are logged.
+    """
+
+    def __init__(
+        self, pm: pluggy.PluginManager, *, timeout: float, logger: logging.Logger
+    ) -> None:
+        self.pm = pm
+        self.timeout = timeout
+        self._log = logger
+
+    def has(self, name: str) -> bool:
+        """True if any plugin implements hook ``name`` (cheap: lets hot paths
+        skip the dispatcher entirely)."""
+        caller: pluggy.HookCaller = getattr(self.pm.hook, name)
+        return bool(caller.get_hookimpls())
+
+    async def notify(self, name: str, /, **kwargs: Any) -> None:
+        """Call every implementation of ``name``; results and errors are
+        ignored (errors logged)."""
+        for impl in self._impls(name):
+            try:
+                await self._call(name, impl, kwargs)
+            except Reject:
+                self._log.warning(
+                    "plugin %r raised Reject from %s, which cannot veto; ignored",
+                    impl.plugin_name,
+                    name,
+                )
+
+    async def veto(self, name: str, /, **kwargs: Any) -> None:
+        """Call every implementation of ``name`` until one raises
+        :class:`~chatkit.Reject`, which propagates."""
+        for impl in self._impls(name):
+            await self._call(name, impl, kwargs)
+
+    async def rewrite(self, name: str, key: str, /, **kwargs: Any) -> Any:
+        """Thread ``kwargs[key]`` through every implementation of ``name``.
+
+        Each implementation sees the value the previous one returned (``None``
+        means unchanged). :class:`~chatkit.Reject` propagates. Returns the
+        final value.
+        """
+        for impl in self._impls(name):
+            result = await self._call(name, impl, kwargs)
+            if result is not None and result is not _FAILED:
+                expected = type(kwargs[key])
+                if not isinstance(result, expected):
+                    self._log.error(
+                        "plugin %r returned %r from %s, expected %s or None; ignored",
+                        impl.plugin_name,
+                        result,
+                        name,
+                        expected.__name__,
+                    )
+                    continue
+                kwargs[key] = result
+        return kwargs[key]
+
+    def _impls(self, name: str) -> list[pluggy.HookImpl]:
+        caller: pluggy.HookCaller = getattr(self.pm.hook, name)
+        impls = caller.get_hookimpls()
+        impls.reverse()
+        return impls
+
+    async def _call(
+        self, name: str, impl: pluggy.HookImpl, kwargs: Mapping[str, Any]
+    ) -> Any:
+        try:
+            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            if inspect.isawaitable(result):
+                with trio.move_on_after(self.timeout) as scope:
+                    result = await result
+                if scope.cancelled_caught:
+                    self._log.error(
+                        "plugin %r timed out in %s after %ss; skipped",
+                        impl.plugin_name,
+                        name,
+                        self.timeout,
+                    )
+                    return _FAILED
+            return result
+        except Reject:
+            raise
+        except Exception:
+            # Isolation is the point: a plugin's bug must not reach the user
+            # or the server. Logged with the plugin's name and traceback.
+            self._log.exception("plugin %r raised in %s", impl.plugin_name, name)
+            return _FAILED

@@ -1,0 +1,386 @@
+"""The sans-IO core of chatkit wire protocol v1: bytes in, events out.
+
+Nothing here does I/O or imports trio (a test enforces it), in the manner of
+h11. An I/O layer feeds received bytes to :meth:`ServerConnection.receive_data`
+(``b""`` meaning end of file), pulls events from
+:meth:`~ServerConnection.next_event` until it returns :data:`NEED_DATA`, and
+writes what :meth:`~ServerConnection.send` returns.
+
+Bad input never breaks a connection: :meth:`~ServerConnection.next_event`
+raises :class:`~chatkit.RemoteProtocolError` carrying the wire error code for
+the one offending line, and the next call carries on with the next line.
+
+For fan-out, :func:`encode_json` and :func:`encode_line` encode an event once
+so the same bytes can be appended to every recipient's buffer.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Final, TypeVar
+
+import msgspec
+
+from ._events import (
+    PROTOCOL_VERSION,
+    Bye,
+    ClientRequest,
+    DirectMessage,
+    Error,
+    Event,
+    Hello,
+    Joined,
+    Left,
+    Message,
+    Ref,
+    Renamed,
+    Say,
+    ServerEvent,
+    Shutdown,
+    Welcome,
+)
+from ._exceptions import ErrorCode, LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_LINE_LENGTH",
+    "NEED_DATA",
+    "ClientConnection",
+    "LineFramer",
+    "Mode",
+    "ServerConnection",
+    "Status",
+    "encode_json",
+    "encode_line",
+    "is_valid_name",
+    "is_valid_room",
+]
+
+#: Longest line (in bytes, without its ``\n``) accepted by default: 64 KiB.
+DEFAULT_MAX_LINE_LENGTH: Final = 64 * 1024
+
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+_ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Control characters would let one user's text break another's line framing
+# or drive their terminal; line-mode output replaces them with spaces.
+_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def is_valid_name(name: str) -> bool:
+    """True if ``name`` is a valid user name: 1-32 of ``A-Za-z0-9_.-``."""
+    return _NAME_RE.fullmatch(name) is not None
+
+
+def is_valid_room(room: str) -> bool:
+    """True if ``room`` is a valid room name: 1-64 of ``A-Za-z0-9_.-``."""
+    return _ROOM_RE.fullmatch(room) is not None
+
+
+class Status(enum.Enum):
+    """What :meth:`ServerConnection.next_event` returns when it has no event."""
+
+    NEED_DATA = "NEED_DATA"
+    """Every complete line was consumed: feed more bytes."""
+    CLOSED = "CLOSED"
+    """The peer sent end of file and every complete line was consumed."""
+
+
+NEED_DATA: Final = Status.NEED_DATA
+CLOSED: Final = Status.CLOSED
+
+
+class Mode(enum.Enum):
+    """How a server connection talks, chosen by the client's first line."""
+
+    UNKNOWN = "unknown"
+    JSON = "json"
+    LINE = "line"
+
+
+class LineFramer:
+    """Incremental ``\\n`` framing with a bound on the line length.
+
+    A line longer than ``max_line_length`` bytes is discarded up to its end
+    and reported once by raising :class:`RemoteProtocolError` (``too_large``);
+    the lines after it are unaffected. Bytes after the last ``\\n`` at end of
+    file are an incomplete line and are dropped.
+    """
+
+    def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
+        if max_line_length < 1:
+            raise ValueError("max_line_length must be at least 1")
+        self.max_line_length = max_line_length
+        self._buf = bytearray()
+        # Lines before _start are consumed; the buffer is compacted once per
+        # NEED_DATA rather than once per line, so a packet of 10,000 small
+        # frames costs one memmove, not 10,000.
+        self._start = 0
+        self._scanned = 0  # no b"\n" in _buf[_start:_scanned]
+        self._discarding = False
+        self._eof = False
+
+    @property
+    def eof(self) -> bool:
+        """True once end of file was received."""
+        return self._eof
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as lines."""
+        return len(self._buf) - self._start
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        if self._eof:
+            if data:
+                raise LocalProtocolError("received data after end of file")
+            return
+        if not data:
+            self._eof = True
+            return
+        self._buf += data
+
+    def next_line(self) -> bytes | Status:
+        """Return the next complete line (without ``\\n``), or a :class:`Status`."""
+        buf = self._buf
+        while True:
+            end = buf.find(b"\n", self._scanned)
+            if end < 0:
+                pending = len(buf) - self._start
+                if pending > self.max_line_length and not self._discarding:
+                    self._begin_discard()
+                    raise RemoteProtocolError(
+                        ErrorCode.TOO_LARGE,
+                        f"line longer than {self.max_line_length} bytes",
+                    )
+                if self._discarding:
+                    del buf[:]
+                    self._start = self._scanned = 0
+                else:
+                    del buf[: self._start]
+                    self._start = 0
+                    self._scanned = len(buf)
+                return CLOSED if self._eof else NEED_DATA
+            start = self._start
+            self._start = self._scanned = end + 1
+            if self._discarding:
+                self._discarding = False
+                continue
+            if end - start > self.max_line_length:
+                raise RemoteProtocolError(
+                    ErrorCode.TOO_LARGE,
+                    f"line longer than {self.max_line_length} bytes",
+                )
+            return bytes(buf[start:end])
+
+    def peek_first_byte(self) -> int | None:
+        """The first unconsumed byte, if any (used for mode detection)."""
+        return self._buf[self._start] if self.buffered else None
+
+    def _begin_discard(self) -> None:
+        self._discarding = True
+        del self._buf[:]
+        self._start = self._scanned = 0
+
+
+class _RefOnly(msgspec.Struct):
+    ref: Ref = None
+
+
+_REQUEST_DECODER: Final[msgspec.json.Decoder[ClientRequest]] = msgspec.json.Decoder(
+    ClientRequest
+)
+_EVENT_DECODER: Final[msgspec.json.Decoder[ServerEvent]] = msgspec.json.Decoder(
+    ServerEvent
+)
+_REF_DECODER: Final = msgspec.json.Decoder(_RefOnly)
+_DECODE_ERRORS: Final = (
+    msgspec.DecodeError,
+    msgspec.ValidationError,
+    UnicodeDecodeError,
+    # msgspec's own guard against deeply nested input.
+    RecursionError,
+)
+
+
+_T = TypeVar("_T")
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], line: bytes) -> _T:
+    try:
+        return decoder.decode(line)
+    except _DECODE_ERRORS as exc:
+        raise RemoteProtocolError(
+            ErrorCode.BAD_REQUEST, f"invalid message: {exc}", _recover_ref(line)
+        ) from None
+
+
+def _recover_ref(line: bytes) -> Ref:
+    # Only on the error path: find the ref of an invalid request so the
+    # client can match the error to what it sent.
+    try:
+        return _REF_DECODER.decode(line).ref
+    except _DECODE_ERRORS:
+        return None
+
+
+def encode_json(event: Event) -> bytes:
+    """Encode ``event`` as one JSON-mode line (with its ``\\n``)."""
+    return msgspec.json.encode(event) + b"\n"
+
+
+def _clean(text: str) -> str:
+    return text if text.isprintable() else _CONTROL_RE.sub(" ", text)
+
+
+def encode_line(event: Event) -> bytes:
+    """Encode ``event`` as line-mode text (``b""`` if line mode omits it).
+
+    Line mode speaks like the original chat program: ``alice: hi``,
+    ``alice has joined the chat.``, ``alice has left the chat.``.
+    """
+    match event:
+        case Message(sender=sender, text=text):
+            line = f"{sender}: {_clean(text)}"
+        case DirectMessage(sender=sender, text=text):
+            line = f"{sender} (private): {_clean(text)}"
+        case Joined(name=name):
+            line = f"{name} has joined the chat."
+        case Left(name=name):
+            line = f"{name} has left the chat."
+        case Renamed(old=old, new=new):
+            line = f"{old} is now known as {new}."
+        case Error(code=code, message=message):
+            line = f"error ({code}): {_clean(message)}"
+        case Shutdown(reason=reason):
+            line = f"Server is shutting down: {_clean(reason)}"
+        case _:
+            return b""
+    return (line + "\n").encode()
+
+
+class ServerConnection:
+    """The server's side of one connection.
+
+    Detects the mode from the first non-blank line, decodes requests into
+    typed events, enforces that ``hello`` comes first, and encodes events for
+    this connection's mode. In line mode, a line before the handshake is
+    reported as :class:`Hello` (the line is the name), ``exit`` as
+    :class:`Bye` and any other non-blank line as :class:`Say` to ``lobby``.
+
+    The handshake completes when the server sends :class:`Welcome`; until
+    then, each line-mode line is another attempt at a name.
+    """
+
+    def __init__(self, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
+        self._framer = LineFramer(max_line_length)
+        self.mode = Mode.UNKNOWN
+        self.ready = False
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        self._framer.receive_data(data)
+
+    def next_event(self) -> ClientRequest | Status:
+        """Return the next request, :data:`NEED_DATA` or :data:`CLOSED`.
+
+        Raises:
+            RemoteProtocolError: one line was bad; its ``code`` says how.
+                Call again to carry on with the next line.
+        """
+        while True:
+            first = self._framer.peek_first_byte()
+            try:
+                line = self._framer.next_line()
+            except RemoteProtocolError:
+                if self.mode is Mode.UNKNOWN:
+                    # An oversized first line still tells the mode to answer in.
+                    self.mode = Mode.JSON if first == ord("{") else Mode.LINE
+                raise
+            if isinstance(line, Status):
+                return line
+            if self.mode is Mode.JSON:
+                return self._json_request(line)
+            if self.mode is Mode.LINE:
+                event = self._line_request(line)
+            elif line.startswith(b"{"):
+                self.mode = Mode.JSON
+                return self._json_request(line)
+            elif not line.strip():
+                continue  # blank lines before the mode is known say nothing
+            else:
+                self.mode = Mode.LINE
+                event = self._line_request(line)
+            if event is not None:
+                return event
+
+    def _json_request(self, line: bytes) -> ClientRequest:
+        request = _decode(_REQUEST_DECODER, line)
+        if isinstance(request, Hello):
+            if self.ready:
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_REQUEST, "hello was already accepted", request.ref
+                )
+            if request.protocol not in (None, PROTOCOL_VERSION):
+                raise RemoteProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f"unsupported protocol version {request.protocol}",
+                    request.ref,
+                )
+        elif not self.ready:
+            raise RemoteProtocolError(
+                ErrorCode.NOT_READY, "send hello first", request.ref
+            )
+        return request
+
+    def _line_request(self, line: bytes) -> ClientRequest | None:
+        try:
+            text = line.decode()
+        except UnicodeDecodeError:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_REQUEST, "line is not valid UTF-8"
+            ) from None
+        text = text.removesuffix("\r")
+        if not self.ready:
+            return Hello(name=text.strip())
+        if not text.strip():
+            return None
+        if text.strip() == "exit":
+            return Bye()
+        return Say(text=text)
+
+    def send(self, event: ServerEvent) -> bytes:
+        """Encode ``event`` for this connection; sending Welcome completes the
+        handshake."""
+        if isinstance(event, Welcome):
+            self.ready = True
+        if self.mode is Mode.LINE:
+            return encode_line(event)
+        return encode_json(event)
+
+
+class ClientConnection:
+    """The client's side of one JSON-mode connection."""
+
+    def __init__(self, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
+        self._framer = LineFramer(max_line_length)
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` means the server closed its side."""
+        self._framer.receive_data(data)
+
+    def next_event(self) -> ServerEvent | Status:
+        """Return the next server event, :data:`NEED_DATA` or :data:`CLOSED`.
+
+        Raises:
+            RemoteProtocolError: the server sent a bad line (skipped).
+        """
+        line = self._framer.next_line()
+        if isinstance(line, Status):
+            return line
+        return _decode(_EVENT_DECODER, line)
+
+    def send(self, request: ClientRequest) -> bytes:
+        """Encode ``request`` as one line."""
+        return encode_json(request)

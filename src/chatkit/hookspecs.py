@@ -1,0 +1,181 @@
+"""The hooks chatkit calls, for plugin authors.
+
+A plugin is any object or module with functions named after these hooks and
+marked with :data:`chatkit.hookimpl`::
+
+    import chatkit
+
+    class Shout:
+        @chatkit.hookimpl
+        def chatkit_message(self, text):
+            return text.upper()
+
+    server = chatkit.ChatServer(plugins=[Shout()])
+
+Rules that hold for every hook:
+
+* Arguments are passed by keyword; an implementation may accept only the
+  ones it needs (``def chatkit_message(self, text)`` above).
+* An implementation may be a plain function or ``async def``; chatkit awaits
+  what it returns. An awaited implementation is cancelled after the server's
+  ``hook_timeout`` seconds and counts as having returned ``None``.
+* Implementations run one after another, in the order the plugins were
+  given to ``plugins=[...]``, then entry-point plugins; ``tryfirst=True`` /
+  ``trylast=True`` on :data:`~chatkit.hookimpl` move one to the front or the
+  back. Hook wrappers are not supported.
+* An implementation that raises is logged with its plugin's name and
+  skipped; the other implementations, the user and the server carry on.
+  The one deliberate exception is :class:`chatkit.Reject` from a hook that
+  says it can veto.
+
+Server hooks are the methods of :class:`ServerSpec`; client hooks (for bots)
+those of :class:`ClientSpec`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ._client import ChatClient
+    from ._events import DirectMessage, Event, Message, Welcome
+    from ._server import ChatServer, LeaveReason, User
+
+__all__ = ["PROJECT_NAME", "ClientSpec", "ServerSpec", "hookimpl", "hookspec"]
+
+PROJECT_NAME = "chatkit"
+
+#: Marks a hook implementation: ``@chatkit.hookimpl`` or
+#: ``@chatkit.hookimpl(tryfirst=True)``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+#: Marks a hook specification (chatkit's own use).
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+class ServerSpec:
+    """Hooks a :class:`chatkit.ChatServer` calls."""
+
+    @hookspec
+    def chatkit_server_started(self, server: ChatServer) -> None:
+        """The server is listening; ``server.port`` is the bound port.
+
+        Fires once, before ``nursery.start(server.serve)`` returns.
+        """
+
+    @hookspec
+    def chatkit_server_stopping(self, server: ChatServer) -> None:
+        """Graceful shutdown began (``server.aclose()``).
+
+        Fires once, before clients are sent ``shutdown``: a plugin can still
+        post a last message with ``server.post(...)``.
+        """
+
+    @hookspec
+    def chatkit_authenticate(
+        self, server: ChatServer, name: str, token: str | None, address: str
+    ) -> None:
+        """A client asks to log in as ``name`` (valid and free).
+
+        Can veto: raise :class:`chatkit.Reject` with a reason to refuse; the
+        client gets ``error unauthorized`` with that reason and is
+        disconnected. ``token`` is the ``hello`` message's token (``None`` in
+        line mode). Returning normally lets the user in unless another
+        plugin refuses.
+        """
+
+    @hookspec
+    def chatkit_user_connected(self, server: ChatServer, user: User) -> None:
+        """``user`` completed the handshake (and has joined ``lobby``)."""
+
+    @hookspec
+    def chatkit_user_disconnected(
+        self, server: ChatServer, user: User, reason: LeaveReason
+    ) -> None:
+        """``user`` is gone; ``reason`` says why (``bye``, ``exit``,
+        ``disconnect``, ``kicked``, ``shutdown``, ``too_slow``)."""
+
+    @hookspec
+    def chatkit_user_joined(self, server: ChatServer, user: User, room: str) -> None:
+        """``user`` joined ``room`` (``lobby`` included, right after login)."""
+
+    @hookspec
+    def chatkit_user_left(
+        self, server: ChatServer, user: User, room: str, reason: LeaveReason
+    ) -> None:
+        """``user`` left ``room``; ``reason`` is ``leave`` for a ``leave``
+        request, or why the user left the server."""
+
+    @hookspec
+    def chatkit_user_renamed(
+        self, server: ChatServer, user: User, old: str, new: str
+    ) -> None:
+        """``user`` changed name from ``old`` to ``new`` (``user.name == new``)."""
+
+    @hookspec
+    def chatkit_message(
+        self, server: ChatServer, user: User, room: str, text: str
+    ) -> str | None:
+        """``user`` says ``text`` in ``room``; runs before delivery.
+
+        Can rewrite: return a new ``str`` and later plugins and the room see
+        that instead; return ``None`` to leave it unchanged. Can veto: raise
+        :class:`chatkit.Reject`; the sender alone gets ``error rejected``
+        and nobody sees the message.
+        """
+
+    @hookspec
+    def chatkit_dm(
+        self, server: ChatServer, user: User, recipient: User, text: str
+    ) -> str | None:
+        """``user`` sends ``text`` privately to ``recipient``; runs before
+        delivery. Rewrite and veto work as in :meth:`chatkit_message`."""
+
+    @hookspec
+    def chatkit_message_delivered(self, server: ChatServer, message: Message) -> None:
+        """``message`` (final text, with ``id`` and ``ts``) was handed to every
+        member of its room. Also fires for :meth:`ChatServer.post`."""
+
+    @hookspec
+    def chatkit_dm_delivered(self, server: ChatServer, message: DirectMessage) -> None:
+        """A private ``message`` was handed to its recipient."""
+
+
+class ClientSpec:
+    """Hooks a :class:`chatkit.ChatClient` calls, in the order events arrive.
+
+    They run in a task of their own, so an implementation may await the
+    client (``await client.say(...)``, even ``await client.who()``).
+    """
+
+    @hookspec
+    def chatkit_client_connected(self, client: ChatClient, welcome: Welcome) -> None:
+        """The server accepted ``hello``; ``welcome.name`` is our name."""
+
+    @hookspec
+    def chatkit_client_event(self, client: ChatClient, event: Event) -> None:
+        """Any event from the server (fires before the specific hooks)."""
+
+    @hookspec
+    def chatkit_client_message(self, client: ChatClient, message: Message) -> None:
+        """A room message arrived (our own messages too: check
+        ``message.sender == client.name``)."""
+
+    @hookspec
+    def chatkit_client_dm(self, client: ChatClient, message: DirectMessage) -> None:
+        """A private message arrived (or the echo of one we sent)."""
+
+    @hookspec
+    def chatkit_client_joined(self, client: ChatClient, room: str, name: str) -> None:
+        """``name`` (maybe us) joined ``room``."""
+
+    @hookspec
+    def chatkit_client_left(
+        self, client: ChatClient, room: str, name: str, reason: str | None
+    ) -> None:
+        """``name`` (maybe us) left ``room``."""
+
+    @hookspec
+    def chatkit_client_disconnected(self, client: ChatClient, reason: str) -> None:
+        """The connection ended; ``reason`` says how."""
