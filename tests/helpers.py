@@ -1,0 +1,109 @@
+"""Test helpers: a raw socket client that speaks the wire protocol by hand.
+
+The bundled ChatClient is itself under test, so protocol-level server tests
+use this instead: it sends exact bytes and reads exact lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+TIMEOUT = 5.0
+
+
+class RawClient:
+    """A TCP connection to a server that reads and writes whole lines."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buf = bytearray()
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1") -> RawClient:
+        with trio.fail_after(TIMEOUT):
+            return cls(await trio.open_tcp_stream(host, port))
+
+    async def send_bytes(self, data: bytes) -> None:
+        with trio.fail_after(TIMEOUT):
+            await self.stream.send_all(data)
+
+    async def send_line(self, text: str) -> None:
+        await self.send_bytes(text.encode() + b"\n")
+
+    async def send_json(self, **fields: Any) -> None:
+        await self.send_bytes(json.dumps(fields).encode() + b"\n")
+
+    async def receive_line(self, within: float = TIMEOUT) -> str:
+        """The next line, without its newline. Fails on EOF or timeout."""
+        with trio.fail_after(within):
+            while b"\n" not in self._buf:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    raise EOFError(f"connection closed; pending {bytes(self._buf)!r}")
+                self._buf += data
+        line, _, rest = bytes(self._buf).partition(b"\n")
+        self._buf = bytearray(rest)
+        return line.decode()
+
+    async def receive_json(self, within: float = TIMEOUT) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(await self.receive_line(within))
+        return result
+
+    async def expect(
+        self, type: str, within: float = TIMEOUT, **fields: Any
+    ) -> dict[str, Any]:
+        """Read events until one of ``type`` whose ``fields`` match.
+
+        Other events before it are skipped (join notices and the like); use
+        :meth:`receive_json` to check an exact sequence. Fails after
+        ``within`` seconds, listing what was skipped.
+        """
+        skipped: list[dict[str, Any]] = []
+        try:
+            with trio.fail_after(within):
+                while True:
+                    event = await self.receive_json()
+                    if event["type"] == type and all(
+                        event.get(k) == v for k, v in fields.items()
+                    ):
+                        return event
+                    skipped.append(event)
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"no {type} event with {fields}; got {skipped}"
+            ) from None
+
+    async def hello(self, name: str, **fields: Any) -> dict[str, Any]:
+        """Log in in JSON mode; returns the welcome."""
+        await self.send_json(type="hello", name=name, protocol=1, **fields)
+        return await self.expect("welcome", name=name)
+
+    async def assert_silent(self, duration: float = 0.1) -> None:
+        """Nothing arrives for ``duration`` seconds."""
+        with trio.move_on_after(duration):
+            data = await self.stream.receive_some(65536)
+            raise AssertionError(f"unexpected data: {bytes(self._buf) + data!r}")
+
+    async def assert_closed(self, within: float = TIMEOUT) -> list[str]:
+        """Read until EOF; returns the lines received before it."""
+        lines = []
+        with trio.fail_after(within):
+            while True:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not data:
+                    break
+                self._buf += data
+        for raw in bytes(self._buf).split(b"\n"):
+            if raw:
+                lines.append(raw.decode())
+        self._buf = bytearray()
+        return lines
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
