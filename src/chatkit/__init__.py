@@ -61,6 +61,7 @@ from ._protocol import ServerConnection as ServerConnection
 from ._protocol import encode_json as encode_json
 from ._protocol import encode_line as encode_line
 from ._server import LOBBY as LOBBY
+from ._server import SERVER_SENDER as SERVER_SENDER
 from ._server import ChatServer as ChatServer
 from ._server import LeaveReason as LeaveReason
 from ._server import User as User
@@ -76,6 +77,7 @@ __all__ = [
     "LOBBY",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "SERVER_SENDER",
     "BadName",
     "BadRequest",
     "Bye",

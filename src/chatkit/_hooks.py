@@ -124,9 +124,16 @@ class HookDispatcher:
 
     async def veto(self, name: str, /, **kwargs: Any) -> None:
         """Call every implementation of ``name`` until one raises
-        :class:`~chatkit.Reject`, which propagates."""
+        :class:`~chatkit.Reject`, which propagates.
+
+        Fails closed: an implementation that raises something else or times
+        out counts as a refusal (a broken authenticator must not let
+        everyone in).
+        """
         for impl in self._impls(name):
-            await self._call(name, impl, kwargs)
+            if await self._call(name, impl, kwargs) is _FAILED:
+                # The log names the plugin; the peer learns nothing internal.
+                raise Reject("refused: the server could not check this request")
 
     async def rewrite(self, name: str, key: str, /, **kwargs: Any) -> Any:
         """Thread ``kwargs[key]`` through every implementation of ``name``.

@@ -82,7 +82,8 @@ class ServerSpec:
         client gets ``error unauthorized`` with that reason and is
         disconnected. ``token`` is the ``hello`` message's token (``None`` in
         line mode). Returning normally lets the user in unless another
-        plugin refuses.
+        plugin refuses. Fails closed: an implementation that raises anything
+        else, or times out, refuses the user too.
         """
 
     @hookspec

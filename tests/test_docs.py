@@ -1,0 +1,92 @@
+"""The documentation is executable: README snippets and examples run, and
+every hook has a section in docs/plugins.md and a test (as datasette does)."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import chatkit
+from chatkit import hookspecs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+def hook_names() -> list[str]:
+    return sorted(
+        name
+        for spec in (hookspecs.ServerSpec, hookspecs.ClientSpec)
+        for name in vars(spec)
+        if name.startswith("chatkit_")
+    )
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_has_a_doc_section(hook: str) -> None:
+    assert re.search(rf"^### {hook}\(", (ROOT / "docs/plugins.md").read_text(), re.M)
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_is_tested(hook: str) -> None:
+    tests = (ROOT / "tests/test_hooks.py").read_text()
+    assert f"def {hook}(" in tests
+
+
+def test_readme_embedding_example_runs() -> None:
+    embedding = next(b for b in python_blocks(ROOT / "README.md") if "trio.run" in b)
+    result = subprocess.run(
+        [sys.executable, "-c", embedding],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert result.stdout == "alice: hi bob\n"
+
+
+async def test_readme_plugin_example_works() -> None:
+    block = next(b for b in python_blocks(ROOT / "README.md") if "NoShouting" in b)
+    namespace: dict[str, object] = {}
+    exec(block, namespace)
+    plugin_class = namespace["NoShouting"]
+    assert isinstance(plugin_class, type)
+    async with (
+        chatkit.open_server(plugins=[plugin_class()]) as server,
+        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
+    ):
+        with pytest.raises(chatkit.Rejected, match="please don't shout"):
+            await alice.say("HELLO")
+        message = await alice.say("darn it")
+        assert message.text == "d**n it"
+
+
+def test_quickstart_example_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples/quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("Server started on 127.0.0.1:")
+    assert lines[1:] == [
+        "in the lobby: alice, bob",
+        "alice: hello, bob",
+        "bob: HI ALICE, WELCOME!",
+        "Server has shut down.",
+    ]
+
+
+def test_plugin_doc_examples_compile() -> None:
+    for block in python_blocks(ROOT / "docs/plugins.md"):
+        compile(block, "docs/plugins.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
