@@ -804,9 +804,8 @@ class ChatServer:
         if request.before is not None:
             messages = [m for m in messages if m.id < request.before]
         if request.limit is not None:
-            messages = (
-                messages[len(messages) - request.limit :] if request.limit else []
-            )
+            # The newest ``limit`` of them (``[-0:]`` would be all of them).
+            messages = messages[-request.limit :] if request.limit else []
         user._send(
             HistoryReply(room=room.name, messages=tuple(messages), ref=request.ref)
         )
