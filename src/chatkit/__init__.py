@@ -135,4 +135,5 @@ __all__ = [
     "encode_line",
     "hookimpl",
     "hookspec",
+    "open_server",
 ]

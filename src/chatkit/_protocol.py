@@ -63,8 +63,10 @@ DEFAULT_MAX_LINE_LENGTH: Final = 64 * 1024
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 _ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # Control characters would let one user's text break another's line framing
-# or drive their terminal; line-mode output replaces them with spaces.
-_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# or drive their terminal; line-mode output replaces them with spaces. C1
+# controls (NEL, CSI, ...) and U+2028/U+2029 count too: str.splitlines()
+# and some terminals treat them as line breaks or escape sequences.
+_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def is_valid_name(name: str) -> bool:
@@ -209,6 +211,10 @@ _T = TypeVar("_T")
 
 def _decode(decoder: msgspec.json.Decoder[_T], line: bytes) -> _T:
     try:
+        if not line.isascii():
+            # msgspec skips unknown fields without checking their UTF-8;
+            # the protocol answers any invalid UTF-8 with bad_request.
+            line.decode()
         return decoder.decode(line)
     except _DECODE_ERRORS as exc:
         raise RemoteProtocolError(

@@ -350,11 +350,13 @@ class ChatServer:
         everything at once (connections are closed without ``shutdown``).
 
         Raises:
-            RuntimeError: the server was already started.
+            RuntimeError: the server was already started, or closed.
             OSError: the address could not be bound.
         """
-        if self._started:
-            raise RuntimeError("this ChatServer was already started")
+        # A server closed before it started would otherwise serve with no
+        # way to stop it gracefully (aclose would return at once).
+        if self._started or self._closing:
+            raise RuntimeError("this ChatServer was already started or closed")
         self._started = True
         try:
             listeners = await trio.open_tcp_listeners(self.port, host=self.host)
@@ -767,8 +769,11 @@ class ChatServer:
             self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
             return
         old = user.name
-        del self._names[old.casefold()]
-        self._names[new.casefold()] = user
+        # Rebuilt rather than del + insert, so ``users`` keeps login order.
+        self._names = {
+            (new.casefold() if holder is user else key): holder
+            for key, holder in self._names.items()
+        }
         user._name = new
         event = Renamed(old=old, new=new)
         json_bytes = encode_json(event)
