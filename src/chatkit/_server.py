@@ -311,6 +311,7 @@ class ChatServer:
             self.plugin_manager, timeout=hook_timeout, logger=log
         )
         self._names: dict[str, User] = {}  # casefolded name -> user
+        self._users: dict[User, None] = {}  # logged-in users, login order
         self._rooms: dict[str, _Room] = {LOBBY: _Room(LOBBY, history_size)}
         self._connections: set[User] = set()
         self._last_id = 0
@@ -325,7 +326,7 @@ class ChatServer:
     @property
     def users(self) -> tuple[User, ...]:
         """Logged-in users, in login order."""
-        return tuple(self._names.values())
+        return tuple(self._users)
 
     @property
     def rooms(self) -> Mapping[str, tuple[str, ...]]:
@@ -571,6 +572,7 @@ class ChatServer:
             return None
         user._name = name
         self._names[name.casefold()] = user
+        self._users[user] = None
         user._send(
             Welcome(
                 name=name,
@@ -769,11 +771,8 @@ class ChatServer:
             self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
             return
         old = user.name
-        # Rebuilt rather than del + insert, so ``users`` keeps login order.
-        self._names = {
-            (new.casefold() if holder is user else key): holder
-            for key, holder in self._names.items()
-        }
+        del self._names[old.casefold()]
+        self._names[new.casefold()] = user
         user._name = new
         event = Renamed(old=old, new=new)
         json_bytes = encode_json(event)
@@ -831,6 +830,7 @@ class ChatServer:
             user._left_rooms.append(name)
             self._remove_member(user, self._rooms[name], reason, notify=notify)
         del self._names[user._name.casefold()]
+        del self._users[user]
         log.info("%s has left the chat.", user._name)
 
     async def _after_detach(self, user: User) -> None:
