@@ -57,25 +57,55 @@ def make_plugin_manager(
     pm.add_hookspecs(spec)
     if load_entry_points:
         _load_entry_points(pm, os.environ if environ is None else environ)
-    # pluggy calls the last registered first: register in reverse so the
-    # order users list plugins in is the order they run in.
-    for plugin in reversed(list(plugins)):
-        register_plugin(pm, plugin)
+        for loaded in pm.get_plugins():
+            _refuse_wrappers(pm, loaded)
+    # Names are chosen in the order given (so a repeated class is ``Name``,
+    # then ``Name#2``), but pluggy calls the last registered first: register
+    # in reverse so the order users list plugins in is the order they run in.
+    plugins = list(plugins)
+    names = _readable_names(pm, plugins)
+    for plugin, name in reversed(list(zip(plugins, names, strict=True))):
+        register_plugin(pm, plugin, name=name)
     pm.check_pending()
     return pm
 
 
-def register_plugin(pm: pluggy.PluginManager, plugin: object) -> None:
+def register_plugin(
+    pm: pluggy.PluginManager, plugin: object, name: str | None = None
+) -> None:
     """Register one plugin, refusing hook wrappers."""
-    name = pm.register(plugin)
+    pm.register(plugin, name=name)
+    _refuse_wrappers(pm, plugin)
+
+
+def _refuse_wrappers(pm: pluggy.PluginManager, plugin: object) -> None:
     for caller in pm.get_hookcallers(plugin) or ():
         for impl in caller.get_hookimpls():
             if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper):
+                name = pm.get_name(plugin)
                 pm.unregister(plugin)
                 raise TypeError(
                     f"plugin {name!r}: {caller.name} is a hook wrapper; "
                     "chatkit hooks do not support wrappers"
                 )
+
+
+def _readable_names(pm: pluggy.PluginManager, plugins: list[object]) -> list[str]:
+    # pluggy would name an instance by its id(); logs name plugins, so use
+    # the module's or class's __name__, or the instance's class name.
+    taken = {name for name, _ in pm.list_name_plugin()}
+    names: list[str] = []
+    for plugin in plugins:
+        base = getattr(plugin, "__name__", None)
+        if not isinstance(base, str):
+            base = type(plugin).__qualname__
+        name, count = base, 1
+        while name in taken:
+            count += 1
+            name = f"{base}#{count}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def _load_entry_points(pm: pluggy.PluginManager, environ: Mapping[str, str]) -> None:

@@ -1,0 +1,453 @@
+"""The ChatClient API end to end, against a real server on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+import chatkit
+from tests.helpers import TIMEOUT
+
+
+def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.ChatClient:
+    return chatkit.connect("127.0.0.1", server.port, name=name, **kwargs)
+
+
+async def next_event(client: chatkit.ChatClient) -> chatkit.Event:
+    with trio.fail_after(TIMEOUT):
+        return await client.__anext__()
+
+
+def unref(event: Any) -> Any:
+    """``event`` without the ``ref`` only the requester's copy carries."""
+    if "ref" not in event.__struct_fields__:
+        return event
+    return msgspec.structs.replace(event, ref=None)
+
+
+@pytest.fixture
+async def alice(server: chatkit.ChatServer) -> AsyncIterator[chatkit.ChatClient]:
+    async with connect(server, "alice") as client:
+        assert await next_event(client) == chatkit.Joined(room="lobby", name="alice")
+        yield client
+
+
+@pytest.fixture
+async def bob(
+    server: chatkit.ChatServer, alice: chatkit.ChatClient
+) -> AsyncIterator[chatkit.ChatClient]:
+    """bob, logged in after alice; alice's notice of him is consumed."""
+    async with connect(server, "bob") as client:
+        assert await next_event(client) == chatkit.Joined(room="lobby", name="bob")
+        assert await next_event(alice) == chatkit.Joined(room="lobby", name="bob")
+        yield client
+
+
+# --- connecting --------------------------------------------------------------
+
+
+async def test_connect_logs_in_and_tracks_the_welcome(
+    server: chatkit.ChatServer,
+) -> None:
+    async with connect(server, "alice") as client:
+        assert client.name == "alice"
+        assert client.joined_rooms == {"lobby"}
+        assert client.server_name == "chatkit"
+        assert not client.closed
+        assert server.rooms == {"lobby": ("alice",)}
+    assert client.closed
+    assert server.rooms == {"lobby": ()}
+
+
+# --- requests ----------------------------------------------------------------
+
+
+async def test_say_returns_the_delivered_message(
+    alice: chatkit.ChatClient, bob: chatkit.ChatClient
+) -> None:
+    first = await alice.say("hi bob")
+    assert isinstance(first, chatkit.Message)
+    assert (first.room, first.sender, first.text) == ("lobby", "alice", "hi bob")
+    assert await next_event(bob) == unref(first)
+    # The sender's own copy is in its event stream too, ref and all.
+    assert await next_event(alice) == first
+    second = await alice.say("still there?")
+    assert second.id > first.id
+    assert await next_event(bob) == unref(second)
+
+
+async def test_say_in_another_room(
+    alice: chatkit.ChatClient, bob: chatkit.ChatClient
+) -> None:
+    await alice.join("dev")
+    assert unref(await next_event(alice)) == chatkit.Joined(room="dev", name="alice")
+    message = await alice.say("dev only", room="dev")
+    assert (message.room, message.text) == ("dev", "dev only")
+    await bob.join("dev")
+    assert unref(await next_event(bob)) == chatkit.Joined(room="dev", name="bob")
+    assert await bob.history("dev") == (unref(message),)
+
+
+async def test_dm_returns_the_delivered_message(
+    alice: chatkit.ChatClient, bob: chatkit.ChatClient
+) -> None:
+    sent = await alice.dm("bob", "psst")
+    assert isinstance(sent, chatkit.DirectMessage)
+    assert (sent.sender, sent.to, sent.text) == ("alice", "bob", "psst")
+    assert await next_event(bob) == unref(sent)
+
+
+async def test_join_leave_who_rooms(
+    alice: chatkit.ChatClient, bob: chatkit.ChatClient
+) -> None:
+    assert await alice.join("dev") is None
+    assert alice.joined_rooms == {"lobby", "dev"}
+    assert await alice.who("dev") == ("alice",)
+    assert await alice.who() == ("alice", "bob")
+    assert await bob.who("nowhere") == ()
+    assert await bob.rooms() == {"dev": 1, "lobby": 2}
+    assert await alice.leave("dev") is None
+    assert alice.joined_rooms == {"lobby"}
+    assert await alice.rooms() == {"lobby": 2}
+    with pytest.raises(chatkit.NotInRoom) as info:
+        await alice.leave("dev")
+    assert info.value.code == "not_in_room"
+
+
+async def test_nick_renames_and_others_see_it(
+    server: chatkit.ChatServer, alice: chatkit.ChatClient, bob: chatkit.ChatClient
+) -> None:
+    assert await alice.nick("alicia") is None
+    assert alice.name == "alicia"
+    assert await next_event(bob) == chatkit.Renamed(old="alice", new="alicia")
+    assert await bob.who() == ("alicia", "bob")
+    assert server.get_user("alicia") is not None
+    message = await alice.say("new name")
+    assert message.sender == "alicia"
+
+
+async def test_history_with_limit_before_and_after(
+    alice: chatkit.ChatClient,
+) -> None:
+    said = [unref(await alice.say(f"m{n}")) for n in range(5)]
+    ids = [m.id for m in said]
+    assert await alice.history("lobby") == tuple(said)
+    assert await alice.history("lobby", limit=2) == tuple(said[-2:])
+    assert await alice.history("lobby", limit=0) == ()
+    assert await alice.history("lobby", before=ids[2]) == tuple(said[:2])
+    assert await alice.history("lobby", after=ids[2]) == tuple(said[3:])
+    assert await alice.history("lobby", 1, before=ids[3], after=ids[0]) == (said[2],)
+    assert await alice.history("lobby", after=ids[-1]) == ()
+
+
+async def test_ping_returns_the_round_trip_time(alice: chatkit.ChatClient) -> None:
+    rtt = await alice.ping()
+    assert isinstance(rtt, float)
+    assert 0 <= rtt < TIMEOUT
+
+
+async def test_concurrent_requests_each_get_their_own_answer(
+    alice: chatkit.ChatClient, bob: chatkit.ChatClient
+) -> None:
+    results: dict[str, Any] = {}
+
+    async def ask(key: str, request: Any) -> None:
+        results[key] = await request()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "who", alice.who)
+            nursery.start_soon(ask, "rooms", alice.rooms)
+            nursery.start_soon(ask, "history", lambda: alice.history("lobby"))
+            nursery.start_soon(ask, "ping", alice.ping)
+    assert results["who"] == ("alice", "bob")
+    assert results["rooms"] == {"lobby": 2}
+    assert results["history"] == ()
+    assert isinstance(results["ping"], float)
+
+
+# --- events ------------------------------------------------------------------
+
+
+async def test_iteration_yields_typed_events_and_ends_at_shutdown(
+    server: chatkit.ChatServer,
+) -> None:
+    async with connect(server, "bob") as bob:
+        async with connect(server, "alice") as alice:
+            said = await alice.say("hello")
+            await alice.join("dev")
+            await bob.join("dev")
+            await alice.nick("alicia")
+            await alice.leave("dev")
+        await server.aclose()
+        events = []
+        with trio.fail_after(TIMEOUT):
+            async for event in bob:
+                events.append(event)
+    assert [type(event) for event in events] == [
+        chatkit.Joined,
+        chatkit.Joined,
+        chatkit.Message,
+        chatkit.Joined,
+        chatkit.Renamed,
+        chatkit.Left,
+        chatkit.Left,
+        chatkit.Shutdown,
+    ]
+    # Only bob's own join (a request of his) carries a ref.
+    assert [unref(event) for event in events] == [
+        chatkit.Joined(room="lobby", name="bob"),
+        chatkit.Joined(room="lobby", name="alice"),
+        unref(said),
+        chatkit.Joined(room="dev", name="bob"),
+        chatkit.Renamed(old="alice", new="alicia"),
+        chatkit.Left(room="dev", name="alicia", reason="leave"),
+        chatkit.Left(room="lobby", name="alicia", reason="bye"),
+        chatkit.Shutdown(reason="server shutting down"),
+    ]
+    assert bob.close_reason == "server shutting down: server shutting down"
+
+
+async def test_closing_sends_bye(
+    server: chatkit.ChatServer, alice: chatkit.ChatClient
+) -> None:
+    async with connect(server, "bob") as bob:
+        assert await next_event(alice) == chatkit.Joined(room="lobby", name="bob")
+        await bob.join("dev")
+        await alice.join("dev")
+    assert unref(await next_event(alice)) == chatkit.Joined(room="dev", name="alice")
+    assert await next_event(alice) == chatkit.Left(
+        room="lobby", name="bob", reason="bye"
+    )
+    assert await next_event(alice) == chatkit.Left(room="dev", name="bob", reason="bye")
+    assert server.get_user("bob") is None
+
+
+async def test_a_kicked_client_sees_why_and_its_events_end(
+    server: chatkit.ChatServer, alice: chatkit.ChatClient
+) -> None:
+    assert server.kick("alice", "spam")
+    assert await next_event(alice) == chatkit.Error(code="kicked", message="spam")
+    with trio.fail_after(TIMEOUT), pytest.raises(StopAsyncIteration):
+        await alice.__anext__()
+    assert alice.closed
+    assert alice.close_reason == "kicked: spam"
+    with trio.fail_after(TIMEOUT), pytest.raises(chatkit.ConnectionClosed):
+        await alice.say("let me back")
+
+
+async def test_iterating_without_an_event_buffer_is_an_error(
+    server: chatkit.ChatServer,
+) -> None:
+    async with connect(server, "alice", event_buffer=None) as alice:
+        with pytest.raises(RuntimeError, match="event_buffer=None"):
+            async for _ in alice:
+                pass  # pragma: no cover
+        # Requests still work.
+        assert await alice.who() == ("alice",)
+
+
+# --- errors ------------------------------------------------------------------
+
+
+async def test_a_taken_name_fails_to_connect(
+    server: chatkit.ChatServer, alice: chatkit.ChatClient
+) -> None:
+    with trio.fail_after(TIMEOUT), pytest.raises(chatkit.NameTaken) as info:
+        async with connect(server, "ALICE"):
+            pytest.fail("connected with a taken name")  # pragma: no cover
+    assert info.value.code == "name_taken"
+    assert info.value.message == "ALICE is taken"
+    assert isinstance(info.value, chatkit.ChatError)
+    assert str(info.value) == "name_taken: ALICE is taken"
+    assert await alice.who() == ("alice",)
+
+
+async def test_a_bad_name_fails_to_connect(server: chatkit.ChatServer) -> None:
+    with trio.fail_after(TIMEOUT), pytest.raises(chatkit.BadName) as info:
+        async with connect(server, "no spaces"):
+            pytest.fail("connected with a bad name")  # pragma: no cover
+    assert info.value.code == "bad_name"
+
+
+async def test_request_errors_raise_chat_error_subclasses(
+    alice: chatkit.ChatClient, bob: chatkit.ChatClient
+) -> None:
+    cases: list[tuple[Any, type[chatkit.ChatError], str]] = [
+        (lambda: alice.nick("no spaces"), chatkit.BadName, "bad_name"),
+        (lambda: alice.nick("BOB"), chatkit.NameTaken, "name_taken"),
+        (lambda: alice.join("bad room!"), chatkit.BadName, "bad_name"),
+        (lambda: alice.say("hi", room="nowhere"), chatkit.NotInRoom, "not_in_room"),
+        (lambda: alice.history("nowhere"), chatkit.NotInRoom, "not_in_room"),
+        (lambda: alice.leave("nowhere"), chatkit.NotInRoom, "not_in_room"),
+        (lambda: alice.dm("nobody", "hi"), chatkit.NoSuchUser, "no_such_user"),
+    ]
+    for request, error, code in cases:
+        with trio.fail_after(TIMEOUT), pytest.raises(error) as info:
+            await request()
+        assert type(info.value) is error
+        assert info.value.code == code
+        assert info.value.message
+    # None of it changed anything.
+    assert alice.name == "alice"
+    assert alice.joined_rooms == {"lobby"}
+    assert await alice.who() == ("alice", "bob")
+
+
+class NoShouting:
+    @chatkit.hookimpl
+    def chatkit_message(self, text: str) -> None:
+        if text.isupper():
+            raise chatkit.Reject("please don't shout")
+
+    @chatkit.hookimpl
+    def chatkit_dm(self, text: str) -> None:
+        if text.isupper():
+            raise chatkit.Reject("not even privately")
+
+
+async def test_a_rejecting_server_plugin_raises_rejected() -> None:
+    async with (
+        chatkit.open_server(plugins=[NoShouting()]) as server,
+        connect(server, "alice") as alice,
+        connect(server, "bob"),
+    ):
+        with pytest.raises(chatkit.Rejected) as info:
+            await alice.say("HELLO")
+        assert (info.value.code, info.value.message) == (
+            "rejected",
+            "please don't shout",
+        )
+        with pytest.raises(chatkit.Rejected) as info:
+            await alice.dm("bob", "HELLO")
+        assert (info.value.code, info.value.message) == (
+            "rejected",
+            "not even privately",
+        )
+        assert (await alice.say("hello")).text == "hello"
+
+
+class Gatekeeper:
+    @chatkit.hookimpl
+    def chatkit_authenticate(self, token: str | None) -> None:
+        if token != "open sesame":
+            raise chatkit.Reject("members only")
+
+
+async def test_a_refusing_authenticate_plugin_raises_unauthorized() -> None:
+    async with chatkit.open_server(plugins=[Gatekeeper()]) as server:
+        with trio.fail_after(TIMEOUT), pytest.raises(chatkit.Unauthorized) as info:
+            async with connect(server, "alice", token="guess"):
+                pytest.fail("let in with a bad token")  # pragma: no cover
+        assert (info.value.code, info.value.message) == ("unauthorized", "members only")
+        async with connect(server, "alice", token="open sesame") as alice:
+            assert alice.name == "alice"
+
+
+# --- the connection ending ---------------------------------------------------
+
+
+async def test_requests_after_the_server_is_gone_raise_connection_closed() -> None:
+    async with chatkit.open_server() as server, connect(server, "alice") as alice:
+        await server.aclose()
+        with trio.fail_after(TIMEOUT):
+            for request in (
+                lambda: alice.say("anyone?"),
+                lambda: alice.dm("alice", "hi"),
+                alice.who,
+                alice.rooms,
+                alice.ping,
+                lambda: alice.history("lobby"),
+                lambda: alice.join("dev"),
+            ):
+                with pytest.raises(chatkit.ConnectionClosed) as info:
+                    await request()
+                assert info.value.code == "connection_closed"
+        assert alice.closed
+
+
+class Stall:
+    """Holds every message forever (well, for the hook timeout)."""
+
+    def __init__(self) -> None:
+        self.stalled = trio.Event()
+
+    @chatkit.hookimpl
+    async def chatkit_message(self) -> None:
+        self.stalled.set()
+        await trio.sleep_forever()
+
+
+async def test_a_request_in_flight_when_the_server_goes_raises_connection_closed() -> (
+    None
+):
+    stall = Stall()
+    async with (
+        chatkit.open_server(plugins=[stall], hook_timeout=60) as server,
+        connect(server, "alice") as alice,
+    ):
+        outcome: list[BaseException] = []
+
+        async def say() -> None:
+            try:
+                await alice.say("stuck")
+            except chatkit.ConnectionClosed as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(say)
+                await stall.stalled.wait()
+                assert outcome == []
+                await server.aclose()
+        (closed,) = outcome
+        assert closed.message == "server shutting down: server shutting down"
+
+
+async def test_aclose_is_idempotent_and_does_not_cancel_the_body(
+    server: chatkit.ChatServer, alice: chatkit.ChatClient
+) -> None:
+    reached = False
+    try:
+        async with connect(server, "bob") as bob:
+            await bob.aclose()
+            assert bob.closed
+            await bob.aclose()
+            await trio.sleep(0.01)  # a checkpoint: raises if the body was cancelled
+            with pytest.raises(chatkit.ConnectionClosed):
+                await bob.say("gone")
+            reached = True
+    finally:
+        # In ``finally``: a stray Cancelled would otherwise end the test
+        # quietly, skipping every assertion after it.
+        assert reached, "aclose() cancelled the rest of the body"
+    assert await next_event(alice) == chatkit.Joined(room="lobby", name="bob")
+    assert await next_event(alice) == chatkit.Left(
+        room="lobby", name="bob", reason="bye"
+    )
+    assert await alice.who() == ("alice",)
+
+
+async def test_an_exception_in_the_body_propagates_unchanged(
+    server: chatkit.ChatServer, alice: chatkit.ChatClient
+) -> None:
+    error = KeyError("mine")
+    with pytest.raises(KeyError) as info:
+        async with connect(server, "bob"):
+            raise error
+    assert info.value is error
+    assert await next_event(alice) == chatkit.Joined(room="lobby", name="bob")
+    assert await next_event(alice) == chatkit.Left(
+        room="lobby", name="bob", reason="bye"
+    )
+
+
+async def test_a_client_cannot_be_entered_twice(server: chatkit.ChatServer) -> None:
+    client = connect(server, "alice")
+    async with client:
+        with pytest.raises(RuntimeError, match="already entered"):
+            await client.__aenter__()
