@@ -1231,14 +1231,14 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     entry point a module of its own name)."""
     modules: list[str] = []
 
-    def install_(sources: dict[str, str]) -> None:
+    def install_(sources: dict[str, str], group: str = "chatkit") -> None:
         info = tmp_path / "fakeplug-1.0.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(
             "Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.0\n"
         )
         lines = [f"{name} = {name}" for name in sources]
-        (info / "entry_points.txt").write_text("[chatkit]\n" + "\n".join(lines) + "\n")
+        (info / "entry_points.txt").write_text(f"[{group}]\n" + "\n".join(lines) + "\n")
         for name, source in sources.items():
             (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
             modules.append(name)
@@ -1620,3 +1620,48 @@ async def test_a_raising_client_hook_is_logged_and_the_client_keeps_working(
     name = boom.__name__
     # For "one", "two" and the echo of the bot's own "still here".
     assert logs.count(f"plugin {name!r} raised in chatkit_client_message") == 3
+
+
+CLIENT_FAKEPLUG = """
+import chatkit
+
+seen = []
+
+
+@chatkit.hookimpl
+def chatkit_client_connected(client, welcome):
+    seen.append(welcome.name)
+"""
+
+
+async def test_client_entry_points_have_their_own_group(
+    install: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bot installed on the machine must not break servers (its client hooks
+    # would fail the server's validation) and must reach clients that ask.
+    install({"fakebot": CLIENT_FAKEPLUG}, group="chatkit.client")
+    monkeypatch.delenv("CHATKIT_LOAD_PLUGINS", raising=False)
+    async with chatkit.open_server(load_entry_points=True) as server:
+        assert entry_point_plugins(server) == set()
+        async with chatkit.connect(
+            "127.0.0.1", server.port, name="alice", load_entry_points=True
+        ) as alice:
+            pm = alice.plugin_manager
+            assert {pm.get_name(p) for p, _ in pm.list_plugin_distinfo()} == {"fakebot"}
+        assert sys.modules["fakebot"].seen == ["alice"]
+
+
+async def test_a_client_closing_itself_reports_so(server: chatkit.ChatServer) -> None:
+    reasons: list[str] = []
+
+    class Watch:
+        @chatkit.hookimpl
+        def chatkit_client_disconnected(self, reason: str) -> None:
+            reasons.append(reason)
+
+    async with chatkit.connect(
+        "127.0.0.1", server.port, name="alice", plugins=[Watch()], event_buffer=None
+    ) as alice:
+        await alice.ping()
+    assert reasons == ["closed by the client"]
+    assert alice.close_reason == "closed by the client"

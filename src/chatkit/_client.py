@@ -53,7 +53,7 @@ from ._events import (
     WhoReply,
 )
 from ._exceptions import ChatError, ConnectionClosed, RemoteProtocolError
-from ._hooks import HookDispatcher, make_plugin_manager
+from ._hooks import CLIENT_ENTRY_POINT_GROUP, HookDispatcher, make_plugin_manager
 from ._protocol import CLOSED, NEED_DATA, ClientConnection
 from .hookspecs import ClientSpec
 
@@ -92,7 +92,8 @@ class ChatClient:
         name: the name to log in with.
         token: sent in ``hello`` for servers that authenticate.
         plugins: objects or modules implementing :class:`~chatkit.hookspecs.ClientSpec`.
-        load_entry_points: also load ``chatkit`` entry-point plugins.
+        load_entry_points: also load plugins of the ``chatkit.client``
+            entry-point group, filtered by ``CHATKIT_LOAD_PLUGINS``.
         event_buffer: how many unconsumed events to hold for ``async for``
             before reading pauses; ``None`` to keep none (hooks only).
         connect_timeout: seconds to connect and complete the handshake.
@@ -129,7 +130,10 @@ class ChatClient:
         self._close_timeout = close_timeout
         self._event_buffer = event_buffer
         self.plugin_manager = make_plugin_manager(
-            ClientSpec, plugins, load_entry_points=load_entry_points
+            ClientSpec,
+            plugins,
+            load_entry_points=load_entry_points,
+            entry_point_group=CLIENT_ENTRY_POINT_GROUP,
         )
         self._hooks = HookDispatcher(
             self.plugin_manager, timeout=hook_timeout, logger=log
@@ -214,6 +218,8 @@ class ChatClient:
         if self._closing:
             return
         self._closing = True
+        if self.close_reason is None and not self._reader_done.is_set():
+            self.close_reason = "closed by the client"
         with trio.move_on_after(self._close_timeout):
             with suppress(ConnectionClosed):
                 await self._send(Bye())

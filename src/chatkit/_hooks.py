@@ -26,8 +26,11 @@ from ._exceptions import Reject
 
 __all__ = ["ENTRY_POINT_GROUP", "HookDispatcher", "make_plugin_manager"]
 
-#: Entry-point group third-party packages register plugins under.
+#: Entry-point group of server plugins.
 ENTRY_POINT_GROUP: Final = "chatkit"
+#: Entry-point group of client plugins (bots): a separate group, so that an
+#: installed bot never breaks a server's hook validation, nor the reverse.
+CLIENT_ENTRY_POINT_GROUP: Final = "chatkit.client"
 #: Environment variable: comma-separated allow-list of entry-point plugins.
 LOAD_PLUGINS_ENV: Final = "CHATKIT_LOAD_PLUGINS"
 
@@ -39,10 +42,11 @@ def make_plugin_manager(
     plugins: Iterable[object],
     *,
     load_entry_points: bool,
+    entry_point_group: str = ENTRY_POINT_GROUP,
     environ: Mapping[str, str] | None = None,
 ) -> pluggy.PluginManager:
     """Build a PluginManager for ``spec`` holding ``plugins`` (called in the
-    order given) and, if asked, the ``chatkit`` entry-point plugins.
+    order given) and, if asked, the plugins of ``entry_point_group``.
 
     ``CHATKIT_LOAD_PLUGINS`` restricts entry points (as datasette's
     ``DATASETTE_LOAD_PLUGINS`` does): unset loads every installed one, an
@@ -56,7 +60,9 @@ def make_plugin_manager(
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(spec)
     if load_entry_points:
-        _load_entry_points(pm, os.environ if environ is None else environ)
+        _load_entry_points(
+            pm, entry_point_group, os.environ if environ is None else environ
+        )
         for loaded in pm.get_plugins():
             _refuse_wrappers(pm, loaded)
     # Names are chosen in the order given (so a repeated class is ``Name``,
@@ -108,13 +114,15 @@ def _readable_names(pm: pluggy.PluginManager, plugins: list[object]) -> list[str
     return names
 
 
-def _load_entry_points(pm: pluggy.PluginManager, environ: Mapping[str, str]) -> None:
+def _load_entry_points(
+    pm: pluggy.PluginManager, group: str, environ: Mapping[str, str]
+) -> None:
     allow = environ.get(LOAD_PLUGINS_ENV)
     if allow is None:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        pm.load_setuptools_entrypoints(group)
         return
     for name in filter(None, (part.strip() for part in allow.split(","))):
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        pm.load_setuptools_entrypoints(group, name=name)
 
 
 class HookDispatcher:
