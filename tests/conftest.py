@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -35,3 +36,38 @@ async def open_raw() -> AsyncIterator[OpenRaw]:
     yield open_
     for client in opened:
         await client.aclose()
+
+
+async def login(open_raw: OpenRaw, port: int, name: str, **fields: Any) -> RawClient:
+    """Open a JSON-mode client and log in, checking the exact handshake."""
+    client = await open_raw(port)
+    await client.send_json(type="hello", name=name, protocol=1, **fields)
+    assert await client.receive_json() == {
+        "type": "welcome",
+        "name": name,
+        "protocol": 1,
+        "server": "chatkit",
+        "rooms": ["lobby"],
+    }
+    assert await client.receive_json() == {
+        "type": "joined",
+        "room": "lobby",
+        "name": name,
+    }
+    return client
+
+
+async def crowd(open_raw: OpenRaw, port: int, *names: str) -> list[RawClient]:
+    """Log in ``names`` in order; earlier clients consume the later join
+    notices, so nothing is pending on any client returned."""
+    clients: list[RawClient] = []
+    for name in names:
+        client = await login(open_raw, port, name)
+        for earlier in clients:
+            assert await earlier.receive_json() == {
+                "type": "joined",
+                "room": "lobby",
+                "name": name,
+            }
+        clients.append(client)
+    return clients

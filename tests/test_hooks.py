@@ -23,7 +23,7 @@ import pytest
 import trio
 
 import chatkit
-from tests.conftest import OpenRaw
+from tests.conftest import OpenRaw, crowd, login
 from tests.helpers import TIMEOUT, RawClient
 
 # --- recording plugins -------------------------------------------------------
@@ -263,41 +263,6 @@ def recorder(request: pytest.FixtureRequest) -> Recorder:
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-async def login(open_raw: OpenRaw, port: int, name: str, **fields: Any) -> RawClient:
-    """Open a JSON-mode client and log in, checking the exact handshake."""
-    client = await open_raw(port)
-    await client.send_json(type="hello", name=name, protocol=1, **fields)
-    assert await client.receive_json() == {
-        "type": "welcome",
-        "name": name,
-        "protocol": 1,
-        "server": "chatkit",
-        "rooms": ["lobby"],
-    }
-    assert await client.receive_json() == {
-        "type": "joined",
-        "room": "lobby",
-        "name": name,
-    }
-    return client
-
-
-async def crowd(open_raw: OpenRaw, port: int, *names: str) -> list[RawClient]:
-    """Log in ``names`` in order; earlier clients consume the later join
-    notices, so nothing is pending on any client returned."""
-    clients: list[RawClient] = []
-    for name in names:
-        client = await login(open_raw, port, name)
-        for earlier in clients:
-            assert await earlier.receive_json() == {
-                "type": "joined",
-                "room": "lobby",
-                "name": name,
-            }
-        clients.append(client)
-    return clients
 
 
 def local_address(client: RawClient) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import chatkit
-from tests.conftest import OpenRaw
+from tests.conftest import OpenRaw, crowd, login
 from tests.helpers import RawClient
 
 MESSAGE_KEYS = {"type", "id", "ts", "room", "from", "text"}
@@ -27,41 +27,6 @@ async def small_server() -> AsyncIterator[chatkit.ChatServer]:
     """A server with a tiny history ring and a tiny line limit."""
     async with chatkit.open_server(history_size=3, max_line_length=100) as server:
         yield server
-
-
-async def login(open_raw: OpenRaw, port: int, name: str) -> RawClient:
-    """Open a JSON client and log in, checking the exact handshake."""
-    client = await open_raw(port)
-    await client.send_json(type="hello", name=name, protocol=1)
-    assert await client.receive_json() == {
-        "type": "welcome",
-        "name": name,
-        "protocol": 1,
-        "server": "chatkit",
-        "rooms": ["lobby"],
-    }
-    assert await client.receive_json() == {
-        "type": "joined",
-        "room": "lobby",
-        "name": name,
-    }
-    return client
-
-
-async def crowd(open_raw: OpenRaw, port: int, *names: str) -> list[RawClient]:
-    """Log in ``names`` in order; earlier ones consume the later join notices,
-    so every client returned has nothing pending."""
-    clients: list[RawClient] = []
-    for name in names:
-        client = await login(open_raw, port, name)
-        for earlier in clients:
-            assert await earlier.receive_json() == {
-                "type": "joined",
-                "room": "lobby",
-                "name": name,
-            }
-        clients.append(client)
-    return clients
 
 
 def without(event: dict[str, Any], *keys: str) -> dict[str, Any]:

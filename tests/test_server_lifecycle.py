@@ -12,22 +12,11 @@ import pytest
 import trio
 
 import chatkit
-from tests.conftest import OpenRaw
+from tests.conftest import OpenRaw, login
 from tests.helpers import RawClient
 
 SHUTDOWN = {"type": "shutdown", "reason": "server shutting down"}
 SHUTDOWN_LINE = "Server is shutting down: server shutting down"
-
-
-async def login(open_raw: OpenRaw, port: int, name: str) -> RawClient:
-    client = await open_raw(port)
-    await client.hello(name)
-    assert await client.receive_json() == {
-        "type": "joined",
-        "room": "lobby",
-        "name": name,
-    }
-    return client
 
 
 async def sync(client: RawClient) -> list[dict[str, Any]]:

@@ -12,20 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 import chatkit
-from tests.conftest import OpenRaw
+from tests.conftest import OpenRaw, login
 from tests.helpers import RawClient
-
-
-async def login(open_raw: OpenRaw, port: int, name: str) -> RawClient:
-    """A JSON-mode client, logged in, with its handshake consumed."""
-    client = await open_raw(port)
-    await client.hello(name)
-    assert await client.receive_json() == {
-        "type": "joined",
-        "room": "lobby",
-        "name": name,
-    }
-    return client
 
 
 async def line_login(
