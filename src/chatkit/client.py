@@ -1,0 +1,276 @@
+"""``python -m chatkit.client``: chat from a terminal (or a script).
+
+Behaves like the original line-based chat program's client: it asks
+``Enter your username: `` (unless ``--name`` is given), prints what others
+say as ``user: text`` with join and leave notices, sends each typed line,
+and leaves on ``exit``. On top of that it speaks slash commands (``/help``
+lists them), keeps the line being typed intact while messages arrive, and
+works with piped input: lines in, transcript out, exit at end of input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import trio
+
+from ._client import DEFAULT_PORT, ChatClient, connect
+from ._console import Console
+from ._events import (
+    DirectMessage,
+    Error,
+    Joined,
+    Left,
+    Message,
+    Renamed,
+    ServerEvent,
+    Shutdown,
+)
+from ._exceptions import BadName, ChatError, ConnectionClosed, NameTaken
+from ._server import LOBBY
+
+__all__ = ["HELP", "ChatShell", "build_parser", "main", "run_client"]
+
+_Printer = Callable[[str], None]
+
+HELP = """\
+Type a line to send it to the current room. Commands:
+  /join ROOM        join ROOM (created if needed) and talk there
+  /leave [ROOM]     leave ROOM (default: the current room)
+  /room ROOM        talk in ROOM from now on (a room you are in)
+  /msg USER TEXT    send TEXT privately to USER
+  /nick NAME        change your name
+  /who [ROOM]       who is in ROOM (default: the current room)
+  /rooms            list the rooms and how many are in each
+  /history [N]      the last N messages of the current room (default 20)
+  /help             this help
+  /quit or exit     leave the chat"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m chatkit.client``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chatkit.client",
+        description="Chat on a chatkit server from the terminal.",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="server address (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="server port (default: %(default)s)",
+    )
+    parser.add_argument("--name", help="your user name (asked for when not given)")
+    parser.add_argument("--token", help="token for servers that require one")
+    return parser
+
+
+class ChatShell:
+    """Turns typed lines into client calls and events into text lines.
+
+    Args:
+        client: a connected client.
+        print_line: where text for the user goes.
+    """
+
+    def __init__(self, client: ChatClient, print_line: _Printer) -> None:
+        self.client = client
+        self.room = LOBBY
+        """The room typed lines go to."""
+        self._print = print_line
+        self._greeted = False
+
+    def describe(self, event: ServerEvent) -> str | None:
+        """The text shown for ``event`` (``None`` to show nothing)."""
+        me = self.client.name
+        match event:
+            case Message(room=room, sender=sender, text=text):
+                prefix = "" if room == LOBBY else f"[{room}] "
+                return f"{prefix}{sender}: {text}"
+            case DirectMessage(sender=sender, to=to, text=text):
+                if sender == me and to != me:
+                    return f"(private to {to}) {sender}: {text}"
+                return f"{sender} (private): {text}"
+            case Joined(room=room, name=name):
+                if name == me:
+                    if room == LOBBY and not self._greeted:
+                        self._greeted = True  # the welcome banner said it
+                        return None
+                    return f"You joined {room}."
+                return f"{name} has joined {_where(room)}."
+            case Left(room=room, name=name):
+                if name == me:
+                    return f"You left {room}."
+                return f"{name} has left {_where(room)}."
+            case Renamed(old=old, new=new):
+                if new == me:
+                    return f"You are now known as {new}."
+                return f"{old} is now known as {new}."
+            case Error(message=message, code=code):
+                return f"Error: {message} ({code})"
+            case Shutdown(reason=reason):
+                return f"Server is shutting down: {reason}"
+        return None
+
+    async def handle(self, line: str) -> bool:
+        """Act on one typed line; False when the user wants to leave."""
+        text = line.strip()
+        if text in ("exit", "/quit"):
+            return False
+        if not text:
+            return True
+        try:
+            if text.startswith("/"):
+                await self._command(text)
+            else:
+                await self.client.say(line, room=self.room)
+        except ConnectionClosed:
+            raise
+        except ChatError as exc:
+            self._print(f"Error: {exc.message} ({exc.code})")
+        return True
+
+    async def _command(self, text: str) -> None:
+        command, _, rest = text.partition(" ")
+        rest = rest.strip()
+        client = self.client
+        match command, rest.split():
+            case "/join", [room]:
+                await client.join(room)
+                self.room = room
+            case "/leave", [] | [_]:
+                room = rest or self.room
+                await client.leave(room)
+                if room == self.room:
+                    self.room = LOBBY if LOBBY in client.joined_rooms else room
+            case "/room", [room]:
+                if room not in client.joined_rooms:
+                    self._print(f"You are not in {room}; /join {room} first.")
+                else:
+                    self.room = room
+                    self._print(f"Talking in {room}.")
+            case "/msg", [to, _, *_]:
+                await client.dm(to, rest.partition(" ")[2].strip())
+            case "/nick", [name]:
+                await client.nick(name)
+            case "/who", [] | [_]:
+                room = rest or self.room
+                names = await client.who(room)
+                self._print(f"In {room}: {', '.join(names) or 'nobody'}")
+            case "/rooms", []:
+                rooms = await client.rooms()
+                listing = ", ".join(
+                    f"{name} ({count})" for name, count in rooms.items()
+                )
+                self._print(f"Rooms: {listing}")
+            case "/history", [] | [_]:
+                if rest and not rest.isdigit():
+                    self._print("Usage: /history [N]")
+                    return
+                messages = await client.history(self.room, int(rest or 20))
+                self._print(f"--- last {len(messages)} in {self.room} ---")
+                for message in messages:
+                    self._print(f"{message.sender}: {message.text}")
+            case "/help", []:
+                self._print(HELP)
+            case (
+                ("/join" | "/room" | "/msg" | "/nick" | "/who" | "/rooms" | "/help"),
+                _,
+            ):
+                self._print(f"Usage: see /help for {command}")
+            case _:
+                self._print(f"Unknown command {command}. Type /help for commands.")
+
+
+def _where(room: str) -> str:
+    return "the chat" if room == LOBBY else room
+
+
+async def _chat(client: ChatClient, console: Console) -> None:
+    shell = ChatShell(client, console.print)
+    console.print(f"Hello, {client.name}! Type 'exit' to leave the chat.")
+    console.print("Type /help for commands.")
+    async with trio.open_nursery() as nursery:
+
+        async def show_events() -> None:
+            async for event in client:
+                text = shell.describe(event)
+                if text is not None:
+                    console.print(text)
+            # The server closed the connection: stop reading input.
+            nursery.cancel_scope.cancel()
+
+        async def leave_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            await leave()
+
+        async def leave() -> None:
+            console.print("Exiting chat...")
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(show_events)
+        nursery.start_soon(leave_on_signal)
+        while True:
+            line = await console.read_line()
+            if line is None:
+                break
+            try:
+                if not await shell.handle(line):
+                    break
+            except ConnectionClosed:
+                break
+        await leave()
+    console.print("Disconnected.")
+
+
+async def run_client(args: argparse.Namespace, console: Console) -> int:
+    """Run the chat client; returns the exit status."""
+    console.print("Welcome to the chat client!")
+    name: str | None = args.name
+    while True:
+        if name is None:
+            name = await console.read_line("Enter your username: ")
+            if name is None:
+                return 0
+            name = name.strip()
+        try:
+            async with connect(
+                args.host, args.port, name=name, token=args.token
+            ) as client:
+                await _chat(client, console)
+                return 0
+        except (NameTaken, BadName) as exc:
+            console.print(f"Error: {exc.message}")
+            if args.name is not None:
+                return 1
+            name = None  # ask again, as for a fresh start
+        except ChatError as exc:
+            console.print(f"Error: {exc.message} ({exc.code})")
+            return 1
+        except OSError as exc:
+            reason = exc.strerror or exc
+            console.print(f"Error: cannot connect to {args.host}:{args.port}: {reason}")
+            return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m chatkit.client``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        with console.raw_mode():
+            return trio.run(run_client, args, console)
+    except KeyboardInterrupt:  # Ctrl-C before we were connected
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

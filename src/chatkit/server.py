@@ -1,0 +1,186 @@
+"""``python -m chatkit.server``: run a chat server from the command line.
+
+Behaves like the original line-based chat program's server: it prints
+``Server started on HOST:PORT``, logs each connection, join and leave, and
+stops gracefully when Enter is pressed in its terminal (or on SIGINT /
+SIGTERM), printing ``Server has shut down.``. With no terminal on standard
+input (a service, CI) it ignores standard input and runs until a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import pluggy
+import trio
+
+from ._console import StdinReader
+from ._server import ChatServer
+
+__all__ = ["build_parser", "load_plugin", "main", "serve_until_stopped"]
+
+DEFAULT_PORT = 12345
+
+log = logging.getLogger("chatkit.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m chatkit.server``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chatkit.server",
+        description="Run a chatkit chat server (protocol v1, JSON and line mode).",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="TCP port; 0 picks a free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE[:ATTR]",
+        help="load a plugin: a module, or an object in it (a class is "
+        "instantiated with no arguments); repeatable, run in the order given",
+    )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=100,
+        metavar="N",
+        help="messages kept per room for 'history' (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what to log on standard output (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-entry-points",
+        action="store_true",
+        help="do not load plugins from the 'chatkit' entry-point group "
+        "(CHATKIT_LOAD_PLUGINS filters them otherwise)",
+    )
+    parser.add_argument(
+        "--interactive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stop when Enter is pressed on standard input (default: only "
+        "when standard input is a terminal)",
+    )
+    return parser
+
+
+def load_plugin(spec: str) -> object:
+    """Load a plugin from ``module`` or ``module:attr``; a class is
+    instantiated with no arguments.
+
+    Raises:
+        ValueError: the module or attribute does not exist.
+    """
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import plugin module {module_name!r}: {exc}") from exc
+    if not attr:
+        return module
+    try:
+        plugin: object = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return plugin() if isinstance(plugin, type) else plugin
+
+
+async def serve_until_stopped(
+    server: ChatServer,
+    *,
+    interactive: bool,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``server`` until Enter (if ``interactive``), SIGINT or SIGTERM,
+    then shut it down gracefully."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop_watchers(
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                await server.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()  # serve returned: stop watching
+
+            port = await nursery.start(serve_then_stop_watchers)
+            print(f"Server started on {server.host}:{port}", flush=True)
+            task_status.started(port)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.debug("received %s", signal.Signals(signum).name)
+                    break
+                await server.aclose()
+
+            async def stop_on_enter() -> None:
+                reader = StdinReader()
+                while True:
+                    data = await reader.read()
+                    # Enter stops, and so does end of input (Ctrl-D).
+                    if not data or b"\n" in data:
+                        break
+                await server.aclose()
+
+            nursery.start_soon(stop_on_signal)
+            if interactive:
+                print("Press Enter to stop the server.", flush=True)
+                nursery.start_soon(stop_on_enter)
+    print("Server has shut down.", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m chatkit.server``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(message)s", stream=sys.stdout
+    )
+    try:
+        plugins = [load_plugin(spec) for spec in args.plugin]
+        server = ChatServer(
+            args.host,
+            args.port,
+            plugins=plugins,
+            load_entry_points=not args.no_entry_points,
+            history_size=args.history,
+        )
+    except (ValueError, TypeError, pluggy.PluginValidationError) as exc:
+        parser.error(str(exc))
+    interactive = sys.stdin.isatty() if args.interactive is None else args.interactive
+    status = 0
+    try:
+        trio.run(lambda: serve_until_stopped(server, interactive=interactive))
+    except* OSError as group:
+        error = group.exceptions[0]
+        reason = (
+            error.strerror if isinstance(error, OSError) and error.strerror else error
+        )
+        print(
+            f"error: cannot listen on {args.host}:{args.port}: {reason}",
+            file=sys.stderr,
+        )
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

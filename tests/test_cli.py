@@ -1,0 +1,348 @@
+"""End to end: the real command-line programs, run as a user would."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import RawClient
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0
+
+
+class Program:
+    """A CLI subprocess with piped stdin and a line reader on its stdout."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.output: list[str] = []  # every line read so far
+        self._buf = b""
+
+    async def send(self, text: str) -> None:
+        assert self.process.stdin is not None
+        with trio.fail_after(TIMEOUT):
+            await self.process.stdin.send_all(text.encode())
+
+    async def close_stdin(self) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.aclose()
+
+    async def read_line(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buf:
+            data = await self.process.stdout.receive_some(65536)
+            if not data:
+                raise EOFError(f"program ended; output so far: {self.output}")
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        text = line.decode()
+        self.output.append(text)
+        return text
+
+    async def expect(self, pattern: str, within: float = TIMEOUT) -> re.Match[str]:
+        """Read lines until one matches ``pattern`` (a regex, searched)."""
+        try:
+            with trio.fail_after(within):
+                while True:
+                    match = re.search(pattern, await self.read_line())
+                    if match:
+                        return match
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"no line matching {pattern!r} in {self.output}"
+            ) from None
+
+    async def rest(self, within: float = TIMEOUT) -> list[str]:
+        """Every remaining line until the program closes its output."""
+        lines = []
+        with trio.fail_after(within):
+            while True:
+                try:
+                    lines.append(await self.read_line())
+                except EOFError:
+                    return lines
+
+    async def wait(self, within: float = TIMEOUT) -> int:
+        with trio.fail_after(within):
+            return await self.process.wait()
+
+
+Launch = Callable[..., Awaitable[Program]]
+
+
+@pytest.fixture
+async def launch() -> AsyncIterator[Launch]:
+    """``await launch("server", "--port", "0")`` starts ``python -m
+    chatkit.server``; every program is killed at teardown if still running."""
+    programs: list[Program] = []
+
+    async def launch_(module: str, *args: str, stdin: int | None = None) -> Program:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", f"chatkit.{module}", *args],
+            stdin=subprocess.PIPE if stdin is None else stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        program = Program(process)
+        programs.append(program)
+        return program
+
+    yield launch_
+    for program in programs:
+        if program.process.returncode is None:
+            program.process.kill()
+        with trio.CancelScope(shield=True):
+            await program.process.wait()
+        for stream in (program.process.stdin, program.process.stdout):
+            if stream is not None:
+                await stream.aclose()
+
+
+async def start_server(
+    launch: Launch, *args: str, stdin: int | None = None
+) -> tuple[Program, int]:
+    server = await launch("server", "--port", "0", *args, stdin=stdin)
+    match = await server.expect(r"^Server started on 127\.0\.0\.1:(\d+)$")
+    return server, int(match.group(1))
+
+
+async def start_client(launch: Launch, port: int, name: str) -> Program:
+    client = await launch("client", "--port", str(port), "--name", name)
+    await client.expect(rf"^Hello, {name}! Type 'exit' to leave the chat\.$")
+    return client
+
+
+async def test_two_clients_chat_and_enter_stops_everything(launch: Launch) -> None:
+    server, port = await start_server(launch, "--interactive")
+    await server.expect(r"^Press Enter to stop the server\.$")
+    alice = await start_client(launch, port, "alice")
+    await server.expect(r"^New connection from \('127\.0\.0\.1', \d+\)$")
+    await server.expect(r"^alice has joined the chat\.$")
+    bob = await start_client(launch, port, "bob")
+    await server.expect(r"^bob has joined the chat\.$")
+    await alice.expect(r"^bob has joined the chat\.$")
+
+    await alice.send("hello bob\n")
+    await bob.expect(r"^alice: hello bob$")
+    await bob.send("hi alice\n")
+    await alice.expect(r"^bob: hi alice$")
+
+    # A slash command: who is here, in login order.
+    await bob.send("/who\n")
+    await bob.expect(r"^In lobby: alice, bob$")
+    await alice.send("/msg bob just you\n")
+    await bob.expect(r"^alice \(private\): just you$")
+
+    # `exit` leaves cleanly and the other side sees the notice.
+    await alice.send("exit\n")
+    await alice.expect(r"^Exiting chat\.\.\.$")
+    assert await alice.wait() == 0
+    await bob.expect(r"^alice has left the chat\.$")
+    await server.expect(r"^alice has left the chat\.$")
+
+    # Enter on the server's stdin: a graceful stop, everyone exits 0 in 2 s.
+    start = trio.current_time()
+    await server.send("\n")
+    assert await server.wait(within=2) == 0
+    assert await bob.wait(within=2) == 0
+    assert trio.current_time() - start < 2
+    assert "Server has shut down." in await server.rest()
+    bob_rest = await bob.rest()
+    assert bob_rest[0] == "Server is shutting down: server shutting down"
+    assert bob_rest[-1] == "Disconnected."
+
+
+async def test_sigterm_stops_server_and_clients_gracefully(launch: Launch) -> None:
+    # No terminal on stdin and stdin at EOF: the server must keep running.
+    server, port = await start_server(launch, stdin=subprocess.DEVNULL)
+    await trio.sleep(0.3)
+    alice = await start_client(launch, port, "alice")
+    await alice.send("still here\n")
+    await alice.expect(r"^alice: still here$")
+    assert server.process.returncode is None
+
+    start = trio.current_time()
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.wait(within=2) == 0
+    assert await alice.wait(within=2) == 0
+    assert trio.current_time() - start < 2
+    assert (await server.rest())[-1] == "Server has shut down."
+    assert "Server is shutting down: server shutting down" in await alice.rest()
+
+
+async def test_sigint_stops_the_server_gracefully(launch: Launch) -> None:
+    server, port = await start_server(launch, "--no-interactive")
+    alice = await start_client(launch, port, "alice")
+    server.process.send_signal(signal.SIGINT)
+    assert await server.wait(within=2) == 0
+    assert await alice.wait(within=2) == 0
+
+
+async def test_line_mode_socket_chats_with_a_cli_client(launch: Launch) -> None:
+    _server, port = await start_server(launch)
+    alice = await start_client(launch, port, "alice")
+    nc = await RawClient.open(port)  # what `nc 127.0.0.1 PORT` does
+    try:
+        await nc.send_line("carol")
+        await alice.expect(r"^carol has joined the chat\.$")
+        await nc.send_line("hi from nc")
+        await alice.expect(r"^carol: hi from nc$")
+        await alice.send("hello carol\n")
+        assert await nc.receive_line() == "alice: hello carol"
+        await nc.send_line("exit")
+        await alice.expect(r"^carol has left the chat\.$")
+        assert await nc.assert_closed() == []
+    finally:
+        await nc.aclose()
+
+
+async def test_client_prompts_for_a_name_and_asks_again_when_taken(
+    launch: Launch,
+) -> None:
+    _server, port = await start_server(launch)
+    await start_client(launch, port, "alice")
+    client = await launch("client", "--port", str(port))
+    await client.expect(r"^Welcome to the chat client!$")
+    await client.send("Alice\n")  # taken, case-insensitively
+    await client.expect(r"^Enter your username: Error: Alice is taken$")
+    await client.send("bob\n")
+    await client.expect(r"^Enter your username: Hello, bob! Type 'exit' to leave")
+    await client.close_stdin()  # end of input leaves cleanly
+    assert await client.wait() == 0
+
+
+async def test_scripted_client_lines_in_transcript_out(launch: Launch) -> None:
+    _server, port = await start_server(launch)
+    client = await launch("client", "--port", str(port), "--name", "script")
+    await client.send("/join dev\nfirst\n/history\n/rooms\n/nick scripted\n/bogus\n")
+    await client.close_stdin()
+    assert await client.wait() == 0
+    transcript = await client.rest()
+    # Events (joins, messages, renames) and command replies are printed by
+    # two tasks, so only the order within each is fixed.
+    assert sorted(transcript) == sorted(
+        [
+            "Welcome to the chat client!",
+            "Hello, script! Type 'exit' to leave the chat.",
+            "Type /help for commands.",
+            "You joined dev.",
+            "[dev] script: first",
+            "--- last 1 in dev ---",
+            "script: first",
+            "Rooms: dev (1), lobby (1)",
+            "You are now known as scripted.",
+            "Unknown command /bogus. Type /help for commands.",
+            "Exiting chat...",
+            "Disconnected.",
+        ]
+    )
+    assert transcript.index("You joined dev.") < transcript.index("[dev] script: first")
+    assert transcript.index("--- last 1 in dev ---") < transcript.index("script: first")
+    assert transcript[-2:] == ["Exiting chat...", "Disconnected."]
+
+
+async def test_client_reports_an_unreachable_server(launch: Launch) -> None:
+    with trio.socket.socket() as sock:  # a port with nobody listening
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = await launch("client", "--port", str(port), "--name", "alice")
+    assert await client.wait() == 1
+    assert any(
+        "Error: cannot connect to 127.0.0.1:" in line for line in await client.rest()
+    )
+
+
+async def test_server_reports_a_port_in_use(launch: Launch) -> None:
+    _first, port = await start_server(launch)
+    second = await launch("server", "--port", str(port))
+    assert await second.wait() == 1
+    assert any("cannot listen on 127.0.0.1" in line for line in await second.rest())
+
+
+async def test_server_plugin_option(launch: Launch) -> None:
+    _server, port = await start_server(
+        launch, "--plugin", "examples.profanity_filter:ProfanityFilter"
+    )
+    alice = await start_client(launch, port, "alice")
+    await alice.send("darn it\n")
+    await alice.expect(r"^alice: d\*\*n it$")
+    bad = await launch("server", "--port", "0", "--plugin", "no_such_module:X")
+    assert await bad.wait() == 2
+
+
+async def test_enter_on_a_terminal_stops_the_server(launch: Launch) -> None:
+    # A real pty as stdin: the server treats it as a terminal by default.
+    master, slave = pty.openpty()
+    try:
+        server, port = await start_server(launch, stdin=slave)
+        await server.expect(r"^Press Enter to stop the server\.$")
+        alice = await start_client(launch, port, "alice")
+        os.write(master, b"\n")
+        assert await server.wait(within=2) == 0
+        assert await alice.wait(within=2) == 0
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+async def test_typed_input_survives_incoming_messages(launch: Launch) -> None:
+    # The client on a real terminal: what alice has half typed is redrawn
+    # below each message that arrives, and still sent whole.
+    _server, port = await start_server(launch)
+    master, slave = pty.openpty()
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "chatkit.client",
+            "--port",
+            str(port),
+            "--name",
+            "alice",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=ROOT,
+    )
+    os.close(slave)
+    screen = trio.lowlevel.FdStream(master)
+    seen = b""
+
+    async def read_until(needle: bytes) -> None:
+        nonlocal seen
+        with trio.fail_after(TIMEOUT):
+            while needle not in seen:
+                seen += await screen.receive_some(65536)
+
+    try:
+        await read_until(b"Type /help for commands.")
+        await screen.send_all(b"hel")
+        await read_until(b"hel")
+        bob = await start_client(launch, port, "bob")
+        await bob.send("yo\n")
+        await read_until(b"bob: yo")
+        await read_until(b"bob: yo\r\n> hel")  # the half-typed line, redrawn
+        assert b"\x1b[K" in seen[: seen.index(b"bob: yo")]  # erased, not garbled
+        await screen.send_all(b"lo\r")
+        await bob.expect(r"^alice: hello$")
+        await screen.send_all(b"exit\r")
+        with trio.fail_after(TIMEOUT):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+        await screen.aclose()
