@@ -83,12 +83,15 @@ Launch = Callable[..., Awaitable[Program]]
 @pytest.fixture
 async def launch() -> AsyncIterator[Launch]:
     """``await launch("server", "--port", "0")`` starts ``python -m
-    chatkit.server``; every program is killed at teardown if still running."""
+    chatkit.server`` (``launch("examples/x.py")`` a script); every program is
+    killed at teardown if still running."""
     programs: list[Program] = []
 
-    async def launch_(module: str, *args: str, stdin: int | None = None) -> Program:
+    async def launch_(program: str, *args: str, stdin: int | None = None) -> Program:
+        # "server" / "client" run the modules; "examples/x.py" a script.
+        target = [program] if program.endswith(".py") else ["-m", f"chatkit.{program}"]
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", f"chatkit.{module}", *args],
+            [sys.executable, *target, *args],
             stdin=subprocess.PIPE if stdin is None else stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -346,3 +349,18 @@ async def test_typed_input_survives_incoming_messages(launch: Launch) -> None:
         with trio.CancelScope(shield=True):
             await process.wait()
         await screen.aclose()
+
+
+async def test_example_wrappers_run_the_same_programs(launch: Launch) -> None:
+    server = await launch("examples/chat_server.py", "--port", "0", "--no-interactive")
+    match = await server.expect(r"^Server started on 127\.0\.0\.1:(\d+)$")
+    client = await launch(
+        "examples/chat_client.py", "--port", match.group(1), "--name", "alice"
+    )
+    await client.send("hello from the example\n")
+    await client.expect(r"^alice: hello from the example$")
+    await client.close_stdin()
+    assert await client.wait() == 0
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.wait(within=2) == 0
+    assert (await server.rest())[-1] == "Server has shut down."
