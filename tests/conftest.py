@@ -13,6 +13,11 @@ from tests.helpers import RawClient
 # machine; tests that exercise entry points pass their own allow-list.
 os.environ["CHATKIT_LOAD_PLUGINS"] = ""
 
+# chatkit.testing's fixtures (``chat``, ``chat_factory``, ...), as a plugin
+# author's conftest.py would load them; pytester runs whole pytest sessions
+# to test them.
+pytest_plugins = ["chatkit.testing", "pytester"]
+
 OpenRaw = Callable[..., Awaitable[RawClient]]
 
 

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 import chatkit
+from chatkit.testing import Chat, open_chat
 from tests.helpers import TIMEOUT
 
 
@@ -66,18 +67,17 @@ async def test_connect_logs_in_and_tracks_the_welcome(
 # --- requests ----------------------------------------------------------------
 
 
-async def test_say_returns_the_delivered_message(
-    alice: chatkit.ChatClient, bob: chatkit.ChatClient
-) -> None:
+async def test_say_returns_the_delivered_message(chat: Chat) -> None:
+    alice = chat["alice"]
     first = await alice.say("hi bob")
     assert isinstance(first, chatkit.Message)
     assert (first.room, first.sender, first.text) == ("lobby", "alice", "hi bob")
-    assert await next_event(bob) == unref(first)
+    assert await chat.next_event("bob") == unref(first)
     # The sender's own copy is in its event stream too, ref and all.
-    assert await next_event(alice) == first
+    assert await chat.next_event("alice") == first
     second = await alice.say("still there?")
     assert second.id > first.id
-    assert await next_event(bob) == unref(second)
+    assert await chat.next_event("bob") == unref(second)
 
 
 async def test_say_in_another_room(
@@ -92,13 +92,11 @@ async def test_say_in_another_room(
     assert await bob.history("dev") == (unref(message),)
 
 
-async def test_dm_returns_the_delivered_message(
-    alice: chatkit.ChatClient, bob: chatkit.ChatClient
-) -> None:
-    sent = await alice.dm("bob", "psst")
+async def test_dm_returns_the_delivered_message(chat: Chat) -> None:
+    sent = await chat["alice"].dm("bob", "psst")
     assert isinstance(sent, chatkit.DirectMessage)
     assert (sent.sender, sent.to, sent.text) == ("alice", "bob", "psst")
-    assert await next_event(bob) == unref(sent)
+    assert await chat.next_event("bob") == unref(sent)
 
 
 async def test_join_leave_who_rooms(
@@ -118,14 +116,13 @@ async def test_join_leave_who_rooms(
     assert info.value.code == "not_in_room"
 
 
-async def test_nick_renames_and_others_see_it(
-    server: chatkit.ChatServer, alice: chatkit.ChatClient, bob: chatkit.ChatClient
-) -> None:
+async def test_nick_renames_and_others_see_it(chat: Chat) -> None:
+    alice, bob = chat["alice"], chat["bob"]
     assert await alice.nick("alicia") is None
     assert alice.name == "alicia"
-    assert await next_event(bob) == chatkit.Renamed(old="alice", new="alicia")
+    assert await chat.next_event(bob) == chatkit.Renamed(old="alice", new="alicia")
     assert await bob.who() == ("alicia", "bob")
-    assert server.get_user("alicia") is not None
+    assert chat.server.get_user("alicia") is not None
     message = await alice.say("new name")
     assert message.sender == "alicia"
 
@@ -311,11 +308,8 @@ class NoShouting:
 
 
 async def test_a_rejecting_server_plugin_raises_rejected() -> None:
-    async with (
-        chatkit.open_server(plugins=[NoShouting()]) as server,
-        connect(server, "alice") as alice,
-        connect(server, "bob"),
-    ):
+    async with open_chat(plugins=[NoShouting()], clients=["alice", "bob"]) as chat:
+        alice = chat["alice"]
         with pytest.raises(chatkit.Rejected) as info:
             await alice.say("HELLO")
         assert (info.value.code, info.value.message) == (
@@ -328,7 +322,10 @@ async def test_a_rejecting_server_plugin_raises_rejected() -> None:
             "rejected",
             "not even privately",
         )
-        assert (await alice.say("hello")).text == "hello"
+        hello = await alice.say("hello")
+        assert hello.text == "hello"
+        # The refused message and DM reached nobody: bob's first event is this.
+        assert await chat.next_event("bob") == unref(hello)
 
 
 class Gatekeeper:
@@ -339,13 +336,13 @@ class Gatekeeper:
 
 
 async def test_a_refusing_authenticate_plugin_raises_unauthorized() -> None:
-    async with chatkit.open_server(plugins=[Gatekeeper()]) as server:
+    async with open_chat(plugins=[Gatekeeper()]) as chat:
         with trio.fail_after(TIMEOUT), pytest.raises(chatkit.Unauthorized) as info:
-            async with connect(server, "alice", token="guess"):
-                pytest.fail("let in with a bad token")  # pragma: no cover
+            await chat.connect("alice", token="guess")
         assert (info.value.code, info.value.message) == ("unauthorized", "members only")
-        async with connect(server, "alice", token="open sesame") as alice:
-            assert alice.name == "alice"
+        assert chat.server.users == ()
+        alice = await chat.connect("alice", token="open sesame")
+        assert alice.name == "alice"
 
 
 # --- the connection ending ---------------------------------------------------

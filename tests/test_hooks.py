@@ -23,6 +23,7 @@ import pytest
 import trio
 
 import chatkit
+from chatkit.testing import open_chat
 from tests.conftest import OpenRaw, crowd, login
 from tests.helpers import TIMEOUT, RawClient
 
@@ -1514,14 +1515,6 @@ class Roll:
             await client.say(f"here: {', '.join(names)}; rooms: {rooms}")
 
 
-async def next_message_from(client: chatkit.ChatClient, sender: str) -> str:
-    with trio.fail_after(TIMEOUT):
-        async for event in client:
-            if isinstance(event, chatkit.Message) and event.sender == sender:
-                return event.text
-    raise AssertionError("the connection ended")
-
-
 @pytest.mark.parametrize(
     ("bot", "said", "answer"),
     [
@@ -1532,18 +1525,16 @@ async def next_message_from(client: chatkit.ChatClient, sender: str) -> str:
 async def test_a_bot_is_a_client_plus_a_plugin(
     bot: object, said: str, answer: str
 ) -> None:
-    async with (
-        chatkit.open_server() as server,
-        chatkit.connect(
-            "127.0.0.1", server.port, name="bot", plugins=[bot], event_buffer=None
-        ),
-        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
-    ):
+    async with open_chat() as chat:
+        await chat.connect("bot", plugins=[bot], event_buffer=None)
+        alice = await chat.connect("alice")
         await alice.say(said)
-        assert await next_message_from(alice, "bot") == answer
+        reply = await chat.expect(alice, chatkit.Message, sender="bot")
+        assert reply.text == answer
         # The bot keeps answering.
         await alice.say(said)
-        assert await next_message_from(alice, "bot") == answer
+        reply = await chat.expect(alice, chatkit.Message, sender="bot")
+        assert reply.text == answer
 
 
 class ClientBoom:
@@ -1564,13 +1555,9 @@ async def test_a_raising_client_hook_is_logged_and_the_client_keeps_working(
     boom: type[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     rec = ClientRecorder()
-    async with (
-        chatkit.open_server() as server,
-        chatkit.connect(
-            "127.0.0.1", server.port, name="bot", plugins=[boom(), rec]
-        ) as bot,
-        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
-    ):
+    async with open_chat() as chat:
+        bot = await chat.connect("bot", plugins=[boom(), rec])
+        alice = await chat.connect("alice")
         await alice.say("one")
         await alice.say("two")
         await rec.wait("chatkit_client_message", 2)
@@ -1579,7 +1566,8 @@ async def test_a_raising_client_hook_is_logged_and_the_client_keeps_working(
             "two",
         ]
         await bot.say("still here")
-        assert await next_message_from(alice, "bot") == "still here"
+        reply = await chat.expect(alice, chatkit.Message, sender="bot")
+        assert reply.text == "still here"
         assert await bot.who() == ("bot", "alice")
     logs = plugin_logs(caplog, "chatkit.client")
     name = boom.__name__

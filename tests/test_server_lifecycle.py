@@ -517,3 +517,19 @@ async def test_a_slow_reader_never_slows_fifty_chatters(
     print(f"slow reader: rounds max {max(round_times):.3f}s, total {total:.2f}s")
     assert max(round_times) < 0.5, round_times
     assert total < 5.0, total
+
+
+async def test_open_server_lets_the_blocks_exception_through_unwrapped() -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with chatkit.open_server():
+            raise Boom
+
+
+async def test_open_server_body_can_be_cancelled_from_outside() -> None:
+    with trio.move_on_after(0.05) as scope:
+        async with chatkit.open_server():
+            await trio.sleep_forever()
+    assert scope.cancelled_caught

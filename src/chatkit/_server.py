@@ -297,7 +297,9 @@ class ChatServer:
         if hook_timeout <= 0 or close_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self.host = host
+        """The address the server listens on."""
         self.port = port
+        """The TCP port; once :meth:`serve` has started, the bound one."""
         self.history_size = history_size
         self.max_line_length = max_line_length
         self.max_queued_bytes = max_queued_bytes
@@ -853,13 +855,21 @@ async def open_server(
     """Run a :class:`ChatServer` for the duration of an ``async with`` block.
 
     Takes :class:`ChatServer`'s arguments; the server is listening on entry
-    (read ``server.port``) and shut down gracefully on exit.
+    (read ``server.port``) and shut down gracefully on exit. An exception
+    raised in the block propagates unchanged (not wrapped in an
+    ``ExceptionGroup`` by the server's nursery).
     """
     server = ChatServer(host, port, **kwargs)
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         try:
             yield server
+        except BaseException as exc:
+            # Re-raised below, outside the nursery, so it is not grouped.
+            body_error = exc
         finally:
             with trio.CancelScope(shield=True):
                 await server.aclose()
+    if body_error is not None:
+        raise body_error
