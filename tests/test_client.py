@@ -448,3 +448,27 @@ async def test_a_client_cannot_be_entered_twice(server: chatkit.ChatServer) -> N
     async with client:
         with pytest.raises(RuntimeError, match="already entered"):
             await client.__aenter__()
+
+
+async def test_aclose_cancelled_midway_leaves_no_task_behind(
+    server: chatkit.ChatServer,
+) -> None:
+    # A task iterating the client cancels the surrounding nursery as soon as
+    # the connection ends, i.e. while aclose() is still waiting: aclose must
+    # still stop every background task (the keepalive pinger among them), or
+    # leaving the `async with` would hang.
+    with trio.fail_after(5):
+        async with (
+            chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def show_events() -> None:
+                async for _ in alice:
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(show_events)
+            await alice.say("hi")
+            await alice.aclose()
+            nursery.cancel_scope.cancel()

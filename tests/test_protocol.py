@@ -55,7 +55,9 @@ from chatkit import (
     ServerConnection,
     ServerFull,
     Shutdown,
+    TimedOut,
     TooLarge,
+    TooManyRooms,
     TooSlow,
     Unauthorized,
     Welcome,
@@ -1304,6 +1306,8 @@ CHAT_ERRORS: dict[ErrorCode, type[ChatError]] = {
     ErrorCode.NOT_READY: NotReady,
     ErrorCode.TOO_SLOW: TooSlow,
     ErrorCode.KICKED: Kicked,
+    ErrorCode.TIMEOUT: TimedOut,
+    ErrorCode.TOO_MANY_ROOMS: TooManyRooms,
 }
 
 

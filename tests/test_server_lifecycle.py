@@ -189,7 +189,7 @@ async def test_everything_accepted_before_aclose_is_delivered_first(
     open_raw: OpenRaw,
 ) -> None:
     count = 300
-    server = chatkit.ChatServer()
+    server = chatkit.ChatServer(rate_limit=None)  # a burst of 300 on purpose
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
         alice = await login(open_raw, port, "alice")

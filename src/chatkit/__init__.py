@@ -50,7 +50,9 @@ from ._exceptions import Reject as Reject
 from ._exceptions import Rejected as Rejected
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
 from ._exceptions import ServerFull as ServerFull
+from ._exceptions import TimedOut as TimedOut
 from ._exceptions import TooLarge as TooLarge
+from ._exceptions import TooManyRooms as TooManyRooms
 from ._exceptions import TooSlow as TooSlow
 from ._exceptions import Unauthorized as Unauthorized
 from ._protocol import CLOSED as CLOSED
@@ -123,7 +125,9 @@ __all__ = [
     "ServerConnection",
     "ServerFull",
     "Shutdown",
+    "TimedOut",
     "TooLarge",
+    "TooManyRooms",
     "TooSlow",
     "Unauthorized",
     "User",

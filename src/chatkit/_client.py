@@ -17,6 +17,7 @@ drops us as too slow. Pass ``event_buffer=None`` if you use only hooks.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack, suppress
 from types import TracebackType
@@ -99,6 +100,11 @@ class ChatClient:
         connect_timeout: seconds to connect and complete the handshake.
         close_timeout: seconds to wait for the server after ``bye``.
         hook_timeout: seconds an awaited client hook may take.
+        ssl_context: connect with TLS, verifying the server with this
+            context (e.g. ``ssl.create_default_context(cafile=...)``).
+        keepalive: send a ``ping`` after this many seconds without sending
+            anything, so servers with an idle timeout keep us; ``None``
+            never pings.
     """
 
     def __init__(
@@ -114,6 +120,8 @@ class ChatClient:
         connect_timeout: float = 10.0,
         close_timeout: float = 2.0,
         hook_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        keepalive: float | None = 30.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -129,6 +137,9 @@ class ChatClient:
         self._connect_timeout = connect_timeout
         self._close_timeout = close_timeout
         self._event_buffer = event_buffer
+        self._ssl_context = ssl_context
+        self._keepalive = keepalive
+        self._last_sent = 0.0
         self.plugin_manager = make_plugin_manager(
             ClientSpec,
             plugins,
@@ -139,7 +150,7 @@ class ChatClient:
             self.plugin_manager, timeout=hook_timeout, logger=log
         )
         self._proto = ClientConnection()
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.abc.Stream | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._pending: dict[int, _Pending] = {}
         self._last_ref = 0
@@ -162,7 +173,12 @@ class ChatClient:
             raise RuntimeError("this ChatClient was already entered")
         try:
             with trio.fail_after(self._connect_timeout):
-                self._stream = await trio.open_tcp_stream(self.host, self.port)
+                if self._ssl_context is None:
+                    self._stream = await trio.open_tcp_stream(self.host, self.port)
+                else:
+                    self._stream = await trio.open_ssl_over_tcp_stream(
+                        self.host, self.port, ssl_context=self._ssl_context
+                    )
                 welcome = await self._handshake()
         except BaseException:
             if self._stream is not None:
@@ -187,6 +203,8 @@ class ChatClient:
         else:
             self._hooks_done.set()
         self._nursery.start_soon(self._in_tasks_scope, self._reader)
+        if self._keepalive is not None:
+            self._nursery.start_soon(self._in_tasks_scope, self._ping_when_idle)
         return self
 
     async def _in_tasks_scope(
@@ -194,6 +212,8 @@ class ChatClient:
     ) -> None:
         with trio.CancelScope() as scope:
             self._task_scopes.append(scope)
+            if self._closing:
+                scope.cancel()  # started after aclose() already ran
             await fn(*args)
 
     async def __aexit__(
@@ -220,15 +240,19 @@ class ChatClient:
         self._closing = True
         if self.close_reason is None and not self._reader_done.is_set():
             self.close_reason = "closed by the client"
-        with trio.move_on_after(self._close_timeout):
-            with suppress(ConnectionClosed):
-                await self._send(Bye())
-            await self._reader_done.wait()
-            await self._hooks_done.wait()
-        if self._stream is not None:
-            await trio.aclose_forcefully(self._stream)
-        for scope in self._task_scopes:
-            scope.cancel()
+        try:
+            with trio.move_on_after(self._close_timeout):
+                with suppress(ConnectionClosed):
+                    await self._send(Bye())
+                await self._reader_done.wait()
+                await self._hooks_done.wait()
+        finally:
+            # First, and whatever happens to the wait above (the caller may be
+            # cancelled mid-way): no background task may outlive aclose().
+            for scope in self._task_scopes:
+                scope.cancel()
+            if self._stream is not None:
+                await trio.aclose_forcefully(self._stream)
 
     @property
     def closed(self) -> bool:
@@ -316,6 +340,8 @@ class ChatClient:
             pending.done.set()
             if isinstance(event, Error | WhoReply | RoomsReply | HistoryReply | Pong):
                 return  # answered to the caller; not part of the event stream
+        elif isinstance(event, Pong) and ref is None:
+            return  # the answer to a keepalive ping
         if self._hook_send is not None:
             await self._hook_send.send(event)
         if self._events_send is not None:
@@ -398,6 +424,17 @@ class ChatClient:
 
     # --- sending ----------------------------------------------------------
 
+    async def _ping_when_idle(self) -> None:
+        assert self._keepalive is not None
+        self._last_sent = trio.current_time()
+        while True:
+            await trio.sleep_until(self._last_sent + self._keepalive)
+            if trio.current_time() >= self._last_sent + self._keepalive:
+                try:
+                    await self._send(Ping())
+                except ConnectionClosed:
+                    return
+
     async def _send(self, request: ClientRequest) -> None:
         if self._stream is None or self._reader_done.is_set():
             raise ConnectionClosed(self.close_reason or "not connected")
@@ -405,6 +442,7 @@ class ChatClient:
         try:
             async with self._send_lock:
                 await self._stream.send_all(data)
+                self._last_sent = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ConnectionClosed(self.close_reason or "connection lost") from None
 

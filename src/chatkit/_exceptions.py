@@ -34,7 +34,9 @@ __all__ = [
     "Rejected",
     "RemoteProtocolError",
     "ServerFull",
+    "TimedOut",
     "TooLarge",
+    "TooManyRooms",
     "TooSlow",
     "Unauthorized",
 ]
@@ -57,6 +59,8 @@ class ErrorCode(enum.StrEnum):
     # Extensions to v1: the server closes the connection right after these.
     TOO_SLOW = "too_slow"
     KICKED = "kicked"
+    TIMEOUT = "timeout"
+    TOO_MANY_ROOMS = "too_many_rooms"
 
 
 class ProtocolError(Exception):
@@ -206,6 +210,18 @@ class Kicked(ChatError):
     code = ErrorCode.KICKED
 
 
+class TimedOut(ChatError):
+    """``timeout``: no handshake, or no traffic, in time; the server closes."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class TooManyRooms(ChatError):
+    """``too_many_rooms``: joining would exceed the server's per-user limit."""
+
+    code = ErrorCode.TOO_MANY_ROOMS
+
+
 class ConnectionClosed(ChatError):
     """The connection to the server ended while a request needed it."""
 
@@ -230,6 +246,8 @@ _BY_CODE: MappingProxyType[str, type[ChatError]] = MappingProxyType(
             NotReady,
             TooSlow,
             Kicked,
+            TimedOut,
+            TooManyRooms,
         )
     }
 )

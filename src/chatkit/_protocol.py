@@ -132,7 +132,7 @@ class LineFramer:
         """Bytes received but not yet returned as lines."""
         return len(self._buf) - self._start
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add received bytes; ``b""`` means the peer closed its side."""
         if self._eof:
             if data:
@@ -284,7 +284,7 @@ class ServerConnection:
         self.mode = Mode.UNKNOWN
         self.ready = False
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add received bytes; ``b""`` means the peer closed its side."""
         self._framer.receive_data(data)
 
@@ -372,7 +372,7 @@ class ClientConnection:
     def __init__(self, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
         self._framer = LineFramer(max_line_length)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Add received bytes; ``b""`` means the server closed its side."""
         self._framer.receive_data(data)
 

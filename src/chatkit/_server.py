@@ -24,9 +24,12 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import math
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import Any, Final
 
@@ -107,6 +110,10 @@ class LeaveReason(enum.StrEnum):
     """The server shut down."""
     TOO_SLOW = "too_slow"
     """The client's outgoing buffer overflowed."""
+    FLOOD = "flood"
+    """The client kept sending past its rate limit."""
+    TIMEOUT = "timeout"
+    """No handshake, or no traffic, within the server's timeout."""
 
 
 class User:
@@ -117,11 +124,11 @@ class User:
         address: the peer's ``host:port``.
     """
 
-    def __init__(self, server: ChatServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: ChatServer, stream: trio.abc.Stream) -> None:
         self._server = server
         self._stream = stream
         try:
-            peer = stream.socket.getpeername()
+            peer = _socket_of(stream).getpeername()
         except OSError:
             peer = ("?", 0)
         self._peer: Any = peer
@@ -140,6 +147,10 @@ class User:
         self._left_rooms: list[str] = []
         self._reader_scope = trio.CancelScope()
         self._scope = trio.CancelScope()
+        # Token bucket (see ChatServer._admit).
+        self._tokens = float(server.rate_burst)
+        self._refilled_at = trio.current_time()
+        self._violations = 0
 
     @property
     def name(self) -> str:
@@ -265,6 +276,24 @@ class ChatServer:
         hook_timeout: seconds an awaited hook implementation may take.
         close_timeout: seconds a closing connection gets to flush.
         server_name: the ``server`` field of ``welcome``.
+        max_connections: connections beyond this get ``error server_full``.
+        max_rooms_per_user: a ``join`` beyond this gets ``error
+            too_many_rooms``.
+        max_message_length: longest ``say``/``dm`` text, in characters
+            (``error too_large``).
+        rate_limit: requests per second each connection may make on average
+            (a token bucket); excess requests get ``error rate_limited``.
+            ``None`` turns rate limiting off.
+        rate_burst: the bucket's size: how many requests may come at once.
+        flood_limit: after this many rate-limited requests in a row the
+            connection is closed (``left`` reason ``flood``).
+        handshake_timeout: seconds a new connection has to be accepted
+            (``hello`` or a line-mode name) before ``error timeout`` and close.
+        idle_timeout: if set, a connection that sends nothing for this long
+            is closed with ``error timeout`` (:class:`ChatClient` pings to
+            stay alive). Half-open TCP connections are also reaped by TCP
+            keepalive, which is always on.
+        ssl_context: serve TLS with this context (see :mod:`ssl`).
 
     Raises:
         ValueError: a limit is out of range.
@@ -285,17 +314,38 @@ class ChatServer:
         hook_timeout: float = 5.0,
         close_timeout: float = 2.0,
         server_name: str = "chatkit",
+        max_connections: int = 10_000,
+        max_rooms_per_user: int = 50,
+        max_message_length: int = 4096,
+        rate_limit: float | None = 20.0,
+        rate_burst: int = 40,
+        flood_limit: int = 20,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         for label, value in (
             ("history_size", history_size),
             ("max_line_length", max_line_length),
             ("max_queued_bytes", max_queued_bytes),
             ("max_queued_messages", max_queued_messages),
+            ("max_connections", max_connections),
+            ("max_rooms_per_user", max_rooms_per_user),
+            ("max_message_length", max_message_length),
+            ("rate_burst", rate_burst),
+            ("flood_limit", flood_limit),
         ):
             if value < 1:
                 raise ValueError(f"{label} must be at least 1, not {value}")
-        if hook_timeout <= 0 or close_timeout <= 0:
-            raise ValueError("timeouts must be positive")
+        for label, timeout in (
+            ("hook_timeout", hook_timeout),
+            ("close_timeout", close_timeout),
+            ("handshake_timeout", handshake_timeout),
+            ("idle_timeout", idle_timeout),
+            ("rate_limit", rate_limit),
+        ):
+            if timeout is not None and timeout <= 0:
+                raise ValueError(f"{label} must be positive, not {timeout}")
         self.host = host
         """The address the server listens on."""
         self.port = port
@@ -306,6 +356,15 @@ class ChatServer:
         self.max_queued_messages = max_queued_messages
         self.close_timeout = close_timeout
         self.server_name = server_name
+        self.max_connections = max_connections
+        self.max_rooms_per_user = max_rooms_per_user
+        self.max_message_length = max_message_length
+        self.rate_limit = rate_limit
+        self.rate_burst = rate_burst
+        self.flood_limit = flood_limit
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.ssl_context = ssl_context
         self.plugin_manager = make_plugin_manager(
             ServerSpec, plugins, load_entry_points=load_entry_points
         )
@@ -362,8 +421,14 @@ class ChatServer:
             raise RuntimeError("this ChatServer was already started or closed")
         self._started = True
         try:
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-            self.port = listeners[0].socket.getsockname()[1]
+            tcp_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            self.port = tcp_listeners[0].socket.getsockname()[1]
+            listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+            if self.ssl_context is not None:
+                listeners = [
+                    trio.SSLListener(listener, self.ssl_context)
+                    for listener in tcp_listeners
+                ]
             with self._connections_scope:
                 async with trio.open_nursery() as connections:
                     with self._accept_scope:
@@ -447,7 +512,11 @@ class ChatServer:
 
     # --- connections ------------------------------------------------------
 
-    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        _enable_keepalive(stream)
+        if len(self._connections) >= self.max_connections:
+            await self._refuse(stream, ErrorCode.SERVER_FULL, "the server is full")
+            return
         user = User(self, stream)
         log.info("New connection from %s", user._peer)
         self._connections.add(user)
@@ -457,9 +526,16 @@ class ChatServer:
                     nursery.start_soon(user._write_loop)
                     if self._closing:
                         user._close(LeaveReason.SHUTDOWN)
+                    # The reader's deadline is the handshake timeout, then
+                    # the idle timeout (pushed forward on every read).
+                    user._reader_scope.deadline = (
+                        trio.current_time() + self.handshake_timeout
+                    )
                     with user._reader_scope:
                         reason = await self._read_loop(user)
                         user._close(reason)
+                    if user._reader_scope.cancelled_caught and not user._output_ended:
+                        self._time_out(user)
                     self._detach(user)
         except Exception:
             # A bug while serving one connection must not take the server
@@ -474,14 +550,57 @@ class ChatServer:
                     await stream.aclose()
                 await trio.aclose_forcefully(stream)
 
+    async def _refuse(
+        self, stream: trio.abc.Stream, code: ErrorCode, text: str
+    ) -> None:
+        """Tell a connection we will not serve it, then close it (bounded)."""
+        log.warning("refused a connection: %s", text)
+        with trio.move_on_after(self.close_timeout):
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(encode_json(Error(code=code, message=text)))
+        await trio.aclose_forcefully(stream)
+
+    def _time_out(self, user: User) -> None:
+        if user._name is None:
+            text = f"no hello within {self.handshake_timeout}s"
+        else:
+            text = f"nothing received for {self.idle_timeout}s"
+        log.info("%s timed out: %s", user, text)
+        error = Error(code=ErrorCode.TIMEOUT, message=text)
+        user._close(LeaveReason.TIMEOUT, user._proto.send(error))
+
+    def _admit(self, user: User) -> bool:
+        """Take a token from ``user``'s bucket; False if it is empty."""
+        rate = self.rate_limit
+        if rate is None:
+            return True
+        now = trio.current_time()
+        user._tokens = min(
+            self.rate_burst, user._tokens + (now - user._refilled_at) * rate
+        )
+        user._refilled_at = now
+        if user._tokens >= 1:
+            user._tokens -= 1
+            user._violations = 0
+            return True
+        user._violations += 1
+        return False
+
     async def _read_loop(self, user: User) -> LeaveReason:
         proto = user._proto
         stream = user._stream
+        scope = user._reader_scope
         while True:
             try:
                 data = await stream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+            if user._name is not None:
+                scope.deadline = (
+                    trio.current_time() + self.idle_timeout
+                    if self.idle_timeout is not None
+                    else math.inf
+                )
             proto.receive_data(data)
             # Every request decoded from one read is handled before the next
             # read, so the writers see one batch per read and coalesce it.
@@ -495,6 +614,17 @@ class ChatServer:
                     break
                 if request is CLOSED:
                     return LeaveReason.DISCONNECT
+                if not self._admit(user):
+                    if user._violations >= self.flood_limit:
+                        self._error(
+                            user,
+                            ErrorCode.RATE_LIMITED,
+                            "too many requests; disconnecting",
+                            request.ref,
+                        )
+                        return LeaveReason.FLOOD
+                    self._error(user, ErrorCode.RATE_LIMITED, "slow down", request.ref)
+                    continue
                 reason = await self._handle_request(user, request)
                 if reason is not None:
                     return reason
@@ -575,6 +705,12 @@ class ChatServer:
         user._name = name
         self._names[name.casefold()] = user
         self._users[user] = None
+        # Handshake done: from now on only the idle timeout applies.
+        user._reader_scope.deadline = (
+            trio.current_time() + self.idle_timeout
+            if self.idle_timeout is not None
+            else math.inf
+        )
         user._send(
             Welcome(
                 name=name,
@@ -601,9 +737,20 @@ class ChatServer:
             return None
         return target
 
+    def _too_long(self, user: User, text: str, ref: str | int | None) -> bool:
+        if len(text) <= self.max_message_length:
+            return False
+        self._error(
+            user,
+            ErrorCode.TOO_LARGE,
+            f"messages are at most {self.max_message_length} characters",
+            ref,
+        )
+        return True
+
     async def _on_say(self, user: User, say: Say) -> None:
         room = self._member_room(user, say.room, say.ref)
-        if room is None:
+        if room is None or self._too_long(user, say.text, say.ref):
             return
         text = say.text
         if self._hooks.has("chatkit_message"):
@@ -667,6 +814,8 @@ class ChatServer:
                 member._enqueue(data)
 
     async def _on_dm(self, user: User, dm: Dm) -> None:
+        if self._too_long(user, dm.text, dm.ref):
+            return
         recipient = self.get_user(dm.to)
         if recipient is None:
             self._error(
@@ -713,11 +862,19 @@ class ChatServer:
             )
             return
         room = self._rooms.get(join.room)
-        if room is None:
-            room = self._rooms[join.room] = _Room(join.room, self.history_size)
-        elif user in room.members:
+        if room is not None and user in room.members:
             user._send(Joined(room=room.name, name=user.name, ref=join.ref))
             return
+        if len(user._rooms) >= self.max_rooms_per_user:
+            self._error(
+                user,
+                ErrorCode.TOO_MANY_ROOMS,
+                f"you are in {len(user._rooms)} rooms, the most allowed",
+                join.ref,
+            )
+            return
+        if room is None:
+            room = self._rooms[join.room] = _Room(join.room, self.history_size)
         self._add_member(user, room, ref=join.ref)
         await self._hooks.notify(
             "chatkit_user_joined", server=self, user=user, room=room.name
@@ -846,6 +1003,33 @@ class ChatServer:
         await self._hooks.notify(
             "chatkit_user_disconnected", server=self, user=user, reason=reason
         )
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    """The TCP socket under a plain or TLS stream."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        raise TypeError(f"not a socket stream: {stream!r}")
+    return stream.socket
+
+
+def _enable_keepalive(stream: trio.abc.Stream) -> None:
+    # The kernel probes an idle peer and resets the connection if it is gone,
+    # so half-open connections (a vanished laptop) are reaped in ~90 s even
+    # with no idle_timeout.
+    try:
+        sock = _socket_of(stream)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (
+            ("TCP_KEEPIDLE", 60),
+            ("TCP_KEEPINTVL", 10),
+            ("TCP_KEEPCNT", 3),
+        ):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except (OSError, TypeError):
+        log.debug("could not enable TCP keepalive", exc_info=True)
 
 
 @asynccontextmanager

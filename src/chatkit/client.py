@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 
@@ -66,8 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="server port (default: %(default)s)",
     )
     parser.add_argument("--name", help="your user name (asked for when not given)")
-    parser.add_argument("--token", help="token for servers that require one")
+    parser.add_argument(
+        "--token", help="token (or password) for servers that require one"
+    )
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument(
+        "--cafile",
+        metavar="PEM",
+        help="trust the CA certificates in this file (implies --tls; "
+        "default: the system's trusted CAs)",
+    )
     return parser
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls or args.cafile):
+        return None
+    return ssl.create_default_context(cafile=args.cafile)
 
 
 class ChatShell:
@@ -243,7 +259,11 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
             name = name.strip()
         try:
             async with connect(
-                args.host, args.port, name=name, token=args.token
+                args.host,
+                args.port,
+                name=name,
+                token=args.token,
+                ssl_context=_tls_context(args),
             ) as client:
                 await _chat(client, console)
                 return 0
@@ -255,8 +275,9 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
         except ChatError as exc:
             console.print(f"Error: {exc.message} ({exc.code})")
             return 1
-        except OSError as exc:
-            reason = exc.strerror or exc
+        except (OSError, trio.BrokenResourceError) as exc:
+            # BrokenResourceError: the TLS handshake failed (e.g. wrong CA).
+            reason = getattr(exc, "strerror", None) or exc
             console.print(f"Error: cannot connect to {args.host}:{args.port}: {reason}")
             return 1
 

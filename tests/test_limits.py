@@ -1,0 +1,192 @@
+"""Timeouts, rate limiting, keepalive and TLS: the knobs of issue 4 that the
+adversarial suite does not already exercise end to end."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+import chatkit
+from tests.conftest import OpenRaw, login
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_tls_round_trip(
+    server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    async with (
+        chatkit.open_server(ssl_context=server_tls) as server,
+        chatkit.connect(
+            "127.0.0.1", server.port, name="alice", ssl_context=client_tls
+        ) as alice,
+        chatkit.connect(
+            "127.0.0.1", server.port, name="bob", ssl_context=client_tls
+        ) as bob,
+    ):
+        sent = await alice.say("over TLS")
+        async for event in bob:
+            if isinstance(event, chatkit.Message):
+                assert event == chatkit.Message(
+                    id=sent.id,
+                    ts=sent.ts,
+                    room="lobby",
+                    sender="alice",
+                    text="over TLS",
+                )
+                break
+        assert [u.address.split(":")[0] for u in server.users] == ["127.0.0.1"] * 2
+
+
+async def test_plain_client_cannot_talk_to_a_tls_server(
+    server_tls: ssl.SSLContext, open_raw: OpenRaw
+) -> None:
+    async with chatkit.open_server(
+        ssl_context=server_tls, handshake_timeout=1
+    ) as server:
+        raw = await open_raw(server.port)
+        await raw.send_json(type="hello", name="alice", protocol=1)
+        await raw.assert_closed()  # the TLS layer rejects plain text
+        assert server.users == ()
+
+
+async def test_idle_timeout_closes_silent_connections_but_not_pinging_clients(
+    open_raw: OpenRaw,
+) -> None:
+    async with chatkit.open_server(idle_timeout=0.3) as server:
+        silent = await login(open_raw, server.port, "silent")
+        async with chatkit.connect(
+            "127.0.0.1", server.port, name="chatty", keepalive=0.1
+        ) as chatty:
+            with trio.fail_after(3):
+                event = await silent.expect("error", code="timeout")
+            assert event["message"] == "nothing received for 0.3s"
+            assert await silent.assert_closed() == []
+            await trio.sleep(0.5)  # well past the idle timeout
+            assert await chatty.who() == ("chatty",)
+
+
+async def test_the_handshake_deadline_stops_at_hello(open_raw: OpenRaw) -> None:
+    async with chatkit.open_server(handshake_timeout=0.3) as server:
+        alice = await login(open_raw, server.port, "alice")
+        await trio.sleep(0.6)
+        await alice.send_json(type="ping", ref=1)
+        assert await alice.receive_json() == {"type": "pong", "ref": 1}
+
+
+async def test_rate_limit_refills(open_raw: OpenRaw) -> None:
+    async with chatkit.open_server(rate_limit=20, rate_burst=5) as server:
+        alice = await login(open_raw, server.port, "alice")  # hello: 1 token
+        await alice.send_bytes(
+            b"".join(b'{"type":"ping","ref":%d}\n' % i for i in range(5))
+        )
+        replies = [await alice.receive_json() for _ in range(5)]
+        assert replies[:4] == [{"type": "pong", "ref": i} for i in range(4)]
+        assert replies[4] == {
+            "type": "error",
+            "code": "rate_limited",
+            "message": "slow down",
+            "ref": 4,
+        }
+        await trio.sleep(0.1)  # two tokens come back
+        await alice.send_json(type="ping", ref=5)
+        assert await alice.receive_json() == {"type": "pong", "ref": 5}
+
+
+async def test_tcp_keepalive_is_on_for_every_connection(open_raw: OpenRaw) -> None:
+    async with chatkit.open_server() as server:
+        await login(open_raw, server.port, "alice")
+        (user,) = server.users
+        sock = user._stream.socket  # type: ignore[attr-defined]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+
+
+@pytest.fixture
+def cert_files(ca: trustme.CA, tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile, cafile = (tmp_path / n for n in ("c.pem", "k.pem", "ca.pem"))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    ca.cert_pem.write_to_path(str(cafile))
+    yield certfile, keyfile, cafile
+
+
+def test_cli_tls_round_trip(cert_files: tuple[Path, Path, Path]) -> None:
+    certfile, keyfile, cafile = cert_files
+    server = subprocess.Popen(
+        [sys.executable, "-m", "chatkit.server", "--port", "0", "--no-interactive",
+         "--certfile", str(certfile), "--keyfile", str(keyfile)],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip().rsplit(":", 1)[1]
+        client = subprocess.run(
+            [sys.executable, "-m", "chatkit.client", "--port", port, "--name", "alice",
+             "--cafile", str(cafile)],
+            input="hello over tls\n", capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert client.returncode == 0, client.stdout
+        assert "alice: hello over tls" in client.stdout.splitlines()
+        wrong_ca = trustme.CA()
+        wrong = cert_files[2].with_name("wrong.pem")
+        wrong_ca.cert_pem.write_to_path(str(wrong))
+        refused = subprocess.run(
+            [sys.executable, "-m", "chatkit.client", "--port", port, "--name", "bob",
+             "--cafile", str(wrong)],
+            input="", capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert refused.returncode == 1
+        assert "Error: cannot connect to 127.0.0.1:" in refused.stdout
+    finally:
+        server.terminate()
+        assert server.wait(timeout=10) == 0
+        assert server.stdout is not None
+        server.stdout.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--keyfile", "k.pem"],
+        ["--certfile", "/nonexistent.pem"],
+        ["--password-file", "/nonexistent"],
+        ["--auth-token", "x", "--password-file", "y"],
+        ["--rate-burst", "0"],
+    ],
+)
+def test_cli_rejects_bad_security_options(args: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chatkit.server", "--port", "0", *args],
+        capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "python -m chatkit.server: error:" in result.stderr
