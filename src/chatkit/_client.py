@@ -162,6 +162,7 @@ class ChatClient:
         # Background tasks get cancel scopes of their own: cancelling the
         # nursery's would also cancel the ``async with`` body running in it.
         self._task_scopes: list[trio.CancelScope] = []
+        self._tasks_cancelled = False
         self._events_send: trio.MemorySendChannel[ServerEvent] | None = None
         self._events_receive: trio.MemoryReceiveChannel[ServerEvent] | None = None
         self._hook_send: trio.MemorySendChannel[ServerEvent | Welcome] | None = None
@@ -212,8 +213,8 @@ class ChatClient:
     ) -> None:
         with trio.CancelScope() as scope:
             self._task_scopes.append(scope)
-            if self._closing:
-                scope.cancel()  # started after aclose() already ran
+            if self._tasks_cancelled:
+                scope.cancel()  # started after aclose() stopped the others
             await fn(*args)
 
     async def __aexit__(
@@ -249,6 +250,7 @@ class ChatClient:
         finally:
             # First, and whatever happens to the wait above (the caller may be
             # cancelled mid-way): no background task may outlive aclose().
+            self._tasks_cancelled = True
             for scope in self._task_scopes:
                 scope.cancel()
             if self._stream is not None:
