@@ -13,6 +13,7 @@ import argparse
 import importlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ import trio
 
 from ._console import StdinReader
 from ._server import ChatServer
+from .auth import PasswordFileAuth, TokenAuth
 
 __all__ = ["build_parser", "load_plugin", "main", "serve_until_stopped"]
 
@@ -80,7 +82,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when Enter is pressed on standard input (default: only "
         "when standard input is a terminal)",
     )
+    limits = parser.add_argument_group("limits (see docs/security.md)")
+    for flag, kind, default, text in (
+        ("--max-connections", int, 10_000, "connections at once"),
+        ("--max-rooms-per-user", int, 50, "rooms one user may be in"),
+        ("--max-message-length", int, 4096, "characters in one message"),
+        ("--max-line-length", int, 64 * 1024, "bytes in one protocol line"),
+        ("--rate-limit", float, 20.0, "requests per second per connection; 0: off"),
+        ("--rate-burst", int, 40, "requests a connection may send at once"),
+        ("--handshake-timeout", float, 10.0, "seconds to say hello"),
+        ("--idle-timeout", float, 0.0, "seconds of silence before closing; 0: never"),
+    ):
+        limits.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            metavar="N" if kind is int else "SECONDS" if "timeout" in flag else "RATE",
+            help=f"{text} (default: %(default)s)",
+        )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument(
+        "--certfile", metavar="PEM", help="serve TLS with this certificate chain"
+    )
+    tls.add_argument("--keyfile", metavar="PEM", help="the certificate's private key")
+    auth = parser.add_argument_group("authentication (one of)")
+    auth.add_argument(
+        "--auth-token", metavar="TOKEN", help="clients must send this token in hello"
+    )
+    auth.add_argument(
+        "--password-file",
+        metavar="PATH",
+        help="clients log in with a password from this file "
+        "(manage it with python -m chatkit.auth)",
+    )
     return parser
+
+
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    if certfile is None:
+        if keyfile is not None:
+            raise ValueError("--keyfile needs --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the TLS certificate {certfile}: {exc}") from exc
+    return context
+
+
+def _auth_plugins(token: str | None, password_file: str | None) -> list[object]:
+    if token is not None and password_file is not None:
+        raise ValueError("use --auth-token or --password-file, not both")
+    if token is not None:
+        return [TokenAuth(token)]
+    if password_file is not None:
+        try:
+            return [PasswordFileAuth(password_file)]
+        except OSError as exc:
+            raise ValueError(f"cannot read {password_file}: {exc.strerror}") from exc
+    return []
 
 
 def load_plugin(spec: str) -> object:
@@ -155,13 +216,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(message)s", stream=sys.stdout
     )
     try:
-        plugins = [load_plugin(spec) for spec in args.plugin]
+        plugins = _auth_plugins(args.auth_token, args.password_file)
+        plugins += [load_plugin(spec) for spec in args.plugin]
         server = ChatServer(
             args.host,
             args.port,
             plugins=plugins,
             load_entry_points=not args.no_entry_points,
             history_size=args.history,
+            max_connections=args.max_connections,
+            max_rooms_per_user=args.max_rooms_per_user,
+            max_message_length=args.max_message_length,
+            max_line_length=args.max_line_length,
+            rate_limit=args.rate_limit or None,
+            rate_burst=args.rate_burst,
+            handshake_timeout=args.handshake_timeout,
+            idle_timeout=args.idle_timeout or None,
+            ssl_context=_tls_context(args.certfile, args.keyfile),
         )
     except (ValueError, TypeError, pluggy.PluginValidationError) as exc:
         parser.error(str(exc))

@@ -1,0 +1,504 @@
+"""Built-in authentication: a shared token or a password file.
+
+Two plugins for the :meth:`~chatkit.hookspecs.ServerSpec.chatkit_authenticate`
+hook. Give one to a server and a client must present a valid ``token`` in its
+``hello`` to get in::
+
+    import chatkit
+    from chatkit.auth import PasswordFileAuth, TokenAuth
+
+    server = chatkit.ChatServer(plugins=[TokenAuth("correct horse battery")])
+    server = chatkit.ChatServer(plugins=[PasswordFileAuth("/etc/chatkit/passwd")])
+
+A refused client gets ``error unauthorized`` and is disconnected; it never
+joins a room, so it sees no message, member list or history. Line-mode
+clients (``nc``) cannot send a token and are always refused while either
+plugin is on.
+
+Passwords are stored as scrypt hashes; create entries with
+``python -m chatkit.auth add FILE NAME`` or :func:`hash_password`. See
+``docs/security.md`` for the cost parameters and their trade-off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import getpass
+import hashlib
+import hmac
+import os
+import secrets
+import sys
+import tempfile
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final
+
+from ._exceptions import Reject
+from ._protocol import is_valid_name
+from .hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from ._server import ChatServer, User
+
+__all__ = [
+    "HASH_BYTES",
+    "INVALID_LOGIN",
+    "INVALID_TOKEN",
+    "SALT_BYTES",
+    "SCRYPT_N",
+    "SCRYPT_P",
+    "SCRYPT_R",
+    "PasswordFileAuth",
+    "TokenAuth",
+    "add_user",
+    "hash_password",
+    "main",
+    "verify_password",
+]
+
+#: scrypt CPU/memory cost (``N``) of new hashes: 2048 (2 to the 11th),
+#: about 2 MiB and 3 ms per verification. Deliberately far below the usual
+#: interactive-login advice (2 to the 17th): verification runs inside the
+#: server's event loop, which it blocks while it runs. See
+#: ``docs/security.md``.
+SCRYPT_N: Final = 2**11
+#: scrypt block size (``r``) of new hashes.
+SCRYPT_R: Final = 8
+#: scrypt parallelism (``p``) of new hashes.
+SCRYPT_P: Final = 1
+#: Length of the random salt of new hashes, in bytes.
+SALT_BYTES: Final = 16
+#: Length of the derived key of new hashes, in bytes.
+HASH_BYTES: Final = 32
+
+#: The refusal reason of :class:`TokenAuth`.
+INVALID_TOKEN: Final = "invalid token"
+#: The refusal reason of :class:`PasswordFileAuth`, the same whether the name
+#: is unknown or the password wrong, so that it reveals no user names.
+INVALID_LOGIN: Final = "invalid name or password"
+
+_SCHEME: Final = "scrypt"
+# Limits on parameters read from a hash string, so that a hand-edited or
+# hostile file cannot make one login take seconds or gigabytes. Memory is
+# about 128 * r * (n + p) bytes.
+_MAX_MEMORY: Final = 64 * 1024 * 1024
+_MAX_P: Final = 16
+_MIN_SALT_BYTES: Final = 8
+_MIN_HASH_BYTES: Final = 16
+
+
+# --- hashing -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Hash:
+    """A parsed ``scrypt$n$r$p$salt$hash`` string."""
+
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    digest: bytes
+
+    def derive(self, password: str) -> bytes:
+        return _scrypt(password, self.salt, self.n, self.r, self.p, len(self.digest))
+
+    def encode(self) -> str:
+        salt = base64.b64encode(self.salt).decode("ascii")
+        digest = base64.b64encode(self.digest).decode("ascii")
+        return f"{_SCHEME}${self.n}${self.r}${self.p}${salt}${digest}"
+
+
+def _memory(n: int, r: int, p: int) -> int:
+    return 128 * r * (n + p + 2)
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    # NFC, so that the same password typed on two systems that compose
+    # accents differently hashes the same (as RFC 8265's OpaqueString).
+    secret = unicodedata.normalize("NFC", password).encode("utf-8")
+    return hashlib.scrypt(
+        secret,
+        salt=salt,
+        n=n,
+        r=r,
+        p=p,
+        dklen=dklen,
+        maxmem=_memory(n, r, p) + 1024 * 1024,
+    )
+
+
+def _check_parameters(n: int, r: int, p: int) -> None:
+    if n < 2 or n & (n - 1):
+        raise ValueError(f"scrypt n must be a power of 2 above 1, not {n}")
+    if r < 1 or not 1 <= p <= _MAX_P:
+        raise ValueError(f"scrypt r must be >= 1 and p 1..{_MAX_P}, not r={r} p={p}")
+    if _memory(n, r, p) > _MAX_MEMORY:
+        raise ValueError(
+            f"scrypt n={n} r={r} p={p} needs more than"
+            f" {_MAX_MEMORY // (1024 * 1024)} MiB"
+        )
+
+
+def _parse_hash(encoded: str) -> _Hash:
+    """Parse a hash string; ValueError says what is wrong with it."""
+    parts = encoded.split("$")
+    if len(parts) != 6 or parts[0] != _SCHEME:
+        raise ValueError("hash is not of the form scrypt$n$r$p$salt$hash")
+    try:
+        n, r, p = (int(part, 10) for part in parts[1:4])
+    except ValueError:
+        raise ValueError("scrypt n, r and p must be decimal integers") from None
+    _check_parameters(n, r, p)
+    try:
+        salt = base64.b64decode(parts[4], validate=True)
+        digest = base64.b64decode(parts[5], validate=True)
+    except binascii.Error:
+        raise ValueError("salt and hash must be base64") from None
+    if len(salt) < _MIN_SALT_BYTES or len(digest) < _MIN_HASH_BYTES:
+        raise ValueError(
+            f"salt must be at least {_MIN_SALT_BYTES} bytes and hash at least"
+            f" {_MIN_HASH_BYTES} bytes"
+        )
+    return _Hash(n, r, p, salt, digest)
+
+
+def hash_password(
+    password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
+) -> str:
+    """Hash ``password`` for a password file, with a fresh random salt.
+
+    Args:
+        password: the password (NFC-normalised, then UTF-8 encoded).
+        n: scrypt CPU/memory cost, a power of 2; :data:`SCRYPT_N` by default.
+            Each verification of the hash costs time proportional to ``n * r``
+            inside the server's event loop.
+        r: scrypt block size; :data:`SCRYPT_R` by default.
+        p: scrypt parallelism; :data:`SCRYPT_P` by default.
+
+    Returns:
+        ``scrypt$n$r$p$salt$hash``, salt and hash in base64; the parameters
+        travel with the hash, so hashes made with other ones still verify.
+
+    Raises:
+        ValueError: ``password`` is empty, or the parameters are invalid or
+            need more than 64 MiB.
+    """
+    if not password:
+        raise ValueError("the password is empty")
+    _check_parameters(n, r, p)
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = _scrypt(password, salt, n, r, p, HASH_BYTES)
+    return _Hash(n, r, p, salt, digest).encode()
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """True if ``password`` matches ``encoded``, a :func:`hash_password` string.
+
+    The derived key is compared with :func:`hmac.compare_digest`, in
+    constant time.
+
+    Raises:
+        ValueError: ``encoded`` is not a valid hash string.
+    """
+    parsed = _parse_hash(encoded)
+    return hmac.compare_digest(parsed.derive(password), parsed.digest)
+
+
+# --- plugins -----------------------------------------------------------------
+
+
+class TokenAuth:
+    """A plugin admitting only clients whose ``hello`` carries ``token``.
+
+    One secret shared by every user: it says who may connect, not who they
+    are (any holder may pick any free name). Refused clients get ``error
+    unauthorized`` with the reason :data:`INVALID_TOKEN`. A ``hello`` without
+    a token, and every line-mode login, is refused.
+
+    Args:
+        token: the shared secret; not empty. Send it over TLS: ``hello``
+            carries it in clear text.
+
+    Raises:
+        ValueError: ``token`` is empty.
+    """
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("the shared token is empty")
+        self._token = token.encode("utf-8")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(<secret>)"
+
+    @hookimpl(tryfirst=True)
+    def chatkit_authenticate(self, token: str | None) -> None:
+        """Refuse with :data:`INVALID_TOKEN` unless ``token`` is the secret."""
+        if token is None:
+            raise Reject(INVALID_TOKEN)
+        # Compared as bytes: compare_digest's time depends on the lengths of
+        # the inputs (worthless to learn for a long random token), never on
+        # where they differ.
+        if not hmac.compare_digest(token.encode("utf-8"), self._token):
+            raise Reject(INVALID_TOKEN)
+
+
+class PasswordFileAuth:
+    """A plugin admitting users whose ``hello`` token is their password.
+
+    The password file has one ``name:hash`` line per user, ``hash`` made by
+    :func:`hash_password` (or ``python -m chatkit.auth add FILE NAME``);
+    blank lines and lines starting with ``#`` are ignored. Names are matched
+    case-insensitively, as chat names are. The client logs in with its name
+    and sends its password as ``token``. An unknown name and a wrong password
+    get the same refusal, :data:`INVALID_LOGIN`, after the same amount of
+    work (an unknown name is checked against a dummy hash), so neither the
+    answer nor its timing tells which names exist.
+
+    The file is read once, here; :meth:`reload` reads it again. Each check
+    runs scrypt in the connecting user's task, blocking the event loop for a
+    few milliseconds with the default parameters.
+
+    A logged-in user who renames (``nick``) to a name registered to someone
+    else is disconnected with ``error kicked``.
+
+    Args:
+        path: the password file.
+
+    Attributes:
+        path: the password file, as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: the file is malformed; the message names the file and
+            the line.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._entries: Mapping[str, _Hash] = _read_password_file(self.path)
+        # Checked when the name is unknown, so that an unknown name costs
+        # the same scrypt run as a known one.
+        self._dummy = _parse_hash(hash_password(secrets.token_urlsafe(16)))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The registered names, casefolded."""
+        return frozenset(self._entries)
+
+    def reload(self) -> None:
+        """Read the password file again; on error, keep the current users.
+
+        Raises:
+            OSError: the file cannot be read.
+            ValueError: the file is malformed (file and line named).
+        """
+        self._entries = _read_password_file(self.path)
+
+    def check(self, name: str, password: str | None) -> bool:
+        """True if ``password`` is ``name``'s password. Always runs scrypt."""
+        entry = self._entries.get(name.casefold())
+        expected = entry if entry is not None else self._dummy
+        derived = expected.derive(password or "")
+        match = hmac.compare_digest(derived, expected.digest)
+        return match and entry is not None and password is not None
+
+    @hookimpl(tryfirst=True)
+    def chatkit_authenticate(self, name: str, token: str | None) -> None:
+        """Refuse with :data:`INVALID_LOGIN` unless ``token`` is ``name``'s
+        password."""
+        if not self.check(name, token):
+            raise Reject(INVALID_LOGIN)
+
+    @hookimpl
+    def chatkit_user_renamed(
+        self, server: ChatServer, user: User, old: str, new: str
+    ) -> None:
+        """Kick a user who took a name registered to someone else."""
+        # The hook runs in the user's own task, before its next read from the
+        # socket. (Requests already read behind the nick are the server's to
+        # drop once the user is kicked.)
+        if old.casefold() != new.casefold() and new.casefold() in self._entries:
+            server.kick(user.name, f"{new} is a registered name")
+
+
+# --- the password file -------------------------------------------------------
+
+
+def _read_password_file(path: Path) -> Mapping[str, _Hash]:
+    """The entries of a password file, by casefolded name (read-only).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a malformed line, as ``FILE:LINE: what is wrong``.
+    """
+    return _parse_password_file(_read_text(path), path)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _is_entry(line: str) -> bool:
+    return bool(line) and not line.startswith("#")
+
+
+def _parse_password_file(text: str, path: Path) -> Mapping[str, _Hash]:
+    entries: dict[str, _Hash] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not _is_entry(line):
+            continue
+        try:
+            name, colon, encoded = line.partition(":")
+            if not colon:
+                raise ValueError("expected name:hash")
+            if not is_valid_name(name):
+                raise ValueError(f"{name!r} is not a valid chat name")
+            if name.casefold() in entries:
+                raise ValueError(f"{name} appears twice (names ignore case)")
+            entries[name.casefold()] = _parse_hash(encoded)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}") from None
+    return MappingProxyType(entries)
+
+
+def add_user(
+    path: str | os.PathLike[str],
+    name: str,
+    password: str,
+    *,
+    n: int = SCRYPT_N,
+    r: int = SCRYPT_R,
+    p: int = SCRYPT_P,
+) -> bool:
+    """Set ``name``'s password in the file at ``path``, creating it if needed.
+
+    The file is rewritten atomically (a temporary file in the same directory,
+    then :func:`os.replace`) with mode 0600; other lines and comments are
+    kept. An existing entry for ``name`` (in any case) is replaced in place.
+
+    Returns:
+        True if ``name`` was already in the file.
+
+    Raises:
+        ValueError: ``name`` is not a valid chat name, ``password`` is empty,
+            or the existing file is malformed (it is left untouched).
+        OSError: the file cannot be read or written.
+    """
+    if not is_valid_name(name):
+        raise ValueError(f"{name!r} is not a valid chat name")
+    target = Path(path)
+    try:
+        text = _read_text(target)
+    except FileNotFoundError:
+        text = ""
+    _parse_password_file(text, target)  # never rewrite a file we cannot read
+    entry = f"{name}:{hash_password(password, n=n, r=r, p=p)}"
+    lines = text.splitlines()
+    replaced = False
+    for index, raw in enumerate(lines):
+        line = raw.strip()
+        if _is_entry(line) and line.partition(":")[0].casefold() == name.casefold():
+            lines[index] = entry
+            replaced = True
+    if not replaced:
+        lines.append(entry)
+    _write_atomically(target, "".join(line + "\n" for line in lines))
+    return replaced
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    # mkstemp creates the file with mode 0600, so the hashes are never
+    # readable by others, not even for a moment.
+    fd, temporary = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+# --- command line --------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m chatkit.auth",
+        description="Manage chatkit password files.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    add = commands.add_parser(
+        "add",
+        help="add a user or change its password",
+        description="Set NAME's password in FILE (created if missing, mode "
+        "0600). The password is prompted for on a terminal, or read as one "
+        "line from standard input otherwise.",
+    )
+    add.add_argument("file", metavar="FILE", help="the password file")
+    add.add_argument("name", metavar="NAME", help="the chat name")
+    add.add_argument(
+        "--scrypt-n",
+        type=int,
+        default=SCRYPT_N,
+        metavar="N",
+        help="scrypt cost, a power of 2 (default: %(default)s); each login "
+        "costs the server time proportional to it",
+    )
+    return parser
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Repeat password: "):
+            raise ValueError("the passwords do not match")
+        return password
+    line = sys.stdin.readline()
+    return line.removesuffix("\n").removesuffix("\r")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m chatkit.auth``; returns the exit status.
+
+    ``add FILE NAME`` sets NAME's password in FILE (see :func:`add_user`),
+    prompting for it (twice) on a terminal, or reading one line from
+    standard input otherwise. Errors are reported on standard error with
+    status 1; usage errors exit with status 2.
+    """
+    args = _build_parser().parse_args(argv)
+    try:
+        if not is_valid_name(args.name):
+            raise ValueError(f"{args.name!r} is not a valid chat name")
+        password = _read_password()
+        replaced = add_user(args.file, args.name, password, n=args.scrypt_n)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    verb = "updated" if replaced else "added"
+    print(f"{verb} {args.name} in {args.file}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
