@@ -1031,6 +1031,8 @@ async def test_a_raising_plugin_is_logged_by_name_and_changes_nothing_else(
         await carol.send_json(type="say", text="hello")
         assert (await bob.receive_json())["name"] == "carol"
         assert (await bob.receive_json())["text"] == "hello+t"
+        # Delivery comes before the delivered hook: wait for it to have run.
+        await recorder.wait("chatkit_message_delivered", count=2)
     logs = plugin_logs(caplog)
     for hook in ("chatkit_user_joined", "chatkit_message", "chatkit_dm"):
         assert f"plugin {name!r} raised in {hook}" in logs
@@ -1618,3 +1620,31 @@ async def test_a_client_closing_itself_reports_so(server: chatkit.ChatServer) ->
         await alice.ping()
     assert reasons == ["closed by the client"]
     assert alice.close_reason == "closed by the client"
+
+
+async def test_nick_can_be_vetoed_and_fails_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Reserved:
+        @chatkit.hookimpl
+        async def chatkit_nick(self, user: chatkit.User, new: str) -> None:
+            calls.append((user.name, new))
+            if new.startswith("admin"):
+                raise chatkit.Reject("that name is reserved")
+            if new == "boom":
+                raise RuntimeError("bug in the plugin")
+
+    async with open_chat(plugins=[Reserved()], clients=["alice", "bob"]) as chat:
+        alice = chat["alice"]
+        with pytest.raises(chatkit.Rejected, match="that name is reserved"):
+            await alice.nick("admin1")
+        with pytest.raises(chatkit.Rejected):
+            await alice.nick("boom")  # a raising plugin refuses (fails closed)
+        assert alice.name == "alice"
+        await alice.nick("alicia")
+        await chat.expect("bob", chatkit.Renamed, old="alice", new="alicia")
+        assert calls == [("alice", "admin1"), ("alice", "boom"), ("alice", "alicia")]
+        assert [r.name for r in chat.server.users] == ["alicia", "bob"]
+    assert ".<locals>.Reserved' raised in chatkit_nick" in caplog.text

@@ -929,6 +929,17 @@ class ChatServer:
         if holder is not None and holder is not user:
             self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
             return
+        if self._hooks.has("chatkit_nick"):
+            try:
+                await self._hooks.veto("chatkit_nick", server=self, user=user, new=new)
+            except Reject as exc:
+                self._error(user, ErrorCode.REJECTED, exc.reason, nick.ref)
+                return
+            # The hooks may have awaited: check the name again.
+            holder = self._names.get(new.casefold())
+            if (holder is not None and holder is not user) or user._detached:
+                self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
+                return
         old = user.name
         del self._names[old.casefold()]
         self._names[new.casefold()] = user

@@ -44,7 +44,7 @@ from ._protocol import is_valid_name
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from ._server import ChatServer, User
+    from ._server import User
 
 __all__ = [
     "HASH_BYTES",
@@ -266,8 +266,8 @@ class PasswordFileAuth:
     runs scrypt in the connecting user's task, blocking the event loop for a
     few milliseconds with the default parameters.
 
-    A logged-in user who renames (``nick``) to a name registered to someone
-    else is disconnected with ``error kicked``.
+    A logged-in user cannot rename (``nick``) to a name registered to
+    someone else: the ``nick`` gets ``error rejected``.
 
     Args:
         path: the password file.
@@ -320,16 +320,13 @@ class PasswordFileAuth:
         if not self.check(name, token):
             raise Reject(INVALID_LOGIN)
 
-    @hookimpl
-    def chatkit_user_renamed(
-        self, server: ChatServer, user: User, old: str, new: str
-    ) -> None:
-        """Kick a user who took a name registered to someone else."""
-        # The hook runs in the user's own task, before its next read from the
-        # socket. (Requests already read behind the nick are the server's to
-        # drop once the user is kicked.)
-        if old.casefold() != new.casefold() and new.casefold() in self._entries:
-            server.kick(user.name, f"{new} is a registered name")
+    @hookimpl(tryfirst=True)
+    def chatkit_nick(self, user: User, new: str) -> None:
+        """Refuse a rename to a name registered to someone else: a name in
+        the file is an identity, taken only by logging in with its
+        password."""
+        if new.casefold() != user.name.casefold() and new.casefold() in self._entries:
+            raise Reject(f"{new} is a registered name")
 
 
 # --- the password file -------------------------------------------------------

@@ -109,6 +109,16 @@ class ServerSpec:
         request, or why the user left the server."""
 
     @hookspec
+    def chatkit_nick(self, server: ChatServer, user: User, new: str) -> None:
+        """``user`` asks to be renamed to ``new`` (valid and free); runs
+        before the rename.
+
+        Can veto: raise :class:`chatkit.Reject`; the user gets ``error
+        rejected`` with the reason and keeps the old name. Fails closed: an
+        implementation that raises anything else, or times out, refuses too.
+        """
+
+    @hookspec
     def chatkit_user_renamed(
         self, server: ChatServer, user: User, old: str, new: str
     ) -> None:
