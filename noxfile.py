@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs", "bench_smoke"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -57,4 +57,33 @@ def docs(session: nox.Session) -> None:
         *session.posargs,
         # Material's end-of-life notice is printed on every build otherwise.
         env={"NO_MKDOCS_2_WARNING": "1"},
+    )
+
+
+@nox.session
+def bench_smoke(session: nox.Session) -> None:
+    """A ~5-second run of the fan-out benchmark (tiny N) so that it cannot
+    rot: chatkit, the threaded baseline and ngircd, every delivery counted.
+
+    Fails (never skips) when ngircd is missing: scripts/install-test-deps.sh
+    installs it.
+    """
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/fanout.py", "--smoke", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The full fan-out benchmark (minutes; not in CI). Writes
+    benchmarks/results.json; docs/performance.md reports it.
+
+    ``nox -s bench -- --profile chatkit`` adds a py-spy profile.
+    """
+    session.install("-e", ".[bench]")
+    session.run(
+        "python",
+        "benchmarks/fanout.py",
+        "--json",
+        "benchmarks/results.json",
+        *session.posargs,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import pluggy
@@ -132,14 +132,23 @@ class HookDispatcher:
         pm: the plugin manager.
         timeout: seconds each awaited implementation may take.
         logger: where plugin failures are logged.
+        before_await: called (synchronously) right before an implementation's
+            awaitable is awaited, i.e. before the calling task may yield. The
+            server uses it to publish output it was holding back for a batch.
     """
 
     def __init__(
-        self, pm: pluggy.PluginManager, *, timeout: float, logger: logging.Logger
+        self,
+        pm: pluggy.PluginManager,
+        *,
+        timeout: float,
+        logger: logging.Logger,
+        before_await: Callable[[], None] | None = None,
     ) -> None:
         self.pm = pm
         self.timeout = timeout
         self._log = logger
+        self._before_await = before_await
 
     def has(self, name: str) -> bool:
         """True if any plugin implements hook ``name`` (cheap: lets hot paths
@@ -208,6 +217,8 @@ class HookDispatcher:
         try:
             result = impl.function(*[kwargs[arg] for arg in impl.argnames])
             if inspect.isawaitable(result):
+                if self._before_await is not None:
+                    self._before_await()
                 with trio.move_on_after(self.timeout) as scope:
                     result = await result
                 if scope.cancelled_caught:

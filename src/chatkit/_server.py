@@ -7,16 +7,23 @@ Shape of a running server::
         _handle_connection(stream)
           connection nursery
             reader (the handler task itself)  bytes -> protocol -> requests
-            _write_loop                       one writer per connection
+            _write_loop                       the writer, only while needed
       accept nursery
         trio.serve_listeners(...)             spawns handlers into the above
 
 Fan-out never awaits per recipient: a message is encoded once per wire mode
 and its bytes are appended to each member's bounded outgoing buffer
-(:meth:`User._enqueue`, synchronous); each connection's writer wakes and sends
-everything pending in one ``send_all``, so writes coalesce under load. A
-member whose buffer would overflow is dropped (``error too_slow``), never
-waited for.
+(:meth:`User._enqueue`, synchronous). A member whose buffer would overflow
+is dropped (``error too_slow``), never waited for.
+
+The requests decoded from one read form a batch (:meth:`ChatServer._begin_batch`):
+consecutive broadcasts to one room are delivered with one append per member,
+and the buffers filled are written once the readers woken together have
+handled their reads, straight to each socket from the reader's task
+(``os.write`` on the descriptor, never blocking: :meth:`User._write_now`).
+Only what the kernel does not take is left to the connection's writer task,
+started on demand, which sends everything pending in one ``send_all`` per
+round and ends when nothing is left. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ import collections
 import enum
 import logging
 import math
+import os
 import socket
 import ssl
+import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from typing import Any, Final
@@ -73,6 +82,7 @@ from ._protocol import (
     NEED_DATA,
     Mode,
     ServerConnection,
+    Status,
     encode_json,
     encode_line,
     is_valid_name,
@@ -91,6 +101,8 @@ LOBBY: Final = "lobby"
 SERVER_SENDER: Final = "*server*"
 
 _RECEIVE_SIZE: Final = 64 * 1024
+# Requests handled from one read before the reader lets others run.
+_YIELD_EVERY: Final = 128
 
 
 class LeaveReason(enum.StrEnum):
@@ -137,10 +149,26 @@ class User:
         self._name: str | None = None
         self._rooms: dict[str, None] = {}  # ordered set of room names
         # Outgoing buffer: appended to by anyone (synchronously), drained by
-        # _write_loop only. _queued counts frames in _out.
+        # _write_now or _write_loop. _queued counts frames in _out.
         self._out = bytearray()
         self._queued = 0
-        self._lot = trio.lowlevel.ParkingLot()
+        # The connection's nursery, where _write_loop is started on demand.
+        self._nursery: trio.Nursery | None = None
+        # True while a _write_loop task exists: it alone writes then. Stays
+        # True if its send_all fails (the stream is then unusable).
+        self._writing = False
+        # True while in ChatServer._dirty, waiting for the batch to end.
+        self._dirty = False
+        # Direct writes (see _write_now) need the plain socket's descriptor:
+        # never for TLS or other wrapped streams, never on Windows, where a
+        # socket handle is not a file descriptor.
+        self._raw: trio.SocketStream | None = None
+        if (
+            type(stream) is trio.SocketStream
+            and sys.platform != "win32"
+            and server._direct_writes
+        ):
+            self._raw = stream
         self._output_ended = False
         self._reason: LeaveReason | None = None
         self._detached = False
@@ -172,21 +200,74 @@ class User:
 
     # --- outgoing ---------------------------------------------------------
 
-    def _enqueue(self, data: bytes) -> None:
-        # The per-recipient hot path: no await, no encoding, one append.
+    def _enqueue(self, data: bytes, frames: int = 1) -> None:
+        # The per-recipient hot path: no await, no encoding, one append of
+        # ``frames`` already encoded frames.
+        server = self._server
+        if server._pending_room is not None:
+            server._flush_room()  # what was broadcast before goes first
         if self._output_ended:
             return
         out = self._out
         if (
-            len(out) + len(data) > self._server.max_queued_bytes
-            or self._queued >= self._server.max_queued_messages
+            len(out) + len(data) > server.max_queued_bytes
+            or self._queued + frames > server.max_queued_messages
         ):
             self._overflow()
             return
         out += data
-        self._queued += 1
-        if self._lot:
-            self._lot.unpark()
+        self._queued += frames
+        if self._dirty or self._writing:
+            return  # written when the batch ends / by the running writer
+        owner = server._batch_owner
+        if owner is not None and owner is trio.lowlevel.current_task():
+            # Produced by a reader inside its read batch: one write per
+            # recipient when the batch ends (ChatServer._end_batch).
+            self._dirty = True
+            server._dirty.append(self)
+        else:
+            self._write_now()
+
+    def _write_now(self) -> None:
+        """Write pending output straight to the socket, without blocking, if
+        no writer task is running; start one for what the kernel did not take
+        (and to report any error).
+
+        Saves a task switch per delivery at light load, and an idle
+        connection holds no writer task. Never runs while a writer exists
+        (``_writing``), so bytes cannot interleave with a ``send_all`` in
+        progress; once closing began, only the writer writes.
+        """
+        out = self._out
+        if not out or self._writing or self._output_ended:
+            return
+        raw = self._raw
+        if raw is not None:
+            fd = raw.socket.fileno()  # -1 once the stream is closed
+            if fd >= 0:
+                try:
+                    sent = os.write(fd, out)
+                except OSError:
+                    # BlockingIOError: the kernel buffer is full. Anything
+                    # else (a reset peer) the writer's send_all reports.
+                    sent = 0
+                if sent == len(out):
+                    out.clear()
+                    self._queued = 0
+                    return
+                del out[:sent]
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writing or self._nursery is None:
+            return
+        self._writing = True
+        try:
+            self._nursery.start_soon(self._write_loop)
+        except RuntimeError:
+            # The connection's nursery has closed: the connection is over
+            # (it was being torn down after an internal error).
+            self._out = bytearray()
 
     def _send(self, event: ServerEvent) -> None:
         data = self._proto.send(event)
@@ -212,32 +293,42 @@ class User:
         """
         if self._output_ended:
             return
+        server = self._server
+        if server._batch_owner is trio.lowlevel.current_task():
+            # A reader ending (it closes its own user when _read_loop
+            # returns) writes what its batch held back.
+            server._end_batch()
+        elif server._pending_room is not None:
+            server._flush_room()  # the farewell comes after those
         self._reason = reason
         if discard:
             self._out = bytearray()
         self._out += farewell
         self._output_ended = True
-        self._lot.unpark_all()
+        if self._out:
+            self._start_writer()
         self._reader_scope.cancel()
         self._scope.deadline = min(
             self._scope.deadline, trio.current_time() + self._server.close_timeout
         )
 
     async def _write_loop(self) -> None:
+        # Started by _start_writer when there is output that cannot be
+        # written at once; sends everything pending, in one send_all per
+        # round (so writes coalesce under load), and ends when none is left.
         stream = self._stream
         try:
-            while True:
-                if not self._out:
-                    if self._output_ended:
-                        return
-                    await self._lot.park()
-                    continue
+            while self._out:
                 data, self._out, self._queued = self._out, bytearray(), 0
                 await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The peer went away: stop the reader too.
+            # The peer went away: stop the reader too. _writing stays True:
+            # no direct write may follow a failed send_all.
             self._out = bytearray()
             self._close(LeaveReason.DISCONNECT)
+            return
+        # Not in a finally: after a cancelled send_all the stream is broken.
+        self._writing = False
 
 
 class _Room:
@@ -273,6 +364,11 @@ class ChatServer:
         max_line_length: longest accepted line, in bytes.
         max_queued_bytes: bound of each connection's outgoing buffer.
         max_queued_messages: bound, in frames, of the same buffer.
+        presence_limit: in a room with more members than this, joins and
+            leaves are not announced to the other members (the joiner still
+            gets its own ``joined``, the leaver its own ``left``): without
+            it every join to a room of N costs N deliveries, and N joins
+            N²/2. ``None`` always announces. See docs/performance.md.
         hook_timeout: seconds an awaited hook implementation may take.
         close_timeout: seconds a closing connection gets to flush.
         server_name: the ``server`` field of ``welcome``.
@@ -311,6 +407,7 @@ class ChatServer:
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         max_queued_bytes: int = 1024 * 1024,
         max_queued_messages: int = 10_000,
+        presence_limit: int | None = 1000,
         hook_timeout: float = 5.0,
         close_timeout: float = 2.0,
         server_name: str = "chatkit",
@@ -354,6 +451,9 @@ class ChatServer:
         self.max_line_length = max_line_length
         self.max_queued_bytes = max_queued_bytes
         self.max_queued_messages = max_queued_messages
+        if presence_limit is not None and presence_limit < 0:
+            raise ValueError(f"presence_limit must be at least 0, not {presence_limit}")
+        self.presence_limit = presence_limit
         self.close_timeout = close_timeout
         self.server_name = server_name
         self.max_connections = max_connections
@@ -369,8 +469,28 @@ class ChatServer:
             ServerSpec, plugins, load_entry_points=load_entry_points
         )
         self._hooks = HookDispatcher(
-            self.plugin_manager, timeout=hook_timeout, logger=log
+            self.plugin_manager,
+            timeout=hook_timeout,
+            logger=log,
+            # A reader about to yield to a plugin publishes its batch first.
+            before_await=self._end_batch,
         )
+        # Read batches (see _begin_batch): the reader task whose requests are
+        # being handled, and the users with output held back for its end.
+        self._batch_owner: trio.lowlevel.Task | None = None
+        self._dirty: list[User] = []
+        # A broadcast held back for the running reader's batch: consecutive
+        # messages to one room from one origin, delivered with one append
+        # per member (see _broadcast and _flush_room).
+        self._pending_room: _Room | None = None
+        self._pending_origin: User | None = None
+        self._pending_events: list[Message | Joined | Left] = []
+        self._pending_data = bytearray()  # JSON, for every member but origin
+        self._pending_own = bytearray()  # JSON, origin's copies (with refs)
+        # The two fan-out optimisations, switchable only so that
+        # benchmarks/fanout.py can measure each one's worth in the same run.
+        self._direct_writes = True
+        self._batch_reads = True
         self._names: dict[str, User] = {}  # casefolded name -> user
         self._users: dict[User, None] = {}  # logged-in users, login order
         self._rooms: dict[str, _Room] = {LOBBY: _Room(LOBBY, history_size)}
@@ -523,7 +643,7 @@ class ChatServer:
         try:
             with user._scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(user._write_loop)
+                    user._nursery = nursery  # for its writer, when needed
                     if self._closing:
                         user._close(LeaveReason.SHUTDOWN)
                     # The reader's deadline is the handshake timeout, then
@@ -586,11 +706,50 @@ class ChatServer:
         user._violations += 1
         return False
 
+    def _begin_batch(self) -> None:
+        """Hold back direct writes caused by the running reader until
+        :meth:`_end_batch`, so that every request decoded from one read is
+        one batch and each recipient gets one write per read, not one per
+        message. Ended before the reader yields: before each read, before
+        awaiting a plugin (HookDispatcher's ``before_await``), and when the
+        reader closes its user; anything new that awaits inside request
+        handling must call ``_end_batch`` first (or its batch waits for the
+        next reader's).
+        """
+        if self._batch_reads:
+            self._batch_owner = trio.lowlevel.current_task()
+
+    async def _end_read_batch(self) -> None:
+        """End the running reader's batch; write what it held back once the
+        other readers woken with it have handled their reads too."""
+        if self._pending_room is not None:
+            self._flush_room()
+        self._batch_owner = None
+        if self._dirty:
+            # Readers that received data together run in one scheduler
+            # batch: yielding once lets them all add to _dirty, so that
+            # under load each recipient gets one write per round of reads,
+            # not one per read. Whoever comes back first writes for all.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._end_batch()
+
+    def _end_batch(self) -> None:
+        if self._pending_room is not None:
+            self._flush_room()
+        self._batch_owner = None
+        dirty = self._dirty
+        if dirty:
+            self._dirty = []
+            for user in dirty:
+                user._dirty = False
+                user._write_now()
+
     async def _read_loop(self, user: User) -> LeaveReason:
         proto = user._proto
         stream = user._stream
         scope = user._reader_scope
         while True:
+            await self._end_read_batch()
             try:
                 data = await stream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -604,16 +763,23 @@ class ChatServer:
             proto.receive_data(data)
             # Every request decoded from one read is handled before the next
             # read, so the writers see one batch per read and coalesce it.
+            handled = 0
             while True:
+                if user._output_ended:
+                    # Closed mid-batch (kicked by a plugin, too slow): the
+                    # requests still buffered must not be acted on.
+                    return user._reason or LeaveReason.DISCONNECT
                 try:
-                    request = proto.next_event()
+                    request: ClientRequest | Status | RemoteProtocolError = (
+                        proto.next_event()
+                    )
                 except RemoteProtocolError as exc:
-                    user._send(Error(code=exc.code, message=exc.message, ref=exc.ref))
-                    continue
+                    request = exc  # a bad line costs a token like any request
                 if request is NEED_DATA:
                     break
                 if request is CLOSED:
                     return LeaveReason.DISCONNECT
+                assert not isinstance(request, Status)
                 if not self._admit(user):
                     if user._violations >= self.flood_limit:
                         self._error(
@@ -625,6 +791,16 @@ class ChatServer:
                         return LeaveReason.FLOOD
                     self._error(user, ErrorCode.RATE_LIMITED, "slow down", request.ref)
                     continue
+                if isinstance(request, RemoteProtocolError):
+                    self._error(user, request.code, request.message, request.ref)
+                    continue
+                handled += 1
+                if handled % _YIELD_EVERY == 0:
+                    # One read can hold thousands of requests: let the other
+                    # connections run now and then (the batch ends here).
+                    self._end_batch()
+                    await trio.lowlevel.checkpoint()
+                self._begin_batch()
                 reason = await self._handle_request(user, request)
                 if reason is not None:
                     return reason
@@ -794,24 +970,67 @@ class ChatServer:
     ) -> None:
         """Deliver ``event`` to every member of ``room``: encoded once per
         mode, appended to each buffer. A line-mode ``origin`` gets no copy
-        (as in the original program); a JSON one gets its ``ref`` back."""
+        (as in the original program); a JSON one gets its ``ref`` back.
+
+        Inside a read batch, consecutive broadcasts to one room from one
+        origin are held back and delivered together (:meth:`_flush_room`),
+        so each member gets one append per batch, not one per message.
+        Anything else that sends, and any change of membership, delivers
+        them first: every member still sees everything in the same order.
+        """
         data = encode_json(event)
+        own = data
+        if ref is not None and origin is not None:
+            own = encode_json(msgspec.structs.replace(event, ref=ref))
+        owner = self._batch_owner
+        if owner is not None and owner is trio.lowlevel.current_task():
+            if self._pending_room is not room or self._pending_origin is not origin:
+                if self._pending_room is not None:
+                    self._flush_room()
+                self._pending_room = room
+                self._pending_origin = origin
+            self._pending_events.append(event)
+            self._pending_data += data
+            self._pending_own += own
+            return
+        self._deliver(room, (event,), data, own, origin)
+
+    def _flush_room(self) -> None:
+        """Deliver the broadcasts held back by :meth:`_broadcast`."""
+        room = self._pending_room
+        if room is None:
+            return
+        events = self._pending_events
+        data, own = bytes(self._pending_data), bytes(self._pending_own)
+        origin = self._pending_origin
+        self._pending_room = self._pending_origin = None
+        self._pending_events = []
+        self._pending_data.clear()
+        self._pending_own.clear()
+        self._deliver(room, events, data, own, origin)
+
+    def _deliver(
+        self,
+        room: _Room,
+        events: Sequence[Message | Joined | Left],
+        data: bytes,
+        own: bytes,
+        origin: User | None,
+    ) -> None:
+        frames = len(events)
         line: bytes | None = None
+        line_mode = Mode.LINE
         for member in room.members:
-            if member is origin:
-                if member._proto.mode is Mode.LINE:
+            if member._proto.mode is line_mode:
+                if member is origin:
                     continue
-                if ref is not None:
-                    member._enqueue(
-                        encode_json(msgspec.structs.replace(event, ref=ref))
-                    )
-                    continue
-            if member._proto.mode is Mode.LINE:
                 if line is None:
-                    line = encode_line(event)
-                member._enqueue(line)
+                    line = b"".join(encode_line(event) for event in events)
+                member._enqueue(line, frames)
+            elif member is origin:
+                member._enqueue(own, frames)
             else:
-                member._enqueue(data)
+                member._enqueue(data, frames)
 
     async def _on_dm(self, user: User, dm: Dm) -> None:
         if self._too_long(user, dm.text, dm.ref):
@@ -881,11 +1100,18 @@ class ChatServer:
         )
 
     def _add_member(self, user: User, room: _Room, ref: str | int | None) -> None:
+        if self._pending_room is not None:
+            self._flush_room()  # the newcomer must not get earlier messages
         room.members[user] = None
         user._rooms[room.name] = None
-        self._broadcast(
-            room, Joined(room=room.name, name=user.name), origin=user, ref=ref
-        )
+        limit = self.presence_limit
+        if limit is None or len(room.members) <= limit:
+            self._broadcast(
+                room, Joined(room=room.name, name=user.name), origin=user, ref=ref
+            )
+        elif user._proto.mode is not Mode.LINE:
+            # Too large a room to announce joins: only the joiner's own copy.
+            user._send(Joined(room=room.name, name=user.name, ref=ref))
 
     async def _on_leave(self, user: User, leave: Leave) -> None:
         room = self._member_room(user, leave.room, leave.ref)
@@ -908,9 +1134,13 @@ class ChatServer:
     def _remove_member(
         self, user: User, room: _Room, reason: LeaveReason, *, notify: bool = True
     ) -> None:
+        if self._pending_room is not None:
+            self._flush_room()  # the leaver still gets earlier messages
         del room.members[user]
         del user._rooms[room.name]
-        if notify:
+        limit = self.presence_limit
+        # The room had len + 1 members: announce only if that is in the limit.
+        if notify and (limit is None or len(room.members) < limit):
             self._broadcast(room, Left(room=room.name, name=user.name, reason=reason))
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]

@@ -1,0 +1,72 @@
+"""Run a chatkit server for benchmarks/fanout.py.
+
+Like ``python -m chatkit.server`` (it prints ``Server started on HOST:PORT``
+and stops gracefully on SIGTERM), with what a benchmark needs: the file
+limit raised to the hard limit, rate limiting off, no connection cap below
+the benchmark's, and ``--variant`` to switch the fan-out optimisations off
+for before/after figures from the same run:
+
+- ``writer``: every output goes through the connection's writer task;
+- ``direct``: + direct writes from the producing task when the writer idles;
+- ``full``: + one write per recipient per read (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import resource
+from functools import partial
+
+import trio
+
+from chatkit import ChatServer
+from chatkit.server import serve_until_stopped
+
+VARIANTS = {
+    "writer": (False, False),
+    "direct": (True, False),
+    "full": (True, True),
+}
+
+
+def raise_file_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="full")
+    parser.add_argument(
+        "--presence-limit",
+        type=int,
+        default=1000,
+        help="ChatServer(presence_limit=...); -1 for None",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    limit = raise_file_limit()
+    options = {
+        "rate_limit": None,
+        "max_connections": max(1, limit - 100),
+        "presence_limit": None if args.presence_limit < 0 else args.presence_limit,
+    }
+    # An older chatkit (``fanout.py --before-rev``) may lack some options.
+    accepted = inspect.signature(ChatServer).parameters
+    server = ChatServer(
+        args.host,
+        args.port,
+        **{k: v for k, v in options.items() if k in accepted},  # type: ignore[arg-type]
+    )
+    server._direct_writes, server._batch_reads = VARIANTS[args.variant]
+    trio.run(partial(serve_until_stopped, server, interactive=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The fan-out hot path (issue 5): direct writes, one write per recipient per
+read, held-back room broadcasts, on-demand writers, and presence_limit.
+
+What is checked is behaviour a client can see (order, completeness, timing
+around a blocked plugin) plus, where the point is the number of system
+calls, a count of the server's direct writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+from collections import Counter
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+import chatkit
+import chatkit._server as server_module
+from tests.conftest import OpenRaw, crowd, login
+from tests.helpers import RawClient
+
+
+def say(text: str, room: str = "lobby", ref: int | None = None) -> bytes:
+    fields: dict[str, Any] = {"type": "say", "room": room, "text": text}
+    if ref is not None:
+        fields["ref"] = ref
+    return json.dumps(fields).encode() + b"\n"
+
+
+class CountingOs:
+    """Stands in for the ``os`` module of chatkit._server: counts writes."""
+
+    def __init__(self) -> None:
+        self.writes: Counter[int] = Counter()
+
+    def write(self, fd: int, data: bytes | bytearray) -> int:
+        self.writes[fd] += 1
+        return os.write(fd, data)
+
+
+def fd_of(server: chatkit.ChatServer, name: str) -> int:
+    user = server.get_user(name)
+    assert user is not None
+    fd: int = user._stream.socket.fileno()  # type: ignore[attr-defined]
+    return fd
+
+
+async def test_each_recipient_gets_one_write_per_read(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        counting = CountingOs()
+        monkeypatch.setattr(server_module, "os", counting)
+        # Twenty messages in one packet: one read, one batch.
+        await alice.send_bytes(b"".join(say(f"m{i}", ref=i) for i in range(20)))
+        for client in (bob, carol):
+            for i in range(20):
+                assert (await client.receive_json())["text"] == f"m{i}"
+        for i in range(20):
+            assert (await alice.receive_json())["ref"] == i
+        for name in ("alice", "bob", "carol"):
+            assert counting.writes[fd_of(server, name)] == 1, name
+
+
+async def test_order_is_kept_across_rooms_replies_and_membership_changes(
+    open_raw: OpenRaw,
+) -> None:
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        for client in (alice, bob):
+            await client.send_json(type="join", room="dev", ref="j")
+            await client.expect("joined", room="dev", ref="j")
+        await alice.expect("joined", room="dev", name="bob")
+        # One packet mixing broadcasts to two rooms, a DM, a leave and a
+        # join (membership changes mid-batch) and a reply to alice alone.
+        await alice.send_bytes(
+            say("m1", ref=1)
+            + say("d1", room="dev", ref=2)
+            + b'{"type":"dm","to":"bob","text":"p1","ref":3}\n'
+            + say("m2", ref=4)
+            + b'{"type":"leave","room":"dev","ref":5}\n'
+            + say("m3", ref=6)
+            + b'{"type":"join","room":"dev","ref":7}\n'
+            + say("d2", room="dev", ref=8)
+            + b'{"type":"ping","ref":9}\n'
+        )
+        seen = []
+        for _ in range(8):
+            event = await bob.receive_json()
+            seen.append((event["type"], event.get("room"), event.get("text")))
+        assert seen == [
+            ("message", "lobby", "m1"),
+            ("message", "dev", "d1"),
+            ("dm", None, "p1"),
+            ("message", "lobby", "m2"),
+            ("left", "dev", None),
+            ("message", "lobby", "m3"),
+            ("joined", "dev", None),
+            ("message", "dev", "d2"),
+        ]
+        refs = [(await alice.receive_json()).get("ref") for _ in range(9)]
+        assert refs == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+        await bob.assert_silent()
+
+
+async def test_a_batch_ending_in_bye_is_delivered_before_the_leave(
+    open_raw: OpenRaw,
+) -> None:
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        await alice.send_bytes(
+            b"".join(say(f"m{i}", ref=i) for i in range(50)) + b'{"type":"bye"}\n'
+        )
+        for i in range(50):
+            assert (await bob.receive_json())["text"] == f"m{i}"
+        assert (await bob.receive_json())["type"] == "left"
+        lines = await alice.assert_closed()
+        assert [json.loads(line)["ref"] for line in lines] == list(range(50))
+
+
+class Blocked:
+    """A plugin whose delivered hook blocks until released."""
+
+    def __init__(self) -> None:
+        self.entered = trio.Event()
+        self.release = trio.Event()
+
+    @chatkit.hookimpl
+    async def chatkit_message_delivered(self) -> None:
+        self.entered.set()
+        await self.release.wait()
+
+
+async def test_output_is_written_before_the_reader_waits_for_a_plugin(
+    open_raw: OpenRaw,
+) -> None:
+    blocked = Blocked()
+    async with chatkit.open_server(rate_limit=None, plugins=[blocked]) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        await alice.send_bytes(say("hi", ref=1))
+        with trio.fail_after(2):
+            await blocked.entered.wait()
+        # The reader is stuck in the plugin; what it broadcast is out.
+        assert (await bob.receive_json(within=2))["text"] == "hi"
+        assert (await alice.receive_json(within=2))["ref"] == 1
+        blocked.release.set()
+
+
+async def test_a_full_socket_hands_the_rest_to_a_writer_in_order(
+    open_raw: OpenRaw,
+) -> None:
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice = await login(open_raw, server.port, "alice")
+        # A client with a small receive buffer that does not read for now:
+        # direct writes soon find the kernel buffer full.
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", server.port))
+        lazy = RawClient(trio.SocketStream(sock))
+        try:
+            await lazy.hello("lazy")
+            await alice.expect("joined", name="lazy")
+            text = "x" * 2000
+            for i in range(100):
+                await alice.send_bytes(say(f"{i} {text}", ref=i))
+            for i in range(100):
+                assert (await alice.expect("message", ref=i))["ref"] == i
+            user = server.get_user("lazy")
+            assert user is not None and user._writing  # the kernel said "full"
+            for i in range(100):
+                event = await lazy.expect("message")
+                assert event["text"] == f"{i} {text}"
+            await trio.testing.wait_all_tasks_blocked()
+            assert not user._writing  # the writer ended once drained
+        finally:
+            await lazy.aclose()
+
+
+async def test_tls_connections_are_written_by_their_writer_only(
+    open_raw: OpenRaw,
+) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with chatkit.open_server(
+        rate_limit=None, ssl_context=server_context
+    ) as server:
+
+        async def connect() -> RawClient:
+            with trio.fail_after(5):
+                stream = await trio.open_ssl_over_tcp_stream(
+                    "127.0.0.1", server.port, ssl_context=client_context
+                )
+            return RawClient(stream)  # type: ignore[arg-type]
+
+        alice, bob = await connect(), await connect()
+        try:
+            await alice.hello("alice")
+            await bob.hello("bob")
+            for name in ("alice", "bob"):
+                user = server.get_user(name)
+                assert user is not None and user._raw is None
+            await alice.send_bytes(b"".join(say(f"m{i}") for i in range(30)))
+            for i in range(30):
+                assert (await bob.expect("message"))["text"] == f"m{i}"
+        finally:
+            await alice.aclose()
+            await bob.aclose()
+
+
+async def test_an_idle_connection_holds_no_writer_task(open_raw: OpenRaw) -> None:
+    async with chatkit.open_server() as server:
+        alice, _bob = await crowd(open_raw, server.port, "alice", "bob")
+        await alice.send_bytes(say("hi", ref=1))
+        await alice.expect("message", ref=1)
+        for user in server.users:
+            assert not user._writing
+
+
+# --- presence_limit -----------------------------------------------------------
+
+
+async def test_joins_and_leaves_are_not_announced_above_the_presence_limit(
+    open_raw: OpenRaw,
+) -> None:
+    async with chatkit.open_server(presence_limit=2) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        # The third member: only carol hears of her own join (login checks).
+        carol = await login(open_raw, server.port, "carol")
+        await carol.send_json(type="join", room="lobby", ref="again")
+        assert await carol.receive_json() == {
+            "type": "joined",
+            "room": "lobby",
+            "name": "carol",
+            "ref": "again",
+        }
+        await carol.send_json(type="bye")
+        await carol.assert_closed()
+        # The room had three members when carol left: no notice either.
+        await alice.send_json(type="ping", ref=1)
+        assert await alice.receive_json() == {"type": "pong", "ref": 1}
+        await bob.assert_silent()
+        # Two members before bob leaves: announced again.
+        await bob.send_json(type="bye")
+        assert await alice.expect("left", name="bob") == {
+            "type": "left",
+            "room": "lobby",
+            "name": "bob",
+            "reason": "bye",
+        }
+
+
+async def test_a_big_room_takes_a_line_mode_joiner_quietly(open_raw: OpenRaw) -> None:
+    async with chatkit.open_server(presence_limit=1) as server:
+        alice = await login(open_raw, server.port, "alice")
+        dave = await open_raw(server.port)
+        await dave.send_line("dave")
+        await alice.send_json(type="say", text="hello dave", ref=1)
+        await alice.expect("message", ref=1)
+        assert await dave.receive_line() == "alice: hello dave"
+
+
+@pytest.mark.parametrize("limit", [-1, -100])
+def test_presence_limit_is_checked(limit: int) -> None:
+    with pytest.raises(ValueError, match="presence_limit"):
+        chatkit.ChatServer(presence_limit=limit)
+
+
+def test_presence_limit_none_always_announces() -> None:
+    assert chatkit.ChatServer(presence_limit=None).presence_limit is None
+    assert chatkit.ChatServer().presence_limit == 1000
