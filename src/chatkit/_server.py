@@ -101,8 +101,10 @@ LOBBY: Final = "lobby"
 SERVER_SENDER: Final = "*server*"
 
 _RECEIVE_SIZE: Final = 64 * 1024
-# Requests handled from one read before the reader lets others run.
-_YIELD_EVERY: Final = 128
+# Lines handled from one read before the reader lets others run (see
+# _read_loop): refused lines are cheap, admitted requests fan out.
+_PAUSE_EVERY_REFUSED: Final = 8
+_PAUSE_EVERY_ADMITTED: Final = 128
 
 
 class LeaveReason(enum.StrEnum):
@@ -733,6 +735,20 @@ class ChatServer:
             await trio.lowlevel.cancel_shielded_checkpoint()
             self._end_batch()
 
+    async def _pause_batch(self) -> None:
+        """Let other tasks run in the middle of the running reader's batch
+        without ending it: recipients it made dirty stay dirty and still get
+        one write, when some reader's batch ends (this one's, at the latest,
+        before its next read)."""
+        if self._pending_room is not None:
+            self._flush_room()
+        self._batch_owner = None
+        try:
+            await trio.lowlevel.checkpoint()
+        except BaseException:
+            self._end_batch()  # cancelled: write what is held back first
+            raise
+
     def _end_batch(self) -> None:
         if self._pending_room is not None:
             self._flush_room()
@@ -763,7 +779,7 @@ class ChatServer:
             proto.receive_data(data)
             # Every request decoded from one read is handled before the next
             # read, so the writers see one batch per read and coalesce it.
-            handled = 0
+            handled = refused = 0
             while True:
                 if user._output_ended:
                     # Closed mid-batch (kicked by a plugin, too slow): the
@@ -780,7 +796,14 @@ class ChatServer:
                 if request is CLOSED:
                     return LeaveReason.DISCONNECT
                 assert not isinstance(request, Status)
+                # One read can hold thousands of lines: let the other
+                # connections run now and then. Refused lines (a flood) come
+                # cheap and fast, so they pause often; admitted requests pause
+                # rarely, as each pause can cost the batch its coalescing.
                 if not self._admit(user):
+                    refused += 1
+                    if refused % _PAUSE_EVERY_REFUSED == 0:
+                        await self._pause_batch()
                     if user._violations >= self.flood_limit:
                         self._error(
                             user,
@@ -793,13 +816,13 @@ class ChatServer:
                     continue
                 if isinstance(request, RemoteProtocolError):
                     self._error(user, request.code, request.message, request.ref)
+                    refused += 1
+                    if refused % _PAUSE_EVERY_REFUSED == 0:
+                        await self._pause_batch()
                     continue
                 handled += 1
-                if handled % _YIELD_EVERY == 0:
-                    # One read can hold thousands of requests: let the other
-                    # connections run now and then (the batch ends here).
-                    self._end_batch()
-                    await trio.lowlevel.checkpoint()
+                if handled % _PAUSE_EVERY_ADMITTED == 0:
+                    await self._pause_batch()
                 self._begin_batch()
                 reason = await self._handle_request(user, request)
                 if reason is not None:
