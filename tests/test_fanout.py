@@ -208,7 +208,7 @@ async def test_tls_connections_are_written_by_their_writer_only(
             await bob.hello("bob")
             for name in ("alice", "bob"):
                 user = server.get_user(name)
-                assert user is not None and user._raw is None
+                assert user is not None and user._fd == -1
             await alice.send_bytes(b"".join(say(f"m{i}") for i in range(30)))
             for i in range(30):
                 assert (await bob.expect("message"))["text"] == f"m{i}"

@@ -164,13 +164,15 @@ class User:
         # Direct writes (see _write_now) need the plain socket's descriptor:
         # never for TLS or other wrapped streams, never on Windows, where a
         # socket handle is not a file descriptor.
-        self._raw: trio.SocketStream | None = None
+        # -1: no direct writes. Set to -1 again before the stream is closed,
+        # so a descriptor number the kernel reuses is never written to.
+        self._fd = -1
         if (
             type(stream) is trio.SocketStream
             and sys.platform != "win32"
             and server._direct_writes
         ):
-            self._raw = stream
+            self._fd = stream.socket.fileno()
         self._output_ended = False
         self._reason: LeaveReason | None = None
         self._detached = False
@@ -217,17 +219,32 @@ class User:
         ):
             self._overflow()
             return
-        out += data
-        self._queued += frames
         if self._dirty or self._writing:
-            return  # written when the batch ends / by the running writer
+            out += data  # written when the batch ends / by the running writer
+            self._queued += frames
+            return
         owner = server._batch_owner
         if owner is not None and owner is trio.lowlevel.current_task():
             # Produced by a reader inside its read batch: one write per
             # recipient when the batch ends (ChatServer._end_batch).
+            out += data
+            self._queued += frames
             self._dirty = True
             server._dirty.append(self)
+        elif not out and self._fd >= 0:
+            # Light load, nothing pending: the caller's bytes go straight to
+            # the socket, without a copy into the buffer.
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:
+                sent = 0  # full (or broken: the writer will report it)
+            if sent < len(data):
+                out += memoryview(data)[sent:]
+                self._queued += frames
+                self._start_writer()
         else:
+            out += data
+            self._queued += frames
             self._write_now()
 
     def _write_now(self) -> None:
@@ -243,21 +260,18 @@ class User:
         out = self._out
         if not out or self._writing or self._output_ended:
             return
-        raw = self._raw
-        if raw is not None:
-            fd = raw.socket.fileno()  # -1 once the stream is closed
-            if fd >= 0:
-                try:
-                    sent = os.write(fd, out)
-                except OSError:
-                    # BlockingIOError: the kernel buffer is full. Anything
-                    # else (a reset peer) the writer's send_all reports.
-                    sent = 0
-                if sent == len(out):
-                    out.clear()
-                    self._queued = 0
-                    return
-                del out[:sent]
+        if self._fd >= 0:
+            try:
+                sent = os.write(self._fd, out)
+            except OSError:
+                # BlockingIOError: the kernel buffer is full. Anything
+                # else (a reset peer) the writer's send_all reports.
+                sent = 0
+            if sent == len(out):
+                out.clear()
+                self._queued = 0
+                return
+            del out[:sent]
         self._start_writer()
 
     def _start_writer(self) -> None:
@@ -666,6 +680,7 @@ class ChatServer:
         finally:
             self._connections.discard(user)
             self._detach(user)
+            user._fd = -1  # no direct write may reach a closed descriptor
             with trio.CancelScope(shield=True):
                 await self._after_detach(user)
                 with trio.move_on_after(self.close_timeout):
