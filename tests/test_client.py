@@ -137,7 +137,10 @@ async def test_history_with_limit_before_and_after(
     assert await alice.history("lobby", limit=0) == ()
     assert await alice.history("lobby", before=ids[2]) == tuple(said[:2])
     assert await alice.history("lobby", after=ids[2]) == tuple(said[3:])
-    assert await alice.history("lobby", 1, before=ids[3], after=ids[0]) == (said[2],)
+    # With ``after``, a page is the oldest messages after it (catching up).
+    assert await alice.history("lobby", 1, before=ids[3], after=ids[0]) == (said[1],)
+    assert await alice.history("lobby", 2, after=ids[0]) == tuple(said[1:3])
+    assert await alice.history("lobby", 2, before=ids[4]) == tuple(said[2:4])
     assert await alice.history("lobby", after=ids[-1]) == ()
 
 

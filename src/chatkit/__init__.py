@@ -73,6 +73,10 @@ from .hookspecs import hookspec as hookspec
 
 __version__ = "0.1.0"
 
+from .history import HistoryStore as HistoryStore
+from .history import HistoryStoreError as HistoryStoreError
+from .history import MemoryHistory as MemoryHistory
+
 __all__ = [
     "CLOSED",
     "DEFAULT_PORT",
@@ -96,6 +100,8 @@ __all__ = [
     "Hello",
     "History",
     "HistoryReply",
+    "HistoryStore",
+    "HistoryStoreError",
     "Join",
     "Joined",
     "Kicked",
@@ -103,6 +109,7 @@ __all__ = [
     "LeaveReason",
     "Left",
     "LocalProtocolError",
+    "MemoryHistory",
     "Message",
     "Mode",
     "NameTaken",

@@ -28,7 +28,6 @@ round and ends when nothing is left. See docs/performance.md.
 
 from __future__ import annotations
 
-import collections
 import enum
 import logging
 import math
@@ -88,6 +87,7 @@ from ._protocol import (
     is_valid_name,
     is_valid_room,
 )
+from .history import HistoryStore, MemoryHistory
 from .hookspecs import ServerSpec
 
 __all__ = ["LOBBY", "SERVER_SENDER", "ChatServer", "LeaveReason", "User", "open_server"]
@@ -348,14 +348,11 @@ class User:
 
 
 class _Room:
-    __slots__ = ("history", "members", "name")
+    __slots__ = ("members", "name")
 
-    def __init__(self, name: str, history_size: int) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.members: dict[User, None] = {}  # ordered set, join order
-        self.history: collections.deque[Message] = collections.deque(
-            maxlen=history_size
-        )
 
 
 class ChatServer:
@@ -376,7 +373,13 @@ class ChatServer:
         plugins: plugin objects or modules, called in this order.
         load_entry_points: also load plugins from the ``chatkit`` entry-point
             group, filtered by ``CHATKIT_LOAD_PLUGINS``.
-        history_size: messages kept per room for ``history``.
+        history: where room messages are kept and ``history`` is answered
+            from (see :mod:`chatkit.history`); by default a
+            :class:`~chatkit.history.MemoryHistory` of ``history_size``
+            messages per room.
+        history_size: messages kept per room by the default store.
+        max_history_page: most messages one ``history`` reply carries (a
+            larger or missing ``limit`` is capped to it).
         max_line_length: longest accepted line, in bytes.
         max_queued_bytes: bound of each connection's outgoing buffer.
         max_queued_messages: bound, in frames, of the same buffer.
@@ -419,7 +422,9 @@ class ChatServer:
         *,
         plugins: Iterable[object] = (),
         load_entry_points: bool = False,
+        history: HistoryStore | None = None,
         history_size: int = 100,
+        max_history_page: int = 500,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         max_queued_bytes: int = 1024 * 1024,
         max_queued_messages: int = 10_000,
@@ -439,6 +444,7 @@ class ChatServer:
     ) -> None:
         for label, value in (
             ("history_size", history_size),
+            ("max_history_page", max_history_page),
             ("max_line_length", max_line_length),
             ("max_queued_bytes", max_queued_bytes),
             ("max_queued_messages", max_queued_messages),
@@ -464,6 +470,11 @@ class ChatServer:
         self.port = port
         """The TCP port; once :meth:`serve` has started, the bound one."""
         self.history_size = history_size
+        self.history: HistoryStore = (
+            history if history is not None else MemoryHistory(history_size)
+        )
+        """The server's history store."""
+        self.max_history_page = max_history_page
         self.max_line_length = max_line_length
         self.max_queued_bytes = max_queued_bytes
         self.max_queued_messages = max_queued_messages
@@ -509,7 +520,7 @@ class ChatServer:
         self._batch_reads = True
         self._names: dict[str, User] = {}  # casefolded name -> user
         self._users: dict[User, None] = {}  # logged-in users, login order
-        self._rooms: dict[str, _Room] = {LOBBY: _Room(LOBBY, history_size)}
+        self._rooms: dict[str, _Room] = {LOBBY: _Room(LOBBY)}
         self._connections: set[User] = set()
         self._last_id = 0
         self._started = False
@@ -550,6 +561,8 @@ class ChatServer:
         Raises:
             RuntimeError: the server was already started, or closed.
             OSError: the address could not be bound.
+            chatkit.history.HistoryStoreError: the history store cannot be
+                opened.
         """
         # A server closed before it started would otherwise serve with no
         # way to stop it gracefully (aclose would return at once).
@@ -557,35 +570,39 @@ class ChatServer:
             raise RuntimeError("this ChatServer was already started or closed")
         self._started = True
         try:
-            tcp_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-            self.port = tcp_listeners[0].socket.getsockname()[1]
-            listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
-            if self.ssl_context is not None:
-                listeners = [
-                    trio.SSLListener(listener, self.ssl_context)
-                    for listener in tcp_listeners
-                ]
-            with self._connections_scope:
-                async with trio.open_nursery() as connections:
-                    with self._accept_scope:
-                        async with trio.open_nursery() as accept:
-                            await accept.start(
-                                partial(
-                                    trio.serve_listeners,
-                                    self._handle_connection,
-                                    listeners,
-                                    handler_nursery=connections,
-                                )
-                            )
-                            await self._hooks.notify(
-                                "chatkit_server_started", server=self
-                            )
-                            task_status.started(self.port)
-            # Connections wind down in the connections nursery (aclose told
-            # them to; its deadline bounds them).
+            async with self.history.open() as last_id:
+                # Ids keep increasing across restarts.
+                self._last_id = max(self._last_id, last_id)
+                await self._serve(task_status)
         finally:
             self._closing = True
             self._stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[int]) -> None:
+        tcp_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.port = tcp_listeners[0].socket.getsockname()[1]
+        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+        if self.ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, self.ssl_context)
+                for listener in tcp_listeners
+            ]
+        with self._connections_scope:
+            async with trio.open_nursery() as connections:
+                with self._accept_scope:
+                    async with trio.open_nursery() as accept:
+                        await accept.start(
+                            partial(
+                                trio.serve_listeners,
+                                self._handle_connection,
+                                listeners,
+                                handler_nursery=connections,
+                            )
+                        )
+                        await self._hooks.notify("chatkit_server_started", server=self)
+                        task_status.started(self.port)
+        # Connections wind down in the connections nursery (aclose told
+        # them to; its deadline bounds them).
 
     async def aclose(self, reason: str = "server shutting down") -> None:
         """Shut down gracefully; idempotent.
@@ -871,7 +888,7 @@ class ChatServer:
                 )
                 user._send(RoomsReply(rooms=infos, ref=request.ref))
             case History():
-                self._on_history(user, request)
+                await self._on_history(user, request)
             case Ping():
                 user._send(Pong(ref=request.ref))
             case Bye():
@@ -995,7 +1012,7 @@ class ChatServer:
         message = Message(
             id=self._last_id, ts=time.time(), room=room.name, sender=sender, text=text
         )
-        room.history.append(message)
+        self.history.append(message)
         return message
 
     def _broadcast(
@@ -1131,7 +1148,7 @@ class ChatServer:
             )
             return
         if room is None:
-            room = self._rooms[join.room] = _Room(join.room, self.history_size)
+            room = self._rooms[join.room] = _Room(join.room)
         self._add_member(user, room, ref=join.ref)
         await self._hooks.notify(
             "chatkit_user_joined", server=self, user=user, room=room.name
@@ -1236,18 +1253,29 @@ class ChatServer:
                     seen.add(member)
                     yield member
 
-    def _on_history(self, user: User, request: History) -> None:
+    async def _on_history(self, user: User, request: History) -> None:
+        """Answer a page of history: the newest ``limit`` messages (before
+        ``before``), or with ``after``, the oldest ``limit`` after it (a
+        client catching up asks again after the last one it got)."""
         room = self._member_room(user, request.room, request.ref)
         if room is None:
             return
-        messages: list[Message] = list(room.history)
-        if request.after is not None:
-            messages = [m for m in messages if m.id > request.after]
-        if request.before is not None:
-            messages = [m for m in messages if m.id < request.before]
+        limit = self.max_history_page
         if request.limit is not None:
-            # The newest ``limit`` of them (``[-0:]`` would be all of them).
-            messages = messages[-request.limit :] if request.limit else []
+            limit = min(limit, request.limit)
+        before, after = request.before, request.after
+        self._end_batch()  # the store may yield (see _begin_batch)
+        messages: Sequence[Message] = ()
+        if limit == 0:
+            pass
+        elif after is not None:
+            messages = await self.history.after(room.name, after, limit)
+            if before is not None:
+                messages = [m for m in messages if m.id < before]
+        elif before is not None:
+            messages = await self.history.before(room.name, before, limit)
+        else:
+            messages = await self.history.recent(room.name, limit)
         user._send(
             HistoryReply(room=room.name, messages=tuple(messages), ref=request.ref)
         )
