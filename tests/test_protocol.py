@@ -60,6 +60,7 @@ from chatkit import (
     TooManyRooms,
     TooSlow,
     Unauthorized,
+    Unavailable,
     Welcome,
     Who,
     WhoReply,
@@ -1308,6 +1309,7 @@ CHAT_ERRORS: dict[ErrorCode, type[ChatError]] = {
     ErrorCode.KICKED: Kicked,
     ErrorCode.TIMEOUT: TimedOut,
     ErrorCode.TOO_MANY_ROOMS: TooManyRooms,
+    ErrorCode.UNAVAILABLE: Unavailable,
 }
 
 

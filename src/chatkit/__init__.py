@@ -55,6 +55,7 @@ from ._exceptions import TooLarge as TooLarge
 from ._exceptions import TooManyRooms as TooManyRooms
 from ._exceptions import TooSlow as TooSlow
 from ._exceptions import Unauthorized as Unauthorized
+from ._exceptions import Unavailable as Unavailable
 from ._protocol import CLOSED as CLOSED
 from ._protocol import NEED_DATA as NEED_DATA
 from ._protocol import ClientConnection as ClientConnection
@@ -137,6 +138,7 @@ __all__ = [
     "TooManyRooms",
     "TooSlow",
     "Unauthorized",
+    "Unavailable",
     "User",
     "Welcome",
     "Who",

@@ -56,6 +56,8 @@ class ErrorCode(enum.StrEnum):
     SERVER_FULL = "server_full"
     REJECTED = "rejected"
     NOT_READY = "not_ready"
+    # Extension to v1: a cluster node cannot reach its backplane; try again.
+    UNAVAILABLE = "unavailable"
     # Extensions to v1: the server closes the connection right after these.
     TOO_SLOW = "too_slow"
     KICKED = "kicked"
@@ -222,6 +224,13 @@ class TooManyRooms(ChatError):
     code = ErrorCode.TOO_MANY_ROOMS
 
 
+class Unavailable(ChatError):
+    """``unavailable``: the server cannot do that right now (a cluster node
+    that lost its backplane refuses new names); try again later."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
 class ConnectionClosed(ChatError):
     """The connection to the server ended while a request needed it."""
 
@@ -248,6 +257,7 @@ _BY_CODE: MappingProxyType[str, type[ChatError]] = MappingProxyType(
             Kicked,
             TimedOut,
             TooManyRooms,
+            Unavailable,
         )
     }
 )

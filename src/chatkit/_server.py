@@ -39,11 +39,12 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
 
+from ._envelope import DM, JOINED, LEFT, MESSAGE, RENAMED, Envelope, Publication
 from ._events import (
     PROTOCOL_VERSION,
     Bye,
@@ -90,7 +91,18 @@ from ._protocol import (
 from .history import HistoryStore, MemoryHistory
 from .hookspecs import ServerSpec
 
-__all__ = ["LOBBY", "SERVER_SENDER", "ChatServer", "LeaveReason", "User", "open_server"]
+if TYPE_CHECKING:
+    from .cluster import RedisBackplane
+
+__all__ = [
+    "LOBBY",
+    "SERVER_SENDER",
+    "ChatServer",
+    "LeaveReason",
+    "RemoteUser",
+    "User",
+    "open_server",
+]
 
 log = logging.getLogger("chatkit.server")
 
@@ -347,6 +359,27 @@ class User:
         self._writing = False
 
 
+class RemoteUser:
+    """A user connected to another node of the cluster (see
+    :mod:`chatkit.cluster`): the ``recipient`` of ``chatkit_dm`` when the
+    recipient is not on this node. It has a name and nothing else here."""
+
+    address = ""
+    mode = "remote"
+    rooms: frozenset[str] = frozenset()
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The user's name."""
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<RemoteUser {self._name!r}>"
+
+
 class _Room:
     __slots__ = ("members", "name")
 
@@ -409,6 +442,9 @@ class ChatServer:
             stay alive). Half-open TCP connections are also reaped by TCP
             keepalive, which is always on.
         ssl_context: serve TLS with this context (see :mod:`ssl`).
+        backplane: join a cluster of servers through it (see
+            :mod:`chatkit.cluster`); its shared history is then the default
+            store.
 
     Raises:
         ValueError: a limit is out of range.
@@ -441,6 +477,7 @@ class ChatServer:
         handshake_timeout: float = 10.0,
         idle_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        backplane: RedisBackplane | None = None,
     ) -> None:
         for label, value in (
             ("history_size", history_size),
@@ -470,9 +507,15 @@ class ChatServer:
         self.port = port
         """The TCP port; once :meth:`serve` has started, the bound one."""
         self.history_size = history_size
-        self.history: HistoryStore = (
-            history if history is not None else MemoryHistory(history_size)
-        )
+        self.backplane = backplane
+        """The cluster backplane, if this server is one node of several."""
+        if history is None:
+            history = (
+                backplane.history
+                if backplane is not None
+                else MemoryHistory(history_size)
+            )
+        self.history: HistoryStore = history
         """The server's history store."""
         self.max_history_page = max_history_page
         self.max_line_length = max_line_length
@@ -563,6 +606,7 @@ class ChatServer:
             OSError: the address could not be bound.
             chatkit.history.HistoryStoreError: the history store cannot be
                 opened.
+            chatkit.cluster.BackplaneError: the backplane cannot reach Redis.
         """
         # A server closed before it started would otherwise serve with no
         # way to stop it gracefully (aclose would return at once).
@@ -573,7 +617,11 @@ class ChatServer:
             async with self.history.open() as last_id:
                 # Ids keep increasing across restarts.
                 self._last_id = max(self._last_id, last_id)
-                await self._serve(task_status)
+                if self.backplane is None:
+                    await self._serve(task_status)
+                else:
+                    async with self.backplane.attach(self):
+                        await self._serve(task_status)
         finally:
             self._closing = True
             self._stopped.set()
@@ -643,6 +691,21 @@ class ChatServer:
             KeyError: no such room.
         """
         target = self._rooms[room]
+        bp = self.backplane
+        if bp is not None and bp.available:
+            publication = bp.publish(
+                Envelope(
+                    MESSAGE,
+                    bp.node_id,
+                    ts=time.time(),
+                    room=room,
+                    sender=sender,
+                    text=text,
+                )
+            )
+            await publication.done.wait()  # it came back, and hooks ran
+            result: Message = publication.result
+            return result
         message = self._make_message(target, sender, text)
         self._broadcast(target, message)
         await self._delivered(message)
@@ -878,13 +941,12 @@ class ChatServer:
             case Nick():
                 await self._on_nick(user, request)
             case Who():
-                room = self._rooms.get(request.room)
-                names = tuple(u.name for u in room.members) if room else ()
+                names = await self._who(request.room)
                 user._send(WhoReply(room=request.room, names=names, ref=request.ref))
             case Rooms():
+                counts = await self._room_counts()
                 infos = tuple(
-                    RoomInfo(name=r.name, members=len(r.members))
-                    for r in sorted(self._rooms.values(), key=lambda r: r.name)
+                    RoomInfo(name=name, members=counts[name]) for name in sorted(counts)
                 )
                 user._send(RoomsReply(rooms=infos, ref=request.ref))
             case History():
@@ -898,6 +960,25 @@ class ChatServer:
                     else LeaveReason.BYE
                 )
         return None
+
+    async def _who(self, room_name: str) -> tuple[str, ...]:
+        """The names in a room: the whole cluster's if there is one."""
+        bp = self.backplane
+        if bp is not None and bp.available:
+            self._end_batch()  # about to await (see _begin_batch)
+            with suppress(OSError):
+                return await bp.who(room_name)
+        room = self._rooms.get(room_name)
+        return tuple(u.name for u in room.members) if room else ()
+
+    async def _room_counts(self) -> dict[str, int]:
+        """Each room's number of members: the whole cluster's if there is one."""
+        bp = self.backplane
+        if bp is not None and bp.available:
+            self._end_batch()  # about to await (see _begin_batch)
+            with suppress(OSError):
+                return await bp.rooms()
+        return {name: len(room.members) for name, room in self._rooms.items()}
 
     def _error(
         self, user: User, code: ErrorCode, message: str, ref: str | int | None
@@ -933,6 +1014,12 @@ class ChatServer:
         if name.casefold() in self._names:
             self._error(user, ErrorCode.NAME_TAKEN, f"{name} is taken", hello.ref)
             return None
+        if self.backplane is not None:
+            if not await self._claim(user, name, hello.ref):
+                return None
+            if name.casefold() in self._names:  # taken here while we claimed
+                self._error(user, ErrorCode.NAME_TAKEN, f"{name} is taken", hello.ref)
+                return None
         user._name = name
         self._names[name.casefold()] = user
         self._users[user] = None
@@ -958,6 +1045,25 @@ class ChatServer:
             "chatkit_user_joined", server=self, user=user, room=LOBBY
         )
         return None
+
+    async def _claim(self, user: User, name: str, ref: str | int | None) -> bool:
+        """Claim ``name`` across the cluster; tell ``user`` if it cannot be."""
+        bp = self.backplane
+        assert bp is not None
+        self._end_batch()  # about to await (see _begin_batch)
+        try:
+            claimed = await bp.claim(name)
+        except OSError:
+            self._error(
+                user,
+                ErrorCode.UNAVAILABLE,
+                "the cluster is unreachable; try again later",
+                ref,
+            )
+            return False
+        if not claimed:
+            self._error(user, ErrorCode.NAME_TAKEN, f"{name} is taken", ref)
+        return claimed
 
     def _member_room(
         self, user: User, room: str, ref: str | int | None
@@ -1003,6 +1109,20 @@ class ChatServer:
                     user, ErrorCode.NOT_IN_ROOM, f"you left {room.name}", say.ref
                 )
                 return
+        bp = self.backplane
+        if bp is not None and bp.available:
+            # Delivered (the sender's copy too) when it comes back from the
+            # backplane: see _cluster_event.
+            env = Envelope(
+                MESSAGE,
+                bp.node_id,
+                ts=time.time(),
+                room=room.name,
+                sender=user.name,
+                text=text,
+            )
+            bp.publish(env, user=user, ref=say.ref)
+            return
         message = self._make_message(room, user.name, text)
         self._broadcast(room, message, origin=user, ref=say.ref)
         await self._delivered(message)
@@ -1090,7 +1210,13 @@ class ChatServer:
     async def _on_dm(self, user: User, dm: Dm) -> None:
         if self._too_long(user, dm.text, dm.ref):
             return
-        recipient = self.get_user(dm.to)
+        bp = self.backplane
+        recipient: User | RemoteUser | None = self.get_user(dm.to)
+        if recipient is None and bp is not None and bp.available:
+            self._end_batch()  # about to await (see _begin_batch)
+            with suppress(OSError):
+                if await bp.holds(dm.to):
+                    recipient = RemoteUser(dm.to)
         if recipient is None:
             self._error(
                 user, ErrorCode.NO_SUCH_USER, f"nobody is called {dm.to}", dm.ref
@@ -1110,9 +1236,25 @@ class ChatServer:
             except Reject as exc:
                 self._error(user, ErrorCode.REJECTED, exc.reason, dm.ref)
                 return
-            if recipient._detached:
+            if isinstance(recipient, User) and recipient._detached:
                 self._error(user, ErrorCode.NO_SUCH_USER, f"{dm.to} left", dm.ref)
                 return
+        if bp is not None and bp.available:
+            env = Envelope(
+                DM,
+                bp.node_id,
+                ts=time.time(),
+                sender=user.name,
+                to=recipient.name,
+                text=text,
+            )
+            bp.publish(env, user=user, ref=dm.ref)
+            return
+        if not isinstance(recipient, User):
+            self._error(
+                user, ErrorCode.UNAVAILABLE, "the cluster is unreachable", dm.ref
+            )
+            return
         self._last_id += 1
         message = DirectMessage(
             id=self._last_id,
@@ -1160,7 +1302,15 @@ class ChatServer:
         room.members[user] = None
         user._rooms[room.name] = None
         limit = self.presence_limit
-        if limit is None or len(room.members) <= limit:
+        bp = self.backplane
+        announce = limit is None or len(room.members) <= limit
+        if bp is not None:
+            bp.member(room.name, user.name, present=True)
+            if announce and bp.available:
+                bp.publish(
+                    Envelope(JOINED, bp.node_id, room=room.name, sender=user.name)
+                )
+        if announce:
             self._broadcast(
                 room, Joined(room=room.name, name=user.name), origin=user, ref=ref
             )
@@ -1195,7 +1345,21 @@ class ChatServer:
         del user._rooms[room.name]
         limit = self.presence_limit
         # The room had len + 1 members: announce only if that is in the limit.
-        if notify and (limit is None or len(room.members) < limit):
+        announce = notify and (limit is None or len(room.members) < limit)
+        bp = self.backplane
+        if bp is not None:
+            bp.member(room.name, user.name, present=False)
+            if announce and bp.available:
+                bp.publish(
+                    Envelope(
+                        LEFT,
+                        bp.node_id,
+                        room=room.name,
+                        sender=user.name,
+                        reason=reason,
+                    )
+                )
+        if announce:
             self._broadcast(room, Left(room=room.name, name=user.name, reason=reason))
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]
@@ -1226,6 +1390,15 @@ class ChatServer:
                 self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
                 return
         old = user.name
+        bp = self.backplane
+        if bp is not None and new.casefold() != old.casefold():
+            if not await self._claim(user, new, nick.ref):
+                return
+            holder = self._names.get(new.casefold())
+            if (holder is not None and holder is not user) or user._detached:
+                self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
+                return
+            bp.release(old)
         del self._names[old.casefold()]
         self._names[new.casefold()] = user
         user._name = new
@@ -1239,6 +1412,20 @@ class ChatServer:
             else:
                 other._enqueue(json_bytes)
         user._send(msgspec.structs.replace(event, ref=nick.ref))
+        if bp is not None:
+            for room_name in user._rooms:
+                bp.member(room_name, old, present=False)
+                bp.member(room_name, new, present=True)
+            if bp.available:
+                bp.publish(
+                    Envelope(
+                        RENAMED,
+                        bp.node_id,
+                        old=old,
+                        sender=new,
+                        rooms=tuple(user._rooms),
+                    )
+                )
         log.info("%s is now known as %s.", old, new)
         await self._hooks.notify(
             "chatkit_user_renamed", server=self, user=user, old=old, new=new
@@ -1280,6 +1467,103 @@ class ChatServer:
             HistoryReply(room=room.name, messages=tuple(messages), ref=request.ref)
         )
 
+    # --- cluster (see chatkit.cluster) -----------------------------------
+
+    def _cluster_event(
+        self, id: int, env: Envelope, mine: bool, publication: Publication | None
+    ) -> Message | DirectMessage | None:
+        """Deliver a cluster event read from the backplane to this node's
+        users; return the message or dm this node published (for hooks).
+
+        Called inside a batch (the backplane reader's), so consecutive
+        messages to a room reach each member in one write.
+        """
+        if id > self._last_id:
+            self._last_id = id
+        origin = publication.user if publication is not None else None
+        ref = publication.ref if publication is not None else None
+        kind = env.kind
+        if kind == MESSAGE:
+            message = Message(
+                id=id, ts=env.ts, room=env.room, sender=env.sender, text=env.text
+            )
+            room = self._rooms.get(env.room)
+            if room is not None:
+                if origin not in room.members:
+                    origin = None  # left the room before it came back
+                self._broadcast(room, message, origin=origin, ref=ref)
+            return message if mine else None
+        if kind == DM:
+            dm = DirectMessage(
+                id=id, ts=env.ts, sender=env.sender, to=env.to, text=env.text
+            )
+            recipient = self.get_user(env.to)
+            if recipient is not None and recipient is not origin:
+                recipient._send(dm)
+            if isinstance(origin, User):
+                origin._send(msgspec.structs.replace(dm, ref=ref))
+            return dm if mine else None
+        if mine:
+            return None  # presence: delivered to this node's users already
+        if kind in (JOINED, LEFT):
+            room = self._rooms.get(env.room)
+            if room is not None:
+                presence: Joined | Left = (
+                    Joined(room=env.room, name=env.sender)
+                    if kind == JOINED
+                    else Left(room=env.room, name=env.sender, reason=env.reason or None)
+                )
+                self._broadcast(room, presence)
+        elif kind == RENAMED:
+            event = Renamed(old=env.old, new=env.sender)
+            seen: set[User] = set()
+            for room_name in env.rooms:
+                room = self._rooms.get(room_name)
+                for member in room.members if room is not None else ():
+                    if member not in seen:
+                        seen.add(member)
+                        member._send(event)
+        return None
+
+    async def _cluster_delivered(self, event: Message | DirectMessage) -> None:
+        """Run the delivery hooks for an event this node published."""
+        if isinstance(event, Message):
+            await self._delivered(event)
+        else:
+            await self._hooks.notify("chatkit_dm_delivered", server=self, message=event)
+
+    def _cluster_fallback(
+        self, publication: Publication
+    ) -> Message | DirectMessage | None:
+        """Deliver, on this node alone, what was published just before the
+        backplane was lost (and return it for the hooks)."""
+        env, origin, ref = publication.env, publication.user, publication.ref
+        if env.kind == MESSAGE:
+            room = self._rooms.get(env.room)
+            if room is None:
+                return None
+            message = self._make_message(room, env.sender, env.text)
+            if origin not in room.members:
+                origin = None
+            self._broadcast(room, message, origin=origin, ref=ref)
+            return message
+        if env.kind == DM and isinstance(origin, User):
+            recipient = self.get_user(env.to)
+            if recipient is None:
+                self._error(
+                    origin, ErrorCode.UNAVAILABLE, "the cluster is unreachable", ref
+                )
+                return None
+            self._last_id += 1
+            dm = DirectMessage(
+                id=self._last_id, ts=env.ts, sender=env.sender, to=env.to, text=env.text
+            )
+            if recipient is not origin:
+                recipient._send(dm)
+            origin._send(msgspec.structs.replace(dm, ref=ref))
+            return dm
+        return None
+
     # --- leaving ----------------------------------------------------------
 
     def _detach(self, user: User) -> None:
@@ -1297,6 +1581,8 @@ class ChatServer:
             self._remove_member(user, self._rooms[name], reason, notify=notify)
         del self._names[user._name.casefold()]
         del self._users[user]
+        if self.backplane is not None:
+            self.backplane.release(user._name)
         log.info("%s has left the chat.", user._name)
 
     async def _after_detach(self, user: User) -> None:

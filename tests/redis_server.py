@@ -1,0 +1,99 @@
+"""A throwaway ``redis-server`` on a free loopback port, for the cluster tests.
+
+``redis-server`` must be installed (``scripts/install-test-deps.sh`` does it,
+and ``.ci/run`` calls that): a missing one fails the tests that need it
+loudly, with the command that fixes it, never skips them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One ``redis-server`` process, which a test may stop and start again
+    on the same port (``persist`` keeps its data across that, in ``dir``)."""
+
+    def __init__(self, directory: Path, *, persist: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(
+                "redis-server is not installed: run scripts/install-test-deps.sh "
+                "(apt-get install redis-server)",
+                pytrace=False,
+            )
+        self.binary = binary
+        self.directory = directory
+        self.persist = persist
+        self.port = free_port()
+        self.process: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        """Start it and wait until it answers ``PING``."""
+        assert self.process is None
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "always",
+        ]  # fmt: skip
+        self.process = await trio.lowlevel.open_process(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        with trio.fail_after(10):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                async with stream:
+                    await stream.send_all(b"PING\r\n")
+                    if (await stream.receive_some(64)).startswith(b"+PONG"):
+                        return
+                await trio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """Kill it (no goodbye) and wait for it to be gone."""
+        process, self.process = self.process, None
+        if process is not None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+@asynccontextmanager
+async def redis_server(
+    directory: Path, *, persist: bool = False
+) -> AsyncIterator[RedisServer]:
+    """A started :class:`RedisServer`, stopped on exit."""
+    server = RedisServer(directory, persist=persist)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
