@@ -6,6 +6,7 @@ set -euo pipefail
 
 PACKAGES=(
     ngircd  # benchmarks/fanout.py compares chatkit with it (nox -s bench_smoke)
+    redis-server  # tests/test_cluster.py starts its own on a free port
 )
 
 missing=()

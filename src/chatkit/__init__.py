@@ -50,6 +50,7 @@ from ._exceptions import Reject as Reject
 from ._exceptions import Rejected as Rejected
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
 from ._exceptions import ServerFull as ServerFull
+from ._exceptions import StartupError as StartupError
 from ._exceptions import TimedOut as TimedOut
 from ._exceptions import TooLarge as TooLarge
 from ._exceptions import TooManyRooms as TooManyRooms
@@ -133,6 +134,7 @@ __all__ = [
     "ServerConnection",
     "ServerFull",
     "Shutdown",
+    "StartupError",
     "TimedOut",
     "TooLarge",
     "TooManyRooms",

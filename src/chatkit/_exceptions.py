@@ -106,6 +106,12 @@ class Reject(Exception):
         self.reason = reason
 
 
+class StartupError(Exception):
+    """A :class:`~chatkit.ChatServer` cannot start: its history store or
+    its cluster backplane is unusable. Raised by ``serve()`` before it
+    listens; the server CLI prints it on one line and exits with status 1."""
+
+
 class ChatError(Exception):
     """The server answered a request with an ``error``.
 

@@ -65,6 +65,7 @@ from ._envelope import (
     encode_envelope,
 )
 from ._events import Message
+from ._exceptions import StartupError
 from ._server import LOBBY
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ return 0
 """
 
 
-class BackplaneError(Exception):
+class BackplaneError(StartupError):
     """The backplane cannot start (Redis unreachable at start-up, bad URL)."""
 
 
@@ -219,14 +220,16 @@ class RedisHistory:
         bp = self._backplane
         key = bp._key("history:", room)
         try:
-            if newest:
-                raw = await bp._redis.zrevrangebyscore(
-                    key, start, stop, offset=0, count=limit
-                )
-            else:
-                raw = await bp._redis.zrangebyscore(
-                    key, start, stop, offset=0, count=limit
-                )
+            # With rev, ZRANGE BYSCORE takes the high end first.
+            raw = await bp._redis.zrange(
+                key,
+                start,
+                stop,
+                sortby=coredis.PureToken.BYSCORE,
+                rev=newest or None,  # False would still send REV
+                offset=0,
+                count=limit,
+            )
         except _OUTAGE as exc:
             log.warning("history of %s unavailable: %s", room, exc)
             return ()

@@ -34,11 +34,12 @@ from itertools import islice
 from typing import Protocol, runtime_checkable
 
 from ._events import Message
+from ._exceptions import StartupError
 
 __all__ = ["HistoryStore", "HistoryStoreError", "MemoryHistory"]
 
 
-class HistoryStoreError(Exception):
+class HistoryStoreError(StartupError):
     """A history store cannot be opened or used (bad path, corrupt file...)."""
 
 

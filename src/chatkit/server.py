@@ -16,11 +16,13 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import pluggy
 import trio
 
 from ._console import StdinReader
+from ._exceptions import StartupError
 from ._server import ChatServer
 from .auth import PasswordFileAuth, TokenAuth
 
@@ -115,7 +117,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients log in with a password from this file "
         "(manage it with python -m chatkit.auth)",
     )
+    cluster = parser.add_argument_group(
+        "cluster (several servers as one; see docs/deployment.md)"
+    )
+    cluster.add_argument(
+        "--redis",
+        metavar="URL",
+        help="join the cluster of servers sharing this Redis, e.g. "
+        "redis://127.0.0.1:6379/0 (needs pip install 'chatkit[redis]')",
+    )
+    cluster.add_argument(
+        "--name-ttl",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how long a crashed node's names stay taken (default: %(default)s)",
+    )
+    cluster.add_argument(
+        "--redis-prefix",
+        default="chatkit:",
+        metavar="PREFIX",
+        help="prefix of the cluster's Redis keys (default: %(default)s)",
+    )
     return parser
+
+
+def _backplane(url: str | None, name_ttl: float, prefix: str) -> Any:
+    """The RedisBackplane the flags ask for, or None."""
+    if url is None:
+        return None
+    try:
+        from .cluster import RedisBackplane
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        return RedisBackplane(url, name_ttl=name_ttl, prefix=prefix)
+    except ValueError as exc:
+        raise ValueError(f"--redis {url}: {exc}") from None
 
 
 def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
@@ -208,6 +246,14 @@ async def serve_until_stopped(
     print("Server has shut down.", flush=True)
 
 
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf exception of a (nested) exception group."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m chatkit.server``; returns the exit status."""
     parser = build_parser()
@@ -215,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(message)s", stream=sys.stdout
     )
+    # The Redis client's retries are its business; its failures are ours.
+    logging.getLogger("coredis").setLevel(logging.WARNING)
     try:
         plugins = _auth_plugins(args.auth_token, args.password_file)
         plugins += [load_plugin(spec) for spec in args.plugin]
@@ -233,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout or None,
             ssl_context=_tls_context(args.certfile, args.keyfile),
+            backplane=_backplane(args.redis, args.name_ttl, args.redis_prefix),
         )
     except (ValueError, TypeError, pluggy.PluginValidationError) as exc:
         parser.error(str(exc))
@@ -240,8 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         trio.run(lambda: serve_until_stopped(server, interactive=interactive))
+    except* StartupError as group:
+        print(f"error: {_first(group)}", file=sys.stderr)
+        status = 1
     except* OSError as group:
-        error = group.exceptions[0]
+        error = _first(group)
         reason = (
             error.strerror if isinstance(error, OSError) and error.strerror else error
         )

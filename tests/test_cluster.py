@@ -1,0 +1,318 @@
+"""Several servers acting as one through a real Redis (chatkit.cluster).
+
+Every test starts its own ``redis-server`` on a free loopback port and
+stops it; a missing ``redis-server`` fails them (see tests/redis_server.py).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import chatkit
+from chatkit import ChatServer, Message, hookimpl
+from chatkit.cluster import BackplaneError, RedisBackplane
+from tests.redis_server import RedisServer, free_port, redis_server
+from tests.test_cli import Launch, launch, start_server  # noqa: F401 (fixture)
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with redis_server(tmp_path) as server:
+        yield server
+
+
+@asynccontextmanager
+async def cluster(
+    redis: RedisServer,
+    nodes: int = 3,
+    *,
+    plugins: Callable[[int], list[Any]] | None = None,
+    **backplane: Any,
+) -> AsyncIterator[list[ChatServer]]:
+    """``nodes`` ChatServers on free ports, one cluster through ``redis``."""
+    async with AsyncExitStack() as stack:
+        servers = [
+            await stack.enter_async_context(
+                chatkit.open_server(
+                    backplane=RedisBackplane(redis.url, **backplane),
+                    plugins=plugins(n) if plugins else (),
+                )
+            )
+            for n in range(nodes)
+        ]
+        yield servers
+
+
+async def wait_until(condition: Callable[[], bool], within: float = TIMEOUT) -> None:
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 (state of another process)
+            await trio.sleep(0.02)
+
+
+async def messages(
+    client: chatkit.ChatClient, count: int, room: str | None = None
+) -> list[Message]:
+    """The next ``count`` messages ``client`` receives (in ``room``)."""
+    got: list[Message] = []
+    with trio.fail_after(TIMEOUT):
+        async for event in client:
+            if isinstance(event, Message) and room in (None, event.room):
+                got.append(event)
+                if len(got) == count:
+                    return got
+    raise AssertionError(f"connection ended after {got}")
+
+
+async def quiet(client: chatkit.ChatClient, within: float = 0.3) -> list[Any]:
+    """Whatever ``client`` receives within ``within`` seconds."""
+    got: list[Any] = []
+    with trio.move_on_after(within):
+        async for event in client:
+            got.append(event)
+    return got
+
+
+def unref(message: Message) -> Message:
+    """``message`` without the sender's ``ref``, to compare copies."""
+    return Message(
+        id=message.id,
+        ts=message.ts,
+        room=message.room,
+        sender=message.sender,
+        text=message.text,
+    )
+
+
+async def test_a_message_reaches_every_member_on_every_node_once_in_one_order(
+    redis: RedisServer,
+) -> None:
+    async with cluster(redis, 3) as nodes, AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                chatkit.connect(port=nodes[n % 3].port, name=f"user{n}")
+            )
+            for n in range(6)
+        ]
+        members, outsiders = clients[:4], clients[4:]  # 2 nodes + 1 node, 2 + 1
+        for client in members:
+            await client.join("dev")
+        senders = members[:3]  # one on each node
+        per_sender = 30
+        received: dict[int, list[Message]] = {}
+
+        async def receive(n: int, client: chatkit.ChatClient) -> None:
+            received[n] = [
+                unref(m) for m in await messages(client, 3 * per_sender, "dev")
+            ]
+
+        async def send(client: chatkit.ChatClient) -> None:
+            for k in range(per_sender):
+                await client.say(f"{client.name} {k}", room="dev")
+
+        async with trio.open_nursery() as nursery:
+            for n, client in enumerate(members):
+                nursery.start_soon(receive, n, client)
+            for client in senders:
+                nursery.start_soon(send, client)
+
+        first = received[0]
+        assert len(first) == 3 * per_sender
+        ids = [m.id for m in first]
+        assert ids == sorted(set(ids)), "ids must be unique and increasing"
+        for n in range(1, len(members)):
+            assert received[n] == first, f"member {n} saw another order"
+        for client in senders:
+            mine = [m.text for m in first if m.sender == client.name]
+            assert mine == [f"{client.name} {k}" for k in range(per_sender)]
+        for client in outsiders:
+            assert not [e for e in await quiet(client) if isinstance(e, Message)], (
+                "a non-member got a room message"
+            )
+
+
+async def test_a_name_is_unique_across_nodes(redis: RedisServer) -> None:
+    async with cluster(redis, 2) as (a, b):
+        async with chatkit.connect(port=a.port, name="alice"):
+            with pytest.raises(chatkit.NameTaken):
+                async with chatkit.connect(port=b.port, name="ALICE"):
+                    pass
+            async with chatkit.connect(port=b.port, name="bob") as bob:
+                with pytest.raises(chatkit.NameTaken):
+                    await bob.nick("Alice")
+                await bob.nick("robert")  # a free name is fine
+                assert await bob.who() == ("alice", "robert")
+        # alice left node a: her name is free on node b at once.
+        async with chatkit.connect(port=b.port, name="alice") as alice:
+            assert alice.name == "alice"
+
+
+async def test_who_rooms_and_history_answer_for_the_whole_cluster(
+    redis: RedisServer,
+) -> None:
+    async with cluster(redis, 3) as nodes, AsyncExitStack() as stack:
+        alice, bob, carol = [
+            await stack.enter_async_context(chatkit.connect(port=node.port, name=name))
+            for node, name in zip(nodes, ["alice", "bob", "carol"], strict=True)
+        ]
+        await alice.join("dev")
+        await bob.join("dev")
+        said = [
+            unref(await alice.say("one", "dev")),
+            unref(await bob.say("two", "dev")),
+        ]
+        for client in (alice, bob, carol):
+            assert await client.who("dev") == ("alice", "bob")
+            assert await client.who() == ("alice", "bob", "carol")
+            assert await client.rooms() == {"dev": 2, "lobby": 3}
+        await carol.join("dev")
+        assert await carol.history("dev") == tuple(said)
+        assert await carol.history("dev", after=said[0].id) == (said[1],)
+        assert await carol.history("dev", before=said[1].id) == (said[0],)
+        await bob.leave("dev")
+        assert await carol.who("dev") == ("alice", "carol")
+
+
+async def test_direct_messages_cross_nodes(redis: RedisServer) -> None:
+    async with (
+        cluster(redis, 2) as (a, b),
+        chatkit.connect(port=a.port, name="alice") as alice,
+        chatkit.connect(port=b.port, name="bob") as bob,
+    ):
+        sent = await alice.dm("bob", "psst")
+        assert sent.sender == "alice" and sent.to == "bob"
+        with trio.fail_after(TIMEOUT):
+            async for event in bob:
+                if isinstance(event, chatkit.DirectMessage):
+                    assert (event.id, event.text) == (sent.id, "psst")
+                    break
+        with pytest.raises(chatkit.NoSuchUser):
+            await alice.dm("nobody", "hello?")
+
+
+class Recorder:
+    """Records the hooks one node fires."""
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+        self.joined: list[str] = []
+
+    @hookimpl
+    def chatkit_message_delivered(self, message: Message) -> None:
+        self.delivered.append(message.text)
+
+    @hookimpl
+    def chatkit_user_joined(self, user: chatkit.User, room: str) -> None:
+        self.joined.append(f"{user.name}@{room}")
+
+
+async def test_hooks_fire_once_on_the_node_where_the_event_originated(
+    redis: RedisServer,
+) -> None:
+    recorders = [Recorder(), Recorder()]
+    async with (
+        cluster(redis, 2, plugins=lambda n: [recorders[n]]) as (a, b),
+        chatkit.connect(port=a.port, name="alice") as alice,
+        chatkit.connect(port=b.port, name="bob") as bob,
+    ):
+        await alice.say("from a")
+        await bob.say("from b")
+        posted = await b.post("lobby", "from b's program")
+        assert posted.id > 0
+        await messages(alice, 3)
+    assert recorders[0].delivered == ["from a"]
+    assert recorders[1].delivered == ["from b", "from b's program"]
+    assert recorders[0].joined == ["alice@lobby"]
+    assert recorders[1].joined == ["bob@lobby"]
+
+
+async def test_a_killed_node_releases_its_names_within_the_expiry(
+    redis: RedisServer,
+    launch: Launch,  # noqa: F811 (the fixture)
+) -> None:
+    node, port = await start_server(
+        launch, "--redis", redis.url, "--name-ttl", "1", "--no-interactive"
+    )
+    async with cluster(redis, 1) as (survivor,):
+        async with chatkit.connect(port=port, name="alice"):
+            with pytest.raises(chatkit.NameTaken):
+                async with chatkit.connect(port=survivor.port, name="alice"):
+                    pass
+            node.process.send_signal(signal.SIGKILL)
+            await node.wait()
+        start = trio.current_time()
+        with trio.fail_after(3):
+            while True:
+                try:
+                    async with chatkit.connect(
+                        port=survivor.port, name="alice"
+                    ) as alice:
+                        assert await alice.who() == ("alice",)
+                        break
+                except chatkit.NameTaken:
+                    await trio.sleep(0.1)
+        assert trio.current_time() - start <= 1 + 1.0  # ttl, plus slack
+
+
+async def test_nodes_survive_a_redis_restart_and_lose_nothing_after_it(
+    redis: RedisServer,
+) -> None:
+    async with cluster(redis, 2, reconnect_delay=0.05, max_reconnect_delay=0.2) as (
+        a,
+        b,
+    ):
+        backplanes = [a.backplane, b.backplane]
+        assert all(bp is not None for bp in backplanes)
+        async with (
+            chatkit.connect(port=a.port, name="alice") as alice,
+            chatkit.connect(port=b.port, name="bob") as bob,
+        ):
+            before = unref(await alice.say("before"))
+            assert await messages(bob, 1) == [before]
+
+            await redis.stop()
+            await wait_until(lambda: not any(bp.available for bp in backplanes))  # type: ignore[union-attr]
+            # Alone, node a still serves its users...
+            alone = await alice.say("while redis is down")
+            assert alone.text == "while redis is down"
+            # ...but cannot check a new name against the cluster.
+            with pytest.raises(chatkit.Unavailable):
+                async with chatkit.connect(port=a.port, name="carol"):
+                    pass
+
+            await redis.start()  # empty: no persistence
+            await wait_until(lambda: all(bp.available for bp in backplanes))  # type: ignore[union-attr]
+            assert await bob.who() == ("alice", "bob")
+            after = [unref(await alice.say("after 1")), unref(await bob.say("after 2"))]
+            assert after[0].id > alone.id > before.id, "ids must keep increasing"
+            assert after[1].id > after[0].id
+            got_bob = await messages(bob, 2)
+            # alice's own copies come through her events too: before, while
+            # redis is down, after 1; then bob's after 2.
+            got_alice = await messages(alice, 4)
+            assert [unref(m) for m in got_bob] == after
+            assert [unref(m) for m in got_alice][2:] == after
+            assert not [e for e in await quiet(bob) if isinstance(e, Message)], (
+                "a message arrived twice"
+            )
+        assert backplanes[0].outages == 1  # type: ignore[union-attr]
+
+
+async def test_a_server_whose_redis_is_unreachable_does_not_start() -> None:
+    server = ChatServer(backplane=RedisBackplane(f"redis://127.0.0.1:{free_port()}/0"))
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+    error = info.value.exceptions[0]
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, BackplaneError)
+    assert "cannot reach Redis" in str(error)
