@@ -68,6 +68,7 @@ from ._server import LOBBY as LOBBY
 from ._server import SERVER_SENDER as SERVER_SENDER
 from ._server import ChatServer as ChatServer
 from ._server import LeaveReason as LeaveReason
+from ._server import RemoteUser as RemoteUser
 from ._server import User as User
 from ._server import open_server as open_server
 from .hookspecs import hookimpl as hookimpl
@@ -126,6 +127,7 @@ __all__ = [
     "Reject",
     "Rejected",
     "RemoteProtocolError",
+    "RemoteUser",
     "Renamed",
     "RoomInfo",
     "Rooms",

@@ -41,7 +41,7 @@ import pluggy
 if TYPE_CHECKING:
     from ._client import ChatClient
     from ._events import DirectMessage, Event, Message, Welcome
-    from ._server import ChatServer, LeaveReason, User
+    from ._server import ChatServer, LeaveReason, RemoteUser, User
 
 __all__ = ["PROJECT_NAME", "ClientSpec", "ServerSpec", "hookimpl", "hookspec"]
 
@@ -138,10 +138,12 @@ class ServerSpec:
 
     @hookspec
     def chatkit_dm(
-        self, server: ChatServer, user: User, recipient: User, text: str
+        self, server: ChatServer, user: User, recipient: User | RemoteUser, text: str
     ) -> str | None:
         """``user`` sends ``text`` privately to ``recipient``; runs before
-        delivery. Rewrite and veto work as in :meth:`chatkit_message`."""
+        delivery. Rewrite and veto work as in :meth:`chatkit_message`.
+        In a cluster, a recipient on another node is a
+        :class:`~chatkit.RemoteUser` (a name only)."""
 
     @hookspec
     def chatkit_message_delivered(self, server: ChatServer, message: Message) -> None:
