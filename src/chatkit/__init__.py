@@ -76,6 +76,7 @@ __version__ = "0.1.0"
 from .history import HistoryStore as HistoryStore
 from .history import HistoryStoreError as HistoryStoreError
 from .history import MemoryHistory as MemoryHistory
+from .sqlite import SqliteHistory as SqliteHistory
 
 __all__ = [
     "CLOSED",
@@ -132,6 +133,7 @@ __all__ = [
     "ServerConnection",
     "ServerFull",
     "Shutdown",
+    "SqliteHistory",
     "TimedOut",
     "TooLarge",
     "TooManyRooms",
