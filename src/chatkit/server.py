@@ -23,10 +23,15 @@ import trio
 from ._console import StdinReader
 from ._server import ChatServer
 from .auth import PasswordFileAuth, TokenAuth
+from .history import HistoryStore, HistoryStoreError, MemoryHistory
+from .sqlite import SqliteHistory
 
 __all__ = ["build_parser", "load_plugin", "main", "serve_until_stopped"]
 
 DEFAULT_PORT = 12345
+DEFAULT_DB = "chatkit.sqlite3"
+DEFAULT_DB_HISTORY = 10_000
+DEFAULT_MEMORY_HISTORY = 100
 
 log = logging.getLogger("chatkit.server")
 
@@ -57,13 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
         "instantiated with no arguments); repeatable, run in the order given",
     )
     parser.add_argument(
-        "--history",
-        type=int,
-        default=100,
-        metavar="N",
-        help="messages kept per room for 'history' (default: %(default)s)",
-    )
-    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -81,6 +79,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop when Enter is pressed on standard input (default: only "
         "when standard input is a terminal)",
+    )
+    history = parser.add_argument_group("history (see docs/deployment.md)")
+    where = history.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help="keep room history in this SQLite database, across restarts "
+        "(default: %(default)s, in the current directory)",
+    )
+    where.add_argument(
+        "--no-db",
+        action="store_true",
+        help="keep room history in memory only: lost when the server stops",
+    )
+    history.add_argument(
+        "--history",
+        type=int,
+        metavar="N",
+        help=f"messages kept per room (default: {DEFAULT_DB_HISTORY} in the "
+        f"database, {DEFAULT_MEMORY_HISTORY} with --no-db)",
+    )
+    history.add_argument(
+        "--history-max-age",
+        type=float,
+        metavar="SECONDS",
+        help="also forget messages older than this (default: keep them; "
+        "not with --no-db)",
     )
     limits = parser.add_argument_group("limits (see docs/security.md)")
     for flag, kind, default, text in (
@@ -142,6 +168,25 @@ def _auth_plugins(token: str | None, password_file: str | None) -> list[object]:
         except OSError as exc:
             raise ValueError(f"cannot read {password_file}: {exc.strerror}") from exc
     return []
+
+
+def _history_store(
+    db: str | None, size: int | None, max_age: float | None
+) -> HistoryStore:
+    """The SQLite store at ``db``, or with ``db=None`` the memory store."""
+    if size is not None and size < 1:
+        raise ValueError(f"--history must be at least 1, not {size}")
+    if max_age is not None and max_age <= 0:
+        raise ValueError(f"--history-max-age must be positive, not {max_age:g}")
+    if db is None:
+        if max_age is not None:
+            raise ValueError("--history-max-age needs the database (not --no-db)")
+        return MemoryHistory(DEFAULT_MEMORY_HISTORY if size is None else size)
+    return SqliteHistory(
+        db,
+        max_messages_per_room=DEFAULT_DB_HISTORY if size is None else size,
+        max_age=max_age,
+    )
 
 
 def load_plugin(spec: str) -> object:
@@ -223,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.port,
             plugins=plugins,
             load_entry_points=not args.no_entry_points,
-            history_size=args.history,
+            history=_history_store(
+                None if args.no_db else args.db, args.history, args.history_max_age
+            ),
             max_connections=args.max_connections,
             max_rooms_per_user=args.max_rooms_per_user,
             max_message_length=args.max_message_length,
@@ -240,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     try:
         trio.run(lambda: serve_until_stopped(server, interactive=interactive))
+    except* HistoryStoreError as group:
+        print(f"error: {group.exceptions[0]}", file=sys.stderr)
+        status = 1
     except* OSError as group:
         error = group.exceptions[0]
         reason = (
