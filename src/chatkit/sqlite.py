@@ -476,7 +476,7 @@ class SqliteHistory:
         except BaseException:
             self._close_connections()
             raise
-        log.info("History database %s opened (last message id %d)", path, last_id)
+        log.debug("history database %s opened (last message id %d)", path, last_id)
         return last_id
 
     def _prepare(self) -> int:
