@@ -83,7 +83,9 @@ class SqliteHistory:
     after the first queued message so that a burst shares one commit, and
     writes at most ``max_batch`` per commit. A crash of the server process
     can therefore lose the messages of the last ``batch_delay`` seconds or
-    so; a graceful stop writes everything.
+    so; a graceful stop writes everything. After such a crash the ids
+    skip ``max_pending + max_batch`` ahead, so that the id of a lost
+    message, which clients may have seen, is never given again.
 
     Retention is applied when the store opens and after a commit at most
     every ``prune_interval`` seconds (to the rooms written since), so a room
@@ -470,8 +472,12 @@ class SqliteHistory:
             self._reader.execute("PRAGMA query_only = ON")
         except (sqlite3.Error, OSError) as exc:
             self._close_connections()
+            reason = str(exc)
+            if getattr(exc, "sqlite_errorname", None) == "SQLITE_CANTOPEN":
+                # Typically a directory where the -wal file cannot be made.
+                reason += f" (SQLite must be able to create files in {folder})"
             raise HistoryStoreError(
-                f"cannot open history database {path}: {exc}"
+                f"cannot open history database {path}: {reason}"
             ) from exc
         except BaseException:
             self._close_connections()
