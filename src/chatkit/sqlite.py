@@ -222,9 +222,11 @@ class SqliteHistory:
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await self._flush()
-                await self._close()
-            self._open = False
+                try:
+                    await self._flush()
+                finally:
+                    await self._close()
+                    self._open = False
         if body_error is not None:
             raise body_error
 
