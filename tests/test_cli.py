@@ -80,22 +80,41 @@ class Program:
 Launch = Callable[..., Awaitable[Program]]
 
 
+def child_environment() -> dict[str, str]:
+    """The environment with PYTHONPATH made absolute (a relative entry, as in
+    PYTHONPATH=src, would point elsewhere from another directory) and the
+    repository added, for ``--plugin examples.x``."""
+    path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    absolute = [os.path.abspath(entry) for entry in path if entry]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*absolute, str(ROOT)])}
+
+
 @pytest.fixture
-async def launch() -> AsyncIterator[Launch]:
+async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     """``await launch("server", "--port", "0")`` starts ``python -m
     chatkit.server`` (``launch("examples/x.py")`` a script); every program is
-    killed at teardown if still running."""
+    killed at teardown if still running.
+
+    Programs run in ``tmp_path``, where the server's default history
+    database goes, with the repository (``examples``) importable.
+    """
     programs: list[Program] = []
+    env = child_environment()
 
     async def launch_(program: str, *args: str, stdin: int | None = None) -> Program:
         # "server" / "client" run the modules; "examples/x.py" a script.
-        target = [program] if program.endswith(".py") else ["-m", f"chatkit.{program}"]
+        target = (
+            [str(ROOT / program)]
+            if program.endswith(".py")
+            else ["-m", f"chatkit.{program}"]
+        )
         process = await trio.lowlevel.open_process(
             [sys.executable, *target, *args],
             stdin=subprocess.PIPE if stdin is None else stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=tmp_path,
+            env=env,
         )
         program = Program(process)
         programs.append(program)
@@ -364,3 +383,69 @@ async def test_example_wrappers_run_the_same_programs(launch: Launch) -> None:
     server.process.send_signal(signal.SIGTERM)
     assert await server.wait(within=2) == 0
     assert (await server.rest())[-1] == "Server has shut down."
+
+
+# --- history across restarts (SQLite, the default) ---------------------------
+
+
+async def history_seen_by(launch: Launch, port: int, name: str) -> list[str]:
+    """What ``/history`` shows a client that has just logged in."""
+    client = await launch("client", "--port", str(port), "--name", name)
+    await client.send("/history\n")
+    await client.close_stdin()
+    assert await client.wait() == 0
+    return await client.rest()
+
+
+async def test_history_survives_a_restart(launch: Launch, tmp_path: Path) -> None:
+    server, port = await start_server(launch, "--no-interactive")
+    alice = await start_client(launch, port, "alice")
+    await alice.send("remember me\n")
+    await alice.expect(r"^alice: remember me$")
+    server.process.send_signal(signal.SIGINT)
+    assert await server.wait() == 0
+    assert await alice.wait() == 0
+    assert (tmp_path / "chatkit.sqlite3").is_file()  # the default --db
+
+    _server, port = await start_server(launch, "--no-interactive")
+    seen = await history_seen_by(launch, port, "bob")
+    assert seen[seen.index("--- last 1 in lobby ---") + 1] == "alice: remember me"
+
+
+async def test_no_db_keeps_history_in_memory_only(
+    launch: Launch, tmp_path: Path
+) -> None:
+    server, port = await start_server(launch, "--no-db", "--history", "1")
+    alice = await start_client(launch, port, "alice")
+    await alice.send("one\ntwo\n")
+    await alice.expect(r"^alice: two$")
+    seen = await history_seen_by(launch, port, "bob")
+    assert seen[seen.index("--- last 1 in lobby ---") + 1] == "alice: two"
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.wait() == 0
+    assert not (tmp_path / "chatkit.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("db", "error"),
+    [
+        (
+            "bad.sqlite3",
+            "error: cannot open history database bad.sqlite3: file is not a database",
+        ),
+        (".", "error: cannot open history database .: it is a directory"),
+        (
+            "nowhere/chat.sqlite3",
+            "error: cannot open history database nowhere/chat.sqlite3: "
+            "no such directory {tmp}/nowhere",
+        ),
+    ],
+    ids=["corrupt", "directory", "no-directory"],
+)
+async def test_a_bad_database_is_one_line_and_status_1(
+    launch: Launch, tmp_path: Path, db: str, error: str
+) -> None:
+    (tmp_path / "bad.sqlite3").write_bytes(b"\x00garbage" * 1000)
+    server = await launch("server", "--port", "0", "--db", db)
+    assert await server.wait() == 1
+    assert await server.rest() == [error.format(tmp=tmp_path)]

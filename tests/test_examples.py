@@ -252,12 +252,14 @@ LOGGED = (
 )
 
 
-async def test_the_server_cli_loads_both_plugins() -> None:
+async def test_the_server_cli_loads_both_plugins(tmp_path: Path) -> None:
     async with run(
         "-m",
         "chatkit.server",
         "--port",
         "0",
+        "--db",
+        str(tmp_path / "history.sqlite3"),
         "--plugin",
         "examples.profanity_filter:ProfanityFilter",
         "--plugin",

@@ -143,7 +143,8 @@ def test_cli_tls_round_trip(cert_files: tuple[Path, Path, Path]) -> None:
     certfile, keyfile, cafile = cert_files
     server = subprocess.Popen(
         [sys.executable, "-m", "chatkit.server", "--port", "0", "--no-interactive",
-         "--certfile", str(certfile), "--keyfile", str(keyfile)],
+         "--certfile", str(certfile), "--keyfile", str(keyfile),
+         "--db", str(certfile.with_name("history.sqlite3"))],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT,
     )  # fmt: skip
     try:

@@ -268,6 +268,8 @@ class ServerProcess:
                     *self.command,
                     "--port=0",
                     "--no-interactive",
+                    # History (SQLite, the default store) kept with the logs.
+                    f"--db={self.log_dir / 'history.sqlite3'}",
                     "--no-entry-points",
                     "--log-level=warning",
                     # The machine sends a burst of requests per step.

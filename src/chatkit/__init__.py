@@ -79,6 +79,7 @@ __version__ = "0.1.0"
 from .history import HistoryStore as HistoryStore
 from .history import HistoryStoreError as HistoryStoreError
 from .history import MemoryHistory as MemoryHistory
+from .sqlite import SqliteHistory as SqliteHistory
 
 __all__ = [
     "CLOSED",
@@ -136,6 +137,7 @@ __all__ = [
     "ServerConnection",
     "ServerFull",
     "Shutdown",
+    "SqliteHistory",
     "StartupError",
     "TimedOut",
     "TooLarge",

@@ -25,10 +25,15 @@ from ._console import StdinReader
 from ._exceptions import StartupError
 from ._server import ChatServer
 from .auth import PasswordFileAuth, TokenAuth
+from .history import HistoryStore, MemoryHistory
+from .sqlite import SqliteHistory
 
 __all__ = ["build_parser", "load_plugin", "main", "serve_until_stopped"]
 
 DEFAULT_PORT = 12345
+DEFAULT_DB = "chatkit.sqlite3"
+DEFAULT_DB_HISTORY = 10_000
+DEFAULT_MEMORY_HISTORY = 100
 
 log = logging.getLogger("chatkit.server")
 
@@ -59,13 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         "instantiated with no arguments); repeatable, run in the order given",
     )
     parser.add_argument(
-        "--history",
-        type=int,
-        default=100,
-        metavar="N",
-        help="messages kept per room for 'history' (default: %(default)s)",
-    )
-    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -83,6 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop when Enter is pressed on standard input (default: only "
         "when standard input is a terminal)",
+    )
+    history = parser.add_argument_group("history (see docs/deployment.md)")
+    where = history.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db",
+        metavar="PATH",
+        help="keep room history in this SQLite database, across restarts "
+        f"(default: {DEFAULT_DB}, in the current directory; with --redis, "
+        "history is kept in Redis)",
+    )
+    where.add_argument(
+        "--no-db",
+        action="store_true",
+        help="keep room history in memory only: lost when the server stops",
+    )
+    history.add_argument(
+        "--history",
+        type=int,
+        metavar="N",
+        help=f"messages kept per room (default: {DEFAULT_DB_HISTORY} in the "
+        f"database, {DEFAULT_MEMORY_HISTORY} with --no-db)",
+    )
+    history.add_argument(
+        "--history-max-age",
+        type=float,
+        metavar="SECONDS",
+        help="also forget messages older than this (default: keep them; "
+        "not with --no-db)",
     )
     limits = parser.add_argument_group("limits (see docs/security.md)")
     for flag, kind, default, text in (
@@ -142,16 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _backplane(url: str | None, name_ttl: float, prefix: str) -> Any:
+def _backplane(args: argparse.Namespace) -> Any:
     """The RedisBackplane the flags ask for, or None."""
+    url = args.redis
     if url is None:
         return None
+    options: dict[str, Any] = {"name_ttl": args.name_ttl, "prefix": args.redis_prefix}
+    if args.history is not None:
+        options["history_size"] = args.history
     try:
         from .cluster import RedisBackplane
     except ImportError as exc:
         raise ValueError(str(exc)) from None
     try:
-        return RedisBackplane(url, name_ttl=name_ttl, prefix=prefix)
+        return RedisBackplane(url, **options)
     except ValueError as exc:
         raise ValueError(f"--redis {url}: {exc}") from None
 
@@ -180,6 +210,33 @@ def _auth_plugins(token: str | None, password_file: str | None) -> list[object]:
         except OSError as exc:
             raise ValueError(f"cannot read {password_file}: {exc.strerror}") from exc
     return []
+
+
+def _history_store(args: argparse.Namespace) -> HistoryStore | None:
+    """The store the flags ask for: SQLite (the default), memory with
+    ``--no-db``, or None with ``--redis`` (the cluster's shared history)."""
+    size, max_age = args.history, args.history_max_age
+    if args.redis is not None:
+        if args.db is not None or args.no_db or max_age is not None:
+            raise ValueError(
+                "with --redis, history is kept in Redis: "
+                "--db, --no-db and --history-max-age do not apply"
+            )
+        return None
+    db = None if args.no_db else (args.db or DEFAULT_DB)
+    if size is not None and size < 1:
+        raise ValueError(f"--history must be at least 1, not {size}")
+    if max_age is not None and max_age <= 0:
+        raise ValueError(f"--history-max-age must be positive, not {max_age:g}")
+    if db is None:
+        if max_age is not None:
+            raise ValueError("--history-max-age needs the database (not --no-db)")
+        return MemoryHistory(DEFAULT_MEMORY_HISTORY if size is None else size)
+    return SqliteHistory(
+        db,
+        max_messages_per_room=DEFAULT_DB_HISTORY if size is None else size,
+        max_age=max_age,
+    )
 
 
 def load_plugin(spec: str) -> object:
@@ -271,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.port,
             plugins=plugins,
             load_entry_points=not args.no_entry_points,
-            history_size=args.history,
+            history=_history_store(args),
             max_connections=args.max_connections,
             max_rooms_per_user=args.max_rooms_per_user,
             max_message_length=args.max_message_length,
@@ -281,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout or None,
             ssl_context=_tls_context(args.certfile, args.keyfile),
-            backplane=_backplane(args.redis, args.name_ttl, args.redis_prefix),
+            backplane=_backplane(args),
         )
     except (ValueError, TypeError, pluggy.PluginValidationError) as exc:
         parser.error(str(exc))

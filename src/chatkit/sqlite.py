@@ -1,0 +1,585 @@
+"""Room history in a SQLite database file: :class:`SqliteHistory`.
+
+History kept this way survives restarts, and message ids keep increasing
+across them. It is the server CLI's default store (``--db``); embed it with
+``ChatServer(history=SqliteHistory("chat.sqlite3"))``.
+
+How it works: :meth:`SqliteHistory.append` only queues the message in
+memory. A single writer task writes what is queued in batches, one
+transaction (one commit) per batch, in trio's worker threads so that the
+event loop never waits for the disk. Queries read from the database in a
+worker thread too, and add the queued messages not yet committed, so that
+they see everything appended. The database is in WAL mode with
+``synchronous=NORMAL``: a commit is not flushed to disk on its own, which
+survives a crash of the server but not of the machine (a power cut may lose
+the last commits).
+
+This is the one module of chatkit that uses threads (``sqlite3`` has no
+non-blocking interface): each connection is used by one thread at a time,
+and every thread is run and awaited by ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from itertools import chain
+from typing import Any
+
+import trio
+
+from ._events import Message
+from .history import HistoryStoreError
+
+__all__ = ["SqliteHistory"]
+
+log = logging.getLogger("chatkit.sqlite")
+
+SCHEMA_VERSION = 1
+"""The ``PRAGMA user_version`` of a database this module writes."""
+
+_SCHEMA = (
+    """
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        room TEXT NOT NULL,
+        ts REAL NOT NULL,
+        sender TEXT NOT NULL,
+        text TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX messages_room_id ON messages (room, id)",
+    "CREATE INDEX messages_ts ON messages (ts)",
+    # The highest id ever written, kept apart from the messages: retention
+    # may delete every message, and ids must still not start again at 1.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "INSERT INTO meta (key, value) VALUES ('last_id', 0)",
+)
+_INSERT = "INSERT INTO messages (id, room, ts, sender, text) VALUES (?, ?, ?, ?, ?)"
+_SET_LAST_ID = "UPDATE meta SET value = max(value, ?) WHERE key = 'last_id'"
+_PRUNE_ROOM = """
+    DELETE FROM messages WHERE room = ?1 AND id <= (
+        SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
+    )
+"""
+# The unary plus keeps SQLite off the ts index here: (room, id) is the one.
+_COLUMNS = "SELECT id, ts, sender, text FROM messages WHERE room = ? AND +ts >= ?"
+
+# A failed write is tried again after a pause that doubles up to the max.
+_RETRY_MIN = 0.5
+_RETRY_MAX = 30.0
+
+
+class SqliteHistory:
+    """Every room's history in a SQLite database file, kept across restarts.
+
+    Appending is cheap and never waits for the disk: messages are queued and
+    committed by one writer task, in batches: it waits ``batch_delay``
+    after the first queued message so that a burst shares one commit, and
+    writes at most ``max_batch`` per commit. A crash of the server process
+    can therefore lose the messages of the last ``batch_delay`` seconds or
+    so; a graceful stop writes everything. After such a crash the ids
+    skip ``max_pending + max_batch`` ahead, so that the id of a lost
+    message, which clients may have seen, is never given again.
+
+    Retention is applied when the store opens and after a commit at most
+    every ``prune_interval`` seconds (to the rooms written since), so a room
+    may briefly hold a few more than ``max_messages_per_room``; messages
+    older than ``max_age`` are never returned, deleted or not yet.
+
+    Errors:
+
+    - The database cannot be opened or is not a chatkit history database
+      (a directory, a missing directory, a corrupt or read-only file): the
+      server does not start; :meth:`open` raises
+      :class:`~chatkit.HistoryStoreError`, naming the path.
+    - A write fails while serving (disk full, I/O error): the error is
+      logged and the messages stay queued, visible to queries, and are
+      tried again after a pause (0.5 s, doubling up to 30 s). If the queue
+      grows past ``max_pending``, its oldest messages are dropped, each
+      counted in :attr:`dropped`, and an error is logged: memory stays
+      bounded while the disk is broken. Chat itself carries on.
+    - A read fails: the error is logged and the query answers with the
+      messages not yet written only.
+
+    Use one server per database file: two servers writing one file would
+    give out the same ids.
+
+    Args:
+        path: the database file; created (with its schema) if missing. Its
+            directory must exist. SQLite adds ``-wal`` and ``-shm`` files
+            next to it while it is open.
+        max_messages_per_room: messages kept per room; ``None``: no limit.
+        max_age: seconds a message is kept; ``None``: no limit.
+        batch_delay: seconds the writer waits for more messages before a
+            commit, unless ``max_batch`` are already queued.
+        max_batch: most messages written in one commit.
+        max_pending: most messages queued while writes fail.
+        prune_interval: least seconds between two retention passes.
+
+    Raises:
+        ValueError: an argument is out of range, or ``path`` is
+            ``":memory:"`` (use :class:`~chatkit.MemoryHistory`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_messages_per_room: int | None = 10_000,
+        max_age: float | None = None,
+        batch_delay: float = 0.05,
+        max_batch: int = 1000,
+        max_pending: int = 100_000,
+        prune_interval: float = 10.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        """The database file."""
+        if self.path in ("", ":memory:"):
+            raise ValueError("SqliteHistory needs a file; use MemoryHistory instead")
+        if max_messages_per_room is not None and max_messages_per_room < 1:
+            raise ValueError("max_messages_per_room must be at least 1 (or None)")
+        if max_age is not None and max_age <= 0:
+            raise ValueError("max_age must be positive (or None)")
+        if max_batch < 1 or max_pending < max_batch:
+            raise ValueError("max_batch must be at least 1, max_pending at least that")
+        if batch_delay < 0 or prune_interval < 0:
+            raise ValueError("batch_delay and prune_interval cannot be negative")
+        self.max_messages_per_room = max_messages_per_room
+        self.max_age = max_age
+        self.batch_delay = batch_delay
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.prune_interval = prune_interval
+        self.commits = 0
+        """Batches committed since this object was made (one commit each)."""
+        self.written = 0
+        """Messages committed since this object was made."""
+        self.dropped = 0
+        """Messages dropped unwritten because ``max_pending`` were queued."""
+        self.pruned = 0
+        """Messages deleted by retention since this object was made."""
+        # Queued messages, oldest first, and the batch being written: both
+        # are seen by queries until committed.
+        self._pending: collections.deque[Message] = collections.deque()
+        self._writing: tuple[Message, ...] = ()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        # The reader is shared by every query; one thread at a time uses it.
+        # The writer is used by the writer task alone, one call at a time.
+        self._read_limiter = trio.CapacityLimiter(1)
+        self._wakeup = trio.Event()
+        self._dropping = False  # an error was logged for the current drops
+        self._touched: set[str] = set()  # rooms written since the last prune
+        self._next_prune = 0.0
+        self._open = False
+
+    @property
+    def pending(self) -> int:
+        """Messages appended but not committed yet."""
+        return len(self._pending) + len(self._writing)
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[int]:
+        """Open the database for the duration of an ``async with`` block.
+
+        Creates the file and its schema if needed, applies retention and
+        yields the highest message id ever stored (``0`` for a new file).
+        Runs the writer task until the block ends, then writes every queued
+        message (even when cancelled) and closes the database.
+
+        Raises:
+            HistoryStoreError: the database cannot be opened or used, or is
+                not a chatkit history database; the message names the path.
+            RuntimeError: the store is already open.
+        """
+        if self._open:
+            raise RuntimeError(f"{self.path} is already open")
+        self._open = True
+        try:
+            last_id = await trio.to_thread.run_sync(self._connect)
+        except BaseException:
+            self._open = False
+            raise
+        self._next_prune = trio.current_time() + self.prune_interval
+        body_error: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop)
+                try:
+                    yield last_id
+                except BaseException as exc:
+                    # Re-raised below, outside the nursery, so it is not
+                    # wrapped in an ExceptionGroup (an OSError from the
+                    # server's listen must stay an OSError).
+                    body_error = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._flush()
+                finally:
+                    await self._close()
+                    self._open = False
+        if body_error is not None:
+            raise body_error
+
+    def append(self, message: Message) -> None:
+        """Queue ``message`` for the writer; never blocks."""
+        if len(self._pending) >= self.max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                log.error(
+                    "history database %s: %d messages queued, dropping the oldest "
+                    "unwritten (until a write succeeds)",
+                    self.path,
+                    len(self._pending) + 1,
+                )
+        self._pending.append(message)
+        self._wakeup.set()
+
+    async def recent(self, room: str, limit: int) -> Sequence[Message]:
+        """The newest ``limit`` messages of ``room``, oldest first."""
+        found = await self._query(
+            room,
+            "ORDER BY id DESC LIMIT ?",
+            (limit,),
+            lambda message: True,
+        )
+        return found[max(0, len(found) - limit) :]
+
+    async def before(self, room: str, id: int, limit: int) -> Sequence[Message]:
+        """The newest ``limit`` messages of ``room`` with an id below ``id``."""
+        found = await self._query(
+            room,
+            "AND id < ? ORDER BY id DESC LIMIT ?",
+            (id, limit),
+            lambda message: message.id < id,
+        )
+        return found[max(0, len(found) - limit) :]
+
+    async def after(self, room: str, id: int, limit: int) -> Sequence[Message]:
+        """The oldest ``limit`` messages of ``room`` with an id above ``id``."""
+        found = await self._query(
+            room,
+            "AND id > ? ORDER BY id LIMIT ?",
+            (id, limit),
+            lambda message: message.id > id,
+        )
+        return found[:limit]
+
+    # --- queries ------------------------------------------------------------
+
+    async def _query(
+        self,
+        room: str,
+        where: str,
+        params: tuple[int, ...],
+        keep: Callable[[Message], bool],
+    ) -> list[Message]:
+        """Messages of ``room`` matching the SQL ``where`` (after the room
+        and age conditions) and, among those not committed yet, ``keep``:
+        all sorted by id; the caller takes its slice."""
+        if self._reader is None:
+            raise RuntimeError(f"{self.path} is not open")
+        cutoff = -float("inf") if self.max_age is None else time.time() - self.max_age
+        # The queued messages are taken before the database is read: one
+        # committed in between is then found twice (merged by id), never
+        # missed.
+        found = {
+            m.id: m
+            for m in chain(self._writing, self._pending)
+            if m.room == room and m.ts >= cutoff and keep(m)
+        }
+        try:
+            rows = await trio.to_thread.run_sync(
+                self._select,
+                f"{_COLUMNS} {where}",
+                (room, cutoff, *params),
+                limiter=self._read_limiter,
+            )
+        except sqlite3.Error:
+            log.exception("history database %s: a read failed", self.path)
+            rows = []
+        for row_id, ts, sender, text in rows:
+            if row_id not in found:
+                found[row_id] = Message(
+                    id=row_id, ts=ts, room=room, sender=sender, text=text
+                )
+        return sorted(found.values(), key=lambda message: message.id)
+
+    def _select(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        # In a worker thread, under the read limiter.
+        reader = self._reader
+        if reader is None:  # closed while this call waited for the limiter
+            return []
+        return reader.execute(sql, params).fetchall()
+
+    # --- writing ------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        retry = _RETRY_MIN
+        while True:
+            if not self._pending:
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            if len(self._pending) < self.max_batch:
+                await trio.sleep(self.batch_delay)  # a burst shares a commit
+            if await self._write_batch():
+                retry = _RETRY_MIN
+                if trio.current_time() >= self._next_prune:
+                    await self._prune_touched()
+            else:
+                await trio.sleep(retry)
+                retry = min(2 * retry, _RETRY_MAX)
+
+    async def _write_batch(self) -> bool:
+        """Commit the oldest ``max_batch`` queued messages; False (logged,
+        and the messages back in the queue) if that failed."""
+        batch = tuple(
+            self._pending.popleft()
+            for _ in range(min(len(self._pending), self.max_batch))
+        )
+        if not batch:
+            return True
+        self._writing = batch
+        rooms: set[str] | None = None
+        try:
+            # Not cancellable once the thread runs: the commit's outcome is
+            # always known here.
+            rooms = await trio.to_thread.run_sync(self._insert, batch)
+        except (sqlite3.Error, OSError):
+            log.exception(
+                "history database %s: cannot write %d messages (will retry)",
+                self.path,
+                len(batch),
+            )
+        finally:
+            self._writing = ()
+            if rooms is None:  # failed, or cancelled before the thread ran
+                self._pending.extendleft(reversed(batch))
+        if rooms is None:
+            return False
+        self.commits += 1
+        self.written += len(batch)
+        self._touched |= rooms
+        if self._dropping:
+            self._dropping = False
+            log.warning("history database %s: writing again", self.path)
+        return True
+
+    def _insert(self, batch: Sequence[Message]) -> set[str]:
+        # In a worker thread; the writer connection is the writer task's.
+        writer = self._connection()
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            writer.executemany(
+                _INSERT, [(m.id, m.room, m.ts, m.sender, m.text) for m in batch]
+            )
+            writer.execute(_SET_LAST_ID, (max(m.id for m in batch),))
+            writer.execute("COMMIT")
+        except BaseException:
+            if writer.in_transaction:
+                writer.rollback()
+            raise
+        return {m.room for m in batch}
+
+    async def _flush(self) -> None:
+        """Write everything queued, once; called when closing."""
+        while self._pending and self._writer is not None:
+            if not await self._write_batch():
+                log.error(
+                    "history database %s: %d messages could not be written",
+                    self.path,
+                    len(self._pending),
+                )
+                return
+
+    # --- retention ----------------------------------------------------------
+
+    async def _prune_touched(self) -> None:
+        rooms, self._touched = self._touched, set()
+        try:
+            self.pruned += await trio.to_thread.run_sync(self._prune, rooms)
+        except sqlite3.Error:
+            log.exception("history database %s: retention failed", self.path)
+            self._touched |= rooms  # for the next pass
+        self._next_prune = trio.current_time() + self.prune_interval
+
+    def _prune(self, rooms: Iterable[str] | None) -> int:
+        """Delete what retention does not keep, in ``rooms`` (``None``: all
+        of them); in a transaction of its own unless one is open."""
+        writer = self._connection()
+        own = not writer.in_transaction
+        if own:
+            writer.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = 0
+            if self.max_age is not None:
+                cutoff = time.time() - self.max_age
+                cursor = writer.execute("DELETE FROM messages WHERE ts < ?", (cutoff,))
+                deleted += cursor.rowcount
+            if self.max_messages_per_room is not None:
+                if rooms is None:
+                    found = writer.execute("SELECT DISTINCT room FROM messages")
+                    rooms = [room for (room,) in found.fetchall()]
+                for room in rooms:
+                    cursor = writer.execute(
+                        _PRUNE_ROOM, (room, self.max_messages_per_room)
+                    )
+                    deleted += cursor.rowcount
+            if own:
+                writer.execute("COMMIT")
+        except BaseException:
+            if own and writer.in_transaction:
+                writer.rollback()
+            raise
+        return deleted
+
+    # --- opening and closing -----------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise RuntimeError(f"{self.path} is not open")
+        return self._writer
+
+    def _connect(self) -> int:
+        """Open both connections (in a worker thread); the highest id."""
+        path = self.path
+        if os.path.isdir(path):
+            raise HistoryStoreError(
+                f"cannot open history database {path}: it is a directory"
+            )
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise HistoryStoreError(
+                f"cannot open history database {path}: no such directory {folder}"
+            )
+        try:
+            self._writer = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
+            last_id = self._prepare()
+            self._reader = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
+            self._reader.execute("PRAGMA query_only = ON")
+        except (sqlite3.Error, OSError) as exc:
+            self._close_connections()
+            reason = str(exc)
+            if getattr(exc, "sqlite_errorname", None) == "SQLITE_CANTOPEN":
+                # Typically a directory where the -wal file cannot be made.
+                reason += f" (SQLite must be able to create files in {folder})"
+            raise HistoryStoreError(
+                f"cannot open history database {path}: {reason}"
+            ) from exc
+        except BaseException:
+            self._close_connections()
+            raise
+        log.debug("history database %s opened (last message id %d)", path, last_id)
+        return last_id
+
+    def _prepare(self) -> int:
+        """Check or create the schema, apply retention; the highest id."""
+        writer = self._connection()
+        (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal":
+            raise HistoryStoreError(
+                f"cannot open history database {self.path}: cannot use WAL mode "
+                f"(journal mode {mode})"
+            )
+        writer.execute("PRAGMA synchronous = NORMAL")
+        # A damaged file is refused now rather than failing mid-chat; this
+        # reads the whole file (about 0.1 s per 100 MB when cached).
+        (check,) = writer.execute("PRAGMA quick_check(1)").fetchone()
+        if check != "ok":
+            raise HistoryStoreError(
+                f"cannot open history database {self.path}: it is damaged "
+                f"({' '.join(check.split())})"
+            )
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = writer.execute("PRAGMA user_version").fetchone()
+            if version == 0:
+                (tables,) = writer.execute(
+                    "SELECT count(*) FROM sqlite_master"
+                ).fetchone()
+                if tables:
+                    raise HistoryStoreError(
+                        f"cannot open history database {self.path}: it is a SQLite "
+                        "database, but not a chatkit history"
+                    )
+                for statement in _SCHEMA:
+                    writer.execute(statement)
+                writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version > SCHEMA_VERSION:
+                raise HistoryStoreError(
+                    f"cannot open history database {self.path}: schema version "
+                    f"{version} is newer than this chatkit's ({SCHEMA_VERSION})"
+                )
+            (last_id,) = writer.execute(
+                "SELECT max(coalesce((SELECT max(id) FROM messages), 0), value) "
+                "FROM meta WHERE key = 'last_id'"
+            ).fetchone()
+            crashed = writer.execute(
+                "SELECT 1 FROM meta WHERE key = 'running'"
+            ).fetchone()
+            if crashed:
+                # Messages still queued at the crash were lost, ids and all;
+                # clients may have seen those ids, so none is given again.
+                skip = self.max_pending + self.max_batch
+                log.warning(
+                    "history database %s was not closed cleanly: the last "
+                    "messages before the stop may be lost; ids skip %d ahead",
+                    self.path,
+                    skip,
+                )
+                last_id += skip
+            writer.execute(_SET_LAST_ID, (last_id,))
+            # Also a write now, so that a read-only file fails here, not
+            # mid-chat.
+            writer.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('running', ?)",
+                (time.time(),),
+            )
+            self.pruned += self._prune(None)
+            writer.execute("COMMIT")
+        except BaseException:
+            if writer.in_transaction:
+                writer.rollback()
+            raise
+        return int(last_id)
+
+    async def _close(self) -> None:
+        if self._writer is not None and not self.pending:
+            try:
+                await trio.to_thread.run_sync(
+                    self._writer.execute, "DELETE FROM meta WHERE key = 'running'"
+                )
+            except sqlite3.Error:
+                log.exception("history database %s: cannot mark it closed", self.path)
+        reader, writer = self._reader, self._writer
+        self._reader = self._writer = None
+        # The reader after any query still running on it.
+        for connection, limiter in ((reader, self._read_limiter), (writer, None)):
+            if connection is None:
+                continue
+            try:
+                await trio.to_thread.run_sync(connection.close, limiter=limiter)
+            except sqlite3.Error:
+                log.exception("history database %s: error while closing", self.path)
+
+    def _close_connections(self) -> None:
+        # In a worker thread, after a failed open.
+        for connection in (self._reader, self._writer):
+            if connection is not None:
+                connection.close()
+        self._reader = self._writer = None

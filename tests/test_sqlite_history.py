@@ -1,0 +1,434 @@
+"""History stores: the contract every store keeps (MemoryHistory and
+SqliteHistory alike), and SqliteHistory's own promises: history across
+restarts, batched commits, retention, and clear errors at start-up."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+import chatkit
+from chatkit import HistoryStore, HistoryStoreError, MemoryHistory, Message
+from chatkit import sqlite as chatkit_sqlite
+from chatkit.sqlite import SqliteHistory
+from tests.helpers import TIMEOUT, RawClient
+
+
+def message(
+    id: int, room: str = "lobby", *, age: float = 0.0, text: str = ""
+) -> Message:
+    return Message(
+        id=id, ts=time.time() - age, room=room, sender="alice", text=text or f"m{id}"
+    )
+
+
+def unref(said: Message) -> Message:
+    """The message as history holds it (without the sender's ``ref``)."""
+    return msgspec.structs.replace(said, ref=None)
+
+
+def rows(
+    path: Path, sql: str = "SELECT room, count(*) FROM messages GROUP BY room"
+) -> list[Any]:
+    """What ``sql`` finds in the database file (on a connection of its own)."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds (the writer runs in the background)."""
+    with trio.fail_after(TIMEOUT):
+        while True:
+            if condition():
+                return
+            await trio.sleep(0.01)  # polled: the store has no event to wait on
+
+
+async def written(store: SqliteHistory) -> None:
+    await eventually(lambda: store.pending == 0)
+
+
+# --- the contract -------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[HistoryStore]:
+    """An open, empty store of each kind."""
+    opened: HistoryStore = (
+        MemoryHistory(1000)
+        if request.param == "memory"
+        else SqliteHistory(tmp_path / "history.sqlite3")
+    )
+    assert isinstance(opened, HistoryStore)
+    async with opened.open() as last_id:
+        assert last_id == 0
+        yield opened
+
+
+async def check_queries(store: HistoryStore, said: Sequence[Message]) -> None:
+    """Every query, for every room, bound and limit, against a plain list."""
+    for room in ("lobby", "dev", "empty"):
+        mine = [m for m in said if m.room == room]
+        for limit in (1, 2, 5, 1000):
+            assert list(await store.recent(room, limit)) == mine[-limit:]
+            for bound in range(len(said) + 2):
+                older = [m for m in mine if m.id < bound]
+                newer = [m for m in mine if m.id > bound]
+                assert list(await store.before(room, bound, limit)) == older[-limit:]
+                assert list(await store.after(room, bound, limit)) == newer[:limit]
+
+
+async def test_queries_are_pages_oldest_first(store: HistoryStore) -> None:
+    said = [message(n, "dev" if n % 3 == 0 else "lobby") for n in range(1, 16)]
+    for m in said:
+        store.append(m)
+    await check_queries(store, said)
+    if isinstance(store, SqliteHistory):
+        await written(store)
+        await check_queries(store, said)  # now from the database
+    # More on top: (if SQLite) some written, some not yet.
+    more = [message(n, "lobby") for n in range(16, 21)]
+    for m in more:
+        store.append(m)
+    await check_queries(store, said + more)
+
+
+# --- SqliteHistory -------------------------------------------------------------
+
+
+async def test_queries_see_messages_not_written_yet(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, batch_delay=3600)  # nothing written while open
+    async with store.open():
+        said = [message(n) for n in range(1, 6)]
+        for m in said:
+            store.append(m)
+        assert (store.pending, store.commits) == (5, 0)
+        assert list(await store.recent("lobby", 3)) == said[-3:]
+        assert list(await store.before("lobby", 3, 5)) == said[:2]
+        assert list(await store.after("lobby", 3, 1)) == said[3:4]
+        assert rows(path) == []
+    # Closing writes everything, in one commit.
+    assert (store.pending, store.commits, store.written) == (0, 1, 5)
+    assert rows(path) == [("lobby", 5)]
+    async with store.open() as last_id:
+        assert last_id == 5
+        assert list(await store.recent("lobby", 10)) == said
+
+
+async def test_restarted_server_keeps_history_and_ids_keep_increasing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chat.sqlite3"
+    async with (
+        chatkit.open_server(history=SqliteHistory(path)) as server,
+        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
+    ):
+        await alice.join("dev")
+        said = [
+            unref(await alice.say(f"before the restart {n}", "dev")) for n in (1, 2)
+        ]
+
+    async with (
+        chatkit.open_server(history=SqliteHistory(path)) as server,
+        chatkit.connect("127.0.0.1", server.port, name="bob") as bob,
+    ):
+        await bob.join("dev")
+        assert await bob.history("dev") == tuple(said)
+        after = unref(await bob.say("after the restart", "dev"))
+        assert after.id > said[-1].id
+        assert await bob.history("dev", after=said[0].id) == (said[1], after)
+
+
+CRASH = """
+import os, sys, time, trio
+from chatkit import Message
+from chatkit.sqlite import SqliteHistory
+
+def message(id, text):
+    return Message(id=id, ts=time.time(), room="lobby", sender="a", text=text)
+
+async def main():
+    store = SqliteHistory(sys.argv[1], batch_delay=0, max_pending=100, max_batch=10)
+    async with store.open():
+        store.append(message(1, "kept"))
+        while store.pending:
+            await trio.sleep(0.01)
+        store.append(message(2, "lost"))
+        os._exit(1)  # before the writer could write it: a crash
+
+trio.run(main)
+"""
+
+
+async def test_after_a_crash_ids_skip_past_what_may_be_lost(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    crash = await trio.run_process(
+        [sys.executable, "-c", CRASH, str(path)],
+        env=absolute_pythonpath(),
+        capture_stderr=True,
+        check=False,
+    )
+    assert crash.returncode == 1, crash.stderr
+    assert rows(path, "SELECT id, text FROM messages") == [(1, "kept")]
+    # Message 2 is lost, but a client may have seen its id: never given again.
+    store = SqliteHistory(path, max_pending=100, max_batch=10)
+    async with store.open() as last_id:
+        assert last_id == 1 + 100 + 10
+    async with store.open() as last_id:
+        assert last_id == 111  # closed cleanly this time: no further skip
+
+
+def absolute_pythonpath() -> dict[str, str]:
+    """The environment, with PYTHONPATH=src made absolute."""
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    absolute = os.pathsep.join(os.path.abspath(entry) for entry in entries if entry)
+    return {**os.environ, "PYTHONPATH": absolute}
+
+
+async def test_a_burst_of_10000_messages_is_written_in_a_few_commits(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chat.sqlite3"
+    store = SqliteHistory(path)
+    count = 10_000
+    async with chatkit.open_server(history=store, rate_limit=None) as server:
+        alice = await RawClient.open(server.port)
+        try:
+            await alice.hello("alice")
+            await alice.receive_json()  # joined lobby
+            start = trio.current_time()
+            # One packet of 10,000 requests: the server reads them as one burst.
+            await alice.send_bytes(
+                b"".join(
+                    b'{"type":"say","room":"lobby","text":"m%d"}\n' % n
+                    for n in range(count)
+                )
+            )
+            echoed = 0
+            with trio.fail_after(TIMEOUT * 4):
+                while echoed < count:
+                    data = await alice.stream.receive_some(1 << 20)
+                    assert data
+                    echoed += data.count(b"\n")
+            await written(store)
+            elapsed = trio.current_time() - start
+        finally:
+            await alice.aclose()
+    assert store.written == count
+    assert store.commits < 100, store.commits
+    # Printed with -s: the figures docs/deployment.md quotes.
+    print(f"\n{count} messages: {store.commits} commits, {elapsed:.2f} s to disk")
+    assert rows(path) == [("lobby", count)]
+    assert rows(path, "SELECT min(id), max(id) FROM messages") == [(1, count)]
+
+
+async def test_retention_by_count(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, max_messages_per_room=3, prune_interval=0)
+    async with store.open():
+        for n in range(1, 11):
+            store.append(message(n, "busy"))
+        store.append(message(11, "quiet"))
+        store.append(message(12, "quiet"))
+        await eventually(lambda: store.pruned == 7)
+        assert sorted(rows(path)) == [("busy", 3), ("quiet", 2)]
+        assert [m.id for m in await store.recent("busy", 10)] == [8, 9, 10]
+    # A smaller limit applies at start-up, and ids still continue.
+    smaller = SqliteHistory(path, max_messages_per_room=1)
+    async with smaller.open() as last_id:
+        assert last_id == 12
+        assert smaller.pruned == 3
+    assert sorted(rows(path)) == [("busy", 1), ("quiet", 1)]
+
+
+async def test_retention_by_age(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, max_age=60, prune_interval=0)
+    async with store.open():
+        old = [message(n, age=3600) for n in range(1, 4)]
+        new = [message(n, age=30) for n in range(4, 6)]
+        for m in old + new:
+            store.append(m)
+        # Too old is never returned, deleted yet or not.
+        assert list(await store.recent("lobby", 10)) == new
+        await eventually(lambda: store.pruned == 3)
+        assert rows(path) == [("lobby", 2)]
+        assert list(await store.after("lobby", 0, 10)) == new
+        store.append(message(6, age=3600))
+    # Once everything has expired, the ids still go on from the highest.
+    async with SqliteHistory(path, max_age=10).open() as last_id:
+        assert last_id == 6
+    assert rows(path) == []
+
+
+async def test_a_full_disk_is_logged_and_retried(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(chatkit_sqlite, "_RETRY_MIN", 0.05)
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, batch_delay=0)
+    async with store.open():
+        store.append(message(1))
+        await written(store)
+        # A full disk as SQLite reports it: the file may not grow. (The writer
+        # is idle; its connection is borrowed for the set-up.)
+        db = store._writer
+        assert db is not None
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        said = [message(n, text="x" * 200) for n in range(2, 502)]
+        for m in said:
+            store.append(m)
+        await eventually(lambda: "database or disk is full" in caplog.text)
+        assert "cannot write 500 messages (will retry)" in caplog.text
+        # Nothing lost: still queued, still in the answers.
+        assert (store.commits, store.pending) == (1, 500)
+        assert list(await store.after("lobby", 1, 1000)) == said
+        await trio.sleep(0.2)  # a few failed retries
+        db.execute("PRAGMA max_page_count = 1073741823")
+        await written(store)
+    assert store.commits == 2
+    assert rows(path) == [("lobby", 501)]
+
+
+async def test_past_max_pending_the_oldest_unwritten_are_dropped(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(chatkit_sqlite, "_RETRY_MIN", 0.05)
+    store = SqliteHistory(
+        tmp_path / "history.sqlite3", batch_delay=0, max_batch=2, max_pending=4
+    )
+    async with store.open():
+        db = store._writer
+        assert db is not None
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        said = [message(n, text="x" * 2000) for n in range(1, 8)]
+        for m in said:
+            store.append(m)
+        assert store.dropped == 3
+        assert caplog.text.count("dropping the oldest unwritten") == 1
+        assert list(await store.recent("lobby", 10)) == said[3:]
+        db.execute("PRAGMA max_page_count = 1073741823")
+        await written(store)
+        assert list(await store.recent("lobby", 10)) == said[3:]
+    assert store.written == 4
+
+
+# --- errors at start-up --------------------------------------------------------
+
+
+def garbage(path: Path) -> Path:
+    path.write_bytes(b"this is not a database, " * 200)
+    return path
+
+
+def damaged(path: Path) -> Path:
+    """A real history database with a page in its middle overwritten."""
+    db = sqlite3.connect(path)
+    db.executescript(";".join(chatkit_sqlite._SCHEMA) + ";PRAGMA user_version = 1")
+    db.executemany(
+        chatkit_sqlite._INSERT,
+        [(n, "lobby", 0.0, "alice", "x" * 100) for n in range(1, 2001)],
+    )
+    db.commit()
+    db.close()
+    size = path.stat().st_size
+    with path.open("r+b") as file:
+        file.seek(size // 2 // 4096 * 4096)
+        file.write(b"\xff" * 4096)
+    return path
+
+
+def foreign(path: Path) -> Path:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE accounts (name TEXT)")
+    db.commit()
+    db.close()
+    return path
+
+
+def newer(path: Path) -> Path:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (garbage, "file is not a database"),
+        (damaged, r"it is damaged \(.+\)$"),
+        (foreign, "it is a SQLite database, but not a chatkit history"),
+        (newer, r"schema version 99 is newer than this chatkit's \(1\)"),
+        (lambda path: path.parent, "it is a directory"),
+        (lambda path: path / "no" / "db", "no such directory .*/no$"),
+    ],
+    ids=["garbage", "damaged", "foreign", "newer", "directory", "no-directory"],
+)
+async def test_a_bad_database_stops_the_server_before_it_listens(
+    tmp_path: Path, make: Callable[[Path], Path], reason: str
+) -> None:
+    path = make(tmp_path / "history.sqlite3")
+    server = chatkit.ChatServer(history=SqliteHistory(path))
+    with pytest.raises(HistoryStoreError) as caught:
+        await server.serve()
+    assert caught.match(f"^cannot open history database {path}: {reason}")
+    assert server.port == 0  # never listened
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write a read-only file")
+async def test_a_read_only_database_stops_the_server(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    async with SqliteHistory(path).open():
+        pass
+    path.chmod(0o444)
+    with pytest.raises(HistoryStoreError, match="readonly database"):
+        async with SqliteHistory(path).open():
+            pass
+
+
+def test_arguments_are_checked() -> None:
+    for bad in (
+        {"max_messages_per_room": 0},
+        {"max_age": 0},
+        {"max_batch": 0},
+        {"max_batch": 10, "max_pending": 5},
+        {"batch_delay": -1},
+    ):
+        with pytest.raises(ValueError):
+            SqliteHistory("history.sqlite3", **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MemoryHistory"):
+        SqliteHistory(":memory:")
+
+
+async def test_a_store_opens_once_at_a_time(tmp_path: Path) -> None:
+    store = SqliteHistory(tmp_path / "history.sqlite3")
+    async with store.open():
+        with pytest.raises(RuntimeError, match="already open"):
+            async with store.open():
+                pass
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.recent("lobby", 1)
