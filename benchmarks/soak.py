@@ -164,6 +164,7 @@ def start_server(procs: Processes, work: Path) -> tuple[subprocess.Popen[bytes],
             "--rate-limit=0",  # the talkers are polite; the churners bursty
             "--idle-timeout=0",  # listeners are silent for minutes
             "--plugin=_soak_probe:TaskCounter",
+            f"--db={work / 'soak.sqlite3'}",  # the CLI's default store, not in cwd
         ],
         log,
         env,

@@ -432,6 +432,16 @@ def test_arguments_are_checked() -> None:
         SqliteHistory(":memory:")
 
 
+async def test_two_servers_cannot_share_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    async with SqliteHistory(path).open():
+        with pytest.raises(HistoryStoreError, match="another server is using it"):
+            async with SqliteHistory(path).open():
+                pass
+    async with SqliteHistory(path).open():  # free again once closed
+        pass
+
+
 async def test_a_store_opens_once_at_a_time(tmp_path: Path) -> None:
     store = SqliteHistory(tmp_path / "history.sqlite3")
     async with store.open():

@@ -25,6 +25,7 @@ import collections
 import logging
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -107,8 +108,9 @@ class SqliteHistory:
     - A read fails: the error is logged and the query answers with the
       messages not yet written only.
 
-    Use one server per database file: two servers writing one file would
-    give out the same ids.
+    One server per database file: two servers writing one file would give
+    out the same ids, so the store locks ``PATH.lock`` (``flock``) while
+    open and a second one fails to open (``HistoryStoreError``).
 
     Args:
         path: the database file; created (with its schema) if missing. Its
@@ -170,6 +172,7 @@ class SqliteHistory:
         self._writing: tuple[Message, ...] = ()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._lock_fd = -1  # PATH.lock, locked while open (see _lock)
         # The reader is shared by every query; one thread at a time uses it.
         # The writer is used by the writer task alone, one call at a time.
         self._read_limiter = trio.CapacityLimiter(1)
@@ -463,6 +466,7 @@ class SqliteHistory:
             raise HistoryStoreError(
                 f"cannot open history database {path}: no such directory {folder}"
             )
+        self._lock()
         try:
             self._writer = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False
@@ -576,6 +580,7 @@ class SqliteHistory:
                 await trio.to_thread.run_sync(connection.close, limiter=limiter)
             except sqlite3.Error:
                 log.exception("history database %s: error while closing", self.path)
+        self._unlock()
 
     def _close_connections(self) -> None:
         # In a worker thread, after a failed open.
@@ -583,3 +588,34 @@ class SqliteHistory:
             if connection is not None:
                 connection.close()
         self._reader = self._writer = None
+        self._unlock()
+
+    def _lock(self) -> None:
+        """Take ``PATH.lock``: two servers on one database would hand out
+        the same message ids. Released when the store closes (or the
+        process ends)."""
+        if sys.platform == "win32":  # pragma: no cover - no flock there
+            return
+        import fcntl
+
+        lock_path = f"{self.path}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise HistoryStoreError(
+                f"cannot open history database {self.path}: cannot create "
+                f"{lock_path}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise HistoryStoreError(
+                f"cannot open history database {self.path}: another server is using it"
+            ) from exc
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            os.close(fd)  # releases the flock
