@@ -316,3 +316,15 @@ async def test_a_server_whose_redis_is_unreachable_does_not_start() -> None:
         error = error.exceptions[0]
     assert isinstance(error, BackplaneError)
     assert "cannot reach Redis" in str(error)
+
+
+def test_the_cli_keeps_history_in_redis_with_redis(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from chatkit.server import main
+
+    for extra in (["--db", "x.sqlite3"], ["--no-db"], ["--history-max-age", "60"]):
+        with pytest.raises(SystemExit) as exited:
+            main(["--redis", "redis://127.0.0.1:1/0", *extra])
+        assert exited.value.code == 2
+        assert "with --redis, history is kept in Redis" in capsys.readouterr().err

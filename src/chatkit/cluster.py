@@ -317,10 +317,8 @@ class RedisBackplane:
         self._flushed = trio.Event()  # set while nothing is left to send
         self._flushed.set()
         self._seq = 0
-        # Publications not seen back from the stream yet, by seq; and those
-        # delivered locally during an outage, to skip if they come back.
+        # Publications not seen back from the stream yet, by seq.
         self._waiting: dict[int, Publication] = {}
-        self._fallen_back: set[int] = set()
         self._last_entry: str | bytes = b"0-0"  # the last events-stream entry read
 
     # --- keys -------------------------------------------------------------
@@ -460,14 +458,13 @@ class RedisBackplane:
         # Whatever waited for Redis gets an answer now: queries fail, and
         # messages not seen back yet go to local members instead (if Redis
         # kept them, the other nodes still get them from the stream, and
-        # this node skips them there: see _fallen_back).
+        # this node skips them there: they are no longer in _waiting).
         pending = self._in_flight + self._outbox
         self._in_flight, self._outbox = [], []
         self._flushed.set()
         for _build, on_result in pending:
             on_result(_LOST)
         waiting, self._waiting = self._waiting, {}
-        self._fallen_back.update(waiting)
         for publication in waiting.values():
             event = server._cluster_fallback(publication)
             publication.result = event
@@ -557,11 +554,10 @@ class RedisBackplane:
                     mine = env.node == self.node_id
                     publication = None
                     if mine:
-                        if env.seq in self._fallen_back:
-                            # Delivered locally during an outage already.
-                            self._fallen_back.discard(env.seq)
-                            continue
                         publication = self._waiting.pop(env.seq, None)
+                        if publication is None:
+                            # Delivered locally when Redis was lost (_lost).
+                            continue
                     event = server._cluster_event(id, env, mine, publication)
                     if mine and event is not None:
                         after.append((event, publication))
