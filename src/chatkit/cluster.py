@@ -308,6 +308,15 @@ class RedisBackplane:
         self._rooms = self._redis.register_script(_ROOMS)
         self._forget = self._redis.register_script(_FORGET)
         self._floor = self._redis.register_script(_FLOOR)
+        self._scripts = (
+            self._publish,
+            self._claim,
+            self._release,
+            self._who,
+            self._rooms,
+            self._forget,
+            self._floor,
+        )
         self._server: ChatServer | None = None
         # The outbox: commands for the writer task, sent in order, pipelined.
         # Each is (build, on_result): build queues the command on a pipeline.
@@ -325,6 +334,18 @@ class RedisBackplane:
 
     def _key(self, kind: str, name: str = "") -> str:
         return f"{self.prefix}{kind}{name}"
+
+    def _call(
+        self,
+        script: Any,
+        client: Any,
+        keys: list[str],
+        args: list[str | bytes | int | float],
+    ) -> Any:
+        """Run a script loaded by :meth:`_join_cluster` on ``client`` (a
+        pipeline, usually): a bare EVALSHA, where coredis's own script call
+        would add a SCRIPT EXISTS round trip to every pipeline."""
+        return client.evalsha(script.sha, keys=keys, args=args)
 
     # --- lifetime ---------------------------------------------------------
 
@@ -380,22 +401,28 @@ class RedisBackplane:
             self._last_entry = last[0].identifier if last else b"0-0"
             counter = await redis.get(self._key("last_id"))
             server._last_id = max(server._last_id, int(counter or 0))
+        # Scripts are loaded on every (re)connection: a Redis that restarted
+        # has forgotten them.
+        for script in self._scripts:
+            await redis.script_load(script.script)
         users = list(server._users)
         rooms = {LOBBY}.union(*(user._rooms for user in users))
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(self._key("node:", self.node_id), b"1", px=ttl)
             if not first:
                 # Who left while Redis was away is still listed: start over.
-                self._forget(
-                    keys=[self._key("rooms")],
-                    args=[self._key("members:"), self.node_id],
-                    client=pipe,
+                self._call(
+                    self._forget,
+                    pipe,
+                    [self._key("rooms")],
+                    [self._key("members:"), self.node_id],
                 )
             claims: list[Any] = [
-                self._claim(
-                    keys=[self._key("name:", user.name.casefold())],
-                    args=[self.node_id, ttl],
-                    client=pipe,
+                self._call(
+                    self._claim,
+                    pipe,
+                    [self._key("name:", user.name.casefold())],
+                    [self.node_id, ttl],
                 )
                 for user in users
             ]
@@ -404,9 +431,7 @@ class RedisBackplane:
                     pipe.hset(self._key("members:", room), {user.name: self.node_id})
             pipe.sadd(self._key("rooms"), list(rooms))
             # A Redis that restarted empty must not hand out ids already used.
-            self._floor(
-                keys=[self._key("last_id")], args=[server._last_id], client=pipe
-            )
+            self._call(self._floor, pipe, [self._key("last_id")], [server._last_id])
         lost = [
             user.name
             for user, claim in zip(users, claims, strict=True)
@@ -583,10 +608,11 @@ class RedisBackplane:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(node_key, b"1", px=ttl)
                 claims: list[Any] = [
-                    self._claim(
-                        keys=[self._key("name:", name.casefold())],
-                        args=[self.node_id, ttl],
-                        client=pipe,
+                    self._call(
+                        self._claim,
+                        pipe,
+                        [self._key("name:", name.casefold())],
+                        [self.node_id, ttl],
                     )
                     for name in names
                 ]
@@ -604,7 +630,7 @@ class RedisBackplane:
         key = self._key("name:", name.casefold())
         ttl = int(self.name_ttl * 1000)
         result = await self._query(
-            lambda pipe: self._claim(keys=[key], args=[self.node_id, ttl], client=pipe)
+            lambda pipe: self._call(self._claim, pipe, [key], [self.node_id, ttl])
         )
         return bool(result)
 
@@ -613,9 +639,7 @@ class RedisBackplane:
         key = self._key("name:", name.casefold())
         if self.available:
             self._send(
-                lambda pipe: self._release(
-                    keys=[key], args=[self.node_id], client=pipe
-                ),
+                lambda pipe: self._call(self._release, pipe, [key], [self.node_id]),
                 _ignore,
             )
 
@@ -640,9 +664,7 @@ class RedisBackplane:
             keys.append(self._key("history:", env.room))
         args: list[str | bytes | int | float] = [server._last_id, encode_envelope(env)]
         args += [self.events_maxlen, self.history_size]
-        self._send(
-            lambda pipe: self._publish(keys=keys, args=args, client=pipe), _ignore
-        )
+        self._send(lambda pipe: self._call(self._publish, pipe, keys, args), _ignore)
         return publication
 
     def member(self, room: str, name: str, *, present: bool) -> None:
@@ -662,17 +684,18 @@ class RedisBackplane:
         key = self._key("members:", room)
         prefix = self._key("node:")
         names = await self._query(
-            lambda pipe: self._who(keys=[key], args=[prefix], client=pipe)
+            lambda pipe: self._call(self._who, pipe, [key], [prefix])
         )
         return tuple(sorted(n.decode() for n in names))
 
     async def rooms(self) -> dict[str, int]:
         """Every room of the cluster and its number of members."""
         flat = await self._query(
-            lambda pipe: self._rooms(
-                keys=[self._key("rooms")],
-                args=[self._key("members:"), self._key("node:"), "lobby"],
-                client=pipe,
+            lambda pipe: self._call(
+                self._rooms,
+                pipe,
+                [self._key("rooms")],
+                [self._key("members:"), self._key("node:"), "lobby"],
             )
         )
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
