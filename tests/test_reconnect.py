@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
+from unittest.mock import ANY
 
 import pytest
 import trio
@@ -615,6 +616,45 @@ async def test_closing_the_client_while_it_reconnects_stops_it() -> None:
             await inbox.wait_end()
         assert alice.closed
         assert alice.close_reason == "closed by the client"
+
+
+async def test_closing_the_client_while_it_catches_up_stops_it() -> None:
+    # Nobody reads: the catch-up is stuck handing over a missed message when
+    # the program closes the client, which must end cleanly all the same.
+    history = chatkit.MemoryHistory()
+    gate = Gate("alice")
+    with trio.fail_after(TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            first = chatkit.ChatServer(port=0, history=history)
+            port = await nursery.start(first.serve)
+            alice = connect(port, "alice", event_buffer=1)
+            async with alice:
+                assert isinstance(await alice.__anext__(), chatkit.Joined)
+                await first.aclose()
+                second = chatkit.ChatServer(
+                    port=port, history=history, plugins=[gate], hook_timeout=30
+                )
+                await nursery.start(second.serve)
+                async with plain(port, "bob") as bob:
+                    for n in range(3):
+                        await bob.say(f"missed {n}")
+                # (With nobody reading, the client would not even get as far
+                # as the first attempt: its own events wait in the buffer.)
+                for kind in (chatkit.Shutdown, chatkit.ConnectionLost):
+                    assert isinstance(await alice.__anext__(), kind)
+                assert await alice.__anext__() == chatkit.Reconnecting(
+                    attempt=1, delay=ANY, error=None
+                )
+                gate.opened.set()  # and from here on, nobody reads
+                await wait_until(lambda: alice.connected)
+                assert alice._events_send is not None
+                await wait_until(
+                    lambda: alice._events_send.statistics().tasks_waiting_send > 0
+                )
+                await alice.aclose()
+            assert alice.closed
+            assert alice.close_reason == "closed by the client"
+            await second.aclose()
 
 
 async def test_a_kicked_client_does_not_reconnect() -> None:

@@ -271,9 +271,14 @@ class ChatClient:
             self._hooks_done.set()
         self._nursery.start_soon(self._in_tasks_scope, self._run)
         if self.reconnect is not None:
-            # Where the lobby's news starts, should we have to resume it.
-            with suppress(ChatError):
-                await self._mark_room(_LOBBY)
+            try:
+                # Where the lobby's news starts, should we have to resume it.
+                with suppress(ChatError), trio.move_on_after(self._connect_timeout):
+                    await self._mark_room(_LOBBY)
+            except BaseException as exc:
+                # Cancelled: leave as a failed ``async with`` body would.
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
 
     async def _in_tasks_scope(
@@ -711,10 +716,17 @@ class ChatClient:
 
     async def _deliver(self, event: ClientItem) -> None:
         """Hand ``event`` to the hooks and to ``async for``."""
-        if self._hook_send is not None:
-            await self._hook_send.send(event)
-        if self._events_send is not None:
-            await self._events_send.send(event)
+        # The streams end when the client does, perhaps while a resume is
+        # still delivering (closed or kicked meanwhile): the rest is dropped.
+        if self._done.is_set():
+            return
+        try:
+            if self._hook_send is not None:
+                await self._hook_send.send(event)
+            if self._events_send is not None:
+                await self._events_send.send(event)
+        except trio.ClosedResourceError:
+            return
         if isinstance(event, Message) and self.reconnect is not None:
             self._max_seen = max(self._max_seen, event.id)
             if event.id > self._mark_of(event.room):
