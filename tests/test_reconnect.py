@@ -544,6 +544,70 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:
+    # Re-joining and catching up several rooms asks many requests at once;
+    # a strict server refuses some, and the client asks again later.
+    rooms = ["r1", "r2", "r3"]
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery) as (server, proxy),
+            connect(proxy.port, "alice") as alice,
+            reading(alice, nursery) as inbox,
+            plain(server.port, "bob") as bob,
+        ):
+            for room in rooms:
+                await alice.join(room)
+                await bob.join(room)
+            proxy.up = False
+            proxy.cut()
+            await wait_until(lambda: server.get_user("alice") is None)
+            for room in ["lobby", *rooms]:
+                await bob.say(f"missed in {room}", room=room)
+            server.rate_limit, server.rate_burst = 10.0, 2  # from now on
+            proxy.up = True
+            assert (await inbox.expect(chatkit.Reconnected)).missed == 4
+            assert alice.joined_rooms == {"lobby", *rooms}
+            assert sorted(inbox.messages()) == sorted(
+                (room, f"missed in {room}") for room in ["lobby", *rooms]
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def test_leaving_a_room_while_it_catches_up() -> None:
+    # The program leaves a room whose catch-up has not come yet: that room's
+    # catch-up stops (the server says not_in_room), the others go on.
+    history = SlowHistory()
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery, history=history) as (server, proxy),
+            connect(proxy.port, "alice") as alice,
+            reading(alice, nursery) as inbox,
+            plain(server.port, "bob") as bob,
+        ):
+            await alice.join("zoo")
+            await bob.join("zoo")
+            proxy.up = False
+            proxy.cut()
+            await wait_until(lambda: server.get_user("alice") is None)
+            await bob.say("missed")
+            await bob.say("missed in zoo", room="zoo")
+            history.armed = True  # the lobby's catch-up ends late
+            proxy.up = True
+            await history.asked.wait()
+            # Requests may go during the catch-up. (The server answers this
+            # one after the held page: it reads a connection's requests in
+            # order.)
+            nursery.start_soon(alice.leave, "zoo")
+            await wait_until(lambda: len(alice._pending) == 2)  # page and leave
+            history.release.set()
+            assert (await inbox.expect(chatkit.Reconnected)).missed == 1
+            assert inbox.messages() == [("lobby", "missed")]
+            assert alice.joined_rooms == {"lobby"}
+            nursery.cancel_scope.cancel()
+
+
 # --- requests while reconnecting ---------------------------------------------
 
 

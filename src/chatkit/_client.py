@@ -70,6 +70,7 @@ from ._exceptions import (
     ChatError,
     ConnectionClosed,
     NameTaken,
+    RateLimited,
     Rejected,
     RemoteProtocolError,
     TooLarge,
@@ -571,7 +572,7 @@ class ChatClient:
         """Re-join, then catch up each room; requests may go meanwhile."""
         for room in sorted(self._holding.keys() - {_LOBBY}):
             try:
-                await self._request(Join(room=room, ref=self._next_ref()), wait=False)
+                await self._resume_request(Join, room=room)
             except ConnectionClosed:
                 raise
             except ChatError as exc:
@@ -581,7 +582,12 @@ class ChatClient:
                 self._rejoining.discard(room)
                 self.joined_rooms.discard(room)
         if self._dropping:
-            await self._request(Leave(room=_LOBBY, ref=self._next_ref()), wait=False)
+            try:
+                await self._resume_request(Leave, room=_LOBBY)
+            except ConnectionClosed:
+                raise
+            except ChatError as exc:
+                log.warning("could not leave %s again: %s", _LOBBY, exc)
             self._dropping = set()
         self._ready.set()
         missed = 0
@@ -589,10 +595,44 @@ class ChatClient:
             missed += await self._catch_up(room)
         await self._deliver(Reconnected(missed=missed))
 
+    async def _resume_request(
+        self, request: Callable[..., ClientRequest], **fields: Any
+    ) -> Any:
+        """A request of the resume, which asks many at once: a rate limit is
+        waited out (pausing longer each time, so as never to flood)."""
+        pause = 0.25
+        while True:
+            try:
+                return await self._request(
+                    request(**fields, ref=self._next_ref()), wait=False
+                )
+            except RateLimited:
+                await trio.sleep(pause)
+                pause = min(2 * pause, 5.0)
+
     async def _catch_up(self, room: str) -> int:
         """Deliver ``room``'s messages after its mark, then the live ones
         held meanwhile; returns how many came from history."""
         held = self._holding[room]
+        missed = 0
+        try:
+            missed = await self._read_room(room, held)
+        except ConnectionClosed:
+            raise
+        except ChatError as exc:
+            # Perhaps the program left the room meanwhile. What was held
+            # arrived while we were in it: it goes out all the same.
+            log.info("stopped catching up %s: %s", room, exc)
+            while held:
+                message = held.popleft()
+                if message.id > self._mark_of(room):
+                    await self._deliver(message)
+        # No checkpoint since ``held`` was found empty: from here the reader
+        # delivers this room's messages itself, after all of the above.
+        del self._holding[room]
+        return missed
+
+    async def _read_room(self, room: str, held: collections.deque[Message]) -> int:
         mark, known = self._marks.get(room, (self._max_seen, None))
         missed = 0
         if known is not None:
@@ -626,9 +666,6 @@ class ChatClient:
             self._overflowed.discard(room)
             asked = self._mark_of(room)
             page = await self._history_after(room, asked)
-        # No checkpoint since ``held`` was found empty: from here the reader
-        # delivers this room's messages itself, after all of the above.
-        del self._holding[room]
         return missed
 
     async def _restart_room(self, room: str) -> Sequence[Message]:
@@ -637,8 +674,8 @@ class ChatClient:
         return await self._history_after(room, 0)
 
     async def _history_after(self, room: str, after: int) -> Sequence[Message]:
-        reply: HistoryReply = await self._request(
-            History(room=room, after=after, ref=self._next_ref()), wait=False
+        reply: HistoryReply = await self._resume_request(
+            History, room=room, after=after
         )
         return reply.messages
 
