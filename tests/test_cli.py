@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
+import chatkit
+from chatkit.client import ChatShell
 from tests.helpers import RawClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -449,3 +451,178 @@ async def test_a_bad_database_is_one_line_and_status_1(
     server = await launch("server", "--port", "0", "--db", db)
     assert await server.wait() == 1
     assert await server.rest() == [error.format(tmp=tmp_path)]
+
+
+# --- reconnecting and paging -------------------------------------------------
+
+
+class HoldLogin:
+    """A server plugin holding the login of ``name`` until ``opened``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.opened = trio.Event()
+
+    @chatkit.hookimpl
+    async def chatkit_authenticate(self, name: str) -> None:
+        if name == self.name:
+            await self.opened.wait()
+
+
+async def test_the_client_reconnects_across_a_server_crash(launch: Launch) -> None:
+    history = chatkit.MemoryHistory()  # kept by the server "process" restarted
+    crash = trio.CancelScope()
+    hold = HoldLogin("alice")
+
+    async def first_server(*, task_status: trio.TaskStatus[int]) -> None:
+        with crash:
+            await chatkit.ChatServer(port=0, history=history).serve(
+                task_status=task_status
+            )
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(first_server)
+        alice = await start_client(launch, port, "alice")
+        async with chatkit.connect("127.0.0.1", port, name="bob") as bob:
+            await bob.say("before the crash")
+            await alice.expect(r"^bob: before the crash$")
+        # Cancelling serve drops every connection at once, no `shutdown`.
+        crash.cancel()
+        await alice.expect(
+            r"^\*\*\* connection lost \(server closed the connection\),"
+            r" reconnecting in \d+\.\ds\.\.\.$"
+        )
+        second = chatkit.ChatServer(
+            port=port, history=history, plugins=[hold], hook_timeout=30
+        )
+        await nursery.start(second.serve)
+        async with chatkit.connect("127.0.0.1", port, name="bob") as bob:
+            await bob.say("while you were away")
+            hold.opened.set()  # let alice back in
+            await alice.expect(r"^bob: while you were away$")
+            await alice.expect(r"^\*\*\* reconnected; 1 missed message$")
+            await bob.say("welcome back")
+            await alice.expect(r"^bob: welcome back$")
+            await alice.send("thanks\n")
+            with trio.fail_after(TIMEOUT):
+                async for event in bob:
+                    if isinstance(event, chatkit.Message) and event.sender == "alice":
+                        assert event.text == "thanks"
+                        break
+        await alice.close_stdin()
+        assert await alice.wait() == 0
+        transcript = alice.output + await alice.rest()
+        for line in ("bob: before the crash", "bob: while you were away"):
+            assert transcript.count(line) == 1
+        assert transcript[-1] == "Disconnected."
+        await second.aclose()
+
+
+async def test_reconnect_always_rides_out_a_shutdown_and_exit_still_works(
+    launch: Launch,
+) -> None:
+    async with chatkit.open_server() as server:
+        alice = await launch(
+            "client",
+            "--port",
+            str(server.port),
+            "--name",
+            "alice",
+            "--reconnect",
+            "always",
+        )
+        await alice.expect(r"^Hello, alice!")
+        await server.aclose()
+        await alice.expect(r"^Server is shutting down: server shutting down$")
+        await alice.expect(
+            r"^\*\*\* connection lost \(server shutting down: server shutting down\),"
+            r" reconnecting in"
+        )
+        assert alice.process.returncode is None  # still trying
+        await alice.send("exit\n")  # leaving works while reconnecting
+        assert await alice.wait() == 0
+        assert (await alice.rest())[-2:] == ["Exiting chat...", "Disconnected."]
+
+
+async def test_reconnect_never_exits_when_the_connection_is_lost(
+    launch: Launch,
+) -> None:
+    crash = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[int]) -> None:
+        with crash:
+            await chatkit.ChatServer(port=0).serve(task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve)
+        alice = await launch(
+            "client", "--port", str(port), "--name", "alice", "--reconnect", "never"
+        )
+        await alice.expect(r"^Hello, alice!")
+        crash.cancel()
+        assert await alice.wait() == 0
+        rest = await alice.rest()
+        assert rest[-1] == "Disconnected."
+        assert not [line for line in rest if line.startswith("***")]
+
+
+async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:
+    async with chatkit.open_server() as server:
+        async with chatkit.connect("127.0.0.1", server.port, name="bob") as bob:
+            ids = [(await bob.say(f"m{n}")).id for n in range(1, 6)]
+        client = await launch("client", "--port", str(server.port), "--name", "s")
+        await client.send(
+            "/history 2\n"
+            f"/history lobby 2 before {ids[3]}\n"
+            f"/history 2 after #{ids[0]}\n"
+            f"/history 10 before {ids[1]}\n"
+            "/history lobby 2 before x\n"
+            "/history a b\n"
+            "/history nowhere\n"
+        )
+        await client.close_stdin()
+        assert await client.wait() == 0
+        transcript = await client.rest()
+    assert transcript[3:-2] == [
+        "--- last 2 in lobby ---",
+        "bob: m4",
+        "bob: m5",
+        f"(more: /history lobby 2 before {ids[3]})",
+        f"--- 2 before #{ids[3]} in lobby ---",
+        "bob: m2",
+        "bob: m3",
+        f"(more: /history lobby 2 before {ids[1]})",
+        f"--- 2 after #{ids[0]} in lobby ---",
+        "bob: m2",
+        "bob: m3",
+        f"(more: /history lobby 2 after {ids[2]})",
+        f"--- 1 before #{ids[1]} in lobby ---",
+        "bob: m1",
+        "Usage: /history [ROOM] [N] [before ID | after ID]",
+        "Usage: /history [ROOM] [N] [before ID | after ID]",
+        "Error: you are not in nowhere (not_in_room)",
+    ]
+
+
+def test_the_shell_describes_reconnecting() -> None:
+    printed: list[str] = []
+    client = chatkit.ChatClient(name="alice")  # never entered: only read from
+    shell = ChatShell(client, printed.append)
+    assert shell.describe(chatkit.ConnectionLost(reason="connection lost")) is None
+    assert shell.describe(chatkit.Reconnecting(attempt=1, delay=0.42)) == (
+        "*** connection lost (connection lost), reconnecting in 0.4s..."
+    )
+    assert shell.describe(
+        chatkit.Reconnecting(attempt=2, delay=1.0, error="Connection refused")
+    ) == ("*** reconnect failed (Connection refused), retrying in 1.0s...")
+    client.close_reason = "gave up reconnecting after 2 attempts: Connection refused"
+    assert shell.farewell() == f"*** {client.close_reason}"
+    for missed, text in [(0, "no missed messages"), (1, "1 missed message")]:
+        assert shell.describe(chatkit.Reconnected(missed=missed)) == (
+            f"*** reconnected; {text}"
+        )
+    assert shell.describe(chatkit.Reconnected(missed=7)) == (
+        "*** reconnected; 7 missed messages"
+    )
+    assert shell.farewell() is None  # back: nothing to explain
+    assert printed == []

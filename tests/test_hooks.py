@@ -1622,6 +1622,112 @@ async def test_a_client_closing_itself_reports_so(server: chatkit.ChatServer) ->
     assert alice.close_reason == "closed by the client"
 
 
+class ReconnectRecorder(Recorder):
+    """The reconnect hooks (one of them ``async def``) and a few others."""
+
+    @chatkit.hookimpl
+    def chatkit_client_connected(self, welcome: chatkit.Welcome) -> None:
+        self.record("chatkit_client_connected", name=welcome.name)
+
+    @chatkit.hookimpl
+    def chatkit_client_message(self, message: chatkit.Message) -> None:
+        self.record("chatkit_client_message", text=message.text)
+
+    @chatkit.hookimpl
+    def chatkit_client_connection_lost(
+        self, client: chatkit.ChatClient, reason: str
+    ) -> None:
+        assert client.reconnecting
+        self.record("chatkit_client_connection_lost", reason=reason)
+
+    @chatkit.hookimpl
+    def chatkit_client_reconnecting(
+        self, client: chatkit.ChatClient, attempt: int, delay: float, error: str | None
+    ) -> None:
+        self.record(
+            "chatkit_client_reconnecting", attempt=attempt, delay=delay, error=error
+        )
+
+    @chatkit.hookimpl
+    async def chatkit_client_reconnected(
+        self, client: chatkit.ChatClient, missed: int
+    ) -> None:
+        await client.say("back")  # the client is usable from the hook
+        self.record("chatkit_client_reconnected", missed=missed)
+
+    @chatkit.hookimpl
+    def chatkit_client_disconnected(self, reason: str) -> None:
+        self.record("chatkit_client_disconnected", reason=reason)
+
+
+class HoldLogin:
+    """Holds the login of ``name`` until ``opened`` is set."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.opened = trio.Event()
+
+    @chatkit.hookimpl
+    async def chatkit_authenticate(self, name: str) -> None:
+        if name == self.name:
+            await self.opened.wait()
+
+
+async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
+    rec = ReconnectRecorder()
+    history = chatkit.MemoryHistory()
+    hold = HoldLogin("bot")
+    policy = chatkit.Reconnect(initial_delay=0.02, max_delay=0.05)
+    async with trio.open_nursery() as nursery:
+        first = chatkit.ChatServer(port=0, history=history)
+        port = await nursery.start(first.serve)
+        async with chatkit.connect(
+            "127.0.0.1",
+            port,
+            name="bot",
+            plugins=[rec],
+            event_buffer=None,
+            reconnect=policy,
+        ):
+            async with chatkit.connect("127.0.0.1", port, name="alice") as alice:
+                await alice.say("before")
+                await rec.wait("chatkit_client_message")
+            await first.aclose()
+            await rec.wait("chatkit_client_reconnecting")
+            second = chatkit.ChatServer(
+                port=port, history=history, plugins=[hold], hook_timeout=30
+            )
+            await nursery.start(second.serve)
+            async with chatkit.connect("127.0.0.1", port, name="alice") as alice:
+                await alice.say("meanwhile")
+                hold.opened.set()
+                await rec.wait("chatkit_client_reconnected")
+        await second.aclose()
+    await rec.wait("chatkit_client_disconnected")
+
+    calls = [
+        (hook, arguments)
+        for hook, arguments in rec.calls
+        if hook != "chatkit_client_reconnecting" or arguments["attempt"] == 1
+    ]
+    (first_try,) = rec.of("chatkit_client_reconnecting")[:1]
+    assert calls == [
+        ("chatkit_client_connected", {"name": "bot"}),
+        ("chatkit_client_message", {"text": "before"}),
+        (
+            "chatkit_client_connection_lost",
+            {"reason": "server shutting down: server shutting down"},
+        ),
+        ("chatkit_client_reconnecting", first_try),
+        ("chatkit_client_message", {"text": "meanwhile"}),
+        ("chatkit_client_reconnected", {"missed": 1}),
+        ("chatkit_client_message", {"text": "back"}),
+        ("chatkit_client_disconnected", {"reason": "closed by the client"}),
+    ]
+    assert first_try["attempt"] == 1 and first_try["error"] is None
+    assert 0.01 <= first_try["delay"] <= 0.02
+
+
 async def test_nick_can_be_vetoed_and_fails_closed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

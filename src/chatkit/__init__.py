@@ -64,6 +64,11 @@ from ._protocol import Mode as Mode
 from ._protocol import ServerConnection as ServerConnection
 from ._protocol import encode_json as encode_json
 from ._protocol import encode_line as encode_line
+from ._reconnect import ClientEvent as ClientEvent
+from ._reconnect import ConnectionLost as ConnectionLost
+from ._reconnect import Reconnect as Reconnect
+from ._reconnect import Reconnected as Reconnected
+from ._reconnect import Reconnecting as Reconnecting
 from ._server import LOBBY as LOBBY
 from ._server import SERVER_SENDER as SERVER_SENDER
 from ._server import ChatServer as ChatServer
@@ -95,7 +100,9 @@ __all__ = [
     "ChatError",
     "ChatServer",
     "ClientConnection",
+    "ClientEvent",
     "ConnectionClosed",
+    "ConnectionLost",
     "DirectMessage",
     "Dm",
     "Error",
@@ -125,6 +132,9 @@ __all__ = [
     "Pong",
     "ProtocolError",
     "RateLimited",
+    "Reconnect",
+    "Reconnected",
+    "Reconnecting",
     "Reject",
     "Rejected",
     "RemoteProtocolError",

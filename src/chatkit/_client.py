@@ -1,7 +1,8 @@
 """The trio chat client.
 
-A :class:`ChatClient` owns a nursery with a reader task (and, when plugins
-implement client hooks, a hook task). The reader decodes server events and
+A :class:`ChatClient` owns a nursery with a connection task (holding, for
+each connection, a reader and a keepalive pinger) and, when plugins
+implement client hooks, a hook task. The reader decodes server events and
 routes each one:
 
 * a reply to one of our requests (matched by ``ref``) wakes the caller, who
@@ -12,17 +13,27 @@ routes each one:
 Both routes are bounded: when nobody consumes events, the reader stops
 reading (backpressure, as in trio-websocket), and the server eventually
 drops us as too slow. Pass ``event_buffer=None`` if you use only hooks.
+
+With a :class:`~chatkit.Reconnect` policy the connection task outlives a
+connection: it waits (jittered exponential backoff), logs in again with the
+same name, re-joins the rooms and fetches each room's messages after the
+last one delivered, holding back live messages of a room until its
+catch-up is done, so that the application sees every message once, in
+order.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, suppress
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeAlias
 
+import msgspec
 import trio
 
 from ._events import (
@@ -53,9 +64,27 @@ from ._events import (
     Who,
     WhoReply,
 )
-from ._exceptions import ChatError, ConnectionClosed, RemoteProtocolError
+from ._exceptions import (
+    BadName,
+    BadRequest,
+    ChatError,
+    ConnectionClosed,
+    NameTaken,
+    RateLimited,
+    Rejected,
+    RemoteProtocolError,
+    TooLarge,
+    Unauthorized,
+)
 from ._hooks import CLIENT_ENTRY_POINT_GROUP, HookDispatcher, make_plugin_manager
 from ._protocol import CLOSED, NEED_DATA, ClientConnection
+from ._reconnect import (
+    ClientEvent,
+    ConnectionLost,
+    Reconnect,
+    Reconnected,
+    Reconnecting,
+)
 from .hookspecs import ClientSpec
 
 __all__ = ["DEFAULT_PORT", "ChatClient", "connect"]
@@ -65,7 +94,19 @@ log = logging.getLogger("chatkit.client")
 #: The port of the original chat program, and chatkit's CLI default.
 DEFAULT_PORT: Final = 12345
 
+#: What ``async for event in client`` yields.
+ClientItem: TypeAlias = ServerEvent | ClientEvent
+
 _RECEIVE_SIZE: Final = 64 * 1024
+# The lobby, which the server joins every user to (as ``_server.LOBBY``;
+# the client does not import the server).
+_LOBBY: Final = "lobby"
+# Live messages of a room held back while it catches up. Past this many the
+# newer ones are dropped and fetched again from history afterwards, so a
+# busy room cannot grow the buffer without bound.
+_HOLD_LIMIT: Final = 1000
+# Refusals a reconnect cannot get past by waiting: the client gives up.
+_PERMANENT: Final = (Unauthorized, BadName, BadRequest, Rejected, TooLarge)
 
 
 class _Pending:
@@ -105,6 +146,11 @@ class ChatClient:
         keepalive: send a ``ping`` after this many seconds without sending
             anything, so servers with an idle timeout keep us; ``None``
             never pings.
+        reconnect: get the connection back when it is lost, following this
+            :class:`~chatkit.Reconnect` policy (``True``: the default
+            policy); ``None`` or ``False`` ends the client with the
+            connection. Only a connection that was established is resumed:
+            entering still raises if the first connect fails.
     """
 
     def __init__(
@@ -122,17 +168,23 @@ class ChatClient:
         hook_timeout: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
         keepalive: float | None = 30.0,
+        reconnect: Reconnect | bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.name = name
         """Our current name (follows ``nick``)."""
         self.joined_rooms: set[str] = set()
-        """The rooms we are in."""
+        """The rooms we are in (while reconnecting: the rooms we will be
+        back in)."""
         self.server_name = ""
         """The ``server`` field of the server's ``welcome``."""
         self.close_reason: str | None = None
-        """Why the connection ended, once it has."""
+        """Why the client ended, once it has (or is about to)."""
+        self.reconnect: Reconnect | None = (
+            Reconnect() if reconnect is True else reconnect or None
+        )
+        """The reconnect policy; ``None`` when the client does not reconnect."""
         self._token = token
         self._connect_timeout = connect_timeout
         self._close_timeout = close_timeout
@@ -140,6 +192,7 @@ class ChatClient:
         self._ssl_context = ssl_context
         self._keepalive = keepalive
         self._last_sent = 0.0
+        self._last_received = 0.0
         self.plugin_manager = make_plugin_manager(
             ClientSpec,
             plugins,
@@ -149,51 +202,65 @@ class ChatClient:
         self._hooks = HookDispatcher(
             self.plugin_manager, timeout=hook_timeout, logger=log
         )
+        # The current connection.
         self._proto = ClientConnection()
         self._stream: trio.abc.Stream | None = None
+        self._connected = False
+        self._lost_reason: str | None = None
+        self._lost_code: str | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._pending: dict[int, _Pending] = {}
         self._last_ref = 0
+        # The client as a whole.
+        self._entered = False
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
-        self._reader_done = trio.Event()
+        self._ready = trio.Event()  # set while requests may go out
+        self._done = trio.Event()  # set once no connection will come
         self._hooks_done = trio.Event()
         self._closing = False
+        self._reconnect_scope: trio.CancelScope | None = None
         # Background tasks get cancel scopes of their own: cancelling the
         # nursery's would also cancel the ``async with`` body running in it.
         self._task_scopes: list[trio.CancelScope] = []
         self._tasks_cancelled = False
-        self._events_send: trio.MemorySendChannel[ServerEvent] | None = None
-        self._events_receive: trio.MemoryReceiveChannel[ServerEvent] | None = None
-        self._hook_send: trio.MemorySendChannel[ServerEvent | Welcome] | None = None
+        self._events_send: trio.MemorySendChannel[ClientItem] | None = None
+        self._events_receive: trio.MemoryReceiveChannel[ClientItem] | None = None
+        self._hook_send: trio.MemorySendChannel[ClientItem] | None = None
+        # Resuming: the last message delivered in each room (or the room's
+        # newest when we joined it, or None for an empty room), the highest
+        # id seen anywhere, and during a resume the live messages held back
+        # per room, the rooms whose held messages overflowed, and the rooms
+        # whose own join/leave notices (our re-joins) are not news.
+        self._marks: dict[str, tuple[int, Message | None]] = {}
+        self._max_seen = 0
+        self._holding: dict[str, collections.deque[Message]] = {}
+        self._overflowed: set[str] = set()
+        self._wanted: set[str] = set()
+        self._rejoining: set[str] = set()
+        self._dropping: set[str] = set()
+        self._receiving_since: float | None = None
 
     # --- lifecycle --------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        if self._stream is not None:
+        if self._entered:
             raise RuntimeError("this ChatClient was already entered")
+        self._entered = True
         try:
-            with trio.fail_after(self._connect_timeout):
-                if self._ssl_context is None:
-                    self._stream = await trio.open_tcp_stream(self.host, self.port)
-                else:
-                    self._stream = await trio.open_ssl_over_tcp_stream(
-                        self.host, self.port, ssl_context=self._ssl_context
-                    )
-                welcome = await self._handshake()
+            welcome = await self._open_connection()
         except BaseException:
-            if self._stream is not None:
-                await trio.aclose_forcefully(self._stream)
-            self._reader_done.set()
+            self._done.set()
             self._hooks_done.set()
             raise
+        self._ready.set()
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         if self._event_buffer is not None:
             self._events_send, self._events_receive = trio.open_memory_channel(
                 self._event_buffer
             )
         if self._has_client_hooks():
-            hook_send, hook_receive = trio.open_memory_channel[ServerEvent | Welcome](
+            hook_send, hook_receive = trio.open_memory_channel[ClientItem](
                 self._event_buffer or 256
             )
             self._hook_send = hook_send
@@ -203,9 +270,16 @@ class ChatClient:
             )
         else:
             self._hooks_done.set()
-        self._nursery.start_soon(self._in_tasks_scope, self._reader)
-        if self._keepalive is not None:
-            self._nursery.start_soon(self._in_tasks_scope, self._ping_when_idle)
+        self._nursery.start_soon(self._in_tasks_scope, self._run)
+        if self.reconnect is not None:
+            try:
+                # Where the lobby's news starts, should we have to resume it.
+                with suppress(ChatError), trio.move_on_after(self._connect_timeout):
+                    await self._mark_room(_LOBBY)
+            except BaseException as exc:
+                # Cancelled: leave as a failed ``async with`` body would.
+                await self.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
 
     async def _in_tasks_scope(
@@ -234,18 +308,21 @@ class ChatClient:
     async def aclose(self) -> None:
         """Send ``bye``, wait (bounded) for the server to close, and close.
 
-        Idempotent. Pending requests fail with :class:`ConnectionClosed`.
+        Idempotent; never reconnects, and stops a reconnect under way.
+        Pending requests fail with :class:`ConnectionClosed`.
         """
         if self._closing:
             return
         self._closing = True
-        if self.close_reason is None and not self._reader_done.is_set():
+        if self.close_reason is None and not self._done.is_set():
             self.close_reason = "closed by the client"
+        if self._reconnect_scope is not None:
+            self._reconnect_scope.cancel()
         try:
             with trio.move_on_after(self._close_timeout):
                 with suppress(ConnectionClosed):
                     await self._send(Bye())
-                await self._reader_done.wait()
+                await self._done.wait()
                 await self._hooks_done.wait()
         finally:
             # First, and whatever happens to the wait above (the caller may be
@@ -258,8 +335,48 @@ class ChatClient:
 
     @property
     def closed(self) -> bool:
-        """True once the connection has ended."""
-        return self._reader_done.is_set()
+        """True once the client has ended: its connection is gone and no
+        reconnect will follow."""
+        return self._done.is_set()
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is up (False while reconnecting)."""
+        return self._connected
+
+    @property
+    def reconnecting(self) -> bool:
+        """True while the connection is lost and the client is getting it
+        back (requests wait, see :attr:`Reconnect.request_timeout`)."""
+        return (
+            self._entered
+            and not self._connected
+            and not self._done.is_set()
+            and self._will_reconnect()
+        )
+
+    async def _open_stream(self) -> trio.abc.Stream:
+        if self._ssl_context is None:
+            return await trio.open_tcp_stream(self.host, self.port)
+        return await trio.open_ssl_over_tcp_stream(
+            self.host, self.port, ssl_context=self._ssl_context
+        )
+
+    async def _open_connection(self) -> Welcome:
+        """Connect and log in; the new connection becomes the current one."""
+        self._proto = ClientConnection()
+        self._stream = None
+        try:
+            with trio.fail_after(self._connect_timeout):
+                self._stream = await self._open_stream()
+                welcome = await self._handshake()
+        except BaseException:
+            if self._stream is not None:
+                await trio.aclose_forcefully(self._stream)
+            raise
+        self._lost_reason = self._lost_code = None
+        self._connected = True
+        return welcome
 
     async def _handshake(self) -> Welcome:
         assert self._stream is not None
@@ -288,8 +405,7 @@ class ChatClient:
             # Anything else before welcome is not for us; ignore it.
 
     async def _next_event(self) -> ServerEvent:
-        """Next event from the stream (handshake only; the reader has its own
-        loop)."""
+        """Next event from the stream (the handshake's and the reader's)."""
         assert self._stream is not None
         while True:
             try:
@@ -301,33 +417,304 @@ class ChatClient:
                 raise ConnectionClosed("server closed the connection")
             if event is not NEED_DATA:
                 return event
+            self._receiving_since = trio.current_time()
             try:
                 data = await self._stream.receive_some(_RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise ConnectionClosed("connection lost") from None
+                raise ConnectionClosed(self._lost_reason or "connection lost") from None
+            finally:
+                self._receiving_since = None
             self._proto.receive_data(data)
+
+    # --- connections ------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Serve the first connection, then (with a policy) each new one."""
+        try:
+            resume = False
+            while True:
+                await self._serve_connection(resume)
+                if not self._will_reconnect() or not await self._reconnect():
+                    break
+                resume = True
+        finally:
+            self._finish()
+
+    async def _serve_connection(self, resume: bool) -> None:
+        if resume:
+            # Before the reader starts: the lobby's notices may be buffered.
+            self._begin_resume()
+        stream = self._stream
+        ping_scope = trio.CancelScope()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, ping_scope)
+                if self._keepalive is not None:
+                    nursery.start_soon(self._ping_when_idle, ping_scope)
+                if resume:
+                    try:
+                        await self._resume()
+                    except ConnectionClosed:
+                        pass  # lost again; the reader has seen it too
+                    finally:
+                        self._end_resume()
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+
+    def _finish(self) -> None:
+        """No more connections: fail what waits, end the event streams."""
+        if self._done.is_set():
+            return
+        self._connected = False
+        if self.close_reason is None:
+            self.close_reason = self._lost_reason or "connection lost"
+        self._fail_pending(self.close_reason)
+        self._done.set()
+        self._ready.set()  # waiting requests wake up and find us closed
+        if self._events_send is not None:
+            self._events_send.close()
+        if self._hook_send is not None:
+            self._hook_send.close()
+
+    def _fail_pending(self, reason: str) -> None:
+        for pending in self._pending.values():
+            pending.result = ConnectionClosed(reason)
+            pending.done.set()
+        self._pending.clear()
+
+    def _lost(self, reason: str, code: str | None = None) -> None:
+        """Record why the current connection is ending."""
+        self._lost_reason, self._lost_code = reason, code
+        # What the server said (shutdown, kicked...) beats our own "closed
+        # by the client"; a bare end of the connection does not.
+        if not self._will_reconnect() and (self.close_reason is None or code):
+            self.close_reason = reason
+
+    def _will_reconnect(self) -> bool:
+        policy = self.reconnect
+        if policy is None or self._closing or self._lost_code == "kicked":
+            return False
+        return policy.after_shutdown or self._lost_code != "shutdown"
+
+    async def _reconnect(self) -> bool:
+        """Back off and connect again until it works (True) or we give up or
+        are closed (False)."""
+        policy = self.reconnect
+        assert policy is not None
+        lost = self._lost_reason or "connection lost"
+        log.info("connection lost (%s); reconnecting", lost)
+        self._wanted = set(self.joined_rooms)
+        lost_at = trio.current_time()
+        error: str | None = None
+        failures = name_taken = 0
+        with trio.CancelScope() as self._reconnect_scope:
+            if self._closing:
+                return False
+            await self._deliver(ConnectionLost(reason=lost))
+            while policy.max_attempts is None or failures < policy.max_attempts:
+                delay = policy.delay(failures + 1)
+                if (
+                    policy.give_up_after is not None
+                    and trio.current_time() + delay - lost_at > policy.give_up_after
+                ):
+                    break
+                await self._deliver(
+                    Reconnecting(attempt=failures + 1, delay=delay, error=error)
+                )
+                await trio.sleep(delay)
+                try:
+                    await self._open_connection()
+                except NameTaken as exc:
+                    # Perhaps our old connection, not yet reaped by the server.
+                    failures, name_taken, error = failures + 1, name_taken + 1, str(exc)
+                    if name_taken >= policy.max_name_taken:
+                        break
+                except _PERMANENT as exc:
+                    failures, error = failures + 1, str(exc)
+                    break
+                except ConnectionClosed as exc:  # e.g. a shutdown under way
+                    failures, name_taken, error = failures + 1, 0, exc.message
+                except ChatError as exc:  # server_full, rate_limited...
+                    failures, name_taken, error = failures + 1, 0, str(exc)
+                except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+                    failures, name_taken, error = failures + 1, 0, _describe(exc)
+                else:
+                    log.info("reconnected as %s", self.name)
+                    return True
+                log.info("reconnect attempt %d failed: %s", failures, error)
+            self.close_reason = f"gave up reconnecting after {failures} attempts" + (
+                f": {error}" if error else ""
+            )
+            log.warning("%s (connection lost: %s)", self.close_reason, lost)
+        return False
+
+    # --- resuming ---------------------------------------------------------
+
+    def _begin_resume(self) -> None:
+        wanted = self._wanted
+        # Our own joins are not news: as far as the app knows, we never left.
+        self._rejoining = wanted | {_LOBBY}
+        self._holding = {room: collections.deque() for room in wanted}
+        self._overflowed.clear()
+        # The server joins everyone to the lobby; if we had left it, we
+        # leave it again and drop what it says meanwhile.
+        self._dropping = set() if _LOBBY in wanted else {_LOBBY}
+
+    def _end_resume(self) -> None:
+        # Held messages of rooms not caught up are dropped: the next resume
+        # fetches them again, as the marks did not move past them.
+        self._holding = {}
+        self._rejoining = set()
+        self._dropping = set()
+
+    async def _resume(self) -> None:
+        """Re-join, then catch up each room; requests may go meanwhile."""
+        for room in sorted(self._holding.keys() - {_LOBBY}):
+            try:
+                await self._resume_request(Join, room=room)
+            except ConnectionClosed:
+                raise
+            except ChatError as exc:
+                log.warning("could not re-join %s: %s", room, exc)
+                del self._holding[room]
+                self._marks.pop(room, None)
+                self._rejoining.discard(room)
+                self.joined_rooms.discard(room)
+        if self._dropping:
+            try:
+                await self._resume_request(Leave, room=_LOBBY)
+            except ConnectionClosed:
+                raise
+            except ChatError as exc:
+                log.warning("could not leave %s again: %s", _LOBBY, exc)
+            self._dropping = set()
+        self._ready.set()
+        missed = 0
+        for room in sorted(self._holding, key=lambda room: (room != _LOBBY, room)):
+            missed += await self._catch_up(room)
+        await self._deliver(Reconnected(missed=missed))
+
+    async def _resume_request(
+        self, request: Callable[..., ClientRequest], **fields: Any
+    ) -> Any:
+        """A request of the resume, which asks many at once: a rate limit is
+        waited out (pausing longer each time, so as never to flood)."""
+        pause = 0.25
+        while True:
+            try:
+                return await self._request(
+                    request(**fields, ref=self._next_ref()), wait=False
+                )
+            except RateLimited:
+                await trio.sleep(pause)
+                pause = min(2 * pause, 5.0)
+
+    async def _catch_up(self, room: str) -> int:
+        """Deliver ``room``'s messages after its mark, then the live ones
+        held meanwhile; returns how many came from history."""
+        held = self._holding[room]
+        missed = 0
+        try:
+            missed = await self._read_room(room, held)
+        except ConnectionClosed:
+            raise
+        except ChatError as exc:
+            # Perhaps the program left the room meanwhile. What was held
+            # arrived while we were in it: it goes out all the same.
+            log.info("stopped catching up %s: %s", room, exc)
+            while held:
+                message = held.popleft()
+                if message.id > self._mark_of(room):
+                    await self._deliver(message)
+        # No checkpoint since ``held`` was found empty: from here the reader
+        # delivers this room's messages itself, after all of the above.
+        del self._holding[room]
+        return missed
+
+    async def _read_room(self, room: str, held: collections.deque[Message]) -> int:
+        mark, known = self._marks.get(room, (self._max_seen, None))
+        missed = 0
+        if known is not None:
+            # Ask from our last message on: if the server still has it, it
+            # is the one we saw, or the server's ids started over (a restart
+            # without persistent history) and the room must be read anew.
+            asked = mark - 1
+            page = await self._history_after(room, asked)
+            if (page and page[0].id == mark and not _same(page[0], known)) or not page:
+                asked, page = 0, await self._restart_room(room)
+        else:
+            asked = mark
+            page = await self._history_after(room, asked)
+        while True:
+            while page:
+                for message in page:
+                    if message.id > self._mark_of(room):
+                        await self._deliver(message)
+                        missed += 1
+                if page[-1].id <= asked:
+                    break  # a server that does not page forward
+                asked = page[-1].id
+                page = await self._history_after(room, asked)
+            while held:
+                message = held.popleft()
+                if message.id > self._mark_of(room):
+                    await self._deliver(message)
+            if room not in self._overflowed:
+                break
+            # Some live messages did not fit: they are in history.
+            self._overflowed.discard(room)
+            asked = self._mark_of(room)
+            page = await self._history_after(room, asked)
+        return missed
+
+    async def _restart_room(self, room: str) -> Sequence[Message]:
+        log.info("message ids of %s started over; reading it from the start", room)
+        self._marks.pop(room, None)
+        return await self._history_after(room, 0)
+
+    async def _history_after(self, room: str, after: int) -> Sequence[Message]:
+        reply: HistoryReply = await self._resume_request(
+            History, room=room, after=after
+        )
+        return reply.messages
+
+    async def _mark_room(self, room: str) -> None:
+        """Note where ``room``'s news starts: its newest message now."""
+        reply: HistoryReply = await self._request(
+            History(room=room, limit=1, ref=self._next_ref()), wait=False
+        )
+        newest = reply.messages[-1] if reply.messages else None
+        if newest is None:
+            self._marks.setdefault(room, (0, None))
+        elif newest.id > self._mark_of(room):
+            self._marks[room] = (newest.id, newest)
+
+    def _mark_of(self, room: str) -> int:
+        mark = self._marks.get(room)
+        return 0 if mark is None else mark[0]
 
     # --- receiving --------------------------------------------------------
 
-    async def _reader(self) -> None:
-        reason = "server closed the connection"
+    async def _reader(self, ping_scope: trio.CancelScope) -> None:
         try:
             while True:
                 event = await self._next_event()
                 await self._route(event)
         except ConnectionClosed as exc:
-            reason = self.close_reason or exc.message
+            if self._lost_reason is None:
+                self._lost(exc.message)
         finally:
-            self.close_reason = reason
-            for pending in self._pending.values():
-                pending.result = ConnectionClosed(reason)
-                pending.done.set()
-            self._pending.clear()
-            if self._events_send is not None:
-                self._events_send.close()
-            if self._hook_send is not None:
-                self._hook_send.close()
-            self._reader_done.set()
+            self._connected = False
+            if self._lost_reason is None:
+                self._lost("connection lost")
+            ping_scope.cancel()
+            if not self._will_reconnect():
+                self._finish()  # at once: no request may find us half-closed
+            else:
+                self._fail_pending(self._lost_reason or "connection lost")
+                if self._ready.is_set():
+                    self._ready = trio.Event()  # new requests wait for the next
 
     async def _route(self, event: ServerEvent) -> None:
         self._track(event)
@@ -344,10 +731,43 @@ class ChatClient:
                 return  # answered to the caller; not part of the event stream
         elif isinstance(event, Pong) and ref is None:
             return  # the answer to a keepalive ping
-        if self._hook_send is not None:
-            await self._hook_send.send(event)
-        if self._events_send is not None:
-            await self._events_send.send(event)
+        if self._holding or self._rejoining or self._dropping:
+            match event:
+                case Joined(room=room, name=name) if (
+                    name == self.name and room in self._rejoining
+                ):
+                    self._rejoining.discard(room)
+                    return  # our re-join (see _begin_resume)
+                case Message(room=room) | Joined(room=room) | Left(room=room) if (
+                    room in self._dropping
+                ):
+                    return  # the lobby, which we had left and leave again
+                case Message(room=room) if room in self._holding:
+                    held = self._holding[room]
+                    if len(held) < _HOLD_LIMIT:
+                        held.append(event)
+                    else:
+                        self._overflowed.add(room)
+                    return
+        await self._deliver(event)
+
+    async def _deliver(self, event: ClientItem) -> None:
+        """Hand ``event`` to the hooks and to ``async for``."""
+        # The streams end when the client does, perhaps while a resume is
+        # still delivering (closed or kicked meanwhile): the rest is dropped.
+        if self._done.is_set():
+            return
+        try:
+            if self._hook_send is not None:
+                await self._hook_send.send(event)
+            if self._events_send is not None:
+                await self._events_send.send(event)
+        except trio.ClosedResourceError:
+            return
+        if isinstance(event, Message) and self.reconnect is not None:
+            self._max_seen = max(self._max_seen, event.id)
+            if event.id > self._mark_of(event.room):
+                self._marks[event.room] = (event.id, event)
 
     def _track(self, event: ServerEvent) -> None:
         match event:
@@ -355,18 +775,24 @@ class ChatClient:
                 self.joined_rooms.add(room)
             case Left(room=room, name=name) if name == self.name:
                 self.joined_rooms.discard(room)
+                self._marks.pop(room, None)
             case Renamed(old=old, new=new) if old == self.name:
                 self.name = new
             case Shutdown(reason=reason):
-                self.close_reason = f"server shutting down: {reason}"
+                self._lost(f"server shutting down: {reason}", "shutdown")
             case Error(code=code, message=message) if code in ("too_slow", "kicked"):
-                self.close_reason = f"{code}: {message}"
+                self._lost(f"{code}: {message}", code)
 
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> ServerEvent:
-        """The next event; iteration ends when the connection does."""
+    async def __anext__(self) -> ClientItem:
+        """The next event; iteration ends when the client does.
+
+        Server events (:class:`~chatkit.Event` subclasses) and, with a
+        reconnect policy, the client's own :class:`~chatkit.ClientEvent`
+        objects.
+        """
         if self._events_receive is None:
             raise RuntimeError(
                 "this client keeps no events (event_buffer=None); use hooks"
@@ -383,17 +809,37 @@ class ChatClient:
             if name.startswith("chatkit_client_")
         )
 
-    async def _hook_loop(
-        self, receive: trio.MemoryReceiveChannel[ServerEvent | Welcome]
-    ) -> None:
+    async def _hook_loop(self, receive: trio.MemoryReceiveChannel[ClientItem]) -> None:
         hooks = self._hooks
         try:
             async for event in receive:
-                if isinstance(event, Welcome):
-                    await hooks.notify(
-                        "chatkit_client_connected", client=self, welcome=event
-                    )
-                    continue
+                match event:
+                    case Welcome():
+                        await hooks.notify(
+                            "chatkit_client_connected", client=self, welcome=event
+                        )
+                        continue
+                    case ConnectionLost(reason=why):
+                        await hooks.notify(
+                            "chatkit_client_connection_lost", client=self, reason=why
+                        )
+                        continue
+                    case Reconnecting(attempt=attempt, delay=delay, error=error):
+                        await hooks.notify(
+                            "chatkit_client_reconnecting",
+                            client=self,
+                            attempt=attempt,
+                            delay=delay,
+                            error=error,
+                        )
+                        continue
+                    case Reconnected(missed=missed):
+                        await hooks.notify(
+                            "chatkit_client_reconnected", client=self, missed=missed
+                        )
+                        continue
+                    case ClientEvent():
+                        continue
                 await hooks.notify("chatkit_client_event", client=self, event=event)
                 match event:
                     case Message():
@@ -426,35 +872,74 @@ class ChatClient:
 
     # --- sending ----------------------------------------------------------
 
-    async def _ping_when_idle(self) -> None:
+    async def _ping_when_idle(self, scope: trio.CancelScope) -> None:
         assert self._keepalive is not None
-        self._last_sent = trio.current_time()
-        while True:
-            await trio.sleep_until(self._last_sent + self._keepalive)
-            if trio.current_time() >= self._last_sent + self._keepalive:
+        silence = None if self.reconnect is None else self.reconnect.ping_timeout
+        with scope:
+            self._last_sent = trio.current_time()
+            while True:
+                await trio.sleep_until(self._last_sent + self._keepalive)
+                if trio.current_time() < self._last_sent + self._keepalive:
+                    continue
                 try:
                     await self._send(Ping())
                 except ConnectionClosed:
                     return
+                if silence is None:
+                    continue
+                sent = trio.current_time()
+                await trio.sleep(silence)
+                # Dead only if the reader waited for data all along: a reader
+                # held up by a slow consumer reads nothing either.
+                since = self._receiving_since
+                if since is not None and since <= sent and self._connected:
+                    self._lost(f"no answer from the server in {silence:g}s")
+                    assert self._stream is not None
+                    await trio.aclose_forcefully(self._stream)
+                    return
 
     async def _send(self, request: ClientRequest) -> None:
-        if self._stream is None or self._reader_done.is_set():
-            raise ConnectionClosed(self.close_reason or "not connected")
+        if self._stream is None or not self._connected:
+            raise ConnectionClosed(
+                self.close_reason or self._lost_reason or "not connected"
+            )
         data = self._proto.send(request)
         try:
             async with self._send_lock:
                 await self._stream.send_all(data)
                 self._last_sent = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ConnectionClosed(self.close_reason or "connection lost") from None
+            raise ConnectionClosed(
+                self.close_reason or self._lost_reason or "connection lost"
+            ) from None
 
     def _next_ref(self) -> int:
         self._last_ref += 1
         return self._last_ref
 
-    async def _request(self, request: ClientRequest) -> Any:
+    async def _wait_ready(self) -> None:
+        """Return once requests may go; while reconnecting, wait (bounded)."""
+        while not (self._connected and self._ready.is_set()):
+            policy = self.reconnect
+            if policy is None or self._done.is_set() or not self._will_reconnect():
+                raise ConnectionClosed(
+                    self.close_reason or self._lost_reason or "not connected"
+                )
+            timeout = policy.request_timeout
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await self._ready.wait()
+                continue
+            raise ConnectionClosed(
+                f"not connected (reconnecting; {self._lost_reason or 'lost'})"
+            )
+
+    async def _request(self, request: ClientRequest, *, wait: bool = True) -> Any:
+        """Send ``request`` and return its answer. ``wait=False`` (our own
+        requests while resuming) skips waiting for a lost connection."""
         ref = getattr(request, "ref", None)
         assert isinstance(ref, int)
+        if wait:
+            await self._wait_ready()
         pending = self._pending[ref] = _Pending()
         try:
             await self._send(request)
@@ -498,6 +983,10 @@ class ChatClient:
             BadName: not a valid room name.
         """
         await self._request(Join(room=room, ref=self._next_ref()))
+        if self.reconnect is not None:
+            # Where the room's news starts, should we have to resume it.
+            with suppress(ChatError):
+                await self._mark_room(room)
 
     async def leave(self, room: str) -> None:
         """Leave ``room``.
@@ -560,6 +1049,17 @@ class ChatClient:
 
     def __repr__(self) -> str:
         return f"<ChatClient {self.name!r} {self.host}:{self.port}>"
+
+
+def _same(a: Message, b: Message) -> bool:
+    """The same message (the sender's copy's ``ref`` aside)?"""
+    return msgspec.structs.replace(a, ref=None) == msgspec.structs.replace(b, ref=None)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def connect(

@@ -4,8 +4,10 @@ Behaves like the original line-based chat program's client: it asks
 ``Enter your username: `` (unless ``--name`` is given), prints what others
 say as ``user: text`` with join and leave notices, sends each typed line,
 and leaves on ``exit``. On top of that it speaks slash commands (``/help``
-lists them), keeps the line being typed intact while messages arrive, and
-works with piped input: lines in, transcript out, exit at end of input.
+lists them), keeps the line being typed intact while messages arrive,
+works with piped input (lines in, transcript out, exit at end of input),
+and gets a lost connection back by itself (``--reconnect``), showing the
+messages said meanwhile.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from ._events import (
     Shutdown,
 )
 from ._exceptions import BadName, ChatError, ConnectionClosed, NameTaken
+from ._reconnect import (
+    ClientEvent,
+    ConnectionLost,
+    Reconnect,
+    Reconnected,
+    Reconnecting,
+)
 from ._server import LOBBY
 
 __all__ = ["HELP", "ChatShell", "build_parser", "main", "run_client"]
@@ -46,7 +55,9 @@ Type a line to send it to the current room. Commands:
   /nick NAME        change your name
   /who [ROOM]       who is in ROOM (default: the current room)
   /rooms            list the rooms and how many are in each
-  /history [N]      the last N messages of the current room (default 20)
+  /history [ROOM] [N] [before ID | after ID]
+                    N messages (default 20) of ROOM (default: the current
+                    room): the last ones, or those before / after message ID
   /help             this help
   /quit or exit     leave the chat"""
 
@@ -70,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token", help="token (or password) for servers that require one"
     )
+    parser.add_argument(
+        "--reconnect",
+        choices=("lost", "always", "never"),
+        default="lost",
+        metavar="WHEN",
+        help="get the connection back, and show what was said meanwhile: "
+        "'lost' when the connection is lost (the default), 'always' also "
+        "after the server announced a shutdown (a planned restart), 'never'",
+    )
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument(
         "--cafile",
@@ -78,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the system's trusted CAs)",
     )
     return parser
+
+
+def _reconnect_policy(args: argparse.Namespace) -> Reconnect | None:
+    if args.reconnect == "never":
+        return None
+    return Reconnect(after_shutdown=args.reconnect == "always")
 
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -100,11 +126,26 @@ class ChatShell:
         """The room typed lines go to."""
         self._print = print_line
         self._greeted = False
+        self._lost: str | None = None  # why, while reconnecting
 
-    def describe(self, event: ServerEvent) -> str | None:
+    def describe(self, event: ServerEvent | ClientEvent) -> str | None:
         """The text shown for ``event`` (``None`` to show nothing)."""
         me = self.client.name
         match event:
+            case ConnectionLost(reason=reason):
+                self._lost = reason
+                return None  # said with the first Reconnecting
+            case Reconnecting(attempt=1, delay=delay):
+                return (
+                    f"*** connection lost ({self._lost}),"
+                    f" reconnecting in {delay:.1f}s..."
+                )
+            case Reconnecting(delay=delay, error=error):
+                return f"*** reconnect failed ({error}), retrying in {delay:.1f}s..."
+            case Reconnected(missed=missed):
+                self._lost = None
+                plural = "" if missed == 1 else "s"
+                return f"*** reconnected; {missed or 'no'} missed message{plural}"
             case Message(room=room, sender=sender, text=text):
                 prefix = "" if room == LOBBY else f"[{room}] "
                 return f"{prefix}{sender}: {text}"
@@ -133,6 +174,13 @@ class ChatShell:
                 return f"Server is shutting down: {reason}"
         return None
 
+    def farewell(self) -> str | None:
+        """What to show when the client ended by itself, not closed by the
+        user: why reconnecting failed, if it did."""
+        if self._lost is None:
+            return None
+        return f"*** {self.client.close_reason}"
+
     async def handle(self, line: str) -> bool:
         """Act on one typed line; False when the user wants to leave."""
         text = line.strip()
@@ -145,9 +193,10 @@ class ChatShell:
                 await self._command(text)
             else:
                 await self.client.say(line, room=self.room)
-        except ConnectionClosed:
-            raise
         except ChatError as exc:
+            # Lost for good ends the chat; lost for a while is an error.
+            if isinstance(exc, ConnectionClosed) and not self.client.reconnecting:
+                raise
             self._print(f"Error: {exc.message} ({exc.code})")
         return True
 
@@ -184,14 +233,8 @@ class ChatShell:
                     f"{name} ({count})" for name, count in rooms.items()
                 )
                 self._print(f"Rooms: {listing}")
-            case "/history", [] | [_]:
-                if rest and not rest.isdigit():
-                    self._print("Usage: /history [N]")
-                    return
-                messages = await client.history(self.room, int(rest or 20))
-                self._print(f"--- last {len(messages)} in {self.room} ---")
-                for message in messages:
-                    self._print(f"{message.sender}: {message.text}")
+            case "/history", words:
+                await self._history(words)
             case "/help", []:
                 self._print(HELP)
             case (
@@ -202,6 +245,48 @@ class ChatShell:
             case _:
                 self._print(f"Unknown command {command}. Type /help for commands.")
 
+    async def _history(self, words: list[str]) -> None:
+        # /history [ROOM] [N] [before ID | after ID], read from the right.
+        room, count, page = self.room, 20, None
+        if len(words) >= 2 and words[-2] in ("before", "after"):
+            number = words[-1].removeprefix("#")
+            if not number.isdigit():
+                self._print(_HISTORY_USAGE)
+                return
+            page, words = (words[-2], int(number)), words[:-2]
+        if words and words[-1].isdigit():
+            count, words = int(words[-1]), words[:-1]
+        if len(words) > 1:
+            self._print(_HISTORY_USAGE)
+            return
+        if words:
+            room = words[0]
+        client = self.client
+        if page is None:
+            messages = await client.history(room, count)
+            self._print(f"--- last {len(messages)} in {room} ---")
+        else:
+            direction, pivot = page
+            messages = await client.history(
+                room,
+                count,
+                before=pivot if direction == "before" else None,
+                after=pivot if direction == "after" else None,
+            )
+            self._print(f"--- {len(messages)} {direction} #{pivot} in {room} ---")
+        for message in messages:
+            self._print(f"{message.sender}: {message.text}")
+        if messages and len(messages) == count:
+            # A full page: there may be more, and this is how to get them.
+            if page is not None and page[0] == "after":
+                more = f"after {messages[-1].id}"
+            else:
+                more = f"before {messages[0].id}"
+            self._print(f"(more: /history {room} {count} {more})")
+
+
+_HISTORY_USAGE = "Usage: /history [ROOM] [N] [before ID | after ID]"
+
 
 def _where(room: str) -> str:
     return "the chat" if room == LOBBY else room
@@ -211,6 +296,7 @@ async def _chat(client: ChatClient, console: Console) -> None:
     shell = ChatShell(client, console.print)
     console.print(f"Hello, {client.name}! Type 'exit' to leave the chat.")
     console.print("Type /help for commands.")
+    leaving = False
     async with trio.open_nursery() as nursery:
 
         async def show_events() -> None:
@@ -218,7 +304,10 @@ async def _chat(client: ChatClient, console: Console) -> None:
                 text = shell.describe(event)
                 if text is not None:
                     console.print(text)
-            # The server closed the connection: stop reading input.
+            # The connection ended for good: stop reading input.
+            farewell = shell.farewell()
+            if farewell is not None and not leaving:
+                console.print(farewell)
             nursery.cancel_scope.cancel()
 
         async def leave_on_signal() -> None:
@@ -228,6 +317,8 @@ async def _chat(client: ChatClient, console: Console) -> None:
             await leave()
 
         async def leave() -> None:
+            nonlocal leaving
+            leaving = True
             console.print("Exiting chat...")
             await client.aclose()
             nursery.cancel_scope.cancel()
@@ -264,6 +355,7 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
                 name=name,
                 token=args.token,
                 ssl_context=_tls_context(args),
+                reconnect=_reconnect_policy(args),
             ) as client:
                 await _chat(client, console)
                 return 0

@@ -191,4 +191,30 @@ class ClientSpec:
 
     @hookspec
     def chatkit_client_disconnected(self, client: ChatClient, reason: str) -> None:
-        """The connection ended; ``reason`` says how."""
+        """The client ended (its connection is gone and, with a reconnect
+        policy, no reconnect will follow); ``reason`` says how. Fires once,
+        last."""
+
+    @hookspec
+    def chatkit_client_connection_lost(self, client: ChatClient, reason: str) -> None:
+        """The connection ended and the client (connected with
+        ``reconnect=``) is going to reconnect; ``reason`` says how it ended.
+
+        Requests made from now on wait for the new connection (see
+        :attr:`chatkit.Reconnect.request_timeout`).
+        """
+
+    @hookspec
+    def chatkit_client_reconnecting(
+        self, client: ChatClient, attempt: int, delay: float, error: str | None
+    ) -> None:
+        """Reconnect attempt number ``attempt`` starts in ``delay`` seconds;
+        ``error`` says why the previous attempt failed (``None`` before the
+        first)."""
+
+    @hookspec
+    def chatkit_client_reconnected(self, client: ChatClient, missed: int) -> None:
+        """The client is back, under the same name and in the same rooms, and
+        the ``missed`` messages said meanwhile went through the message hooks
+        (and ``async for``) before this one. ``chatkit_client_connected``
+        does not fire again."""

@@ -111,7 +111,9 @@ class Chat:
     with :meth:`expect` and :meth:`next_event`. Do not iterate over a
     recorded client yourself (``async for event in chat["alice"]``): the
     recorder already does. A client connected with ``event_buffer=None`` (a
-    bot that only has hooks) is not recorded.
+    bot that only has hooks) is not recorded, nor are the
+    :class:`~chatkit.ClientEvent` objects of a client connected with
+    ``reconnect=``.
 
     Every method may be called from any task, and from plugin hooks.
 
@@ -232,7 +234,10 @@ class Chat:
                 return
             try:
                 async for event in client:
-                    inbox.add(event)
+                    # A reconnecting client's own events (ConnectionLost...)
+                    # are not recorded: expect() deals in protocol events.
+                    if isinstance(event, Event):
+                        inbox.add(event)
             finally:
                 inbox.end(client.close_reason or "closed")
 

@@ -1,0 +1,840 @@
+"""Reconnect and resume: a client connected with ``reconnect=`` gets its
+connection back after a server restart or a network blip, under the same
+name, in the same rooms, and delivers every message it missed, once, in
+order."""
+
+from __future__ import annotations
+
+import errno
+import random
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from unittest.mock import ANY
+
+import pytest
+import trio
+import trio.testing
+
+import chatkit
+from chatkit import _client
+from tests.helpers import TIMEOUT
+
+_T = TypeVar("_T")
+
+# Fast and repeatable: real-socket tests should not sit in backoff.
+FAST = chatkit.Reconnect(initial_delay=0.02, max_delay=0.1, rng=random.Random(1).random)
+
+
+# --- the policy --------------------------------------------------------------
+
+
+def test_delays_grow_are_jittered_and_capped() -> None:
+    policy = chatkit.Reconnect(
+        initial_delay=1,
+        multiplier=2,
+        max_delay=8,
+        jitter=0.5,
+        rng=random.Random(42).random,
+    )
+    delays = [policy.delay(attempt) for attempt in range(1, 9)]
+    bases = [1, 2, 4, 8, 8, 8, 8, 8]
+    for delay, base in zip(delays, bases, strict=True):
+        assert base * 0.5 <= delay <= base
+    assert len(set(delays)) == len(delays)  # jittered: no two alike
+    # Without jitter, the plain exponential series, capped.
+    exact = chatkit.Reconnect(initial_delay=1, multiplier=2, max_delay=8, jitter=0)
+    assert [exact.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+    # A long outage neither overflows nor exceeds the cap.
+    assert exact.delay(100_000) == 8
+    assert chatkit.Reconnect(multiplier=1, jitter=0).delay(50) == 0.5
+
+
+def test_full_jitter_spans_zero_to_the_delay() -> None:
+    values = iter([0.0, 0.999, 0.5])
+    policy = chatkit.Reconnect(
+        initial_delay=2, max_delay=2, jitter=1, rng=lambda: next(values)
+    )
+    assert [policy.delay(1) for _ in range(3)] == pytest.approx([2, 0.002, 1])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"initial_delay": 0},
+        {"initial_delay": 5, "max_delay": 1},
+        {"multiplier": 0.5},
+        {"jitter": 1.5},
+        {"max_attempts": 0},
+        {"max_name_taken": 0},
+        {"give_up_after": 0},
+        {"request_timeout": -1},
+        {"ping_timeout": 0},
+    ],
+)
+def test_a_bad_policy_is_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        chatkit.Reconnect(**options)
+    with pytest.raises(ValueError):
+        chatkit.Reconnect().delay(0)
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+class Inbox:
+    """Everything a client yields, read by a task of its own."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self.ended = False
+        self._seen = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def read(self, client: chatkit.ChatClient) -> None:
+        async for event in client:
+            self.events.append(event)
+            self._lot.unpark_all()
+        self.ended = True
+        self._lot.unpark_all()
+
+    async def expect(self, kind: type[_T], **fields: Any) -> _T:
+        """The next event of ``kind`` with ``fields`` after the last one
+        expected; fails after TIMEOUT or when the stream ends first."""
+        with trio.fail_after(TIMEOUT):
+            while True:
+                for index in range(self._seen, len(self.events)):
+                    event = self.events[index]
+                    if isinstance(event, kind) and all(
+                        getattr(event, key) == value for key, value in fields.items()
+                    ):
+                        self._seen = index + 1
+                        return event
+                if self.ended:
+                    raise AssertionError(f"no {kind.__name__}{fields} in {self.events}")
+                await self._lot.park()
+
+    async def wait_end(self) -> None:
+        with trio.fail_after(TIMEOUT):
+            while not self.ended:
+                await self._lot.park()
+
+    def messages(self) -> list[tuple[str, str]]:
+        return [
+            (event.room, event.text)
+            for event in self.events
+            if isinstance(event, chatkit.Message)
+        ]
+
+    def of(self, kind: type[_T]) -> list[_T]:
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+@asynccontextmanager
+async def reading(
+    client: chatkit.ChatClient, nursery: trio.Nursery
+) -> AsyncIterator[Inbox]:
+    inbox = Inbox()
+    nursery.start_soon(inbox.read, client)
+    yield inbox
+
+
+class Gate:
+    """A server plugin holding the login of ``name`` until opened, so a test
+    decides when a reconnecting client gets back in."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.opened = trio.Event()
+
+    @chatkit.hookimpl
+    async def chatkit_authenticate(self, name: str) -> None:
+        if name == self.name:
+            await self.opened.wait()
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.frozen = False
+
+    async def pump(self, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+        while data := await source.receive_some(65536):
+            if self.frozen:
+                await trio.sleep_forever()  # bytes vanish: a network gone quiet
+            await sink.send_all(data)
+        self.scope.cancel()
+
+
+class Proxy:
+    """A TCP relay to a server: the network between client and server, which
+    a test can cut (both ends see the connection close), take down (new
+    connections are hung up on) or freeze (bytes stop, sockets stay open)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.up = True
+        self.links: list[_Link] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        await trio.serve_listeners(self._relay, listeners, task_status=task_status)
+
+    async def _relay(self, downstream: trio.SocketStream) -> None:
+        upstream: trio.SocketStream | None = None
+        try:
+            if not self.up:
+                return
+            upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
+            link = _Link()
+            self.links.append(link)
+            with link.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(link.pump, downstream, upstream)
+                    nursery.start_soon(link.pump, upstream, downstream)
+        finally:
+            # Shielded: the second close must not be skipped by a Cancelled
+            # that the first one re-raises.
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(downstream)
+                if upstream is not None:
+                    await trio.aclose_forcefully(upstream)
+
+    def cut(self) -> None:
+        for link in self.links:
+            link.scope.cancel()
+        self.links.clear()
+
+    def freeze(self) -> None:
+        for link in self.links:
+            link.frozen = True
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (state of another program, which has no event)."""
+    with trio.fail_after(TIMEOUT):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+def connect(port: int, name: str, **kwargs: Any) -> chatkit.ChatClient:
+    kwargs.setdefault("reconnect", FAST)
+    return chatkit.connect("127.0.0.1", port, name=name, **kwargs)
+
+
+def plain(port: int, name: str) -> chatkit.ChatClient:
+    """A client that does not reconnect (the others in the room)."""
+    return chatkit.connect("127.0.0.1", port, name=name)
+
+
+def unique_in_order(messages: Sequence[chatkit.Message]) -> None:
+    ids = [message.id for message in messages]
+    assert len(ids) == len(set(ids)), "a message came twice"
+    for room in {message.room for message in messages}:
+        in_room = [message.id for message in messages if message.room == room]
+        assert in_room == sorted(in_room), f"{room} out of order"
+
+
+# --- server restart ----------------------------------------------------------
+
+
+async def test_a_client_resumes_across_a_server_restart() -> None:
+    history = chatkit.MemoryHistory()
+    gate = Gate("alice")
+    with trio.fail_after(TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            first = chatkit.ChatServer(port=0, history=history)
+            port = await nursery.start(first.serve)
+            async with (
+                connect(port, "alice") as alice,
+                reading(alice, nursery) as inbox,
+            ):
+                await alice.join("dev")
+                async with plain(port, "bob") as bob:
+                    await bob.join("dev")
+                    await bob.say("one")
+                    await bob.say("d1", room="dev")
+                    await inbox.expect(chatkit.Message, text="d1")
+
+                await first.aclose()  # a planned restart: `shutdown` first
+                await inbox.expect(chatkit.Shutdown)
+                lost = await inbox.expect(chatkit.ConnectionLost)
+                assert lost.reason == "server shutting down: server shutting down"
+                await inbox.expect(chatkit.Reconnecting, attempt=1, error=None)
+                assert alice.reconnecting and not alice.connected
+                assert not alice.closed
+
+                # The same port, the same store: ids go on. alice is held at
+                # the door while bob says what she will have missed.
+                second = chatkit.ChatServer(
+                    port=port, history=history, plugins=[gate], hook_timeout=30
+                )
+                await nursery.start(second.serve)
+                async with plain(port, "bob") as bob:
+                    await bob.join("dev")
+                    await bob.say("two")
+                    await bob.say("d2", room="dev")
+                    await bob.say("three")
+                    gate.opened.set()
+                    reconnected = await inbox.expect(chatkit.Reconnected)
+                    assert reconnected.missed == 3
+                    assert alice.connected and not alice.reconnecting
+                    await bob.say("live")
+                    await inbox.expect(chatkit.Message, text="live")
+                    await bob.say("d-live", room="dev")
+                    await inbox.expect(chatkit.Message, text="d-live")
+
+                assert alice.name == "alice"
+                assert alice.joined_rooms == {"lobby", "dev"}
+                assert second.rooms["dev"] == ("alice",)
+                messages = inbox.of(chatkit.Message)
+                unique_in_order(messages)
+                assert inbox.messages() == [
+                    ("lobby", "one"),
+                    ("dev", "d1"),
+                    ("lobby", "two"),  # caught up: the lobby, then dev
+                    ("lobby", "three"),
+                    ("dev", "d2"),
+                    ("lobby", "live"),
+                    ("dev", "d-live"),
+                ]
+                # Missed messages come before Reconnected, live ones after;
+                # our own re-joins are no news.
+                position = {event.text: inbox.events.index(event) for event in messages}
+                assert position["d2"] < inbox.events.index(reconnected)
+                assert inbox.events.index(reconnected) < position["live"]
+                assert not [
+                    event
+                    for event in inbox.events[inbox.events.index(lost) :]
+                    if isinstance(event, chatkit.Joined) and event.name == "alice"
+                ]
+            await second.aclose()
+
+
+async def test_a_restart_that_lost_history_is_detected() -> None:
+    # The new server has a fresh store: its ids start over, below the ones
+    # alice saw. She notices and reads the rooms from the start.
+    gate = Gate("alice")
+    with trio.fail_after(TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            first = chatkit.ChatServer(port=0)
+            port = await nursery.start(first.serve)
+            async with (
+                connect(port, "alice") as alice,
+                reading(alice, nursery) as inbox,
+            ):
+                async with plain(port, "bob") as bob:
+                    for text in ("a", "b", "c", "d"):
+                        await bob.say(text)
+                await inbox.expect(chatkit.Message, text="d")
+                await first.aclose()
+                await inbox.expect(chatkit.Reconnecting)
+
+                second = chatkit.ChatServer(port=port, plugins=[gate], hook_timeout=30)
+                await nursery.start(second.serve)
+                async with plain(port, "bob") as bob:
+                    said = await bob.say("after the restart")
+                    assert said.id == 1
+                    gate.opened.set()
+                    assert (await inbox.expect(chatkit.Reconnected)).missed == 1
+                    await bob.say("and live")  # id 2: new, not a duplicate
+                    await inbox.expect(chatkit.Message, text="and live")
+                assert [text for _, text in inbox.messages()] == [
+                    "a",
+                    "b",
+                    "c",
+                    "d",
+                    "after the restart",
+                    "and live",
+                ]
+            await second.aclose()
+
+
+async def test_after_shutdown_false_ends_the_client_at_a_shutdown() -> None:
+    policy = chatkit.Reconnect(after_shutdown=False)
+    async with (
+        chatkit.open_server() as server,
+        connect(server.port, "alice", reconnect=policy) as alice,
+    ):
+        async with trio.open_nursery() as nursery, reading(alice, nursery) as inbox:
+            await server.aclose()
+            await inbox.wait_end()
+        assert alice.closed and not alice.reconnecting
+        assert alice.close_reason == "server shutting down: server shutting down"
+        assert inbox.of(chatkit.ClientEvent) == []
+
+
+# --- network blips -----------------------------------------------------------
+
+
+@asynccontextmanager
+async def behind_proxy(
+    nursery: trio.Nursery, **server_options: Any
+) -> AsyncIterator[tuple[chatkit.ChatServer, Proxy]]:
+    async with chatkit.open_server(**server_options) as server:
+        proxy = Proxy(server.port)
+        await nursery.start(proxy.serve)
+        yield server, proxy
+
+
+async def test_a_client_resumes_after_the_network_drops_it() -> None:
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery) as (server, proxy),
+            connect(proxy.port, "alice") as alice,
+            reading(alice, nursery) as inbox,
+            plain(server.port, "bob") as bob,
+        ):
+            await alice.join("dev")
+            await bob.join("dev")
+            await bob.say("before")
+            await inbox.expect(chatkit.Message, text="before")
+
+            proxy.up = False  # new connections are hung up on, for now
+            proxy.cut()
+            # (A close with unread data is a reset: "connection lost".)
+            hung_up = {"server closed the connection", "connection lost"}
+            lost = await inbox.expect(chatkit.ConnectionLost)
+            assert lost.reason in hung_up
+            await wait_until(lambda: server.get_user("alice") is None)
+            await bob.say("while away")
+            await bob.say("in dev too", room="dev")
+            failed = await inbox.expect(chatkit.Reconnecting, attempt=2)
+            assert failed.error in hung_up
+
+            proxy.up = True
+            assert (await inbox.expect(chatkit.Reconnected)).missed == 2
+            await bob.say("after")
+            await inbox.expect(chatkit.Message, text="after")
+            assert inbox.messages() == [
+                ("lobby", "before"),
+                ("lobby", "while away"),
+                ("dev", "in dev too"),
+                ("lobby", "after"),
+            ]
+            assert set(server.rooms["dev"]) == {"alice", "bob"}
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_network_is_noticed_and_the_name_waited_for() -> None:
+    # The network goes quiet without closing anything: no answer to the
+    # keepalive ping tells alice the connection is dead, but the server
+    # still holds it, so her name is taken until the server lets go.
+    policy = chatkit.Reconnect(initial_delay=0.05, max_delay=0.1, ping_timeout=0.2)
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery) as (server, proxy),
+            connect(proxy.port, "alice", reconnect=policy, keepalive=0.1) as alice,
+            reading(alice, nursery) as inbox,
+            plain(server.port, "bob") as bob,
+        ):
+            proxy.freeze()
+            lost = await inbox.expect(chatkit.ConnectionLost)
+            assert lost.reason == "no answer from the server in 0.2s"
+            await bob.say("you will not hear this live")
+            refused = await inbox.expect(chatkit.Reconnecting, attempt=2)
+            assert refused.error == "name_taken: alice is taken"
+            assert server.get_user("alice") is not None  # the old connection
+            proxy.links[0].scope.cancel()  # the server finally lets it go
+            assert (await inbox.expect(chatkit.Reconnected)).missed == 1
+            assert inbox.messages() == [("lobby", "you will not hear this live")]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_name_taken_for_good_makes_the_client_give_up() -> None:
+    policy = chatkit.Reconnect(initial_delay=0.01, max_delay=0.02, max_name_taken=3)
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery) as (server, proxy),
+            connect(proxy.port, "alice", reconnect=policy) as alice,
+            reading(alice, nursery) as inbox,
+        ):
+            proxy.up = False
+            proxy.cut()
+            await wait_until(lambda: server.get_user("alice") is None)
+            async with plain(server.port, "alice"):  # an impostor takes it
+                proxy.up = True
+                await inbox.wait_end()
+            assert alice.closed and not alice.reconnecting
+            # Attempts while the network was down count too, so how many
+            # there were in all varies.
+            assert alice.close_reason is not None
+            assert re.fullmatch(
+                r"gave up reconnecting after \d+ attempts: name_taken: alice is taken",
+                alice.close_reason,
+            )
+            with pytest.raises(chatkit.ConnectionClosed):
+                await alice.say("anyone?")
+            nursery.cancel_scope.cancel()
+
+
+# --- catching up while live messages arrive ----------------------------------
+
+
+class SlowHistory(chatkit.MemoryHistory):
+    """Once armed, answers the first empty ``after`` page (the end of a
+    catch-up) late: it is computed, then held until released while live
+    messages go out, which that stale page does not have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.asked = trio.Event()
+        self.release = trio.Event()
+
+    async def after(self, room: str, id: int, limit: int) -> Sequence[chatkit.Message]:
+        page = await super().after(room, id, limit)
+        if self.armed and not page:
+            self.armed = False
+            self.asked.set()
+            await self.release.wait()
+        return page
+
+
+@pytest.mark.parametrize("hold_limit", [1000, 2])
+async def test_live_messages_during_catch_up_come_once_and_in_order(
+    hold_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The live messages arrive after the catch-up's last page was made:
+    # they are held, then delivered after it. With a hold limit of 2, most
+    # overflow and are fetched again from history.
+    monkeypatch.setattr(_client, "_HOLD_LIMIT", hold_limit)
+    history = SlowHistory()
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery, history=history) as (server, proxy),
+            connect(proxy.port, "alice") as alice,
+            reading(alice, nursery) as inbox,
+            plain(server.port, "bob") as bob,
+        ):
+            await bob.say("m0")
+            await inbox.expect(chatkit.Message, text="m0")
+            proxy.up = False
+            proxy.cut()
+            await wait_until(lambda: server.get_user("alice") is None)
+            await bob.say("missed 1")
+            await bob.say("missed 2")
+            history.armed = True
+            proxy.up = True
+            await history.asked.wait()  # alice is back, catching up
+            for n in range(5):
+                await bob.say(f"live {n}")
+            # Held back until the catch-up is done (or, past the limit,
+            # dropped to be fetched again).
+            await wait_until(lambda: len(alice._holding["lobby"]) == min(5, hold_limit))
+            history.release.set()
+            await inbox.expect(chatkit.Reconnected)
+            await bob.say("last")
+            await inbox.expect(chatkit.Message, text="last")
+            unique_in_order(inbox.of(chatkit.Message))
+            assert [text for _, text in inbox.messages()] == [
+                "m0",
+                "missed 1",
+                "missed 2",
+                *(f"live {n}" for n in range(5)),
+                "last",
+            ]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:
+    # Re-joining and catching up several rooms asks many requests at once;
+    # a strict server refuses some, and the client asks again later.
+    rooms = ["r1", "r2", "r3"]
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery) as (server, proxy),
+            connect(proxy.port, "alice") as alice,
+            reading(alice, nursery) as inbox,
+            plain(server.port, "bob") as bob,
+        ):
+            for room in rooms:
+                await alice.join(room)
+                await bob.join(room)
+            proxy.up = False
+            proxy.cut()
+            await wait_until(lambda: server.get_user("alice") is None)
+            for room in ["lobby", *rooms]:
+                await bob.say(f"missed in {room}", room=room)
+            server.rate_limit, server.rate_burst = 10.0, 2  # from now on
+            proxy.up = True
+            assert (await inbox.expect(chatkit.Reconnected)).missed == 4
+            assert alice.joined_rooms == {"lobby", *rooms}
+            assert sorted(inbox.messages()) == sorted(
+                (room, f"missed in {room}") for room in ["lobby", *rooms]
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def test_leaving_a_room_while_it_catches_up() -> None:
+    # The program leaves a room whose catch-up has not come yet: that room's
+    # catch-up stops (the server says not_in_room), the others go on.
+    history = SlowHistory()
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            behind_proxy(nursery, history=history) as (server, proxy),
+            connect(proxy.port, "alice") as alice,
+            reading(alice, nursery) as inbox,
+            plain(server.port, "bob") as bob,
+        ):
+            await alice.join("zoo")
+            await bob.join("zoo")
+            proxy.up = False
+            proxy.cut()
+            await wait_until(lambda: server.get_user("alice") is None)
+            await bob.say("missed")
+            await bob.say("missed in zoo", room="zoo")
+            history.armed = True  # the lobby's catch-up ends late
+            proxy.up = True
+            await history.asked.wait()
+            # Requests may go during the catch-up. (The server answers this
+            # one after the held page: it reads a connection's requests in
+            # order.)
+            nursery.start_soon(alice.leave, "zoo")
+            await wait_until(lambda: len(alice._pending) == 2)  # page and leave
+            history.release.set()
+            assert (await inbox.expect(chatkit.Reconnected)).missed == 1
+            assert inbox.messages() == [("lobby", "missed")]
+            assert alice.joined_rooms == {"lobby"}
+            nursery.cancel_scope.cancel()
+
+
+# --- requests while reconnecting ---------------------------------------------
+
+
+async def test_requests_wait_for_the_connection_or_time_out() -> None:
+    policy = chatkit.Reconnect(initial_delay=0.02, max_delay=0.05, request_timeout=0.2)
+    gate = Gate("alice")
+    history = chatkit.MemoryHistory()
+    with trio.fail_after(TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            first = chatkit.ChatServer(port=0, history=history)
+            port = await nursery.start(first.serve)
+            async with (
+                connect(port, "alice", reconnect=policy) as alice,
+                reading(alice, nursery) as inbox,
+            ):
+                await first.aclose()
+                await inbox.expect(chatkit.ConnectionLost)
+                with pytest.raises(chatkit.ConnectionClosed, match="reconnecting"):
+                    await alice.say("too early")
+                assert alice.reconnecting  # still trying
+
+                second = chatkit.ChatServer(
+                    port=port, history=history, plugins=[gate], hook_timeout=30
+                )
+                await nursery.start(second.serve)
+                said: list[chatkit.Message] = []
+
+                async def say() -> None:
+                    said.append(await alice.say("patient"))
+
+                async with trio.open_nursery() as waiting:
+                    waiting.start_soon(say)
+                    await trio.sleep(0.05)
+                    assert said == []
+                    gate.opened.set()
+                (message,) = said
+                assert message.text == "patient"
+                await inbox.expect(chatkit.Reconnected)
+                await wait_until(lambda: inbox.messages() == [("lobby", "patient")])
+            await second.aclose()
+
+
+# --- what does not reconnect -------------------------------------------------
+
+
+async def test_closing_the_client_does_not_reconnect() -> None:
+    async with chatkit.open_server() as server, trio.open_nursery() as nursery:
+        async with connect(server.port, "alice") as alice:
+            inbox = Inbox()
+            nursery.start_soon(inbox.read, alice)
+        await inbox.wait_end()
+        assert alice.closed
+        assert alice.close_reason == "closed by the client"
+        assert inbox.of(chatkit.ClientEvent) == []
+        assert server.users == ()
+
+
+async def test_closing_the_client_while_it_reconnects_stops_it() -> None:
+    async with trio.open_nursery() as nursery:
+        server = chatkit.ChatServer(port=0)
+        port = await nursery.start(server.serve)
+        slow = chatkit.Reconnect(initial_delay=30, max_delay=30)
+        with trio.fail_after(TIMEOUT):
+            async with connect(port, "alice", reconnect=slow) as alice:
+                inbox = Inbox()
+                nursery.start_soon(inbox.read, alice)
+                await server.aclose()
+                await inbox.expect(chatkit.Reconnecting, attempt=1)
+            # Left the block at once, in the middle of a 15-30 s backoff.
+            await inbox.wait_end()
+        assert alice.closed
+        assert alice.close_reason == "closed by the client"
+
+
+async def test_closing_the_client_while_it_catches_up_stops_it() -> None:
+    # Nobody reads: the catch-up is stuck handing over a missed message when
+    # the program closes the client, which must end cleanly all the same.
+    history = chatkit.MemoryHistory()
+    gate = Gate("alice")
+    with trio.fail_after(TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            first = chatkit.ChatServer(port=0, history=history)
+            port = await nursery.start(first.serve)
+            alice = connect(port, "alice", event_buffer=1)
+            async with alice:
+                assert isinstance(await alice.__anext__(), chatkit.Joined)
+                await first.aclose()
+                second = chatkit.ChatServer(
+                    port=port, history=history, plugins=[gate], hook_timeout=30
+                )
+                await nursery.start(second.serve)
+                async with plain(port, "bob") as bob:
+                    for n in range(3):
+                        await bob.say(f"missed {n}")
+                # (With nobody reading, the client would not even get as far
+                # as the first attempt: its own events wait in the buffer.)
+                for kind in (chatkit.Shutdown, chatkit.ConnectionLost):
+                    assert isinstance(await alice.__anext__(), kind)
+                assert await alice.__anext__() == chatkit.Reconnecting(
+                    attempt=1, delay=ANY, error=None
+                )
+                gate.opened.set()  # and from here on, nobody reads
+                await wait_until(lambda: alice.connected)
+                assert alice._events_send is not None
+                await wait_until(
+                    lambda: alice._events_send.statistics().tasks_waiting_send > 0
+                )
+                await alice.aclose()
+            assert alice.closed
+            assert alice.close_reason == "closed by the client"
+            await second.aclose()
+
+
+async def test_a_kicked_client_does_not_reconnect() -> None:
+    async with (
+        chatkit.open_server() as server,
+        connect(server.port, "alice") as alice,
+    ):
+        async with trio.open_nursery() as nursery, reading(alice, nursery) as inbox:
+            server.kick("alice", "behave")
+            await inbox.wait_end()
+        assert inbox.events[-1] == chatkit.Error(code="kicked", message="behave")
+        assert inbox.of(chatkit.ClientEvent) == []
+        assert alice.closed
+        assert alice.close_reason == "kicked: behave"
+
+
+# --- backoff timing, on a mock clock -----------------------------------------
+
+
+async def fake_server(stream: trio.abc.Stream) -> None:
+    """Log one client in by hand, answer its lobby probe, then hang up."""
+    proto = chatkit.ServerConnection()
+
+    async def next_request() -> Any:
+        while True:
+            request = proto.next_event()
+            if request is not chatkit.NEED_DATA:
+                return request
+            proto.receive_data(await stream.receive_some(65536))
+
+    hello = await next_request()
+    welcome = chatkit.Welcome(
+        name=hello.name, protocol=1, server="fake", rooms=("lobby",), ref=hello.ref
+    )
+    await stream.send_all(proto.send(welcome))
+    probe = await next_request()
+    assert isinstance(probe, chatkit.History)
+    reply = chatkit.HistoryReply(room="lobby", messages=(), ref=probe.ref)
+    await stream.send_all(proto.send(reply))
+    await stream.aclose()
+
+
+async def test_backoff_delays_are_the_policys_and_bounded(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def policy() -> chatkit.Reconnect:
+        return chatkit.Reconnect(
+            initial_delay=1,
+            max_delay=5,
+            multiplier=2,
+            jitter=0.5,
+            max_attempts=5,
+            rng=random.Random(7).random,
+        )
+
+    reference = policy()  # the same seed: the same jitter
+    expected = [reference.delay(n) for n in range(1, 6)]
+    attempts: list[float] = []
+    lost_at: list[float] = []
+
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
+            if not attempts and not lost_at:
+                client_end, server_end = trio.testing.memory_stream_pair()
+                nursery.start_soon(fake_server, server_end)
+                lost_at.append(-1.0)
+                return client_end
+            attempts.append(trio.current_time())
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+
+        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
+        async with connect(0, "alice", reconnect=policy()) as alice:
+            events = []
+            async for event in alice:
+                if isinstance(event, chatkit.ConnectionLost):
+                    lost_at[0] = trio.current_time()
+                events.append(event)
+
+    reconnecting = [e for e in events if isinstance(e, chatkit.Reconnecting)]
+    assert [e.attempt for e in reconnecting] == [1, 2, 3, 4, 5]
+    assert [e.delay for e in reconnecting] == expected
+    assert [e.error for e in reconnecting] == [None] + ["Connection refused"] * 4
+    # Each attempt starts exactly its delay after the previous one.
+    starts = [lost_at[0], *attempts[:-1]]
+    waited = [end - start for start, end in zip(starts, attempts, strict=True)]
+    assert waited == pytest.approx(expected)
+    assert 1 * 0.5 <= expected[0] <= 1 and all(d <= 5 for d in expected)
+    assert alice.close_reason == (
+        "gave up reconnecting after 5 attempts: Connection refused"
+    )
+
+
+async def test_give_up_after_bounds_the_whole_outage(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy = chatkit.Reconnect(initial_delay=1, max_delay=4, jitter=0, give_up_after=10)
+    attempts: list[float] = []
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
+            if not attempts:
+                attempts.append(trio.current_time())
+                client_end, server_end = trio.testing.memory_stream_pair()
+                nursery.start_soon(fake_server, server_end)
+                return client_end
+            attempts.append(trio.current_time())
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+
+        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
+        async with connect(0, "alice", reconnect=policy) as alice:
+            start = trio.current_time()
+            async for _ in alice:
+                pass
+    # Delays 1, 2, 4 (at 7 s); the next, 4 more, would end past 10 s.
+    assert [t - start for t in attempts[1:]] == pytest.approx([1, 3, 7])
+    assert alice.close_reason == (
+        "gave up reconnecting after 3 attempts: Connection refused"
+    )
