@@ -289,9 +289,20 @@ async def test_client_reports_an_unreachable_server(launch: Launch) -> None:
 
 async def test_server_reports_a_port_in_use(launch: Launch) -> None:
     _first, port = await start_server(launch)
-    second = await launch("server", "--port", str(port))
+    # Its own database: the first server holds the default one's lock.
+    second = await launch("server", "--port", str(port), "--db", "second.sqlite3")
     assert await second.wait() == 1
     assert any("cannot listen on 127.0.0.1" in line for line in await second.rest())
+
+
+async def test_a_second_server_on_one_database_is_refused(launch: Launch) -> None:
+    _first, port = await start_server(launch)
+    second = await launch("server", "--port", "0")
+    assert await second.wait() == 1
+    assert await second.rest() == [
+        "error: cannot open history database chatkit.sqlite3: another server "
+        "is using it"
+    ]
 
 
 async def test_server_plugin_option(launch: Launch) -> None:
