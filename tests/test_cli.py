@@ -296,7 +296,7 @@ async def test_server_reports_a_port_in_use(launch: Launch) -> None:
 
 
 async def test_a_second_server_on_one_database_is_refused(launch: Launch) -> None:
-    _first, port = await start_server(launch)
+    await start_server(launch)
     second = await launch("server", "--port", "0")
     assert await second.wait() == 1
     assert await second.rest() == [

@@ -10,6 +10,7 @@ import random
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from unittest.mock import ANY
 
@@ -241,12 +242,24 @@ def unique_in_order(messages: Sequence[chatkit.Message]) -> None:
 # --- server restart ----------------------------------------------------------
 
 
-async def test_a_client_resumes_across_a_server_restart() -> None:
-    history = chatkit.MemoryHistory()
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
+    """Makes the history store of each server in a restart: one shared
+    MemoryHistory, or a new SqliteHistory on the same file (as a restarted
+    server process opens it)."""
+    if request.param == "memory":
+        shared = chatkit.MemoryHistory()
+        return lambda: shared
+    return lambda: chatkit.SqliteHistory(tmp_path / "history.sqlite3")
+
+
+async def test_a_client_resumes_across_a_server_restart(
+    store: Callable[[], Any],
+) -> None:
     gate = Gate("alice")
     with trio.fail_after(TIMEOUT * 2):
         async with trio.open_nursery() as nursery:
-            first = chatkit.ChatServer(port=0, history=history)
+            first = chatkit.ChatServer(port=0, history=store())
             port = await nursery.start(first.serve)
             async with (
                 connect(port, "alice") as alice,
@@ -270,7 +283,7 @@ async def test_a_client_resumes_across_a_server_restart() -> None:
                 # The same port, the same store: ids go on. alice is held at
                 # the door while bob says what she will have missed.
                 second = chatkit.ChatServer(
-                    port=port, history=history, plugins=[gate], hook_timeout=30
+                    port=port, history=store(), plugins=[gate], hook_timeout=30
                 )
                 await nursery.start(second.serve)
                 async with plain(port, "bob") as bob:
