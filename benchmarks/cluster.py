@@ -384,29 +384,35 @@ def tables(results: list[dict[str, Any]]) -> str:
         )
     out += [
         "",
-        "Redis during the throughput phase (INFO commandstats, reset before it)",
+        "Redis during the throughput phase (INFO commandstats, reset before it;",
+        "EVALSHA also counts the heartbeat's name claims: N every 5 s)",
         "",
-        "| config | N | EVALSHA calls | µs per EVALSHA | redis CPU µs/message |"
-        " XREAD calls | µs per XREAD | messages per XREAD |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | N | messages (XADD) | µs per EVALSHA | µs per XADD |"
+        " redis CPU µs/message | SCRIPT EXISTS | XREAD calls | µs per XREAD |"
+        " messages per XREAD |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r.get("throughput", {})
         stats = m.get("redis_commands")
         if not stats:
             continue
-        evalsha = stats.get("evalsha", {})
-        xread = stats.get("xread", {})
+        empty: dict[str, float] = {}
+        evalsha = stats.get("evalsha", empty)
+        xadd = stats.get("xadd", empty)
+        xread = stats.get("xread", empty)
         # Each node reads every message once (idle XREADs time out at 1 s).
         per_read = (
-            evalsha.get("calls", 0) * r["nodes"] / xread["calls"]
+            xadd.get("calls", 0) * r["nodes"] / xread["calls"]
             if xread.get("calls")
             else None
         )
         out.append(
-            f"| {r['label']} | {r['clients']} | {evalsha.get('calls', 0):,.0f} "
+            f"| {r['label']} | {r['clients']} | {xadd.get('calls', 0):,.0f} "
             f"| {fmt(evalsha.get('usec_per_call'), '.1f')} "
+            f"| {fmt(xadd.get('usec_per_call'), '.1f')} "
             f"| {fmt(m['redis_us_per_message'], '.1f')} "
+            f"| {stats.get('script|exists', empty).get('calls', 0):,.0f} "
             f"| {xread.get('calls', 0):,.0f} "
             f"| {fmt(xread.get('usec_per_call'), '.1f')} | {fmt(per_read, '.1f')} |"
         )
