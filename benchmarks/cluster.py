@@ -295,8 +295,10 @@ def measure(
             busy = m["server_cpu"]
             m["deliveries_per_busy_core"] = dps / busy if busy else None
             m["node_us_per_delivery"] = 1e6 * nodes_cpu / dps if dps else None
+            mps = m["messages_per_s"]
+            m["node_us_per_message"] = 1e6 * nodes_cpu / mps if mps else None
             m["redis_us_per_message"] = (
-                1e6 * redis_cpu / m["messages_per_s"] if cluster.redis else None
+                1e6 * redis_cpu / mps if cluster.redis and mps else None
             )
             if cluster.redis is not None:
                 m["redis_commands"] = cluster.redis.commandstats()
@@ -337,7 +339,7 @@ def tables(results: list[dict[str, Any]]) -> str:
         "",
         "| config | N | deliveries/s | vs single | messages/s | node CPU |"
         " redis CPU | generator CPU | all CPU | other CPU |"
-        " deliveries/s per busy core | vs single | node µs/delivery |"
+        " deliveries/s per busy core | vs single | node µs/message |"
         " redis µs/message | loss |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -355,7 +357,7 @@ def tables(results: list[dict[str, Any]]) -> str:
             f"| {m['generator_cpu']:.2f} | {m['all_cpu']:.2f} "
             f"| {m['other_cpu']:.2f} | {fmt(per_core, ',.0f')} "
             f"| {ratio(per_core, base.get('deliveries_per_busy_core'))} "
-            f"| {fmt(m['node_us_per_delivery'], '.2f')} "
+            f"| {fmt(m['node_us_per_message'], '.1f')} "
             f"| {fmt(m['redis_us_per_message'], '.1f')} | {m['loss']} |"
         )
     out += [
@@ -363,8 +365,9 @@ def tables(results: list[dict[str, Any]]) -> str:
         "Latency (fixed offered rate; 'added' is the difference to single, ms)",
         "",
         "| config | N | p50 ms | p90 ms | p99 ms | max ms | p50 added |"
-        " p99 added | p99 vs single | node CPU | redis CPU | other CPU | loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " p99 added | p99 vs single | node CPU | redis CPU | other CPU |"
+        " node µs/message | loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         m = r.get("latency")
@@ -380,7 +383,8 @@ def tables(results: list[dict[str, Any]]) -> str:
             f"| {ratio(m.get('p99_ms'), base.get('p99_ms'))} "
             f"| {cores(m, r)} "
             f"| {fmt(m['redis_cpu'] if r['redis'] else None, '.2f')} "
-            f"| {m['other_cpu']:.2f} | {m['loss']} |"
+            f"| {m['other_cpu']:.2f} | {fmt(m['node_us_per_message'], '.0f')} "
+            f"| {m['loss']} |"
         )
     out += [
         "",
@@ -416,6 +420,19 @@ def tables(results: list[dict[str, Any]]) -> str:
             f"| {xread.get('calls', 0):,.0f} "
             f"| {fmt(xread.get('usec_per_call'), '.1f')} | {fmt(per_read, '.1f')} |"
         )
+    for r in results:
+        if r.get("profile"):
+            out += [
+                "",
+                f"Profile of {r['label']}'s first node, N={r['clients']} (py-spy)",
+                "",
+                "| own % | total % | function |",
+                "|---:|---:|---|",
+            ]
+            out += [
+                f"| {p['own_pct']:.1f} | {p['total_pct']:.1f} | `{p['function']}` |"
+                for p in r["profile"]
+            ]
     return "\n".join(out)
 
 
