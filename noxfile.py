@@ -87,3 +87,18 @@ def bench(session: nox.Session) -> None:
         "benchmarks/results.json",
         *session.posargs,
     )
+
+
+@nox.session
+def bench_cluster(session: nox.Session) -> None:
+    """The cluster benchmark: fan-out on 1, 2 and 3 chatkit nodes through
+    Redis against one node alone (minutes; not in CI, not a default
+    session). Writes benchmarks/cluster_results.json; docs/performance.md
+    reports it.
+
+    ``nox -s bench_cluster -- --smoke`` is the few-second version. Fails
+    (never skips) when redis-server is missing: scripts/install-test-deps.sh
+    installs it.
+    """
+    session.install("-e", ".[bench,redis]")
+    session.run("python", "benchmarks/cluster.py", *session.posargs)

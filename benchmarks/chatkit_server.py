@@ -1,4 +1,4 @@
-"""Run a chatkit server for benchmarks/fanout.py.
+"""Run a chatkit server for benchmarks/fanout.py and benchmarks/cluster.py.
 
 Like ``python -m chatkit.server`` (it prints ``Server started on HOST:PORT``
 and stops gracefully on SIGTERM), with what a benchmark needs: the file
@@ -9,6 +9,10 @@ for before/after figures from the same run:
 - ``writer``: every output goes through the connection's writer task;
 - ``direct``: + direct writes from the producing task when the writer idles;
 - ``full``: + one write per recipient per read (the default).
+
+``--redis URL`` makes it one node of a cluster (a
+:class:`chatkit.cluster.RedisBackplane` on that Redis, default settings),
+as ``python -m chatkit.server --redis`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import inspect
 import logging
 import resource
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -49,14 +54,24 @@ def main() -> None:
         default=1000,
         help="ChatServer(presence_limit=...); -1 for None",
     )
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=None,
+        help="join the cluster sharing this Redis (needs chatkit[redis])",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     limit = raise_file_limit()
-    options = {
+    options: dict[str, Any] = {
         "rate_limit": None,
         "max_connections": max(1, limit - 100),
         "presence_limit": None if args.presence_limit < 0 else args.presence_limit,
     }
+    if args.redis is not None:
+        from chatkit.cluster import RedisBackplane
+
+        options["backplane"] = RedisBackplane(args.redis)
     # An older chatkit (``fanout.py --before-rev``) may lack some options.
     accepted = inspect.signature(ChatServer).parameters
     server = ChatServer(

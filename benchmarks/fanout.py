@@ -258,15 +258,23 @@ class Server:
 
 
 class Generator:
-    """``workers`` load-generator processes and their shared counters."""
+    """``workers`` load-generator processes and their shared counters.
 
-    def __init__(self, workers: int, dialect: str, port: int) -> None:
+    With ``ports`` (benchmarks/cluster.py), client ``i`` connects to
+    ``ports[i % len(ports)]`` instead of ``port``.
+    """
+
+    def __init__(
+        self, workers: int, dialect: str, port: int, ports: list[int] | None = None
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.workers = workers
         self.shared = ctx.RawArray("q", 2 * workers)
         self.pipes = []
         self.procs = []
-        spec = {"dialect": dialect, "host": "127.0.0.1", "port": port}
+        spec: dict[str, Any] = {"dialect": dialect, "host": "127.0.0.1", "port": port}
+        if ports:
+            spec["ports"] = ports
         for slot in range(workers):
             parent, child = ctx.Pipe()
             proc = ctx.Process(

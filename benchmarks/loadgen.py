@@ -8,6 +8,9 @@ worker (sent, received) in shared memory, so that the throughput mode's
 in-flight window is global: at most ``S * window`` messages sent and not yet
 received by every recipient.
 
+The spec may name several ``ports`` (the nodes of a cluster, for
+benchmarks/cluster.py): client ``i`` then connects to ``ports[i % len]``.
+
 Every message text carries a marker (``~q``), the sender's index, a sequence
 number and the monotonic send time in ns, padded to 64 bytes. Deliveries are
 counted by marker; latency is the receive time minus the send time (the
@@ -196,7 +199,7 @@ class Worker:
         self.dialect = DIALECTS[args["dialect"]]()
         self.irc = args["dialect"] == "irc"
         self.host = args["host"]
-        self.port = args["port"]
+        self.ports: list[int] = args.get("ports") or [args["port"]]
         self.conns: list[Conn] = []
         self.senders: list[Conn] = []
         self.registering = False
@@ -227,8 +230,9 @@ class Worker:
 
         async def one(index: int) -> None:
             async with gate:
+                port = self.ports[index % len(self.ports)]
                 _, conn = await loop.create_connection(
-                    lambda: Conn(self, index), self.host, self.port
+                    lambda: Conn(self, index), self.host, port
                 )
                 self.conns.append(conn)
                 conn.transport.write(self.dialect.register(f"c{index}"))
