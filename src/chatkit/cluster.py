@@ -79,23 +79,47 @@ log = logging.getLogger("chatkit.cluster")
 _OUTAGE: Final = (coredis.exceptions.RedisError, OSError, TimeoutError)
 
 _PUBLISH: Final = """
--- KEYS: id counter, events stream[, room history]
--- ARGV: floor, body, events cap, history cap
-local id = redis.call('INCR', KEYS[1])
+-- Publish a batch of events, in order, each with the next id.
+-- KEYS: id counter, events stream
+-- ARGV: floor, events cap, history cap, history key prefix, then pairs of
+-- (room, body): a message's room (kept in its history), or '' (not kept).
+local id = tonumber(redis.call('GET', KEYS[1]) or '0')
 local floor = tonumber(ARGV[1])
-if id <= floor then
-  id = floor + 1
-  redis.call('SET', KEYS[1], id)
+if id < floor then
+  id = floor
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'i', id, 'e', ARGV[2])
-if #KEYS > 2 then
-  redis.call('ZADD', KEYS[3], id, id .. ' ' .. ARGV[2])
-  local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
-  if extra > 0 then
-    redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1)
+local cap = tonumber(ARGV[3])
+for i = 5, #ARGV, 2 do
+  id = id + 1
+  local room, body = ARGV[i], ARGV[i + 1]
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'i', id, 'e', body)
+  if room ~= '' then
+    local key = ARGV[4] .. room
+    redis.call('ZADD', key, id, id .. ' ' .. body)
+    local extra = redis.call('ZCARD', key) - cap
+    if extra > 0 then
+      redis.call('ZREMRANGEBYRANK', key, 0, extra - 1)
+    end
   end
 end
+redis.call('SET', KEYS[1], id)
 return id
+"""
+
+_RENEW: Final = """
+-- KEYS: none; ARGV: node, expiry (ms), name key prefix, casefolded names.
+-- Renews this node's claims; returns the names another node holds.
+local lost = {}
+for i = 4, #ARGV do
+  local key = ARGV[3] .. ARGV[i]
+  local holder = redis.call('GET', key)
+  if holder == false or holder == ARGV[1] then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
 """
 
 _CLAIM: Final = """
@@ -308,6 +332,7 @@ class RedisBackplane:
         self._rooms = self._redis.register_script(_ROOMS)
         self._forget = self._redis.register_script(_FORGET)
         self._floor = self._redis.register_script(_FLOOR)
+        self._renew = self._redis.register_script(_RENEW)
         self._scripts = (
             self._publish,
             self._claim,
@@ -316,12 +341,13 @@ class RedisBackplane:
             self._rooms,
             self._forget,
             self._floor,
+            self._renew,
         )
         self._server: ChatServer | None = None
         # The outbox: commands for the writer task, sent in order, pipelined.
         # Each is (build, on_result): build queues the command on a pipeline.
-        self._outbox: list[tuple[Callable[[Any], Any], Callable[[Any], None]]] = []
-        self._in_flight: list[tuple[Callable[[Any], Any], Callable[[Any], None]]] = []
+        self._outbox: list[_Entry] = []
+        self._in_flight: list[_Entry] = []
         self._outbox_ready = trio.Event()
         self._flushed = trio.Event()  # set while nothing is left to send
         self._flushed.set()
@@ -500,7 +526,7 @@ class RedisBackplane:
     # --- the writer -------------------------------------------------------
 
     def _send(
-        self, build: Callable[[Any], Any], on_result: Callable[[Any], None]
+        self, build: Callable[[Any], Any] | _Publish, on_result: Callable[[Any], None]
     ) -> None:
         self._outbox.append((build, on_result))
         if self._flushed.is_set():
@@ -508,7 +534,8 @@ class RedisBackplane:
         self._outbox_ready.set()
 
     async def _writer(self) -> None:
-        """Send the outbox in order, everything pending in one pipeline."""
+        """Send the outbox in order, everything pending in one pipeline;
+        consecutive publications go in one script call."""
         while True:
             if not self._outbox:
                 self._flushed.set()
@@ -518,10 +545,35 @@ class RedisBackplane:
             batch = self._in_flight = self._outbox
             self._outbox = []
             async with self._redis.pipeline(transaction=False) as pipe:
-                requests = [build(pipe) for build, _ in batch]
+                requests: list[Any] = []
+                run: list[str | bytes | int | float] = []
+                for build, _ in batch:
+                    if isinstance(build, _Publish):
+                        run += (build.room, build.body)
+                        requests.append(None)
+                        continue
+                    if run:
+                        self._publish_run(pipe, run)
+                        run = []
+                    requests.append(build(pipe))
+                if run:
+                    self._publish_run(pipe, run)
             self._in_flight = []
             for request, (_build, on_result) in zip(requests, batch, strict=True):
-                on_result(await request)
+                if request is not None:
+                    on_result(await request)
+
+    def _publish_run(self, pipe: Any, pairs: list[str | bytes | int | float]) -> None:
+        server = self._server
+        assert server is not None
+        head: list[str | bytes | int | float] = [
+            server._last_id,  # every id this node has seen stays behind
+            self.events_maxlen,
+            self.history_size,
+            self._key("history:"),
+        ]
+        keys = [self._key("last_id"), self._key("events")]
+        self._call(self._publish, pipe, keys, head + pairs)
 
     async def _flush(self) -> None:
         if self.available:
@@ -603,23 +655,21 @@ class RedisBackplane:
         ttl = int(self.name_ttl * 1000)
         while True:
             await trio.sleep(self.name_ttl / 3)
-            names = [user.name for user in server._users]
+            names = [user.name.casefold() for user in server._users]
             node_key = self._key("node:", self.node_id)
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(node_key, b"1", px=ttl)
-                claims: list[Any] = [
-                    self._call(
-                        self._claim,
-                        pipe,
-                        [self._key("name:", name.casefold())],
-                        [self.node_id, ttl],
-                    )
-                    for name in names
-                ]
-            for name, claim in zip(names, claims, strict=True):
+                renewed = self._call(
+                    self._renew,
+                    pipe,
+                    [],
+                    [self.node_id, ttl, self._key("name:"), *names],
+                )
+            lost = {name.decode() for name in await renewed}
+            for name in names:
                 if server.get_user(name) is None:
                     self.release(name)  # renamed or gone while we renewed it
-                elif not await claim:
+                elif name in lost:
                     log.warning("%s is claimed by another node; disconnecting", name)
                     server.kick(name, f"the name {name} is in use elsewhere")
 
@@ -659,12 +709,8 @@ class RedisBackplane:
         self._seq += 1
         env = msgspec.structs.replace(env, node=self.node_id, seq=self._seq)
         publication = self._waiting[self._seq] = Publication(env, user, ref)
-        keys = [self._key("last_id"), self._key("events")]
-        if env.kind == MESSAGE:
-            keys.append(self._key("history:", env.room))
-        args: list[str | bytes | int | float] = [server._last_id, encode_envelope(env)]
-        args += [self.events_maxlen, self.history_size]
-        self._send(lambda pipe: self._call(self._publish, pipe, keys, args), _ignore)
+        room = env.room if env.kind == MESSAGE else ""
+        self._send(_Publish(room, encode_envelope(env)), _ignore)
         return publication
 
     def member(self, room: str, name: str, *, present: bool) -> None:
@@ -704,6 +750,20 @@ class RedisBackplane:
 def _ignore(result: Any) -> None:
     pass
 
+
+class _Publish:
+    """An outbox entry: one event to publish (batched by the writer)."""
+
+    __slots__ = ("body", "room")
+
+    def __init__(self, room: str, body: bytes) -> None:
+        self.room = room
+        self.body = body
+
+
+#: An outbox entry: what to queue on the writer's pipeline (a command
+#: builder, or an event to publish), and what to call with its result.
+_Entry = tuple["Callable[[Any], Any] | _Publish", Callable[[Any], None]]
 
 #: What an outbox entry's callback gets when Redis was lost before it ran.
 _LOST: Final = object()
