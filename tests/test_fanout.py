@@ -8,6 +8,7 @@ calls, a count of the server's direct writes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -34,7 +35,8 @@ def say(text: str, room: str = "lobby", ref: int | None = None) -> bytes:
 
 
 class CountingOs:
-    """Stands in for the ``os`` module of chatkit._server: counts writes."""
+    """Stands in for the ``os`` module of chatkit._server, and for the
+    ``FileIO.write`` of its room fast path: counts writes per descriptor."""
 
     def __init__(self) -> None:
         self.writes: Counter[int] = Counter()
@@ -42,6 +44,14 @@ class CountingOs:
     def write(self, fd: int, data: bytes | bytearray) -> int:
         self.writes[fd] += 1
         return os.write(fd, data)
+
+    def file_write(self, file: io.FileIO, data: bytes) -> int | None:
+        self.writes[file.fileno()] += 1
+        return file.write(data)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(server_module, "os", self)
+        monkeypatch.setattr(server_module, "_FILE_WRITE", self.file_write)
 
 
 def fd_of(server: chatkit.ChatServer, name: str) -> int:
@@ -57,7 +67,7 @@ async def test_each_recipient_gets_one_write_per_read(
     async with chatkit.open_server(rate_limit=None) as server:
         alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
         counting = CountingOs()
-        monkeypatch.setattr(server_module, "os", counting)
+        counting.install(monkeypatch)
         # Twenty messages in one packet: one read, one batch.
         await alice.send_bytes(b"".join(say(f"m{i}", ref=i) for i in range(20)))
         for client in (bob, carol):

@@ -153,6 +153,8 @@ IMMUTABLE_FACTORIES = frozenset(
         "msgspec.Meta",
         "msgspec.field",
         "logging.getLogger",
+        "attrgetter",  # operator.attrgetter objects are immutable
+        "operator.attrgetter",
         "pluggy.HookimplMarker",
         "pluggy.HookspecMarker",
         "TypeVar",

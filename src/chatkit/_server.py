@@ -29,6 +29,7 @@ round and ends when nothing is left. See docs/performance.md.
 from __future__ import annotations
 
 import enum
+import io
 import logging
 import math
 import os
@@ -39,6 +40,8 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
+from itertools import repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -117,6 +120,12 @@ _RECEIVE_SIZE: Final = 64 * 1024
 # _read_loop): refused lines are cheap, admitted requests fan out.
 _PAUSE_EVERY_REFUSED: Final = 8
 _PAUSE_EVERY_ADMITTED: Final = 128
+# The room fast path (ChatServer._write_room_now) checks every member's
+# state and writes to every member's socket without a Python-level loop.
+_OUT: Final = attrgetter("_out")
+_WRITING: Final = attrgetter("_writing")
+_ENDED: Final = attrgetter("_output_ended")
+_FILE_WRITE: Final = io.FileIO.write
 
 
 class LeaveReason(enum.StrEnum):
@@ -381,11 +390,14 @@ class RemoteUser:
 
 
 class _Room:
-    __slots__ = ("members", "name")
+    __slots__ = ("files", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: dict[User, None] = {}  # ordered set, join order
+        # The members that can be written to directly, in JSON mode: each
+        # one's socket as a non-closing FileIO (see _write_room_now).
+        self.files: dict[User, io.FileIO] = {}
 
 
 class ChatServer:
@@ -819,14 +831,15 @@ class ChatServer:
     async def _end_read_batch(self) -> None:
         """End the running reader's batch; write what it held back once the
         other readers woken with it have handled their reads too."""
-        if self._pending_room is not None:
-            self._flush_room()
         self._batch_owner = None
-        if self._dirty:
+        if self._dirty or self._pending_room is not None:
             # Readers that received data together run in one scheduler
             # batch: yielding once lets them all add to _dirty, so that
             # under load each recipient gets one write per round of reads,
             # not one per read. Whoever comes back first writes for all.
+            # A broadcast still held back stays so (any other output
+            # delivers it first): alone in its round, it is written to the
+            # whole room at once (_write_room_now).
             await trio.lowlevel.cancel_shielded_checkpoint()
             self._end_batch()
 
@@ -845,7 +858,9 @@ class ChatServer:
             raise
 
     def _end_batch(self) -> None:
-        if self._pending_room is not None:
+        if self._pending_room is not None and (
+            self._dirty or not self._write_room_now()
+        ):
             self._flush_room()
         self._batch_owner = None
         dirty = self._dirty
@@ -1170,6 +1185,62 @@ class ChatServer:
             return
         self._deliver(room, (event,), data, own, origin)
 
+    def _write_room_now(self) -> bool:
+        """Write the broadcast held back straight to every member's socket,
+        if every member is an idle JSON connection on a plain socket (the
+        usual case at light load); False, having done nothing, otherwise.
+
+        The checks and the writes are C-level loops (``map``), not a Python
+        statement per member: at light load this is the whole cost of a
+        message, and a Python loop over the members was most of it (see
+        docs/performance.md). What a socket does not take goes to that
+        connection's buffer and writer, as in :meth:`User._write_now`.
+        """
+        room = self._pending_room
+        assert room is not None
+        members = room.members
+        files = room.files
+        data = self._pending_data
+        frames = len(self._pending_events)
+        if (
+            len(files) != len(members)
+            or len(data) > self.max_queued_bytes
+            or frames > self.max_queued_messages
+            or any(map(len, map(_OUT, members)))
+            or any(map(_WRITING, members))
+            or any(map(_ENDED, members))
+        ):
+            return False
+        origin = self._pending_origin
+        payload, own = bytes(data), bytes(self._pending_own)
+        self._pending_room = self._pending_origin = None
+        self._pending_events = []
+        self._pending_data.clear()
+        self._pending_own.clear()
+        users = list(files)
+        targets = list(files.values())
+        if origin is not None and origin in files:
+            index = users.index(origin)
+            del users[index], targets[index]
+            origin._enqueue(own, frames)
+        # list.extend keeps what map produced before an exception: the
+        # socket that raised is the next one (its writer reports the error).
+        sent: list[int | None] = []
+        while True:
+            try:
+                sent.extend(map(_FILE_WRITE, targets[len(sent) :], repeat(payload)))
+                break
+            except OSError:
+                sent.append(None)
+        size = len(payload)
+        if sent.count(size) != len(sent):
+            for user, count in zip(users, sent, strict=True):
+                if count != size:
+                    user._out += memoryview(payload)[count or 0 :]
+                    user._queued += frames
+                    user._start_writer()
+        return True
+
     def _flush_room(self) -> None:
         """Deliver the broadcasts held back by :meth:`_broadcast`."""
         room = self._pending_room
@@ -1300,6 +1371,8 @@ class ChatServer:
         if self._pending_room is not None:
             self._flush_room()  # the newcomer must not get earlier messages
         room.members[user] = None
+        if user._fd >= 0 and user._proto.mode is not Mode.LINE:
+            room.files[user] = io.FileIO(user._fd, "wb", closefd=False)
         user._rooms[room.name] = None
         limit = self.presence_limit
         bp = self.backplane
@@ -1342,6 +1415,7 @@ class ChatServer:
         if self._pending_room is not None:
             self._flush_room()  # the leaver still gets earlier messages
         del room.members[user]
+        room.files.pop(user, None)
         del user._rooms[room.name]
         limit = self.presence_limit
         # The room had len + 1 members: announce only if that is in the limit.
