@@ -23,7 +23,9 @@ handled their reads, straight to each socket from the reader's task
 (``os.write`` on the descriptor, never blocking: :meth:`User._write_now`).
 Only what the kernel does not take is left to the connection's writer task,
 started on demand, which sends everything pending in one ``send_all`` per
-round and ends when nothing is left. See docs/performance.md.
+round and ends when nothing is left. A broadcast alone in its round (light
+load) skips the buffers: it is written to every member of an idle room by
+C-level loops (:meth:`ChatServer._write_room_now`). See docs/performance.md.
 """
 
 from __future__ import annotations
