@@ -8,7 +8,6 @@ calls, a count of the server's direct writes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -36,22 +35,24 @@ def say(text: str, room: str = "lobby", ref: int | None = None) -> bytes:
 
 class CountingOs:
     """Stands in for the ``os`` module of chatkit._server, and for the
-    ``FileIO.write`` of its room fast path: counts writes per descriptor."""
+    ``socket.send`` of its room fast path: counts writes per descriptor."""
 
     def __init__(self) -> None:
         self.writes: Counter[int] = Counter()
+        self.sends: Counter[int] = Counter()  # the room fast path's alone
 
     def write(self, fd: int, data: bytes | bytearray) -> int:
         self.writes[fd] += 1
         return os.write(fd, data)
 
-    def file_write(self, file: io.FileIO, data: bytes) -> int | None:
-        self.writes[file.fileno()] += 1
-        return file.write(data)
+    def send(self, sock: socket.socket, data: bytes) -> int:
+        self.writes[sock.fileno()] += 1
+        self.sends[sock.fileno()] += 1
+        return sock.send(data)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(server_module, "os", self)
-        monkeypatch.setattr(server_module, "_FILE_WRITE", self.file_write)
+        monkeypatch.setattr(server_module, "_SEND", self.send)
 
 
 def fd_of(server: chatkit.ChatServer, name: str) -> int:
@@ -77,6 +78,51 @@ async def test_each_recipient_gets_one_write_per_read(
             assert (await alice.receive_json())["ref"] == i
         for name in ("alice", "bob", "carol"):
             assert counting.writes[fd_of(server, name)] == 1, name
+
+
+async def test_an_idle_room_is_written_by_the_fast_path(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        counting = CountingOs()
+        counting.install(monkeypatch)
+        await alice.send_bytes(say("hi", ref=1))
+        for client in (bob, carol):
+            assert (await client.receive_json())["text"] == "hi"
+        assert (await alice.receive_json())["ref"] == 1
+        # The others' copies went out in the room-wide send, the sender's
+        # own copy (with its ref) on its own.
+        for name in ("bob", "carol"):
+            assert counting.sends[fd_of(server, name)] == 1, name
+        assert counting.sends[fd_of(server, "alice")] == 0
+        assert counting.writes[fd_of(server, "alice")] == 1
+
+
+async def test_a_full_socket_in_the_fast_path_keeps_the_rest(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bob's socket takes nothing (as if full), carol's all: bob's copy is
+    # kept in his buffer and written later, in order, by his writer.
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        bob_fd = fd_of(server, "bob")
+        refused = 0
+
+        def send(sock: socket.socket, data: bytes) -> int:
+            nonlocal refused
+            if sock.fileno() == bob_fd and refused == 0:
+                refused += 1
+                raise BlockingIOError
+            return sock.send(data)
+
+        monkeypatch.setattr(server_module, "_SEND", send)
+        await alice.send_bytes(say("one", ref=1))
+        await alice.send_bytes(say("two", ref=2))
+        for client in (bob, carol):
+            assert (await client.receive_json())["text"] == "one"
+            assert (await client.receive_json())["text"] == "two"
+        assert refused == 1
 
 
 async def test_order_is_kept_across_rooms_replies_and_membership_changes(
