@@ -305,6 +305,15 @@ async def test_a_second_server_on_one_database_is_refused(launch: Launch) -> Non
     ]
 
 
+async def test_presence_limit_option(launch: Launch) -> None:
+    _server, port = await start_server(launch, "--no-db", "--presence-limit", "1")
+    alice = await start_client(launch, port, "alice")
+    bob = await start_client(launch, port, "bob")  # lobby now has 2 > 1
+    await bob.send("hi\n")
+    await alice.expect(r"^bob: hi$")
+    assert not [line for line in alice.output if "bob has joined" in line]
+
+
 async def test_server_plugin_option(launch: Launch) -> None:
     _server, port = await start_server(
         launch, "--plugin", "examples.profanity_filter:ProfanityFilter"

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("--rate-burst", int, 40, "requests a connection may send at once"),
         ("--handshake-timeout", float, 10.0, "seconds to say hello"),
         ("--idle-timeout", float, 0.0, "seconds of silence before closing; 0: never"),
+        (
+            "--presence-limit",
+            int,
+            1000,
+            "rooms larger than this do not announce joins and leaves; -1: always",
+        ),
     ):
         limits.add_argument(
             flag,
@@ -337,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rate_burst=args.rate_burst,
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout or None,
+            presence_limit=None if args.presence_limit == -1 else args.presence_limit,
             ssl_context=_tls_context(args.certfile, args.keyfile),
             backplane=_backplane(args),
         )
