@@ -328,3 +328,23 @@ def test_the_cli_keeps_history_in_redis_with_redis(
             main(["--redis", "redis://127.0.0.1:1/0", *extra])
         assert exited.value.code == 2
         assert "with --redis, history is kept in Redis" in capsys.readouterr().err
+
+
+async def test_a_name_taken_over_in_redis_disconnects_its_local_holder(
+    redis: RedisServer,
+) -> None:
+    # What a node finds when another claimed its user's name while it was
+    # cut off: the heartbeat's renewal reports it, and the user is kicked.
+    import coredis
+
+    async with cluster(redis, 1, name_ttl=0.3) as (node,):
+        async with chatkit.connect(port=node.port, name="Alice") as alice:
+            client = coredis.Redis.from_url(redis.url)
+            async with client:
+                await client.set("chatkit:name:alice", "another-node", px=10_000)
+            with trio.fail_after(TIMEOUT):
+                events = [event async for event in alice]
+            kicked = [e for e in events if isinstance(e, chatkit.Error)]
+            assert [e.code for e in kicked] == ["kicked"]
+            assert "in use elsewhere" in kicked[0].message
+        assert node.get_user("alice") is None

@@ -709,24 +709,16 @@ class ChatServer:
         Raises:
             KeyError: no such room.
         """
-        target = self._rooms[room]
-        bp = self.backplane
-        if bp is not None and bp.available:
-            publication = bp.publish(
-                Envelope(
-                    MESSAGE,
-                    bp.node_id,
-                    ts=time.time(),
-                    room=room,
-                    sender=sender,
-                    text=text,
-                )
-            )
+        if room not in self._rooms:
+            raise KeyError(room)
+        publication = self._publish(MESSAGE, room=room, sender=sender, text=text)
+        if publication is not None:
             await publication.done.wait()  # it came back, and hooks ran
             result: Message = publication.result
             return result
-        message = self._make_message(target, sender, text)
-        self._broadcast(target, message)
+        message = self._hand_out_message(
+            self._next_id(), time.time(), room, sender, text, None, None
+        )
         await self._delivered(message)
         return message
 
@@ -986,21 +978,21 @@ class ChatServer:
 
     async def _who(self, room_name: str) -> tuple[str, ...]:
         """The names in a room: the whole cluster's if there is one."""
-        bp = self.backplane
-        if bp is not None and bp.available:
+        cluster = self._cluster
+        if cluster is not None:
             self._end_batch()  # about to await (see _begin_batch)
             with suppress(OSError):
-                return await bp.who(room_name)
+                return await cluster.who(room_name)
         room = self._rooms.get(room_name)
         return tuple(u.name for u in room.members) if room else ()
 
     async def _room_counts(self) -> dict[str, int]:
         """Each room's number of members: the whole cluster's if there is one."""
-        bp = self.backplane
-        if bp is not None and bp.available:
+        cluster = self._cluster
+        if cluster is not None:
             self._end_batch()  # about to await (see _begin_batch)
             with suppress(OSError):
-                return await bp.rooms()
+                return await cluster.rooms()
         return {name: len(room.members) for name, room in self._rooms.items()}
 
     def _error(
@@ -1132,31 +1124,89 @@ class ChatServer:
                     user, ErrorCode.NOT_IN_ROOM, f"you left {room.name}", say.ref
                 )
                 return
-        bp = self.backplane
-        if bp is not None and bp.available:
-            # Delivered (the sender's copy too) when it comes back from the
-            # backplane: see _cluster_event.
-            env = Envelope(
-                MESSAGE,
-                bp.node_id,
-                ts=time.time(),
-                room=room.name,
-                sender=user.name,
-                text=text,
-            )
-            bp.publish(env, user=user, ref=say.ref)
+        # In a cluster, delivered (the sender's copy too) when it comes back
+        # from the backplane: see _cluster_event.
+        if self._publish(
+            MESSAGE,
+            origin=user,
+            ref=say.ref,
+            room=room.name,
+            sender=user.name,
+            text=text,
+        ):
             return
-        message = self._make_message(room, user.name, text)
-        self._broadcast(room, message, origin=user, ref=say.ref)
+        message = self._hand_out_message(
+            self._next_id(), time.time(), room.name, user.name, text, user, say.ref
+        )
         await self._delivered(message)
 
-    def _make_message(self, room: _Room, sender: str, text: str) -> Message:
+    def _next_id(self) -> int:
         self._last_id += 1
-        message = Message(
-            id=self._last_id, ts=time.time(), room=room.name, sender=sender, text=text
-        )
+        return self._last_id
+
+    def _hand_out_message(
+        self,
+        id: int,
+        ts: float,
+        room_name: str,
+        sender: str,
+        text: str,
+        origin: User | None,
+        ref: str | int | None,
+    ) -> Message:
+        """Record a room message and deliver it to this node's members of
+        the room; ``origin`` (the sender, if a member here) gets ``ref``."""
+        message = Message(id=id, ts=ts, room=room_name, sender=sender, text=text)
         self.history.append(message)
+        room = self._rooms.get(room_name)
+        if room is not None:
+            if origin not in room.members:
+                origin = None  # it left the room meanwhile (or is elsewhere)
+            self._broadcast(room, message, origin=origin, ref=ref)
         return message
+
+    def _hand_out_dm(
+        self,
+        id: int,
+        ts: float,
+        sender: str,
+        to: str,
+        text: str,
+        origin: User | None,
+        ref: str | int | None,
+    ) -> DirectMessage:
+        """Deliver a direct message to its recipient and to ``origin`` (the
+        sender, with ``ref``), as far as they are on this node."""
+        dm = DirectMessage(id=id, ts=ts, sender=sender, to=to, text=text)
+        recipient = self.get_user(to)
+        if recipient is not None and recipient is not origin:
+            recipient._send(dm)
+        if origin is not None:
+            origin._send(msgspec.structs.replace(dm, ref=ref))
+        return dm
+
+    @property
+    def _cluster(self) -> RedisBackplane | None:
+        """The backplane while it reaches Redis; None when serving alone."""
+        backplane = self.backplane
+        return backplane if backplane is not None and backplane.available else None
+
+    def _publish(
+        self,
+        kind: str,
+        *,
+        origin: User | None = None,
+        ref: str | int | None = None,
+        **fields: Any,
+    ) -> Publication | None:
+        """Publish an event to the cluster; None when there is none to
+        publish to (no backplane, or it lost Redis): deliver it here."""
+        cluster = self._cluster
+        if cluster is None:
+            return None
+        return cluster.publish(
+            Envelope(kind, ts=time.time(), **fields), user=origin, ref=ref
+        )
 
     def _broadcast(
         self,
@@ -1289,12 +1339,12 @@ class ChatServer:
     async def _on_dm(self, user: User, dm: Dm) -> None:
         if self._too_long(user, dm.text, dm.ref):
             return
-        bp = self.backplane
+        cluster = self._cluster
         recipient: User | RemoteUser | None = self.get_user(dm.to)
-        if recipient is None and bp is not None and bp.available:
+        if recipient is None and cluster is not None:
             self._end_batch()  # about to await (see _begin_batch)
             with suppress(OSError):
-                if await bp.holds(dm.to):
+                if await cluster.holds(dm.to):
                     recipient = RemoteUser(dm.to)
         if recipient is None:
             self._error(
@@ -1318,33 +1368,18 @@ class ChatServer:
             if isinstance(recipient, User) and recipient._detached:
                 self._error(user, ErrorCode.NO_SUCH_USER, f"{dm.to} left", dm.ref)
                 return
-        if bp is not None and bp.available:
-            env = Envelope(
-                DM,
-                bp.node_id,
-                ts=time.time(),
-                sender=user.name,
-                to=recipient.name,
-                text=text,
-            )
-            bp.publish(env, user=user, ref=dm.ref)
+        if self._publish(
+            DM, origin=user, ref=dm.ref, sender=user.name, to=recipient.name, text=text
+        ):
             return
         if not isinstance(recipient, User):
             self._error(
                 user, ErrorCode.UNAVAILABLE, "the cluster is unreachable", dm.ref
             )
             return
-        self._last_id += 1
-        message = DirectMessage(
-            id=self._last_id,
-            ts=time.time(),
-            sender=user.name,
-            to=recipient.name,
-            text=text,
+        message = self._hand_out_dm(
+            self._next_id(), time.time(), user.name, recipient.name, text, user, dm.ref
         )
-        if recipient is not user:
-            recipient._send(message)
-        user._send(msgspec.structs.replace(message, ref=dm.ref))
         await self._hooks.notify("chatkit_dm_delivered", server=self, message=message)
 
     async def _on_join(self, user: User, join: Join) -> None:
@@ -1383,14 +1418,11 @@ class ChatServer:
             room.files[user] = user._sock
         user._rooms[room.name] = None
         limit = self.presence_limit
-        bp = self.backplane
         announce = limit is None or len(room.members) <= limit
-        if bp is not None:
-            bp.member(room.name, user.name, present=True)
-            if announce and bp.available:
-                bp.publish(
-                    Envelope(JOINED, bp.node_id, room=room.name, sender=user.name)
-                )
+        if self.backplane is not None:
+            self.backplane.member(room.name, user.name, present=True)
+            if announce:
+                self._publish(JOINED, room=room.name, sender=user.name)
         if announce:
             self._broadcast(
                 room, Joined(room=room.name, name=user.name), origin=user, ref=ref
@@ -1428,19 +1460,10 @@ class ChatServer:
         limit = self.presence_limit
         # The room had len + 1 members: announce only if that is in the limit.
         announce = notify and (limit is None or len(room.members) < limit)
-        bp = self.backplane
-        if bp is not None:
-            bp.member(room.name, user.name, present=False)
-            if announce and bp.available:
-                bp.publish(
-                    Envelope(
-                        LEFT,
-                        bp.node_id,
-                        room=room.name,
-                        sender=user.name,
-                        reason=reason,
-                    )
-                )
+        if self.backplane is not None:
+            self.backplane.member(room.name, user.name, present=False)
+            if announce:
+                self._publish(LEFT, room=room.name, sender=user.name, reason=reason)
         if announce:
             self._broadcast(room, Left(room=room.name, name=user.name, reason=reason))
         if not room.members and room.name != LOBBY:
@@ -1485,42 +1508,29 @@ class ChatServer:
         self._names[new.casefold()] = user
         user._name = new
         event = Renamed(old=old, new=new)
-        json_bytes = encode_json(event)
-        line_bytes: bytes | None = None
-        for other in self._neighbours(user):
-            if other._proto.mode is Mode.LINE:
-                line_bytes = line_bytes or encode_line(event)
-                other._enqueue(line_bytes)
-            else:
-                other._enqueue(json_bytes)
+        rooms = [self._rooms[name] for name in user._rooms]
+        self._send_to_each(_once(rooms, but=user), event)
         user._send(msgspec.structs.replace(event, ref=nick.ref))
         if bp is not None:
             for room_name in user._rooms:
                 bp.member(room_name, old, present=False)
                 bp.member(room_name, new, present=True)
-            if bp.available:
-                bp.publish(
-                    Envelope(
-                        RENAMED,
-                        bp.node_id,
-                        old=old,
-                        sender=new,
-                        rooms=tuple(user._rooms),
-                    )
-                )
+            self._publish(RENAMED, old=old, sender=new, rooms=tuple(user._rooms))
         log.info("%s is now known as %s.", old, new)
         await self._hooks.notify(
             "chatkit_user_renamed", server=self, user=user, old=old, new=new
         )
 
-    def _neighbours(self, user: User) -> Iterator[User]:
-        """Everyone sharing a room with ``user``, once each, not ``user``."""
-        seen = {user}
-        for name in user._rooms:
-            for member in self._rooms[name].members:
-                if member not in seen:
-                    seen.add(member)
-                    yield member
+    def _send_to_each(self, users: Iterable[User], event: ServerEvent) -> None:
+        """Send ``event`` to ``users``, encoded once per wire mode."""
+        json_bytes = encode_json(event)
+        line_bytes: bytes | None = None
+        for user in users:
+            if user._proto.mode is Mode.LINE:
+                line_bytes = line_bytes or encode_line(event)
+                user._enqueue(line_bytes)
+            else:
+                user._enqueue(json_bytes)
 
     async def _on_history(self, user: User, request: History) -> None:
         """Answer a page of history: the newest ``limit`` messages (before
@@ -1565,26 +1575,9 @@ class ChatServer:
         origin = publication.user if publication is not None else None
         ref = publication.ref if publication is not None else None
         kind = env.kind
-        if kind == MESSAGE:
-            message = Message(
-                id=id, ts=env.ts, room=env.room, sender=env.sender, text=env.text
-            )
-            room = self._rooms.get(env.room)
-            if room is not None:
-                if origin not in room.members:
-                    origin = None  # left the room before it came back
-                self._broadcast(room, message, origin=origin, ref=ref)
-            return message if mine else None
-        if kind == DM:
-            dm = DirectMessage(
-                id=id, ts=env.ts, sender=env.sender, to=env.to, text=env.text
-            )
-            recipient = self.get_user(env.to)
-            if recipient is not None and recipient is not origin:
-                recipient._send(dm)
-            if isinstance(origin, User):
-                origin._send(msgspec.structs.replace(dm, ref=ref))
-            return dm if mine else None
+        if kind in (MESSAGE, DM):
+            event = self._hand_out(id, env, origin, ref)
+            return event if mine else None
         if mine:
             return None  # presence: delivered to this node's users already
         if kind in (JOINED, LEFT):
@@ -1597,14 +1590,8 @@ class ChatServer:
                 )
                 self._broadcast(room, presence)
         elif kind == RENAMED:
-            event = Renamed(old=env.old, new=env.sender)
-            seen: set[User] = set()
-            for room_name in env.rooms:
-                room = self._rooms.get(room_name)
-                for member in room.members if room is not None else ():
-                    if member not in seen:
-                        seen.add(member)
-                        member._send(event)
+            rooms = [self._rooms[name] for name in env.rooms if name in self._rooms]
+            self._send_to_each(_once(rooms), Renamed(old=env.old, new=env.sender))
         return None
 
     async def _cluster_delivered(self, event: Message | DirectMessage) -> None:
@@ -1620,31 +1607,26 @@ class ChatServer:
         """Deliver, on this node alone, what was published just before the
         backplane was lost (and return it for the hooks)."""
         env, origin, ref = publication.env, publication.user, publication.ref
-        if env.kind == MESSAGE:
-            room = self._rooms.get(env.room)
-            if room is None:
-                return None
-            message = self._make_message(room, env.sender, env.text)
-            if origin not in room.members:
-                origin = None
-            self._broadcast(room, message, origin=origin, ref=ref)
-            return message
-        if env.kind == DM and isinstance(origin, User):
-            recipient = self.get_user(env.to)
-            if recipient is None:
+        if env.kind == MESSAGE and env.room in self._rooms:
+            return self._hand_out(self._next_id(), env, origin, ref)
+        if env.kind == DM and origin is not None:
+            if self.get_user(env.to) is None:
                 self._error(
                     origin, ErrorCode.UNAVAILABLE, "the cluster is unreachable", ref
                 )
                 return None
-            self._last_id += 1
-            dm = DirectMessage(
-                id=self._last_id, ts=env.ts, sender=env.sender, to=env.to, text=env.text
-            )
-            if recipient is not origin:
-                recipient._send(dm)
-            origin._send(msgspec.structs.replace(dm, ref=ref))
-            return dm
+            return self._hand_out(self._next_id(), env, origin, ref)
         return None
+
+    def _hand_out(
+        self, id: int, env: Envelope, origin: User | None, ref: str | int | None
+    ) -> Message | DirectMessage:
+        """Deliver a cluster message or dm (``env``) here, with ``id``."""
+        if env.kind == MESSAGE:
+            return self._hand_out_message(
+                id, env.ts, env.room, env.sender, env.text, origin, ref
+            )
+        return self._hand_out_dm(id, env.ts, env.sender, env.to, env.text, origin, ref)
 
     # --- leaving ----------------------------------------------------------
 
@@ -1678,6 +1660,16 @@ class ChatServer:
         await self._hooks.notify(
             "chatkit_user_disconnected", server=self, user=user, reason=reason
         )
+
+
+def _once(rooms: Iterable[_Room], but: User | None = None) -> Iterator[User]:
+    """The members of ``rooms``, each once, except ``but``."""
+    seen = {but}
+    for room in rooms:
+        for member in room.members:
+            if member not in seen:
+                seen.add(member)
+                yield member
 
 
 def _plain_socket(sock: trio.socket.SocketType) -> socket.socket | None:

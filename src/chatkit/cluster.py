@@ -358,6 +358,11 @@ class RedisBackplane:
 
     # --- keys -------------------------------------------------------------
 
+    @property
+    def _ttl_ms(self) -> int:
+        """``name_ttl`` in milliseconds, as Redis takes expiries."""
+        return int(self.name_ttl * 1000)
+
     def _key(self, kind: str, name: str = "") -> str:
         return f"{self.prefix}{kind}{name}"
 
@@ -419,7 +424,6 @@ class RedisBackplane:
         server = self._server
         assert server is not None
         redis = self._redis
-        ttl = int(self.name_ttl * 1000)
         if first:
             # Read from the current end of the stream; ids continue from
             # the counter.
@@ -434,7 +438,7 @@ class RedisBackplane:
         users = list(server._users)
         rooms = {LOBBY}.union(*(user._rooms for user in users))
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.set(self._key("node:", self.node_id), b"1", px=ttl)
+            renewed = self._renewal(pipe, [user.name for user in users])
             if not first:
                 # Who left while Redis was away is still listed: start over.
                 self._call(
@@ -443,30 +447,37 @@ class RedisBackplane:
                     [self._key("rooms")],
                     [self._key("members:"), self.node_id],
                 )
-            claims: list[Any] = [
-                self._call(
-                    self._claim,
-                    pipe,
-                    [self._key("name:", user.name.casefold())],
-                    [self.node_id, ttl],
-                )
-                for user in users
-            ]
             for user in users:
                 for room in user._rooms:
                     pipe.hset(self._key("members:", room), {user.name: self.node_id})
             pipe.sadd(self._key("rooms"), list(rooms))
             # A Redis that restarted empty must not hand out ids already used.
             self._call(self._floor, pipe, [self._key("last_id")], [server._last_id])
-        lost = [
-            user.name
-            for user, claim in zip(users, claims, strict=True)
-            if not await claim
-        ]
         self.available = True
-        for name in lost:
+        for name in self._lost_names(await renewed):
             log.warning("%s was claimed by another node during the outage", name)
             server.kick(name, f"the name {name} was taken during an outage")
+
+    def _renewal(self, pipe: Any, names: list[str]) -> Any:
+        """Queue on ``pipe`` the renewal of this node's liveness key and of
+        its claims on ``names``; the result lists the names held elsewhere
+        (see :meth:`_lost_names`)."""
+        pipe.set(self._key("node:", self.node_id), b"1", px=self._ttl_ms)
+        casefolded = [name.casefold() for name in names]
+        args: list[str | bytes | int | float] = [
+            self.node_id,
+            self._ttl_ms,
+            self._key("name:"),
+            *casefolded,
+        ]
+        return self._call(self._renew, pipe, [], args)
+
+    def _lost_names(self, held_elsewhere: list[bytes]) -> list[str]:
+        """This node's users whose names another node holds."""
+        server = self._server
+        assert server is not None
+        lost = {name.decode() for name in held_elsewhere}
+        return [user.name for user in server._users if user.name.casefold() in lost]
 
     async def _run(self) -> None:
         """Serve the cluster; on losing Redis, carry on alone and reconnect."""
@@ -652,35 +663,27 @@ class RedisBackplane:
         """Renew this node's key and its users' names every third of the ttl."""
         server = self._server
         assert server is not None
-        ttl = int(self.name_ttl * 1000)
         while True:
             await trio.sleep(self.name_ttl / 3)
-            names = [user.name.casefold() for user in server._users]
-            node_key = self._key("node:", self.node_id)
+            names = [user.name for user in server._users]
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(node_key, b"1", px=ttl)
-                renewed = self._call(
-                    self._renew,
-                    pipe,
-                    [],
-                    [self.node_id, ttl, self._key("name:"), *names],
-                )
-            lost = {name.decode() for name in await renewed}
+                renewed = self._renewal(pipe, names)
+            held_elsewhere = await renewed
             for name in names:
                 if server.get_user(name) is None:
                     self.release(name)  # renamed or gone while we renewed it
-                elif name in lost:
-                    log.warning("%s is claimed by another node; disconnecting", name)
-                    server.kick(name, f"the name {name} is in use elsewhere")
+            for name in self._lost_names(held_elsewhere):
+                log.warning("%s is claimed by another node; disconnecting", name)
+                server.kick(name, f"the name {name} is in use elsewhere")
 
     # --- what the server calls --------------------------------------------
 
     async def claim(self, name: str) -> bool:
         """Claim ``name`` for this node; False if another node holds it."""
         key = self._key("name:", name.casefold())
-        ttl = int(self.name_ttl * 1000)
+        args: list[str | bytes | int | float] = [self.node_id, self._ttl_ms]
         result = await self._query(
-            lambda pipe: self._call(self._claim, pipe, [key], [self.node_id, ttl])
+            lambda pipe: self._call(self._claim, pipe, [key], args)
         )
         return bool(result)
 
