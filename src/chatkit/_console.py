@@ -50,30 +50,6 @@ class StdinReader:
             return b""
 
 
-class _LineIterator:
-    def __init__(self, reader: StdinReader) -> None:
-        self._reader = reader
-        self._buf = b""
-        self._eof = False
-
-    def __aiter__(self) -> _LineIterator:
-        return self
-
-    async def __anext__(self) -> str:
-        while b"\n" not in self._buf:
-            if self._eof:
-                if self._buf:
-                    line, self._buf = self._buf, b""
-                    return line.decode(errors="replace")
-                raise StopAsyncIteration
-            data = await self._reader.read()
-            if not data:
-                self._eof = True
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode(errors="replace").removesuffix("\r")
-
-
 class Console:
     """Line input and line output on a terminal or on plain streams.
 
@@ -98,7 +74,13 @@ class Console:
         self.interactive = interactive
         self.prompt = prompt
         self._typed = ""  # the line being edited (interactive)
-        self._lines = _LineIterator(self._stdin)
+        # Input read but not returned yet: bytes up to a line's end (plain),
+        # or decoded text after the line just returned (interactive, so
+        # that pasted or typed-ahead lines are kept).
+        self._buf = bytearray()
+        self._eof = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._unread = ""
 
     def print(self, text: str) -> None:
         """Write ``text`` as a line, keeping any half-typed input intact."""
@@ -115,11 +97,25 @@ class Console:
             if prompt:
                 self._out.write(prompt)
                 self._out.flush()
-            try:
-                return await self._lines.__anext__()
-            except StopAsyncIteration:
-                return None
-        return await self._edit_line(prompt)
+            return await self._read_plain_line()
+        saved, self.prompt = self.prompt, prompt if prompt is not None else self.prompt
+        try:
+            return await self._edit()
+        finally:
+            self.prompt = saved
+
+    async def _read_plain_line(self) -> str | None:
+        while (end := self._buf.find(b"\n")) < 0:
+            if self._eof:
+                line = bytes(self._buf)
+                self._buf.clear()
+                return line.decode(errors="replace") if line else None
+            data = await self._stdin.read()
+            self._eof = not data
+            self._buf += data
+        line = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        return line.decode(errors="replace").removesuffix("\r")
 
     @contextmanager
     def raw_mode(self) -> Iterator[None]:
@@ -139,29 +135,28 @@ class Console:
         finally:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
-    async def _edit_line(self, prompt: str | None) -> str | None:
-        saved, self.prompt = self.prompt, prompt if prompt is not None else self.prompt
-        try:
-            return await self._edit(decoder=codecs.getincrementaldecoder("utf-8")())
-        finally:
-            self.prompt = saved
-
-    async def _edit(self, decoder: codecs.IncrementalDecoder) -> str | None:
+    async def _edit(self) -> str | None:
         self._typed = ""
         self._out.write(self.prompt)
         self._out.flush()
-        decoder.errors = "replace"
         escape = False
         while True:
-            data = await self._stdin.read()
-            if not data:
-                return None
-            for char in decoder.decode(data):
+            text, self._unread = self._unread, ""
+            if not text:
+                data = await self._stdin.read()
+                if not data:
+                    return None
+                text = self._decoder.decode(data)
+            for index, char in enumerate(text):
                 if escape:
                     # Skip the rest of an escape sequence (arrow keys...).
                     escape = not (char.isalpha() or char == "~")
                     continue
                 if char in "\r\n":
+                    rest = text[index + 1 :]
+                    if char == "\r" and rest.startswith("\n"):
+                        rest = rest[1:]
+                    self._unread = rest  # the next lines, typed ahead
                     line, self._typed = self._typed, ""
                     self._out.write("\r\x1b[K")
                     self._out.flush()
