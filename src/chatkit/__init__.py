@@ -7,6 +7,7 @@ The public API lives here; submodules starting with ``_`` are private.
 from ._client import DEFAULT_PORT as DEFAULT_PORT
 from ._client import ChatClient as ChatClient
 from ._client import connect as connect
+from ._events import LOBBY as LOBBY
 from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._events import Bye as Bye
 from ._events import DirectMessage as DirectMessage
@@ -69,7 +70,6 @@ from ._reconnect import ConnectionLost as ConnectionLost
 from ._reconnect import Reconnect as Reconnect
 from ._reconnect import Reconnected as Reconnected
 from ._reconnect import Reconnecting as Reconnecting
-from ._server import LOBBY as LOBBY
 from ._server import SERVER_SENDER as SERVER_SENDER
 from ._server import ChatServer as ChatServer
 from ._server import LeaveReason as LeaveReason

@@ -25,18 +25,20 @@ order.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, suppress
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self, TypeAlias
 
 import msgspec
 import trio
 
 from ._events import (
+    LOBBY,
     PROTOCOL_VERSION,
     Bye,
     ClientRequest,
@@ -69,6 +71,7 @@ from ._exceptions import (
     BadRequest,
     ChatError,
     ConnectionClosed,
+    ErrorCode,
     NameTaken,
     RateLimited,
     Rejected,
@@ -97,10 +100,20 @@ DEFAULT_PORT: Final = 12345
 #: What ``async for event in client`` yields.
 ClientItem: TypeAlias = ServerEvent | ClientEvent
 
+# Errors the server closes the connection after (extensions to v1).
+_CLOSING_CODES: Final = frozenset(
+    {ErrorCode.TOO_SLOW, ErrorCode.KICKED, ErrorCode.TIMEOUT}
+)
+# The client hook of each ClientEvent; the event's fields are its arguments.
+_CLIENT_EVENT_HOOKS: Final = MappingProxyType(
+    {
+        ConnectionLost: "chatkit_client_connection_lost",
+        Reconnecting: "chatkit_client_reconnecting",
+        Reconnected: "chatkit_client_reconnected",
+    }
+)
+
 _RECEIVE_SIZE: Final = 64 * 1024
-# The lobby, which the server joins every user to (as ``_server.LOBBY``;
-# the client does not import the server).
-_LOBBY: Final = "lobby"
 # Live messages of a room held back while it catches up. Past this many the
 # newer ones are dropped and fetched again from history afterwards, so a
 # busy room cannot grow the buffer without bound.
@@ -192,7 +205,6 @@ class ChatClient:
         self._ssl_context = ssl_context
         self._keepalive = keepalive
         self._last_sent = 0.0
-        self._last_received = 0.0
         self.plugin_manager = make_plugin_manager(
             ClientSpec,
             plugins,
@@ -232,7 +244,7 @@ class ChatClient:
         # id seen anywhere, and during a resume the live messages held back
         # per room, the rooms whose held messages overflowed, and the rooms
         # whose own join/leave notices (our re-joins) are not news.
-        self._marks: dict[str, tuple[int, Message | None]] = {}
+        self._marks: dict[str, Message | None] = {}
         self._max_seen = 0
         self._holding: dict[str, collections.deque[Message]] = {}
         self._overflowed: set[str] = set()
@@ -275,7 +287,7 @@ class ChatClient:
             try:
                 # Where the lobby's news starts, should we have to resume it.
                 with suppress(ChatError), trio.move_on_after(self._connect_timeout):
-                    await self._mark_room(_LOBBY)
+                    await self._mark_room(LOBBY)
             except BaseException as exc:
                 # Cancelled: leave as a failed ``async with`` body would.
                 await self.__aexit__(type(exc), exc, exc.__traceback__)
@@ -493,7 +505,7 @@ class ChatClient:
 
     def _will_reconnect(self) -> bool:
         policy = self.reconnect
-        if policy is None or self._closing or self._lost_code == "kicked":
+        if policy is None or self._closing or self._lost_code == ErrorCode.KICKED:
             return False
         return policy.after_shutdown or self._lost_code != "shutdown"
 
@@ -554,12 +566,12 @@ class ChatClient:
     def _begin_resume(self) -> None:
         wanted = self._wanted
         # Our own joins are not news: as far as the app knows, we never left.
-        self._rejoining = wanted | {_LOBBY}
+        self._rejoining = wanted | {LOBBY}
         self._holding = {room: collections.deque() for room in wanted}
         self._overflowed.clear()
         # The server joins everyone to the lobby; if we had left it, we
         # leave it again and drop what it says meanwhile.
-        self._dropping = set() if _LOBBY in wanted else {_LOBBY}
+        self._dropping = set() if LOBBY in wanted else {LOBBY}
 
     def _end_resume(self) -> None:
         # Held messages of rooms not caught up are dropped: the next resume
@@ -570,30 +582,33 @@ class ChatClient:
 
     async def _resume(self) -> None:
         """Re-join, then catch up each room; requests may go meanwhile."""
-        for room in sorted(self._holding.keys() - {_LOBBY}):
-            try:
-                await self._resume_request(Join, room=room)
-            except ConnectionClosed:
-                raise
-            except ChatError as exc:
-                log.warning("could not re-join %s: %s", room, exc)
+        for room in sorted(self._holding.keys() - {LOBBY}):
+            if not await self._resume_step(f"re-join {room}", Join, room=room):
                 del self._holding[room]
                 self._marks.pop(room, None)
                 self._rejoining.discard(room)
                 self.joined_rooms.discard(room)
         if self._dropping:
-            try:
-                await self._resume_request(Leave, room=_LOBBY)
-            except ConnectionClosed:
-                raise
-            except ChatError as exc:
-                log.warning("could not leave %s again: %s", _LOBBY, exc)
+            await self._resume_step(f"leave {LOBBY} again", Leave, room=LOBBY)
             self._dropping = set()
         self._ready.set()
         missed = 0
-        for room in sorted(self._holding, key=lambda room: (room != _LOBBY, room)):
+        for room in sorted(self._holding, key=lambda room: (room != LOBBY, room)):
             missed += await self._catch_up(room)
         await self._deliver(Reconnected(missed=missed))
+
+    async def _resume_step(
+        self, what: str, request: Callable[..., ClientRequest], **fields: Any
+    ) -> bool:
+        """A request of the resume that the server may refuse (logged)."""
+        try:
+            await self._resume_request(request, **fields)
+        except ConnectionClosed:
+            raise
+        except ChatError as exc:
+            log.warning("could not %s: %s", what, exc)
+            return False
+        return True
 
     async def _resume_request(
         self, request: Callable[..., ClientRequest], **fields: Any
@@ -623,17 +638,15 @@ class ChatClient:
             # Perhaps the program left the room meanwhile. What was held
             # arrived while we were in it: it goes out all the same.
             log.info("stopped catching up %s: %s", room, exc)
-            while held:
-                message = held.popleft()
-                if message.id > self._mark_of(room):
-                    await self._deliver(message)
+            await self._release_held(room, held)
         # No checkpoint since ``held`` was found empty: from here the reader
         # delivers this room's messages itself, after all of the above.
         del self._holding[room]
         return missed
 
     async def _read_room(self, room: str, held: collections.deque[Message]) -> int:
-        mark, known = self._marks.get(room, (self._max_seen, None))
+        known = self._marks.get(room)
+        mark = self._mark_of(room) if room in self._marks else self._max_seen
         missed = 0
         if known is not None:
             # Ask from our last message on: if the server still has it, it
@@ -656,10 +669,7 @@ class ChatClient:
                     break  # a server that does not page forward
                 asked = page[-1].id
                 page = await self._history_after(room, asked)
-            while held:
-                message = held.popleft()
-                if message.id > self._mark_of(room):
-                    await self._deliver(message)
+            await self._release_held(room, held)
             if room not in self._overflowed:
                 break
             # Some live messages did not fit: they are in history.
@@ -667,6 +677,14 @@ class ChatClient:
             asked = self._mark_of(room)
             page = await self._history_after(room, asked)
         return missed
+
+    async def _release_held(self, room: str, held: collections.deque[Message]) -> None:
+        """Deliver the live messages held while ``room`` caught up, but
+        those history delivered already."""
+        while held:
+            message = held.popleft()
+            if message.id > self._mark_of(room):
+                await self._deliver(message)
 
     async def _restart_room(self, room: str) -> Sequence[Message]:
         log.info("message ids of %s started over; reading it from the start", room)
@@ -686,13 +704,14 @@ class ChatClient:
         )
         newest = reply.messages[-1] if reply.messages else None
         if newest is None:
-            self._marks.setdefault(room, (0, None))
+            self._marks.setdefault(room, None)
         elif newest.id > self._mark_of(room):
-            self._marks[room] = (newest.id, newest)
+            self._marks[room] = newest
 
     def _mark_of(self, room: str) -> int:
+        """The id of the last message of ``room`` delivered (0: none)."""
         mark = self._marks.get(room)
-        return 0 if mark is None else mark[0]
+        return 0 if mark is None else mark.id
 
     # --- receiving --------------------------------------------------------
 
@@ -767,7 +786,7 @@ class ChatClient:
         if isinstance(event, Message) and self.reconnect is not None:
             self._max_seen = max(self._max_seen, event.id)
             if event.id > self._mark_of(event.room):
-                self._marks[event.room] = (event.id, event)
+                self._marks[event.room] = event
 
     def _track(self, event: ServerEvent) -> None:
         match event:
@@ -780,7 +799,7 @@ class ChatClient:
                 self.name = new
             case Shutdown(reason=reason):
                 self._lost(f"server shutting down: {reason}", "shutdown")
-            case Error(code=code, message=message) if code in ("too_slow", "kicked"):
+            case Error(code=code, message=message) if code in _CLOSING_CODES:
                 self._lost(f"{code}: {message}", code)
 
     def __aiter__(self) -> Self:
@@ -819,26 +838,13 @@ class ChatClient:
                             "chatkit_client_connected", client=self, welcome=event
                         )
                         continue
-                    case ConnectionLost(reason=why):
-                        await hooks.notify(
-                            "chatkit_client_connection_lost", client=self, reason=why
-                        )
-                        continue
-                    case Reconnecting(attempt=attempt, delay=delay, error=error):
-                        await hooks.notify(
-                            "chatkit_client_reconnecting",
-                            client=self,
-                            attempt=attempt,
-                            delay=delay,
-                            error=error,
-                        )
-                        continue
-                    case Reconnected(missed=missed):
-                        await hooks.notify(
-                            "chatkit_client_reconnected", client=self, missed=missed
-                        )
-                        continue
                     case ClientEvent():
+                        # Each one's fields are its hook's arguments.
+                        await hooks.notify(
+                            _CLIENT_EVENT_HOOKS[type(event)],
+                            client=self,
+                            **dataclasses.asdict(event),
+                        )
                         continue
                 await hooks.notify("chatkit_client_event", client=self, event=event)
                 match event:
@@ -900,18 +906,18 @@ class ChatClient:
 
     async def _send(self, request: ClientRequest) -> None:
         if self._stream is None or not self._connected:
-            raise ConnectionClosed(
-                self.close_reason or self._lost_reason or "not connected"
-            )
+            raise ConnectionClosed(self._why("not connected"))
         data = self._proto.send(request)
         try:
             async with self._send_lock:
                 await self._stream.send_all(data)
                 self._last_sent = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ConnectionClosed(
-                self.close_reason or self._lost_reason or "connection lost"
-            ) from None
+            raise ConnectionClosed(self._why("connection lost")) from None
+
+    def _why(self, default: str) -> str:
+        """Why requests cannot go: how the client ended, or the connection."""
+        return self.close_reason or self._lost_reason or default
 
     def _next_ref(self) -> int:
         self._last_ref += 1
@@ -922,9 +928,7 @@ class ChatClient:
         while not (self._connected and self._ready.is_set()):
             policy = self.reconnect
             if policy is None or self._done.is_set() or not self._will_reconnect():
-                raise ConnectionClosed(
-                    self.close_reason or self._lost_reason or "not connected"
-                )
+                raise ConnectionClosed(self._why("not connected"))
             timeout = policy.request_timeout
             with trio.move_on_after(math.inf if timeout is None else timeout):
                 await self._ready.wait()
@@ -950,7 +954,7 @@ class ChatClient:
             raise pending.result
         return pending.result
 
-    async def say(self, text: str, room: str = "lobby") -> Message:
+    async def say(self, text: str, room: str = LOBBY) -> Message:
         """Say ``text`` in ``room``; returns the message as delivered (with
         its ``id``) once the server has accepted it.
 
@@ -1005,7 +1009,7 @@ class ChatClient:
         """
         await self._request(Nick(name=name, ref=self._next_ref()))
 
-    async def who(self, room: str = "lobby") -> tuple[str, ...]:
+    async def who(self, room: str = LOBBY) -> tuple[str, ...]:
         """Names of the members of ``room`` (empty if it does not exist)."""
         reply: WhoReply = await self._request(Who(room=room, ref=self._next_ref()))
         return reply.names

@@ -18,11 +18,12 @@ announce that the server is closing this connection.
 
 from __future__ import annotations
 
-from typing import Annotated, TypeAlias
+from typing import Annotated, Final, TypeAlias
 
 import msgspec
 
 __all__ = [
+    "LOBBY",
     "PROTOCOL_VERSION",
     "Bye",
     "ClientRequest",
@@ -53,6 +54,10 @@ __all__ = [
     "Who",
     "WhoReply",
 ]
+
+#: The room every user is in on login (part of the protocol: ``say`` and
+#: ``who`` default to it).
+LOBBY: Final = "lobby"
 
 PROTOCOL_VERSION = 1
 
@@ -91,7 +96,7 @@ class Say(Event, tag="say", frozen=True):
     """Send ``text`` to ``room`` (which the sender must be in)."""
 
     text: str
-    room: str = "lobby"
+    room: str = LOBBY
     ref: Ref = None
 
 
@@ -127,7 +132,7 @@ class Nick(Event, tag="nick", frozen=True):
 class Who(Event, tag="who", frozen=True):
     """Ask for the members of ``room``."""
 
-    room: str = "lobby"
+    room: str = LOBBY
     ref: Ref = None
 
 

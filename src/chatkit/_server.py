@@ -50,6 +50,7 @@ import trio
 
 from ._envelope import DM, JOINED, LEFT, MESSAGE, RENAMED, Envelope, Publication
 from ._events import (
+    LOBBY,
     PROTOCOL_VERSION,
     Bye,
     ClientRequest,
@@ -110,8 +111,6 @@ __all__ = [
 
 log = logging.getLogger("chatkit.server")
 
-#: The room every user joins on login.
-LOBBY: Final = "lobby"
 #: Default ``from`` of messages the server itself posts; ``*`` is not allowed
 #: in user names, so it cannot be impersonated.
 SERVER_SENDER: Final = "*server*"

@@ -23,6 +23,7 @@ import trio
 from ._client import DEFAULT_PORT, ChatClient, connect
 from ._console import Console
 from ._events import (
+    LOBBY,
     DirectMessage,
     Error,
     Joined,
@@ -40,7 +41,6 @@ from ._reconnect import (
     Reconnected,
     Reconnecting,
 )
-from ._server import LOBBY
 
 __all__ = ["HELP", "ChatShell", "build_parser", "main", "run_client"]
 

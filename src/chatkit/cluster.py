@@ -64,9 +64,8 @@ from ._envelope import (
     decode_envelope,
     encode_envelope,
 )
-from ._events import Message
+from ._events import LOBBY, Message
 from ._exceptions import StartupError
-from ._server import LOBBY
 
 if TYPE_CHECKING:
     from ._server import ChatServer
@@ -744,7 +743,7 @@ class RedisBackplane:
                 self._rooms,
                 pipe,
                 [self._key("rooms")],
-                [self._key("members:"), self._key("node:"), "lobby"],
+                [self._key("members:"), self._key("node:"), LOBBY],
             )
         )
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}

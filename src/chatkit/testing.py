@@ -42,8 +42,8 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 
 from ._client import ChatClient
-from ._events import Event, Joined
-from ._server import LOBBY, ChatServer
+from ._events import LOBBY, Event, Joined
+from ._server import ChatServer
 
 __all__ = ["DEFAULT_TIMEOUT", "LOOPBACK", "Chat", "ChatFactory", "open_chat"]
 
