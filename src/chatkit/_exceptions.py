@@ -34,11 +34,13 @@ __all__ = [
     "Rejected",
     "RemoteProtocolError",
     "ServerFull",
+    "StartupError",
     "TimedOut",
     "TooLarge",
     "TooManyRooms",
     "TooSlow",
     "Unauthorized",
+    "Unavailable",
 ]
 
 

@@ -429,7 +429,6 @@ def _write_atomically(target: Path, text: str) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, 0o600)
         os.replace(temporary, target)
     except BaseException:
         os.unlink(temporary)
