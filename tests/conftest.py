@@ -16,7 +16,7 @@ os.environ["CHATKIT_LOAD_PLUGINS"] = ""
 # chatkit.testing's fixtures (``chat``, ``chat_factory``, ...), as a plugin
 # author's conftest.py would load them; pytester runs whole pytest sessions
 # to test them.
-pytest_plugins = ["chatkit.testing", "pytester"]
+pytest_plugins = ["chatkit.testing", "pytester", "tests.programs"]
 
 OpenRaw = Callable[..., Awaitable[RawClient]]
 

@@ -1,15 +1,23 @@
-"""Test helpers: a raw socket client that speaks the wire protocol by hand.
+"""Test helpers: a raw socket client that speaks the wire protocol by hand,
+and small helpers shared by the test modules.
 
 The bundled ChatClient is itself under test, so protocol-level server tests
-use this instead: it sends exact bytes and reads exact lines.
+use RawClient instead: it sends exact bytes and reads exact lines.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import msgspec
 import trio
+
+import chatkit
+
+T = TypeVar("T")
 
 TIMEOUT = 5.0
 
@@ -107,3 +115,61 @@ class RawClient:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def unref(event: Any) -> Any:
+    """``event`` without the ``ref`` only the requester's copy carries."""
+    if "ref" not in event.__struct_fields__:
+        return event
+    return msgspec.structs.replace(event, ref=None)
+
+
+async def wait_until(condition: Callable[[], bool], within: float = TIMEOUT) -> None:
+    """Poll ``condition`` until it holds: for state that has no event to wait
+    on (a connection task ending, a background writer, another process)."""
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 (nothing to wait on but time)
+            await trio.sleep(0.005)
+
+
+async def next_event(
+    client: chatkit.ChatClient, kind: type[T], within: float = TIMEOUT, **fields: Any
+) -> T:
+    """The next event of ``kind`` (with ``fields``) ``client`` receives;
+    fails if none comes in time or the client's events end first."""
+    with trio.fail_after(within):
+        async for event in client:
+            if isinstance(event, kind) and all(
+                getattr(event, key) == value for key, value in fields.items()
+            ):
+                return event
+    raise AssertionError(f"{client} ended before a {kind.__name__} with {fields}")
+
+
+class HoldLogin:
+    """A server plugin holding the login of ``name`` until ``opened`` is set,
+    so that a test decides when that client gets in."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.opened = trio.Event()
+
+    @chatkit.hookimpl
+    async def chatkit_authenticate(self, name: str) -> None:
+        if name == self.name:
+            await self.opened.wait()
+
+
+async def open_small_window(port: int) -> RawClient:
+    """A RawClient whose socket has a tiny receive buffer, so a client that
+    does not read backs the server up after a few kilobytes (the caller
+    closes it)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        with trio.fail_after(TIMEOUT):
+            await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return RawClient(trio.SocketStream(sock))

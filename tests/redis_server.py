@@ -28,9 +28,9 @@ def free_port() -> int:
 
 class RedisServer:
     """One ``redis-server`` process, which a test may stop and start again
-    on the same port (``persist`` keeps its data across that, in ``dir``)."""
+    on the same port (starting empty again: no persistence)."""
 
-    def __init__(self, directory: Path, *, persist: bool = False) -> None:
+    def __init__(self, directory: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
@@ -40,7 +40,6 @@ class RedisServer:
             )
         self.binary = binary
         self.directory = directory
-        self.persist = persist
         self.port = free_port()
         self.process: trio.Process | None = None
 
@@ -58,8 +57,7 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--save", "",
-            "--appendonly", "yes" if self.persist else "no",
-            "--appendfsync", "always",
+            "--appendonly", "no",
         ]  # fmt: skip
         self.process = await trio.lowlevel.open_process(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -87,11 +85,9 @@ class RedisServer:
 
 
 @asynccontextmanager
-async def redis_server(
-    directory: Path, *, persist: bool = False
-) -> AsyncIterator[RedisServer]:
+async def redis_server(directory: Path) -> AsyncIterator[RedisServer]:
     """A started :class:`RedisServer`, stopped on exit."""
-    server = RedisServer(directory, persist=persist)
+    server = RedisServer(directory)
     await server.start()
     try:
         yield server

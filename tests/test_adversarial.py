@@ -33,7 +33,7 @@ import trustme
 import chatkit
 import chatkit.auth
 from tests.conftest import OpenRaw, login
-from tests.helpers import RawClient
+from tests.helpers import RawClient, open_small_window, wait_until
 
 #: A single bystander round trip slower than this fails the test (seconds).
 #: Generous: it catches a stalled server, not a busy CI machine.
@@ -267,14 +267,6 @@ async def watch(
 # --- helpers -----------------------------------------------------------------
 
 
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll ``predicate`` until it holds: for server-side state that has no
-    event to wait on (a connection task ending, say)."""
-    with trio.fail_after(within):
-        while not predicate():  # noqa: ASYNC110 (nothing to wait on but time)
-            await trio.sleep(0.005)
-
-
 def connections(server: chatkit.ChatServer) -> int:
     return len(server._connections)
 
@@ -327,20 +319,6 @@ def rss() -> int:
 def live(kind: type[Any]) -> int:
     """How many objects of ``kind`` exist."""
     return sum(isinstance(o, kind) for o in gc.get_objects())
-
-
-async def open_small_window(port: int) -> RawClient:
-    """A client with a tiny receive buffer: one that never reads backs the
-    server up after a few kilobytes."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    try:
-        with trio.fail_after(5):
-            await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    return RawClient(trio.SocketStream(sock))
 
 
 def server_logs(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import pytest
 import trio
 
 import chatkit
 from chatkit.testing import Chat, open_chat
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, unref
 
 
 def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.ChatClient:
@@ -21,13 +20,6 @@ def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.Cha
 async def next_event(client: chatkit.ChatClient) -> chatkit.Event:
     with trio.fail_after(TIMEOUT):
         return await client.__anext__()
-
-
-def unref(event: Any) -> Any:
-    """``event`` without the ``ref`` only the requester's copy carries."""
-    if "ref" not in event.__struct_fields__:
-        return event
-    return msgspec.structs.replace(event, ref=None)
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ import trio
 import chatkit
 from chatkit import ChatServer, Message, hookimpl
 from chatkit.cluster import BackplaneError, RedisBackplane
+from tests.helpers import next_event, unref, wait_until
+from tests.programs import Launch, start_server
 from tests.redis_server import RedisServer, free_port, redis_server
-from tests.test_cli import Launch, launch, start_server  # noqa: F401 (fixture)
 
 TIMEOUT = 10.0
 
@@ -52,12 +53,6 @@ async def cluster(
         yield servers
 
 
-async def wait_until(condition: Callable[[], bool], within: float = TIMEOUT) -> None:
-    with trio.fail_after(within):
-        while not condition():  # noqa: ASYNC110 (state of another process)
-            await trio.sleep(0.02)
-
-
 async def messages(
     client: chatkit.ChatClient, count: int, room: str | None = None
 ) -> list[Message]:
@@ -79,17 +74,6 @@ async def quiet(client: chatkit.ChatClient, within: float = 0.3) -> list[Any]:
         async for event in client:
             got.append(event)
     return got
-
-
-def unref(message: Message) -> Message:
-    """``message`` without the sender's ``ref``, to compare copies."""
-    return Message(
-        id=message.id,
-        ts=message.ts,
-        room=message.room,
-        sender=message.sender,
-        text=message.text,
-    )
 
 
 async def test_a_message_reaches_every_member_on_every_node_once_in_one_order(
@@ -189,11 +173,8 @@ async def test_direct_messages_cross_nodes(redis: RedisServer) -> None:
     ):
         sent = await alice.dm("bob", "psst")
         assert sent.sender == "alice" and sent.to == "bob"
-        with trio.fail_after(TIMEOUT):
-            async for event in bob:
-                if isinstance(event, chatkit.DirectMessage):
-                    assert (event.id, event.text) == (sent.id, "psst")
-                    break
+        got = await next_event(bob, chatkit.DirectMessage)
+        assert (got.id, got.text) == (sent.id, "psst")
         with pytest.raises(chatkit.NoSuchUser):
             await alice.dm("nobody", "hello?")
 
@@ -236,7 +217,7 @@ async def test_hooks_fire_once_on_the_node_where_the_event_originated(
 
 async def test_a_killed_node_releases_its_names_within_the_expiry(
     redis: RedisServer,
-    launch: Launch,  # noqa: F811 (the fixture)
+    launch: Launch,
 ) -> None:
     node, port = await start_server(
         launch, "--redis", redis.url, "--name-ttl", "1", "--no-interactive"
@@ -279,7 +260,10 @@ async def test_nodes_survive_a_redis_restart_and_lose_nothing_after_it(
             assert await messages(bob, 1) == [before]
 
             await redis.stop()
-            await wait_until(lambda: not any(bp.available for bp in backplanes))  # type: ignore[union-attr]
+            await wait_until(
+                lambda: not any(bp.available for bp in backplanes),  # type: ignore[union-attr]
+                within=TIMEOUT,
+            )
             # Alone, node a still serves its users...
             alone = await alice.say("while redis is down")
             assert alone.text == "while redis is down"
@@ -289,7 +273,10 @@ async def test_nodes_survive_a_redis_restart_and_lose_nothing_after_it(
                     pass
 
             await redis.start()  # empty: no persistence
-            await wait_until(lambda: all(bp.available for bp in backplanes))  # type: ignore[union-attr]
+            await wait_until(
+                lambda: all(bp.available for bp in backplanes),  # type: ignore[union-attr]
+                within=TIMEOUT,
+            )
             assert await bob.who() == ("alice", "bob")
             after = [unref(await alice.say("after 1")), unref(await bob.say("after 2"))]
             assert after[0].id > alone.id > before.id, "ids must keep increasing"

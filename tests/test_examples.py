@@ -14,23 +14,17 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
-import msgspec
 import pytest
 import trio
 from examples import logging_plugin, profanity_filter
 
 import chatkit
 from chatkit.testing import Chat, open_chat
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, next_event, unref
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-
-
-def unref(event: Any) -> Any:
-    return msgspec.structs.replace(event, ref=None)
 
 
 class Program:
@@ -279,11 +273,7 @@ async def test_the_server_cli_loads_both_plugins(tmp_path: Path) -> None:
         ):
             said = await alice.say("darn it")
             assert said.text == "d**n it"
-            with trio.fail_after(TIMEOUT):
-                async for event in bob:
-                    if isinstance(event, chatkit.Message):
-                        assert event == unref(said)
-                        break
+            assert await next_event(bob, chatkit.Message) == unref(said)
         server.process.send_signal(signal.SIGTERM)
         status, lines, stderr = await server.finish()
     assert status == 0, stderr
@@ -367,11 +357,8 @@ async def test_embed_in_app_finishes_after_its_time() -> None:
 
 
 async def next_server_post(client: chatkit.ChatClient) -> str:
-    with trio.fail_after(TIMEOUT):
-        async for event in client:
-            if isinstance(event, chatkit.Message) and event.sender == "*server*":
-                return event.text
-    raise AssertionError("the connection ended")
+    post = await next_event(client, chatkit.Message, sender=chatkit.SERVER_SENDER)
+    return post.text
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -400,10 +387,7 @@ async def test_embed_in_app_serves_posts_and_stops_on_a_signal(
             while TICK.fullmatch(post := await next_server_post(alice)):
                 pass
             assert post == "the app is shutting down, bye!"
-            with trio.fail_after(TIMEOUT):
-                async for event in alice:
-                    if isinstance(event, chatkit.Shutdown):
-                        break
+            await next_event(alice, chatkit.Shutdown)
             assert alice.close_reason == "server shutting down: server shutting down"
         status, lines, stderr = await app.finish()
     assert status == 0, stderr

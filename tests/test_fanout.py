@@ -331,6 +331,11 @@ def test_presence_limit_is_checked(limit: int) -> None:
         chatkit.ChatServer(presence_limit=limit)
 
 
-def test_presence_limit_none_always_announces() -> None:
-    assert chatkit.ChatServer(presence_limit=None).presence_limit is None
+async def test_presence_limit_none_always_announces(open_raw: OpenRaw) -> None:
     assert chatkit.ChatServer().presence_limit == 1000
+    async with chatkit.open_server(presence_limit=None) as server:
+        # crowd() checks that every earlier member hears of each later join.
+        clients = await crowd(open_raw, server.port, *(f"u{n}" for n in range(5)))
+        await clients[-1].send_json(type="leave", room="lobby")
+        for client in clients[:-1]:
+            await client.expect("left", name="u4")

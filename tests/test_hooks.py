@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pluggy
 import pytest
 import trio
@@ -25,7 +24,7 @@ import trio
 import chatkit
 from chatkit.testing import open_chat
 from tests.conftest import OpenRaw, crowd, login
-from tests.helpers import TIMEOUT, RawClient
+from tests.helpers import TIMEOUT, HoldLogin, RawClient, unref
 
 # --- recording plugins -------------------------------------------------------
 
@@ -1414,11 +1413,6 @@ def client_recorder(request: pytest.FixtureRequest) -> Recorder:
     return AsyncClientRecorder()
 
 
-def unref(event: Any) -> Any:
-    """``event`` as others see it: without the sender's ``ref``."""
-    return msgspec.structs.replace(event, ref=None)
-
-
 async def test_client_hooks_fire_in_order_with_their_arguments(
     client_recorder: Recorder,
 ) -> None:
@@ -1658,19 +1652,6 @@ class ReconnectRecorder(Recorder):
     @chatkit.hookimpl
     def chatkit_client_disconnected(self, reason: str) -> None:
         self.record("chatkit_client_disconnected", reason=reason)
-
-
-class HoldLogin:
-    """Holds the login of ``name`` until ``opened`` is set."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.opened = trio.Event()
-
-    @chatkit.hookimpl
-    async def chatkit_authenticate(self, name: str) -> None:
-        if name == self.name:
-            await self.opened.wait()
 
 
 async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:

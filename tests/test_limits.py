@@ -16,6 +16,7 @@ import trustme
 
 import chatkit
 from tests.conftest import OpenRaw, login
+from tests.helpers import next_event
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,16 +53,9 @@ async def test_tls_round_trip(
         ) as bob,
     ):
         sent = await alice.say("over TLS")
-        async for event in bob:
-            if isinstance(event, chatkit.Message):
-                assert event == chatkit.Message(
-                    id=sent.id,
-                    ts=sent.ts,
-                    room="lobby",
-                    sender="alice",
-                    text="over TLS",
-                )
-                break
+        assert await next_event(bob, chatkit.Message) == chatkit.Message(
+            id=sent.id, ts=sent.ts, room="lobby", sender="alice", text="over TLS"
+        )
         assert [u.address.split(":")[0] for u in server.users] == ["127.0.0.1"] * 2
 
 

@@ -20,7 +20,7 @@ import trio.testing
 
 import chatkit
 from chatkit import _client
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, HoldLogin, wait_until
 
 _T = TypeVar("_T")
 
@@ -141,20 +141,6 @@ async def reading(
     yield inbox
 
 
-class Gate:
-    """A server plugin holding the login of ``name`` until opened, so a test
-    decides when a reconnecting client gets back in."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.opened = trio.Event()
-
-    @chatkit.hookimpl
-    async def chatkit_authenticate(self, name: str) -> None:
-        if name == self.name:
-            await self.opened.wait()
-
-
 class _Link:
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
@@ -214,13 +200,6 @@ class Proxy:
             link.frozen = True
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` (state of another program, which has no event)."""
-    with trio.fail_after(TIMEOUT):
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
-
-
 def connect(port: int, name: str, **kwargs: Any) -> chatkit.ChatClient:
     kwargs.setdefault("reconnect", FAST)
     return chatkit.connect("127.0.0.1", port, name=name, **kwargs)
@@ -256,7 +235,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Any]:
 async def test_a_client_resumes_across_a_server_restart(
     store: Callable[[], Any],
 ) -> None:
-    gate = Gate("alice")
+    gate = HoldLogin("alice")
     with trio.fail_after(TIMEOUT * 2):
         async with trio.open_nursery() as nursery:
             first = chatkit.ChatServer(port=0, history=store())
@@ -330,7 +309,7 @@ async def test_a_client_resumes_across_a_server_restart(
 async def test_a_restart_that_lost_history_is_detected() -> None:
     # The new server has a fresh store: its ids start over, below the ones
     # alice saw. She notices and reads the rooms from the start.
-    gate = Gate("alice")
+    gate = HoldLogin("alice")
     with trio.fail_after(TIMEOUT * 2):
         async with trio.open_nursery() as nursery:
             first = chatkit.ChatServer(port=0)
@@ -626,7 +605,7 @@ async def test_leaving_a_room_while_it_catches_up() -> None:
 
 async def test_requests_wait_for_the_connection_or_time_out() -> None:
     policy = chatkit.Reconnect(initial_delay=0.02, max_delay=0.05, request_timeout=0.2)
-    gate = Gate("alice")
+    gate = HoldLogin("alice")
     history = chatkit.MemoryHistory()
     with trio.fail_after(TIMEOUT * 2):
         async with trio.open_nursery() as nursery:
@@ -699,7 +678,7 @@ async def test_closing_the_client_while_it_catches_up_stops_it() -> None:
     # Nobody reads: the catch-up is stuck handing over a missed message when
     # the program closes the client, which must end cleanly all the same.
     history = chatkit.MemoryHistory()
-    gate = Gate("alice")
+    gate = HoldLogin("alice")
     with trio.fail_after(TIMEOUT * 2):
         async with trio.open_nursery() as nursery:
             first = chatkit.ChatServer(port=0, history=history)

@@ -4,7 +4,6 @@ limits, and a slow reader that must never slow anybody else down."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +12,7 @@ import trio
 
 import chatkit
 from tests.conftest import OpenRaw, login
-from tests.helpers import RawClient
+from tests.helpers import RawClient, open_small_window
 
 SHUTDOWN = {"type": "shutdown", "reason": "server shutting down"}
 SHUTDOWN_LINE = "Server is shutting down: server shutting down"
@@ -402,21 +401,6 @@ async def test_kick_a_line_user_with_a_reason(
 
 
 # --- a slow reader -----------------------------------------------------------
-
-
-async def open_small_window(port: int) -> RawClient:
-    """A RawClient whose socket has a tiny receive buffer, so a client that
-    does not read backs the server up after a few kilobytes (the caller
-    closes it)."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    try:
-        with trio.fail_after(5):
-            await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    return RawClient(trio.SocketStream(sock))
 
 
 CHATTERS = 50

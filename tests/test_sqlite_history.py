@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import trio
 
@@ -20,7 +19,8 @@ import chatkit
 from chatkit import HistoryStore, HistoryStoreError, MemoryHistory, Message
 from chatkit import sqlite as chatkit_sqlite
 from chatkit.sqlite import SqliteHistory
-from tests.helpers import TIMEOUT, RawClient
+from tests.helpers import TIMEOUT, RawClient, unref, wait_until
+from tests.programs import child_environment
 
 
 def message(
@@ -29,11 +29,6 @@ def message(
     return Message(
         id=id, ts=time.time() - age, room=room, sender="alice", text=text or f"m{id}"
     )
-
-
-def unref(said: Message) -> Message:
-    """The message as history holds it (without the sender's ``ref``)."""
-    return msgspec.structs.replace(said, ref=None)
 
 
 def rows(
@@ -47,17 +42,8 @@ def rows(
         db.close()
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Wait until ``condition()`` holds (the writer runs in the background)."""
-    with trio.fail_after(TIMEOUT):
-        while True:
-            if condition():
-                return
-            await trio.sleep(0.01)  # polled: the store has no event to wait on
-
-
 async def written(store: SqliteHistory) -> None:
-    await eventually(lambda: store.pending == 0)
+    await wait_until(lambda: store.pending == 0)
 
 
 # --- the contract -------------------------------------------------------------
@@ -179,7 +165,7 @@ async def test_after_a_crash_ids_skip_past_what_may_be_lost(tmp_path: Path) -> N
     path = tmp_path / "history.sqlite3"
     crash = await trio.run_process(
         [sys.executable, "-c", CRASH, str(path)],
-        env=absolute_pythonpath(),
+        env=child_environment(),
         capture_stderr=True,
         check=False,
     )
@@ -191,13 +177,6 @@ async def test_after_a_crash_ids_skip_past_what_may_be_lost(tmp_path: Path) -> N
         assert last_id == 1 + 100 + 10
     async with store.open() as last_id:
         assert last_id == 111  # closed cleanly this time: no further skip
-
-
-def absolute_pythonpath() -> dict[str, str]:
-    """The environment, with PYTHONPATH=src made absolute."""
-    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    absolute = os.pathsep.join(os.path.abspath(entry) for entry in entries if entry)
-    return {**os.environ, "PYTHONPATH": absolute}
 
 
 async def test_a_burst_of_10000_messages_is_written_in_a_few_commits(
@@ -245,7 +224,7 @@ async def test_retention_by_count(tmp_path: Path) -> None:
             store.append(message(n, "busy"))
         store.append(message(11, "quiet"))
         store.append(message(12, "quiet"))
-        await eventually(lambda: store.pruned == 7)
+        await wait_until(lambda: store.pruned == 7)
         assert sorted(rows(path)) == [("busy", 3), ("quiet", 2)]
         assert [m.id for m in await store.recent("busy", 10)] == [8, 9, 10]
     # A smaller limit applies at start-up, and ids still continue.
@@ -266,7 +245,7 @@ async def test_retention_by_age(tmp_path: Path) -> None:
             store.append(m)
         # Too old is never returned, deleted yet or not.
         assert list(await store.recent("lobby", 10)) == new
-        await eventually(lambda: store.pruned == 3)
+        await wait_until(lambda: store.pruned == 3)
         assert rows(path) == [("lobby", 2)]
         assert list(await store.after("lobby", 0, 10)) == new
         store.append(message(6, age=3600))
@@ -296,7 +275,7 @@ async def test_a_full_disk_is_logged_and_retried(
         said = [message(n, text="x" * 200) for n in range(2, 502)]
         for m in said:
             store.append(m)
-        await eventually(lambda: "database or disk is full" in caplog.text)
+        await wait_until(lambda: "database or disk is full" in caplog.text)
         assert "cannot write 500 messages (will retry)" in caplog.text
         # Nothing lost: still queued, still in the answers.
         assert (store.commits, store.pending) == (1, 500)

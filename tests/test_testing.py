@@ -13,20 +13,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import trio
 
 import chatkit
 from chatkit.testing import Chat, ChatFactory, open_chat
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, unref
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def unref(event: Any) -> Any:
-    """``event`` without the ``ref`` only the requester's copy carries."""
-    return msgspec.structs.replace(event, ref=None)
 
 
 def port_is_closed(port: int) -> bool:
