@@ -9,7 +9,6 @@ calls, a count of the server's direct writes.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 from collections import Counter
@@ -34,25 +33,28 @@ def say(text: str, room: str = "lobby", ref: int | None = None) -> bytes:
 
 
 class CountingOs:
-    """Stands in for the ``os`` module of chatkit._server, and for the
-    ``socket.send`` of its room fast path: counts writes per descriptor."""
+    """Stands in for chatkit._server's ``_SEND``, the socket ``send`` of
+    every direct write: counts writes per descriptor, and the room-wide
+    writes of the fast path (ChatServer._write_room_now)."""
 
     def __init__(self) -> None:
         self.writes: Counter[int] = Counter()
-        self.sends: Counter[int] = Counter()  # the room fast path's alone
-
-    def write(self, fd: int, data: bytes | bytearray) -> int:
-        self.writes[fd] += 1
-        return os.write(fd, data)
+        self.room_writes = 0
 
     def send(self, sock: socket.socket, data: bytes) -> int:
         self.writes[sock.fileno()] += 1
-        self.sends[sock.fileno()] += 1
         return sock.send(data)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(server_module, "os", self)
         monkeypatch.setattr(server_module, "_SEND", self.send)
+        write_room_now = chatkit.ChatServer._write_room_now
+
+        def counted(server: chatkit.ChatServer) -> bool:
+            written = write_room_now(server)
+            self.room_writes += written
+            return written
+
+        monkeypatch.setattr(chatkit.ChatServer, "_write_room_now", counted)
 
 
 def fd_of(server: chatkit.ChatServer, name: str) -> int:
@@ -91,12 +93,11 @@ async def test_an_idle_room_is_written_by_the_fast_path(
         for client in (bob, carol):
             assert (await client.receive_json())["text"] == "hi"
         assert (await alice.receive_json())["ref"] == 1
-        # The others' copies went out in the room-wide send, the sender's
-        # own copy (with its ref) on its own.
-        for name in ("bob", "carol"):
-            assert counting.sends[fd_of(server, name)] == 1, name
-        assert counting.sends[fd_of(server, "alice")] == 0
-        assert counting.writes[fd_of(server, "alice")] == 1
+        # The others' copies went out in one room-wide write, the sender's
+        # own copy (with its ref) on its own: one write each.
+        assert counting.room_writes == 1
+        for name in ("alice", "bob", "carol"):
+            assert counting.writes[fd_of(server, name)] == 1, name
 
 
 async def test_a_full_socket_in_the_fast_path_keeps_the_rest(
@@ -264,7 +265,7 @@ async def test_tls_connections_are_written_by_their_writer_only(
             await bob.hello("bob")
             for name in ("alice", "bob"):
                 user = server.get_user(name)
-                assert user is not None and user._fd == -1
+                assert user is not None and user._sock is None
             await alice.send_bytes(b"".join(say(f"m{i}") for i in range(30)))
             for i in range(30):
                 assert (await bob.expect("message"))["text"] == f"m{i}"

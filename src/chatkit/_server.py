@@ -20,7 +20,7 @@ The requests decoded from one read form a batch (:meth:`ChatServer._begin_batch`
 consecutive broadcasts to one room are delivered with one append per member,
 and the buffers filled are written once the readers woken together have
 handled their reads, straight to each socket from the reader's task
-(``os.write`` on the descriptor, never blocking: :meth:`User._write_now`).
+(a non-blocking ``send`` on the socket: :meth:`User._write_now`).
 Only what the kernel does not take is left to the connection's writer task,
 started on demand, which sends everything pending in one ``send_all`` per
 round and ends when nothing is left. A broadcast alone in its round (light
@@ -33,10 +33,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import os
 import socket
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -125,8 +123,8 @@ _PAUSE_EVERY_ADMITTED: Final = 128
 _OUT: Final = attrgetter("_out")
 _WRITING: Final = attrgetter("_writing")
 _ENDED: Final = attrgetter("_output_ended")
-# send(2), not write(2): the socket call skips the VFS layer, which was a
-# measurable share of the server's CPU at light load (docs/performance.md).
+# Every direct write: send(2), not write(2), which goes through the VFS layer
+# (a measurable share of the server's CPU at light load, docs/performance.md).
 _SEND: Final = socket.socket.send
 
 
@@ -184,21 +182,13 @@ class User:
         self._writing = False
         # True while in ChatServer._dirty, waiting for the batch to end.
         self._dirty = False
-        # Direct writes (see _write_now) need the plain socket's descriptor:
-        # never for TLS or other wrapped streams, never on Windows, where a
-        # socket handle is not a file descriptor.
-        # -1: no direct writes. Set to -1 again before the stream is closed,
-        # so a descriptor number the kernel reuses is never written to.
-        self._fd = -1
-        # The stdlib socket under the trio one, for the room fast path; None
-        # where there is none to be had (see _plain_socket).
+        # Direct writes (see _write_now and ChatServer._write_room_now) go to
+        # the standard-library socket under the trio one: never for TLS or
+        # other wrapped streams. None: no direct writes. Once trio closes
+        # the socket, a send to it fails (it cannot reach a reused
+        # descriptor); it is dropped when the connection ends all the same.
         self._sock: socket.socket | None = None
-        if (
-            type(stream) is trio.SocketStream
-            and sys.platform != "win32"
-            and server._direct_writes
-        ):
-            self._fd = stream.socket.fileno()
+        if type(stream) is trio.SocketStream and server._direct_writes:
             self._sock = _plain_socket(stream.socket)
         self._output_ended = False
         self._reason: LeaveReason | None = None
@@ -258,11 +248,11 @@ class User:
             self._queued += frames
             self._dirty = True
             server._dirty.append(self)
-        elif not out and self._fd >= 0:
+        elif not out and self._sock is not None:
             # Light load, nothing pending: the caller's bytes go straight to
             # the socket, without a copy into the buffer.
             try:
-                sent = os.write(self._fd, data)
+                sent = _SEND(self._sock, data)
             except OSError:
                 sent = 0  # full (or broken: the writer will report it)
             if sent < len(data):
@@ -287,9 +277,9 @@ class User:
         out = self._out
         if not out or self._writing or self._output_ended:
             return
-        if self._fd >= 0:
+        if self._sock is not None:
             try:
-                sent = os.write(self._fd, out)
+                sent = _SEND(self._sock, out)
             except OSError:
                 # BlockingIOError: the kernel buffer is full. Anything
                 # else (a reset peer) the writer's send_all reports.
@@ -770,8 +760,7 @@ class ChatServer:
         finally:
             self._connections.discard(user)
             self._detach(user)
-            user._fd = -1  # no direct write may reach a closed descriptor
-            user._sock = None
+            user._sock = None  # no direct write after the stream is closed
             with trio.CancelScope(shield=True):
                 await self._after_detach(user)
                 with trio.move_on_after(self.close_timeout):

@@ -222,6 +222,8 @@ def _history_store(args: argparse.Namespace) -> HistoryStore | None:
     """The store the flags ask for: SQLite (the default), memory with
     ``--no-db``, or None with ``--redis`` (the cluster's shared history)."""
     size, max_age = args.history, args.history_max_age
+    if size is not None and size < 1:
+        raise ValueError(f"--history must be at least 1, not {size}")
     if args.redis is not None:
         if args.db is not None or args.no_db or max_age is not None:
             raise ValueError(
@@ -230,8 +232,6 @@ def _history_store(args: argparse.Namespace) -> HistoryStore | None:
             )
         return None
     db = None if args.no_db else (args.db or DEFAULT_DB)
-    if size is not None and size < 1:
-        raise ValueError(f"--history must be at least 1, not {size}")
     if max_age is not None and max_age <= 0:
         raise ValueError(f"--history-max-age must be positive, not {max_age:g}")
     if db is None:
