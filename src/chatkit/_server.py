@@ -990,16 +990,7 @@ class ChatServer:
 
     async def _on_hello(self, user: User, hello: Hello) -> LeaveReason | None:
         name = hello.name
-        if not is_valid_name(name):
-            self._error(
-                user,
-                ErrorCode.BAD_NAME,
-                "names are 1-32 letters, digits, '_', '-' or '.'",
-                hello.ref,
-            )
-            return None
-        if name.casefold() in self._names:
-            self._error(user, ErrorCode.NAME_TAKEN, f"{name} is taken", hello.ref)
+        if self._name_refused(user, name, hello.ref):
             return None
         try:
             await self._hooks.veto(
@@ -1013,16 +1004,14 @@ class ChatServer:
             log.info("refused %s from %s: %s", name, user.address, exc.reason)
             self._error(user, ErrorCode.UNAUTHORIZED, exc.reason, hello.ref)
             return LeaveReason.DISCONNECT
-        # The hooks may have awaited: check the name again.
-        if name.casefold() in self._names:
-            self._error(user, ErrorCode.NAME_TAKEN, f"{name} is taken", hello.ref)
+        # The hooks may have awaited: check the name again, claim it across
+        # the cluster, and check it again after that await.
+        if (
+            self._name_refused(user, name, hello.ref)
+            or not await self._claim(user, name, hello.ref)
+            or self._name_refused(user, name, hello.ref)
+        ):
             return None
-        if self.backplane is not None:
-            if not await self._claim(user, name, hello.ref):
-                return None
-            if name.casefold() in self._names:  # taken here while we claimed
-                self._error(user, ErrorCode.NAME_TAKEN, f"{name} is taken", hello.ref)
-                return None
         user._name = name
         self._names[name.casefold()] = user
         self._users[user] = None
@@ -1049,10 +1038,29 @@ class ChatServer:
         )
         return None
 
+    def _name_refused(self, user: User, name: str, ref: str | int | None) -> bool:
+        """Tell ``user`` why ``name`` cannot be theirs (invalid, or someone
+        else's here); True if so."""
+        if not is_valid_name(name):
+            self._error(
+                user,
+                ErrorCode.BAD_NAME,
+                "names are 1-32 letters, digits, '_', '-' or '.'",
+                ref,
+            )
+            return True
+        holder = self._names.get(name.casefold())
+        if (holder is not None and holder is not user) or user._detached:
+            self._error(user, ErrorCode.NAME_TAKEN, f"{name} is taken", ref)
+            return True
+        return False
+
     async def _claim(self, user: User, name: str, ref: str | int | None) -> bool:
-        """Claim ``name`` across the cluster; tell ``user`` if it cannot be."""
+        """Claim ``name`` across the cluster, if there is one; tell ``user``
+        if it cannot be."""
         bp = self.backplane
-        assert bp is not None
+        if bp is None:
+            return True
         self._end_batch()  # about to await (see _begin_batch)
         try:
             claimed = await bp.claim(name)
@@ -1459,17 +1467,7 @@ class ChatServer:
 
     async def _on_nick(self, user: User, nick: Nick) -> None:
         new = nick.name
-        if not is_valid_name(new):
-            self._error(
-                user,
-                ErrorCode.BAD_NAME,
-                "names are 1-32 letters, digits, '_', '-' or '.'",
-                nick.ref,
-            )
-            return
-        holder = self._names.get(new.casefold())
-        if holder is not None and holder is not user:
-            self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
+        if self._name_refused(user, new, nick.ref):
             return
         if self._hooks.has("chatkit_nick"):
             try:
@@ -1478,20 +1476,17 @@ class ChatServer:
                 self._error(user, ErrorCode.REJECTED, exc.reason, nick.ref)
                 return
             # The hooks may have awaited: check the name again.
-            holder = self._names.get(new.casefold())
-            if (holder is not None and holder is not user) or user._detached:
-                self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
+            if self._name_refused(user, new, nick.ref):
                 return
         old = user.name
         bp = self.backplane
-        if bp is not None and new.casefold() != old.casefold():
-            if not await self._claim(user, new, nick.ref):
+        if new.casefold() != old.casefold():
+            if not await self._claim(user, new, nick.ref) or self._name_refused(
+                user, new, nick.ref
+            ):
                 return
-            holder = self._names.get(new.casefold())
-            if (holder is not None and holder is not user) or user._detached:
-                self._error(user, ErrorCode.NAME_TAKEN, f"{new} is taken", nick.ref)
-                return
-            bp.release(old)
+            if bp is not None:
+                bp.release(old)
         del self._names[old.casefold()]
         self._names[new.casefold()] = user
         user._name = new
