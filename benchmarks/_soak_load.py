@@ -35,7 +35,8 @@ from typing import Any
 
 import trio
 
-LOBBY = "lobby"
+from chatkit import LOBBY
+
 REQUEST_TIMEOUT = 30.0
 CONNECT_CONCURRENCY = 50
 

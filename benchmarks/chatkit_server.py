@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import resource
 from functools import partial
 from typing import Any
 
 import trio
+from loadgen import raise_file_limit
 
 from chatkit import ChatServer
 from chatkit.server import serve_until_stopped
@@ -34,13 +34,6 @@ VARIANTS = {
     "direct": (True, False),
     "full": (True, True),
 }
-
-
-def raise_file_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def main() -> None:

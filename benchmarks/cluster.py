@@ -39,15 +39,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fanout  # noqa: E402
-import loadgen  # noqa: E402
 from fanout import BenchError, fmt, ratio  # noqa: E402
+from loadgen import raise_file_limit  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -89,11 +88,12 @@ DEFAULT_JSON = HERE / "cluster_results.json"
 # --- the processes under test -----------------------------------------------
 
 
-def redis_binary() -> str:
-    binary = shutil.which("redis-server")
+def redis_binary(name: str = "redis-server") -> str:
+    """The path of ``name`` (redis-server or redis-cli, its companion)."""
+    binary = shutil.which(name)
     if binary is None:
         raise BenchError(
-            "redis-server is not installed: run scripts/install-test-deps.sh "
+            f"{name} is not installed: run scripts/install-test-deps.sh "
             "(apt-get install redis-server)"
         )
     return binary
@@ -120,30 +120,26 @@ class RedisServer(fanout.Server):
         ]  # fmt: skip
         return cmd, port
 
-    def call(self, *words: str) -> bytes:
-        """One command over RESP; the reply's payload (status or bulk)."""
-        request = b"*%d\r\n" % len(words) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words
-        )
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(request)
-            data = b""
-            while b"\r\n" not in data:
-                data += recv(sock)
-            head, _, rest = data.partition(b"\r\n")
-            if head[:1] == b"-":
-                raise BenchError(f"redis {' '.join(words)}: {head.decode()}")
-            if head[:1] != b"$":
-                return head[1:]
-            size = int(head[1:])
-            while len(rest) < size + 2:
-                rest += recv(sock)
-            return rest[:size]
+    def call(self, *words: str) -> str:
+        """One command through redis-cli; the reply as text (an error raises)."""
+        # --no-raw: an error reply reads "(error) ..." (-e, which makes it the
+        # exit status, needs Redis 6.2); INFO's text is printed as it is.
+        cli = [redis_binary("redis-cli"), "--no-raw", "-p", str(self.port)]
+        try:
+            done = subprocess.run(
+                [*cli, *words], capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"redis {' '.join(words)}: {exc}") from None
+        if done.returncode or done.stdout.startswith("(error)"):
+            error = (done.stderr or done.stdout).strip()
+            raise BenchError(f"redis {' '.join(words)}: {error}")
+        return done.stdout
 
     def commandstats(self) -> dict[str, dict[str, float]]:
         """``INFO commandstats``: calls, usec and usec_per_call by command."""
         stats: dict[str, dict[str, float]] = {}
-        for line in self.call("INFO", "commandstats").decode().splitlines():
+        for line in self.call("INFO", "commandstats").splitlines():
             name, _, values = line.partition(":")
             if not name.startswith("cmdstat_"):
                 continue
@@ -163,13 +159,6 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - idle) / fanout.CLK_TCK
 
 
-def recv(sock: socket.socket) -> bytes:
-    chunk = sock.recv(65536)
-    if not chunk:
-        raise BenchError("redis closed the connection")
-    return chunk
-
-
 @dataclass
 class Node(fanout.Server):
     """One chatkit node (benchmarks/chatkit_server.py), maybe on Redis."""
@@ -177,8 +166,7 @@ class Node(fanout.Server):
     redis_url: str | None = None
 
     def command(self, args: argparse.Namespace) -> tuple[list[str], int | None]:
-        cmd = [sys.executable, str(HERE / "chatkit_server.py"), "--port", "0"]
-        cmd += ["--presence-limit", str(args.presence_limit)]
+        cmd = fanout.chatkit_command(args)
         if self.redis_url is not None:
             cmd += ["--redis", self.redis_url]
         return cmd, None
@@ -234,14 +222,11 @@ class Cluster:
         return {name: (cpu1[name] - cpu0[name]) / (t1 - t0) for name in cpu1}
 
     def stop(self) -> None:
-        # Nodes first: on SIGTERM they flush what they still owe Redis.
-        for proc in self.processes:
-            try:
-                proc.stop()
-            except BaseException:
-                if proc.proc is not None and proc.proc.poll() is None:
-                    proc.proc.kill()
-                raise
+        """Stop every process, even if stopping one fails: nodes first (on
+        SIGTERM they flush what they still owe Redis), then Redis."""
+        with contextlib.ExitStack() as stack:
+            for proc in reversed(self.processes):  # callbacks run last first
+                stack.callback(proc.stop)
 
 
 # --- one measurement --------------------------------------------------------
@@ -437,12 +422,8 @@ def tables(results: list[dict[str, Any]]) -> str:
 
 
 def machine() -> dict[str, Any]:
-    info = fanout.machine()
-    info.pop("ngircd", None)
-    with contextlib.suppress(Exception):
-        from importlib.metadata import version
-
-        info["coredis"] = version("coredis")
+    """fanout.py's, with coredis's and redis-server's versions, not ngircd's."""
+    info = fanout.machine(("trio", "msgspec", "uvloop", "coredis"), ngircd=False)
     with contextlib.suppress(OSError, subprocess.SubprocessError, BenchError):
         out = subprocess.run(
             [redis_binary(), "--version"], capture_output=True, text=True, timeout=5
@@ -465,21 +446,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(CONFIGS),
         help="comma-separated, from: %(default)s",
     )
-    parser.add_argument("--clients", default="100,1000", help="N values")
-    parser.add_argument("--senders", type=int, default=10, help="S")
-    parser.add_argument(
-        "--window", type=int, default=64, help="messages in flight per sender"
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=50_000,
-        help="offered deliveries/s in latency mode",
-    )
-    parser.add_argument("--duration", type=float, default=5.0, help="s measured")
-    parser.add_argument("--warmup", type=float, default=1.0, help="s not measured")
-    parser.add_argument("--workers", type=int, default=2, help="generator processes")
-    parser.add_argument("--modes", default="throughput,latency")
+    fanout.add_load_arguments(parser)
     parser.add_argument(
         "--presence-limit",
         type=int,
@@ -487,49 +454,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ChatServer(presence_limit=...) of every node; -1 for None. "
         "N may not exceed it (joins above it are counted per node)",
     )
-    parser.add_argument("--connect-concurrency", type=int, default=64)
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        help=f"write results (default: {DEFAULT_JSON.relative_to(HERE.parent)}; "
+    fanout.add_run_arguments(
+        parser,
+        json_help=f"write results (default: {DEFAULT_JSON.relative_to(HERE.parent)}; "
         "none with --smoke)",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny and quick: every configuration, N=10, S=3, a fraction "
+        smoke_help="tiny and quick: every configuration, N=10, S=3, a fraction "
         "of a second per phase",
-    )
-    parser.add_argument(
-        "--profile",
-        default="",
-        help="comma-separated configurations whose first node py-spy samples "
-        "in one extra phase (e.g. redis-1)",
-    )
-    parser.add_argument("--profile-top", type=int, default=15)
-    parser.add_argument(
-        "--profile-mode", choices=["throughput", "latency"], default="throughput"
+        profile_help="comma-separated configurations whose first node py-spy "
+        "samples in one extra phase (e.g. redis-1)",
     )
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.clients = "10"
-        args.senders = min(args.senders, 3)
-        args.duration = 0.3
-        args.warmup = 0.1
-        args.rate = 2000
-        args.workers = 1
-    elif args.json is None:
+    if not args.smoke and args.json is None:
         args.json = DEFAULT_JSON
+    fanout.finish_args(args, parser)
     args.config_list = [c for c in args.configs.split(",") if c]
-    args.client_list = [int(n) for n in args.clients.split(",") if n]
-    args.modes = [m for m in args.modes.split(",") if m]
-    args.profile = [c for c in args.profile.split(",") if c]
     for key in args.config_list + args.profile:
         if key not in CONFIGS:
             parser.error(f"unknown configuration {key!r}")
-    if any(n < 2 for n in args.client_list):
-        parser.error("N must be at least 2")
     if args.presence_limit >= 0 and any(
         n > args.presence_limit for n in args.client_list
     ):
@@ -550,62 +491,22 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_on_sigterm()
-    fanout.raise_file_limit()
+    raise_file_limit()
     if any(CONFIGS[key].redis for key in args.config_list):
         try:
             redis_binary()
+            redis_binary("redis-cli")
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    results: list[dict[str, Any]] = []
-    failures: list[str] = []
-    started = time.monotonic()
-    command = "python benchmarks/cluster.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    run = fanout.Run()
     with tempfile.TemporaryDirectory(prefix="chatkit-cluster-bench-") as tmp:
         for n in args.client_list:
             for key in args.config_list:
                 config = CONFIGS[key]
-                print(f"# {config.label}, N={n} ...", file=sys.stderr, flush=True)
-                try:
-                    result = measure(config, n, args, Path(tmp))
-                except BenchError as exc:
-                    failures.append(f"{config.label}, N={n}: {exc}")
-                    print(f"FAILED: {config.label}, N={n}: {exc}", file=sys.stderr)
-                    continue
-                results.append(result)
-                for mode in args.modes:
-                    m = result.get(mode, {})
-                    if m.get("loss") or m.get("connections_lost"):
-                        failures.append(
-                            f"{config.label}, N={n}, {mode}: loss {m.get('loss')}, "
-                            f"{m.get('connections_lost')} connections lost"
-                        )
-    report = {
-        "command": command,
-        "machine": machine(),
-        "settings": {
-            "senders": args.senders,
-            "window": args.window,
-            "rate": args.rate,
-            "duration": args.duration,
-            "warmup": args.warmup,
-            "workers": args.workers,
-            "presence_limit": args.presence_limit,
-            "message_text_bytes": loadgen.TEXT_SIZE,
-        },
-        "elapsed_s": time.monotonic() - started,
-        "results": results,
-        "failures": failures,
-    }
-    print(tables(results))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if failures:
-        print("\nFAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+                job = partial(measure, config, n, args, Path(tmp))
+                run.measure(config.label, n, job, args.modes)
+    return run.finish("cluster.py", argv, args, machine, tables)
 
 
 if __name__ == "__main__":

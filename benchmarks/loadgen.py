@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import socket
 import struct
 import sys
@@ -37,10 +38,24 @@ TEXT_SIZE = 64
 ROOM = "bench"
 
 
+def raise_file_limit(needed: int | None = None) -> int:
+    """Raise the soft RLIMIT_NOFILE to ``needed`` (default: the hard limit),
+    never past the hard limit; children inherit it. Returns the soft limit."""
+    infinity = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if needed is None:
+        target = hard
+    else:
+        target = needed if hard == infinity else min(needed, hard)
+    if soft != infinity and target != infinity and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
 class Dialect:
     """How one kind of server is spoken to."""
 
-    name = ""
     #: A line that confirms a client's registration (None: none is sent).
     registered: bytes | None = None
     #: A line that announces a join.
@@ -57,7 +72,6 @@ class Dialect:
 
 
 class ChatkitDialect(Dialect):
-    name = "chatkit"
     registered = b'"type":"welcome"'
     joined = b'"type":"joined"'
 
@@ -71,7 +85,6 @@ class ChatkitDialect(Dialect):
 class LineDialect(Dialect):
     """The original program's protocol (the threaded baseline)."""
 
-    name = "line"
     registered = None
     joined = b" has joined the chat."
 
@@ -83,7 +96,6 @@ class LineDialect(Dialect):
 
 
 class IrcDialect(Dialect):
-    name = "irc"
     registered = b" 366 "  # end of NAMES, after our own JOIN
     joined = b" JOIN "
 
@@ -172,13 +184,16 @@ class Conn(asyncio.Protocol):
                     w.last_event = time.monotonic()
                     if not self.ready.done():
                         self.ready.set_result(None)
-            if line.startswith(b"PING"):
-                self.transport.write(b"PONG" + line[4:].rstrip(b"\r") + b"\r\n")
+            self.pong(line)
 
     def answer_pings(self, chunk: bytes) -> None:
         for line in chunk.split(b"\n"):
-            if line.startswith(b"PING"):
-                self.transport.write(b"PONG" + line[4:].rstrip(b"\r") + b"\r\n")
+            self.pong(line)
+
+    def pong(self, line: bytes) -> None:
+        """Answer an IRC PING."""
+        if line.startswith(b"PING"):
+            self.transport.write(b"PONG" + line[4:].rstrip(b"\r") + b"\r\n")
 
     def send_messages(self, count: int) -> None:
         message = self.w.dialect.message
@@ -190,8 +205,9 @@ class Conn(asyncio.Protocol):
 
 
 class Worker:
+    """One load-generator process's share of the clients, and its counters."""
+
     def __init__(self, slot: int, workers: int, shared: Any, args: dict[str, Any]):
-        self.slot = slot
         self.workers = workers
         self.shared = shared
         self.sent_slot = slot
@@ -218,14 +234,12 @@ class Worker:
         self.share = 1.0
         self.per_message = 1
         self.next_sender = 0
-        self.poll_handle: asyncio.TimerHandle | None = None
 
     # --- registration -------------------------------------------------
 
     async def register(self, indexes: list[int], concurrency: int) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         self.registering = True
-        started = time.monotonic()
         gate = asyncio.Semaphore(concurrency)
 
         async def one(index: int) -> None:
@@ -244,7 +258,7 @@ class Worker:
 
         await asyncio.gather(*(one(i) for i in indexes))
         self.conns.sort(key=lambda c: c.index)
-        return {"started": started, "registered": time.monotonic()}
+        return {"registered": time.monotonic()}
 
     # --- throughput -----------------------------------------------------
 
@@ -282,7 +296,7 @@ class Worker:
         if not self.pumping:
             return
         self.pump()
-        self.poll_handle = asyncio.get_running_loop().call_later(0.001, self.poll)
+        asyncio.get_running_loop().call_later(0.001, self.poll)
 
     # --- latency ----------------------------------------------------------
 
@@ -363,7 +377,8 @@ class Worker:
         await asyncio.sleep(0.01)
         return snaps
 
-    async def probe(self, sender: int) -> None:
+    def probe(self, sender: int) -> None:
+        """Send one message from client ``sender``, if it is one of ours."""
         for conn in self.conns:
             if conn.index == sender:
                 conn.send_messages(1)
@@ -395,16 +410,14 @@ async def serve(pipe: Any, worker: Worker) -> None:
     os.set_blocking(pipe.fileno(), True)
     tasks: set[asyncio.Task[Any]] = set()
 
-    def reply_when_done(
-        name: str, make: Callable[[], Any], after: Callable[[Any], Any] | None = None
-    ) -> None:
+    def reply_when_done(name: str, make: Callable[[], Any]) -> None:
         async def run() -> None:
             try:
                 result = await make()
             except Exception as exc:
                 pipe.send({"error": f"{name}: {type(exc).__name__}: {exc}"})
                 return
-            pipe.send(result if after is None else after(result))
+            pipe.send(result)
 
         task = asyncio.ensure_future(run())
         tasks.add(task)
@@ -434,7 +447,7 @@ async def serve(pipe: Any, worker: Worker) -> None:
             worker.parse_latency = True
             worker.measure_from, worker.measure_to = 0, 2**62
             worker.latencies = array.array("q")
-            await worker.probe(cmd["sender"])
+            worker.probe(cmd["sender"])
             pipe.send({"ok": True})
         elif op == "close":
             worker.close_all()
@@ -443,12 +456,9 @@ async def serve(pipe: Any, worker: Worker) -> None:
             return
 
 
-def worker_main(slot: int, workers: int, shared: Any, args: dict[str, Any], pipe: Any):
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def worker_main(
+    slot: int, workers: int, shared: Any, args: dict[str, Any], pipe: Any
+) -> None:
     try:
         import uvloop
 

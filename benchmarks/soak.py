@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loadgen import raise_file_limit
+
 HERE = Path(__file__).resolve().parent
 CONNECT_GRACE = 120.0  # seconds for every client to connect, on top of the run
 DRAIN_GRACE = 60.0  # seconds to close windows and say bye at the end
@@ -77,14 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def raise_fd_limit(needed: int) -> int:
     """Raise this process's soft RLIMIT_NOFILE (inherited by the children)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        sys.exit(f"soak: need {needed} file descriptors, the hard limit is {hard}")
-    return int(soft)
+    soft = raise_file_limit(needed)
+    if soft != resource.RLIM_INFINITY and soft < needed:  # raised to the hard limit
+        sys.exit(f"soak: need {needed} file descriptors, the hard limit is {soft}")
+    return soft
 
 
 def machine() -> dict[str, str]:

@@ -19,9 +19,10 @@ Run: ``python benchmarks/threaded_server.py --port 0``; it prints
 from __future__ import annotations
 
 import argparse
-import resource
 import socket
 import threading
+
+from loadgen import raise_file_limit
 
 # Global state, as in the original program (chatkit itself never does this).
 clients: list[socket.socket] = []
@@ -62,12 +63,6 @@ def handle_client(client_socket: socket.socket, reader: object, username: str) -
                 clients.remove(client_socket)
         broadcast(f"{username} has left the chat.\n".encode())
         client_socket.close()
-
-
-def raise_file_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def start_server(host: str, port: int, nodelay: bool = False) -> None:
