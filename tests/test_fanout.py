@@ -100,6 +100,34 @@ async def test_an_idle_room_is_written_by_the_fast_path(
             assert counting.writes[fd_of(server, name)] == 1, name
 
 
+async def test_senders_woken_together_share_one_fast_path_write(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        counting = CountingOs()
+        counting.install(monkeypatch)
+        # Both requests are in the kernel before the server runs again: one
+        # epoll wakes both readers in one scheduler round, one batch.
+        for client, text, ref in ((alice, "from alice", 1), (bob, "from bob", 2)):
+            plain = server_module._plain_socket(client.stream.socket)
+            assert plain is not None
+            plain.sendall(say(text, ref=ref))
+        seen = [await carol.receive_json() for _ in range(2)]
+        assert sorted(m["text"] for m in seen) == ["from alice", "from bob"]
+        # Each sender gets both, in the order everyone else got them, with a
+        # ref on its own message only.
+        for client, name, ref in ((alice, "alice", 1), (bob, "bob", 2)):
+            got = [await client.receive_json() for _ in range(2)]
+            assert [m["text"] for m in got] == [m["text"] for m in seen]
+            assert [m.get("ref") for m in got] == [
+                ref if m["from"] == name else None for m in seen
+            ]
+        assert counting.room_writes == 1
+        for name in ("alice", "bob", "carol"):
+            assert counting.writes[fd_of(server, name)] == 1, name
+
+
 async def test_a_full_socket_in_the_fast_path_keeps_the_rest(
     open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,6 +152,56 @@ async def test_a_full_socket_in_the_fast_path_keeps_the_rest(
             assert (await client.receive_json())["text"] == "one"
             assert (await client.receive_json())["text"] == "two"
         assert refused == 1
+
+
+async def test_a_member_whose_writer_is_running_is_not_written_directly(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bob's socket refuses the first message (as if full): it goes to his
+    # writer, held here until released. The next message must queue behind
+    # it, not overtake it by the room fast path; once his writer is done,
+    # the fast path is back.
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        bob_fd = fd_of(server, "bob")
+        counting = CountingOs()
+        counting.install(monkeypatch)
+        refused = False
+
+        def send(sock: socket.socket, data: bytes) -> int:
+            nonlocal refused
+            if sock.fileno() == bob_fd and not refused:
+                refused = True
+                raise BlockingIOError
+            return counting.send(sock, data)
+
+        monkeypatch.setattr(server_module, "_SEND", send)
+        user = server.get_user("bob")
+        assert user is not None
+        release = trio.Event()
+        send_all = user._stream.send_all
+
+        async def held_send_all(data: bytes) -> None:
+            await release.wait()
+            await send_all(data)
+
+        monkeypatch.setattr(user._stream, "send_all", held_send_all)
+        for text, ref in (("one", 1), ("two", 2)):
+            await alice.send_bytes(say(text, ref=ref))
+            assert (await carol.receive_json())["text"] == text
+            assert (await alice.receive_json())["ref"] == ref
+            await trio.testing.wait_all_tasks_blocked()
+            assert user._writing
+        assert counting.room_writes == 1  # "one"; "two" went through buffers
+        release.set()
+        assert [(await bob.receive_json())["text"] for _ in range(2)] == ["one", "two"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert not user._writing
+        await alice.send_bytes(say("three", ref=3))
+        for client in (bob, carol):
+            assert (await client.receive_json())["text"] == "three"
+        assert (await alice.receive_json())["ref"] == 3
+        assert counting.room_writes == 2
 
 
 async def test_order_is_kept_across_rooms_replies_and_membership_changes(

@@ -40,7 +40,6 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from itertools import repeat
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -118,11 +117,6 @@ _RECEIVE_SIZE: Final = 64 * 1024
 # _read_loop): refused lines are cheap, admitted requests fan out.
 _PAUSE_EVERY_REFUSED: Final = 8
 _PAUSE_EVERY_ADMITTED: Final = 128
-# The room fast path (ChatServer._write_room_now) checks every member's
-# state and writes to every member's socket without a Python-level loop.
-_OUT: Final = attrgetter("_out")
-_WRITING: Final = attrgetter("_writing")
-_ENDED: Final = attrgetter("_output_ended")
 # Every direct write: send(2), not write(2), which goes through the VFS layer
 # (a measurable share of the server's CPU at light load, docs/performance.md).
 _SEND: Final = socket.socket.send
@@ -295,6 +289,7 @@ class User:
         if self._writing or self._nursery is None:
             return
         self._writing = True
+        self._server._busy.add(self)
         try:
             self._nursery.start_soon(self._write_loop)
         except RuntimeError:
@@ -338,6 +333,7 @@ class User:
             self._out = bytearray()
         self._out += farewell
         self._output_ended = True
+        server._busy.add(self)
         if self._out:
             self._start_writer()
         self._reader_scope.cancel()
@@ -362,6 +358,8 @@ class User:
             return
         # Not in a finally: after a cancelled send_all the stream is broken.
         self._writing = False
+        if not self._output_ended:
+            self._server._busy.discard(self)
 
 
 class RemoteUser:
@@ -383,6 +381,19 @@ class RemoteUser:
 
     def __repr__(self) -> str:
         return f"<RemoteUser {self._name!r}>"
+
+
+class _Run:
+    """Consecutive broadcasts to one room from one origin, held back for the
+    end of a read batch (see ChatServer._broadcast)."""
+
+    __slots__ = ("data", "events", "origin", "own")
+
+    def __init__(self, origin: User | None) -> None:
+        self.origin = origin
+        self.events: list[Message | Joined | Left] = []
+        self.data = bytearray()  # JSON, for every member but origin
+        self.own = bytearray()  # JSON, origin's copies (with refs)
 
 
 class _Room:
@@ -557,14 +568,17 @@ class ChatServer:
         # being handled, and the users with output held back for its end.
         self._batch_owner: trio.lowlevel.Task | None = None
         self._dirty: list[User] = []
-        # A broadcast held back for the running reader's batch: consecutive
-        # messages to one room from one origin, delivered with one append
+        # The users that must not be written to directly: a writer task of
+        # theirs is running, or their output has ended (User._start_writer,
+        # User._close). Output is pending only for these and the _dirty
+        # ones, so a room with none of either can be written to at once
+        # (_write_room_now) without looking at each member.
+        self._busy: set[User] = set()
+        # Broadcasts held back for the running reader's batch: consecutive
+        # messages to one room, in runs by origin, delivered with one append
         # per member (see _broadcast and _flush_room).
         self._pending_room: _Room | None = None
-        self._pending_origin: User | None = None
-        self._pending_events: list[Message | Joined | Left] = []
-        self._pending_data = bytearray()  # JSON, for every member but origin
-        self._pending_own = bytearray()  # JSON, origin's copies (with refs)
+        self._pending_runs: list[_Run] = []
         # The two fan-out optimisations, switchable only so that
         # benchmarks/fanout.py can measure each one's worth in the same run.
         self._direct_writes = True
@@ -760,6 +774,7 @@ class ChatServer:
         finally:
             self._connections.discard(user)
             self._detach(user)
+            self._busy.discard(user)
             user._sock = None  # no direct write after the stream is closed
             with trio.CancelScope(shield=True):
                 await self._after_detach(user)
@@ -1216,9 +1231,10 @@ class ChatServer:
         mode, appended to each buffer. A line-mode ``origin`` gets no copy
         (as in the original program); a JSON one gets its ``ref`` back.
 
-        Inside a read batch, consecutive broadcasts to one room from one
-        origin are held back and delivered together (:meth:`_flush_room`),
-        so each member gets one append per batch, not one per message.
+        Inside a read batch, consecutive broadcasts to one room (from any
+        origins: readers woken together add to one batch) are held back and
+        delivered together (:meth:`_flush_room`), so each member gets one
+        append per batch, not one per message.
         Anything else that sends, and any change of membership, delivers
         them first: every member still sees everything in the same order.
         """
@@ -1228,25 +1244,31 @@ class ChatServer:
             own = encode_json(msgspec.structs.replace(event, ref=ref))
         owner = self._batch_owner
         if owner is not None and owner is trio.lowlevel.current_task():
-            if self._pending_room is not room or self._pending_origin is not origin:
+            if self._pending_room is not room:
                 if self._pending_room is not None:
                     self._flush_room()
                 self._pending_room = room
-                self._pending_origin = origin
-            self._pending_events.append(event)
-            self._pending_data += data
-            self._pending_own += own
+            runs = self._pending_runs
+            if not runs or runs[-1].origin is not origin:
+                runs.append(_Run(origin))
+            run = runs[-1]
+            run.events.append(event)
+            run.data += data
+            run.own += own
             return
         self._deliver(room, (event,), data, own, origin)
 
     def _write_room_now(self) -> bool:
-        """Write the broadcast held back straight to every member's socket,
+        """Write the broadcasts held back straight to every member's socket,
         if every member is an idle JSON connection on a plain socket (the
         usual case at light load); False, having done nothing, otherwise.
+        Each origin among the members gets its own copy, with its refs.
 
-        The checks and the writes are C-level loops (``map``), not a Python
-        statement per member: at light load this is the whole cost of a
-        message, and a Python loop over the members was most of it (see
+        Called only when no user is dirty, so a member has output pending
+        only if it is in ``_busy``: the check looks at those few, not at
+        every member. The writes are one C-level loop (``map``), not a
+        Python statement per member: at light load this is the whole cost
+        of a message, and Python-level work per member was most of it (see
         docs/performance.md). What a socket does not take goes to that
         connection's buffer and writer, as in :meth:`User._write_now`.
         """
@@ -1254,29 +1276,28 @@ class ChatServer:
         assert room is not None
         members = room.members
         files = room.files
-        data = self._pending_data
-        frames = len(self._pending_events)
+        runs = self._pending_runs
+        frames = sum(len(run.events) for run in runs)
+        size = sum(len(run.data) for run in runs)
+        busy = self._busy
         if (
             len(files) != len(members)
-            or len(data) > self.max_queued_bytes
+            or size > self.max_queued_bytes
             or frames > self.max_queued_messages
-            or any(map(len, map(_OUT, members)))
-            or any(map(_WRITING, members))
-            or any(map(_ENDED, members))
+            or (busy and any(map(members.__contains__, busy)))
         ):
             return False
-        origin = self._pending_origin
-        payload, own = bytes(data), bytes(self._pending_own)
-        self._pending_room = self._pending_origin = None
-        self._pending_events = []
-        self._pending_data.clear()
-        self._pending_own.clear()
+        self._pending_room = None
+        self._pending_runs = []
+        payload = b"".join(run.data for run in runs)
         users = list(files)
         targets = list(files.values())
-        if origin is not None and origin in files:
-            index = users.index(origin)
-            del users[index], targets[index]
-            origin._enqueue(own, frames)
+        for origin in dict.fromkeys(run.origin for run in runs):
+            if origin is not None and origin in files:
+                index = users.index(origin)
+                del users[index], targets[index]
+                own = (run.own if run.origin is origin else run.data for run in runs)
+                origin._enqueue(b"".join(own), frames)
         # list.extend keeps what map produced before an exception: the
         # socket that raised is the next one (its writer reports the error).
         sent: list[int | None] = []
@@ -1286,7 +1307,6 @@ class ChatServer:
                 break
             except OSError:  # BlockingIOError: its buffer is full
                 sent.append(None)
-        size = len(payload)
         if sent.count(size) != len(sent):
             for user, count in zip(users, sent, strict=True):
                 if count != size:
@@ -1300,14 +1320,11 @@ class ChatServer:
         room = self._pending_room
         if room is None:
             return
-        events = self._pending_events
-        data, own = bytes(self._pending_data), bytes(self._pending_own)
-        origin = self._pending_origin
-        self._pending_room = self._pending_origin = None
-        self._pending_events = []
-        self._pending_data.clear()
-        self._pending_own.clear()
-        self._deliver(room, events, data, own, origin)
+        runs = self._pending_runs
+        self._pending_room = None
+        self._pending_runs = []
+        for run in runs:
+            self._deliver(room, run.events, bytes(run.data), bytes(run.own), run.origin)
 
     def _deliver(
         self,
