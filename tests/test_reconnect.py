@@ -520,7 +520,9 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
                 await bob.say(f"live {n}")
             # Held back until the catch-up is done (or, past the limit,
             # dropped to be fetched again).
-            await wait_until(lambda: len(alice._holding["lobby"]) == min(5, hold_limit))
+            resume = alice._resuming
+            assert resume is not None  # catching up
+            await wait_until(lambda: len(resume.holding["lobby"]) == min(5, hold_limit))
             history.release.set()
             await inbox.expect(chatkit.Reconnected)
             await bob.say("last")

@@ -130,6 +130,46 @@ class _Pending:
         self.result: ServerEvent | ChatError | None = None
 
 
+class _Resume:
+    """A resume under way (``ChatClient._resume``): what the reader keeps
+    back or drops until each room has caught up."""
+
+    __slots__ = ("dropping", "holding", "overflowed", "rejoining")
+
+    def __init__(self, wanted: set[str]) -> None:
+        # Live messages per room, held back until the room has caught up.
+        self.holding = {room: collections.deque[Message]() for room in wanted}
+        # Rooms whose held messages overflowed: the rest are in history.
+        self.overflowed: set[str] = set()
+        # Our own joins are not news: as far as the app knows, we never left.
+        self.rejoining = wanted | {LOBBY}
+        # The server joins everyone to the lobby; if we had left it, we
+        # leave it again and drop what it says meanwhile.
+        self.dropping = set() if LOBBY in wanted else {LOBBY}
+
+    def absorb(self, event: ServerEvent, name: str) -> bool:
+        """Keep ``event`` back or drop it if it is the resume's business
+        (True); False: the reader delivers it."""
+        match event:
+            case Joined(room=room, name=joined) if (
+                joined == name and room in self.rejoining
+            ):
+                self.rejoining.discard(room)
+                return True  # our re-join
+            case Message(room=room) | Joined(room=room) | Left(room=room) if (
+                room in self.dropping
+            ):
+                return True  # the lobby, which we had left and leave again
+            case Message(room=room) if room in self.holding:
+                held = self.holding[room]
+                if len(held) < _HOLD_LIMIT:
+                    held.append(event)
+                else:
+                    self.overflowed.add(room)
+                return True
+        return False
+
+
 class ChatClient:
     """A connection to a chat server, as an async context manager::
 
@@ -241,16 +281,12 @@ class ChatClient:
         self._hook_send: trio.MemorySendChannel[ClientItem] | None = None
         # Resuming: the last message delivered in each room (or the room's
         # newest when we joined it, or None for an empty room), the highest
-        # id seen anywhere, and during a resume the live messages held back
-        # per room, the rooms whose held messages overflowed, and the rooms
-        # whose own join/leave notices (our re-joins) are not news.
+        # id seen anywhere, the rooms to be back in, and the resume under
+        # way, if any.
         self._marks: dict[str, Message | None] = {}
         self._max_seen = 0
-        self._holding: dict[str, collections.deque[Message]] = {}
-        self._overflowed: set[str] = set()
         self._wanted: set[str] = set()
-        self._rejoining: set[str] = set()
-        self._dropping: set[str] = set()
+        self._resuming: _Resume | None = None
         self._receiving_since: float | None = None
 
     # --- lifecycle --------------------------------------------------------
@@ -455,7 +491,7 @@ class ChatClient:
     async def _serve_connection(self, resume: bool) -> None:
         if resume:
             # Before the reader starts: the lobby's notices may be buffered.
-            self._begin_resume()
+            self._resuming = _Resume(self._wanted)
         stream = self._stream
         ping_scope = trio.CancelScope()
         try:
@@ -469,7 +505,10 @@ class ChatClient:
                     except ConnectionClosed:
                         pass  # lost again; the reader has seen it too
                     finally:
-                        self._end_resume()
+                        # Held messages of rooms not caught up are dropped:
+                        # the next resume fetches them again, as the marks
+                        # did not move past them.
+                        self._resuming = None
         finally:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
@@ -563,38 +602,23 @@ class ChatClient:
 
     # --- resuming ---------------------------------------------------------
 
-    def _begin_resume(self) -> None:
-        wanted = self._wanted
-        # Our own joins are not news: as far as the app knows, we never left.
-        self._rejoining = wanted | {LOBBY}
-        self._holding = {room: collections.deque() for room in wanted}
-        self._overflowed.clear()
-        # The server joins everyone to the lobby; if we had left it, we
-        # leave it again and drop what it says meanwhile.
-        self._dropping = set() if LOBBY in wanted else {LOBBY}
-
-    def _end_resume(self) -> None:
-        # Held messages of rooms not caught up are dropped: the next resume
-        # fetches them again, as the marks did not move past them.
-        self._holding = {}
-        self._rejoining = set()
-        self._dropping = set()
-
     async def _resume(self) -> None:
         """Re-join, then catch up each room; requests may go meanwhile."""
-        for room in sorted(self._holding.keys() - {LOBBY}):
+        resume = self._resuming
+        assert resume is not None
+        for room in sorted(resume.holding.keys() - {LOBBY}):
             if not await self._resume_step(f"re-join {room}", Join, room=room):
-                del self._holding[room]
+                del resume.holding[room]
                 self._marks.pop(room, None)
-                self._rejoining.discard(room)
+                resume.rejoining.discard(room)
                 self.joined_rooms.discard(room)
-        if self._dropping:
+        if resume.dropping:
             await self._resume_step(f"leave {LOBBY} again", Leave, room=LOBBY)
-            self._dropping = set()
+            resume.dropping = set()
         self._ready.set()
         missed = 0
-        for room in sorted(self._holding, key=lambda room: (room != LOBBY, room)):
-            missed += await self._catch_up(room)
+        for room in sorted(resume.holding, key=lambda room: (room != LOBBY, room)):
+            missed += await self._catch_up(resume, room)
         await self._deliver(Reconnected(missed=missed))
 
     async def _resume_step(
@@ -625,13 +649,13 @@ class ChatClient:
                 await trio.sleep(pause)
                 pause = min(2 * pause, 5.0)
 
-    async def _catch_up(self, room: str) -> int:
+    async def _catch_up(self, resume: _Resume, room: str) -> int:
         """Deliver ``room``'s messages after its mark, then the live ones
         held meanwhile; returns how many came from history."""
-        held = self._holding[room]
+        held = resume.holding[room]
         missed = 0
         try:
-            missed = await self._read_room(room, held)
+            missed = await self._read_room(resume, room)
         except ConnectionClosed:
             raise
         except ChatError as exc:
@@ -641,10 +665,11 @@ class ChatClient:
             await self._release_held(room, held)
         # No checkpoint since ``held`` was found empty: from here the reader
         # delivers this room's messages itself, after all of the above.
-        del self._holding[room]
+        del resume.holding[room]
         return missed
 
-    async def _read_room(self, room: str, held: collections.deque[Message]) -> int:
+    async def _read_room(self, resume: _Resume, room: str) -> int:
+        held = resume.holding[room]
         known = self._marks.get(room)
         mark = self._mark_of(room) if room in self._marks else self._max_seen
         missed = 0
@@ -670,10 +695,10 @@ class ChatClient:
                 asked = page[-1].id
                 page = await self._history_after(room, asked)
             await self._release_held(room, held)
-            if room not in self._overflowed:
+            if room not in resume.overflowed:
                 break
             # Some live messages did not fit: they are in history.
-            self._overflowed.discard(room)
+            resume.overflowed.discard(room)
             asked = self._mark_of(room)
             page = await self._history_after(room, asked)
         return missed
@@ -750,24 +775,9 @@ class ChatClient:
                 return  # answered to the caller; not part of the event stream
         elif isinstance(event, Pong) and ref is None:
             return  # the answer to a keepalive ping
-        if self._holding or self._rejoining or self._dropping:
-            match event:
-                case Joined(room=room, name=name) if (
-                    name == self.name and room in self._rejoining
-                ):
-                    self._rejoining.discard(room)
-                    return  # our re-join (see _begin_resume)
-                case Message(room=room) | Joined(room=room) | Left(room=room) if (
-                    room in self._dropping
-                ):
-                    return  # the lobby, which we had left and leave again
-                case Message(room=room) if room in self._holding:
-                    held = self._holding[room]
-                    if len(held) < _HOLD_LIMIT:
-                        held.append(event)
-                    else:
-                        self._overflowed.add(room)
-                    return
+        resume = self._resuming
+        if resume is not None and resume.absorb(event, self.name):
+            return
         await self._deliver(event)
 
     async def _deliver(self, event: ClientItem) -> None:
