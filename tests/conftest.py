@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import trustme
 
 import chatkit
 from tests.helpers import RawClient
@@ -26,6 +28,28 @@ async def server() -> AsyncIterator[chatkit.ChatServer]:
     """A ChatServer with default settings on a free loopback port."""
     async with chatkit.open_server() as server:
         yield server
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    """A throwaway certificate authority."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """A server context with a certificate from ``ca`` for 127.0.0.1."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    """A client context that trusts ``ca``."""
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,6 +34,16 @@ class RawClient:
     async def open(cls, port: int, host: str = "127.0.0.1") -> RawClient:
         with trio.fail_after(TIMEOUT):
             return cls(await trio.open_tcp_stream(host, port))
+
+    @classmethod
+    async def open_tls(cls, port: int, context: ssl.SSLContext) -> RawClient:
+        """A TLS connection to 127.0.0.1 (the handshake happens on first
+        use)."""
+        with trio.fail_after(TIMEOUT):
+            stream = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", port, ssl_context=context
+            )
+        return cls(stream)  # type: ignore[arg-type]
 
     async def send_bytes(self, data: bytes) -> None:
         with trio.fail_after(TIMEOUT):

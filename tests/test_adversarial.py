@@ -1301,40 +1301,24 @@ async def test_a_wrong_token_is_unauthorized_and_sees_nothing(
 # --- TLS ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls() -> dict[str, ssl.SSLContext]:
-    """A server context with a certificate from one CA, and client contexts
-    trusting that CA (``good``) or another one (``wrong``)."""
-    ca, other = trustme.CA(), trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    good = ssl.create_default_context()
-    ca.configure_trust(good)
-    wrong = ssl.create_default_context()
-    other.configure_trust(wrong)
-    return {"server": server_context, "good": good, "wrong": wrong}
-
-
 async def test_tls_with_the_wrong_ca_is_rejected_and_others_are_served(
-    tls: dict[str, ssl.SSLContext],
+    server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
 ) -> None:
+    wrong = ssl.create_default_context()  # trusts another CA
+    trustme.CA().configure_trust(wrong)
     async with chatkit.open_server(
-        ssl_context=tls["server"], handshake_timeout=SHORT_TIMEOUT
+        ssl_context=server_tls, handshake_timeout=SHORT_TIMEOUT
     ) as server:
 
         async def connect() -> RawClient:
-            with trio.fail_after(5):
-                stream = await trio.open_ssl_over_tcp_stream(
-                    "127.0.0.1", server.port, ssl_context=tls["good"]
-                )
-            return RawClient(stream)  # type: ignore[arg-type]
+            return await RawClient.open_tls(server.port, client_tls)
 
         async with watch(server, connect=connect) as by:
             with trio.fail_after(5):
                 # A client that does not trust the server's CA refuses it.
                 for _ in range(5):
                     stream = await trio.open_ssl_over_tcp_stream(
-                        "127.0.0.1", server.port, ssl_context=tls["wrong"]
+                        "127.0.0.1", server.port, ssl_context=wrong
                     )
                     with pytest.raises(trio.BrokenResourceError) as failed:
                         await stream.do_handshake()

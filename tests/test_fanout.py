@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-import trustme
 
 import chatkit
 import chatkit._server as server_module
@@ -319,25 +318,11 @@ async def test_a_full_socket_hands_the_rest_to_a_writer_in_order(
 
 
 async def test_tls_connections_are_written_by_their_writer_only(
-    open_raw: OpenRaw,
+    server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
 ) -> None:
-    ca = trustme.CA()
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
-    async with chatkit.open_server(
-        rate_limit=None, ssl_context=server_context
-    ) as server:
-
-        async def connect() -> RawClient:
-            with trio.fail_after(5):
-                stream = await trio.open_ssl_over_tcp_stream(
-                    "127.0.0.1", server.port, ssl_context=client_context
-                )
-            return RawClient(stream)  # type: ignore[arg-type]
-
-        alice, bob = await connect(), await connect()
+    async with chatkit.open_server(rate_limit=None, ssl_context=server_tls) as server:
+        alice = await RawClient.open_tls(server.port, client_tls)
+        bob = await RawClient.open_tls(server.port, client_tls)
         try:
             await alice.hello("alice")
             await bob.hello("bob")

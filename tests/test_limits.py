@@ -21,25 +21,6 @@ from tests.helpers import next_event
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def server_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-    return context
-
-
-@pytest.fixture
-def client_tls(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
-
-
 async def test_tls_round_trip(
     server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
 ) -> None:
