@@ -13,6 +13,7 @@ import pytest
 import trio
 
 import chatkit
+from chatkit.auth import TokenAuth
 from chatkit.client import ChatShell
 from tests.helpers import HoldLogin, RawClient, next_event
 from tests.programs import Launch, start_client, start_server
@@ -442,6 +443,29 @@ async def test_reconnect_never_exits_when_the_connection_is_lost(
         rest = await alice.rest()
         assert rest[-1] == "Disconnected."
         assert not [line for line in rest if line.startswith("***")]
+
+
+async def test_a_client_that_gives_up_reconnecting_exits_1(launch: Launch) -> None:
+    crash = trio.CancelScope()
+
+    async def first_server(*, task_status: trio.TaskStatus[int]) -> None:
+        with crash:
+            await chatkit.ChatServer(port=0).serve(task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(first_server)
+        alice = await start_client(launch, port, "alice")
+        crash.cancel()
+        await alice.expect(r"^\*\*\* connection lost")
+        # Back on the same port, but admitting only holders of a token:
+        # a refusal no waiting gets past.
+        second = chatkit.ChatServer(port=port, plugins=[TokenAuth("sesame")])
+        await nursery.start(second.serve)
+        assert await alice.wait() == 1
+        rest = await alice.rest()
+        assert rest[-2].startswith("*** gave up reconnecting after 1 attempts: ")
+        assert rest[-1] == "Disconnected."
+        await second.aclose()
 
 
 async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:

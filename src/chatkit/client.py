@@ -292,14 +292,18 @@ def _where(room: str) -> str:
     return "the chat" if room == LOBBY else room
 
 
-async def _chat(client: ChatClient, console: Console) -> None:
+async def _chat(client: ChatClient, console: Console) -> int:
+    """Chat until the user leaves or the connection ends for good; returns
+    the exit status: 1 if reconnecting gave up, else 0."""
     shell = ChatShell(client, console.print)
     console.print(f"Hello, {client.name}! Type 'exit' to leave the chat.")
     console.print("Type /help for commands.")
     leaving = False
+    status = 0
     async with trio.open_nursery() as nursery:
 
         async def show_events() -> None:
+            nonlocal status
             async for event in client:
                 text = shell.describe(event)
                 if text is not None:
@@ -307,6 +311,7 @@ async def _chat(client: ChatClient, console: Console) -> None:
             # The connection ended for good: stop reading input.
             farewell = shell.farewell()
             if farewell is not None and not leaving:
+                status = 1  # reconnecting gave up
                 console.print(farewell)
             nursery.cancel_scope.cancel()
 
@@ -336,6 +341,7 @@ async def _chat(client: ChatClient, console: Console) -> None:
                 break
         await leave()
     console.print("Disconnected.")
+    return status
 
 
 async def run_client(args: argparse.Namespace, console: Console) -> int:
@@ -357,8 +363,7 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
                 ssl_context=_tls_context(args),
                 reconnect=_reconnect_policy(args),
             ) as client:
-                await _chat(client, console)
-                return 0
+                return await _chat(client, console)
         except (NameTaken, BadName) as exc:
             console.print(f"Error: {exc.message}")
             if args.name is not None:
