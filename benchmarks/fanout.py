@@ -41,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -594,12 +595,12 @@ def table(results: list[dict[str, Any]]) -> str:
         " p99 vs ngircd | RSS/conn KiB | register s | loss |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    by_key = {(r["server"], r["clients"]): r for r in results}
+    by_key = {key(r): r for r in results}
     for r in results:
         if "throughput" not in r and "latency" not in r:
             continue
-        base = by_key.get(("threaded", r["clients"]), {})
-        irc = by_key.get(("ngircd", r["clients"]), {})
+        base = by_key.get(key(r, "threaded"), {})
+        irc = by_key.get(key(r, "ngircd"), {})
         tp = r.get("throughput", {})
         lat = r.get("latency", {})
         dps = tp.get("deliveries_per_s")
@@ -618,6 +619,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {fmt(r.get('rss_per_connection_kib'), '.1f')} "
             f"| {fmt(r.get('register_s'), '.3f')} | {loss} |"
         )
+    rows.extend(round_summary(results))
     for r in results:
         probe = r.get("probe")
         if probe:
@@ -629,6 +631,50 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"(p50 {probe.get('p50_ms', 0):.1f} ms), loss {probe['loss']}"
             )
     return "\n".join(rows)
+
+
+def key(r: dict[str, Any], server: str | None = None) -> tuple[str, int, int]:
+    """A result's server (or ``server``), N and round (``--rounds``)."""
+    return (server or r["server"], r["clients"], r.get("round", 0))
+
+
+def round_summary(results: list[dict[str, Any]]) -> list[str]:
+    """With ``--rounds`` above 1: per server and N, the median (and range)
+    over the rounds of deliveries/s and p99 as ratios to the threaded
+    baseline of the same round."""
+    if not any(r.get("round", 0) for r in results):
+        return []
+    by_key = {key(r): r for r in results}
+    ratios: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in results:
+        base = by_key.get(key(r, "threaded"))
+        if base is None:
+            continue
+        into = ratios.setdefault((r["server"], r["clients"]), {})
+        for mode, figure in (("throughput", "deliveries_per_s"), ("latency", "p99_ms")):
+            value = r.get(mode, {}).get(figure)
+            reference = base.get(mode, {}).get(figure)
+            if value is not None and reference:
+                into.setdefault(figure, []).append(value / reference)
+    rows = [
+        "\nOver the rounds, against the same round's threaded baseline:"
+        " median (min-max)\n",
+        "| server | N | rounds | deliveries/s vs threaded | p99 vs threaded |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def spread(values: list[float] | None) -> str:
+        if not values:
+            return "-"
+        return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+    for (server, n), into in ratios.items():
+        rounds = max(len(v) for v in into.values()) if into else 0
+        rows.append(
+            f"| {server} | {n} | {rounds} | {spread(into.get('deliveries_per_s'))} "
+            f"| {spread(into.get('p99_ms'))} |"
+        )
+    return rows
 
 
 def machine(
@@ -729,6 +775,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_load_arguments(parser)
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every server this many times, alternating; the table "
+        "then adds each one's median ratio to the baseline over the rounds",
+    )
+    parser.add_argument(
         "--scale",
         type=int,
         default=10_000,
@@ -747,6 +800,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.servers = ",".join(SMOKE_SERVERS)
         args.scale = 0
     finish_args(args, parser)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.server_list = [s for s in args.servers.split(",") if s]
     for name in args.server_list:
         if name not in ALL_SERVERS + EXTRA_SERVERS:
@@ -830,10 +885,13 @@ def main(argv: list[str] | None = None) -> int:
     run = Run()
     with tempfile.TemporaryDirectory(prefix="chatkit-bench-") as tmp:
         for n in args.client_list:
-            for name in args.server_list:
-                run.measure(
-                    name, n, partial(measure, name, n, args, Path(tmp)), args.modes
-                )
+            for round_ in range(args.rounds):
+                for name in args.server_list:
+                    job = partial(measure, name, n, args, Path(tmp))
+                    note = f", round {round_ + 1}" if args.rounds > 1 else ""
+                    result = run.measure(name, n, job, args.modes, note=note)
+                    if result is not None and args.rounds > 1:
+                        result["round"] = round_
         if args.scale:
             n = args.scale
             for name in args.scale_servers.split(","):
