@@ -34,14 +34,22 @@ def say(text: str, room: str = "lobby", ref: int | None = None) -> bytes:
 class CountingOs:
     """Stands in for chatkit._server's ``_SEND``, the socket ``send`` of
     every direct write: counts writes per descriptor, and the room-wide
-    writes of the fast path (ChatServer._write_room_now)."""
+    writes of the fast path (ChatServer._write_room_now). With
+    ``refuse_first``, the first write to that descriptor fails as if its
+    buffer were full (``refused`` counts it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_first: int | None = None) -> None:
         self.writes: Counter[int] = Counter()
         self.room_writes = 0
+        self.refuse_first = refuse_first
+        self.refused = 0
 
     def send(self, sock: socket.socket, data: bytes) -> int:
-        self.writes[sock.fileno()] += 1
+        fd = sock.fileno()
+        if fd == self.refuse_first and not self.refused:
+            self.refused += 1
+            raise BlockingIOError
+        self.writes[fd] += 1
         return sock.send(data)
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,23 +142,14 @@ async def test_a_full_socket_in_the_fast_path_keeps_the_rest(
     # kept in his buffer and written later, in order, by his writer.
     async with chatkit.open_server(rate_limit=None) as server:
         alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
-        bob_fd = fd_of(server, "bob")
-        refused = 0
-
-        def send(sock: socket.socket, data: bytes) -> int:
-            nonlocal refused
-            if sock.fileno() == bob_fd and refused == 0:
-                refused += 1
-                raise BlockingIOError
-            return sock.send(data)
-
-        monkeypatch.setattr(server_module, "_SEND", send)
+        counting = CountingOs(refuse_first=fd_of(server, "bob"))
+        counting.install(monkeypatch)
         await alice.send_bytes(say("one", ref=1))
         await alice.send_bytes(say("two", ref=2))
         for client in (bob, carol):
             assert (await client.receive_json())["text"] == "one"
             assert (await client.receive_json())["text"] == "two"
-        assert refused == 1
+        assert counting.refused == 1
 
 
 async def test_a_member_whose_writer_is_running_is_not_written_directly(
@@ -162,19 +161,8 @@ async def test_a_member_whose_writer_is_running_is_not_written_directly(
     # the fast path is back.
     async with chatkit.open_server(rate_limit=None) as server:
         alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
-        bob_fd = fd_of(server, "bob")
-        counting = CountingOs()
+        counting = CountingOs(refuse_first=fd_of(server, "bob"))
         counting.install(monkeypatch)
-        refused = False
-
-        def send(sock: socket.socket, data: bytes) -> int:
-            nonlocal refused
-            if sock.fileno() == bob_fd and not refused:
-                refused = True
-                raise BlockingIOError
-            return counting.send(sock, data)
-
-        monkeypatch.setattr(server_module, "_SEND", send)
         user = server.get_user("bob")
         assert user is not None
         release = trio.Event()
