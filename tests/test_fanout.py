@@ -21,7 +21,7 @@ import trio.testing
 import chatkit
 import chatkit._server as server_module
 from tests.conftest import OpenRaw, crowd, login
-from tests.helpers import RawClient
+from tests.helpers import RawClient, open_small_window, wait_until
 
 
 def say(text: str, room: str = "lobby", ref: int | None = None) -> bytes:
@@ -189,6 +189,33 @@ async def test_a_member_whose_writer_is_running_is_not_written_directly(
             assert (await client.receive_json())["text"] == "three"
         assert (await alice.receive_json())["ref"] == 3
         assert counting.room_writes == 2
+
+
+async def test_busy_users_are_forgotten_when_their_connection_ends(
+    open_raw: OpenRaw,
+) -> None:
+    # A member with a writer running or its output ended is in the server's
+    # busy set (the fast path skips its rooms); once its connection is over
+    # it must not stay there.
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice = await login(open_raw, server.port, "alice")
+        lazy = await open_small_window(server.port)
+        try:
+            await lazy.hello("lazy")
+            await alice.expect("joined", name="lazy")
+            user = server.get_user("lazy")
+            assert user is not None
+            text = "x" * 2000
+            for i in range(50):
+                await alice.send_bytes(say(f"{i} {text}", ref=i))
+            for i in range(50):
+                await alice.expect("message", ref=i)
+            assert user._writing and user in server._busy
+            assert server.kick("lazy")
+            await wait_until(lambda: server.get_user("lazy") is None)
+        finally:
+            await lazy.aclose()
+        await wait_until(lambda: not server._busy)
 
 
 async def test_order_is_kept_across_rooms_replies_and_membership_changes(

@@ -289,7 +289,8 @@ class User:
         if self._writing or self._nursery is None:
             return
         self._writing = True
-        self._server._busy.add(self)
+        if self._sock is not None:  # only direct writes need to know
+            self._server._busy.add(self)
         try:
             self._nursery.start_soon(self._write_loop)
         except RuntimeError:
@@ -333,7 +334,8 @@ class User:
             self._out = bytearray()
         self._out += farewell
         self._output_ended = True
-        server._busy.add(self)
+        if self._sock is not None:  # None too once the connection is over
+            server._busy.add(self)
         if self._out:
             self._start_writer()
         self._reader_scope.cancel()
@@ -572,7 +574,8 @@ class ChatServer:
         # theirs is running, or their output has ended (User._start_writer,
         # User._close). Output is pending only for these and the _dirty
         # ones, so a room with none of either can be written to at once
-        # (_write_room_now) without looking at each member.
+        # (_write_room_now) without looking at each member. Only users with
+        # direct writes (User._sock) are kept, and only while connected.
         self._busy: set[User] = set()
         # Broadcasts held back for the running reader's batch: consecutive
         # messages to one room, in runs by origin, delivered with one append
