@@ -9,9 +9,9 @@ import errno
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from unittest.mock import ANY
 
 import pytest
@@ -362,54 +362,73 @@ async def test_after_shutdown_false_ends_the_client_at_a_shutdown() -> None:
 # --- network blips -----------------------------------------------------------
 
 
+class Scene(NamedTuple):
+    server: chatkit.ChatServer
+    proxy: Proxy
+    alice: chatkit.ChatClient
+    inbox: Inbox
+    bob: chatkit.ChatClient | None
+
+
 @asynccontextmanager
-async def behind_proxy(
-    nursery: trio.Nursery, **server_options: Any
-) -> AsyncIterator[tuple[chatkit.ChatServer, Proxy]]:
-    async with chatkit.open_server(**server_options) as server:
-        proxy = Proxy(server.port)
-        await nursery.start(proxy.serve)
-        yield server, proxy
-
-
-async def test_a_client_resumes_after_the_network_drops_it() -> None:
+async def alice_behind_proxy(
+    *, bob: bool = True, client: dict[str, Any] | None = None, **server_options: Any
+) -> AsyncIterator[Scene]:
+    """A server; alice (reconnecting, options ``client``) reaches it through
+    a Proxy that can cut or freeze her link, her events in an Inbox; bob
+    (unless ``bob=False``) talks to it directly. All within TIMEOUT * 2;
+    every task is stopped on the way out."""
     with trio.fail_after(TIMEOUT * 2):
         async with (
             trio.open_nursery() as nursery,
-            behind_proxy(nursery) as (server, proxy),
-            connect(proxy.port, "alice") as alice,
-            reading(alice, nursery) as inbox,
-            plain(server.port, "bob") as bob,
+            chatkit.open_server(**server_options) as server,
+            AsyncExitStack() as stack,
         ):
-            await alice.join("dev")
-            await bob.join("dev")
-            await bob.say("before")
-            await inbox.expect(chatkit.Message, text="before")
-
-            proxy.up = False  # new connections are hung up on, for now
-            proxy.cut()
-            # (A close with unread data is a reset: "connection lost".)
-            hung_up = {"server closed the connection", "connection lost"}
-            lost = await inbox.expect(chatkit.ConnectionLost)
-            assert lost.reason in hung_up
-            await wait_until(lambda: server.get_user("alice") is None)
-            await bob.say("while away")
-            await bob.say("in dev too", room="dev")
-            failed = await inbox.expect(chatkit.Reconnecting, attempt=2)
-            assert failed.error in hung_up
-
-            proxy.up = True
-            assert (await inbox.expect(chatkit.Reconnected)).missed == 2
-            await bob.say("after")
-            await inbox.expect(chatkit.Message, text="after")
-            assert inbox.messages() == [
-                ("lobby", "before"),
-                ("lobby", "while away"),
-                ("dev", "in dev too"),
-                ("lobby", "after"),
-            ]
-            assert set(server.rooms["dev"]) == {"alice", "bob"}
+            proxy = Proxy(server.port)
+            await nursery.start(proxy.serve)
+            alice = await stack.enter_async_context(
+                connect(proxy.port, "alice", **(client or {}))
+            )
+            inbox = await stack.enter_async_context(reading(alice, nursery))
+            other = (
+                await stack.enter_async_context(plain(server.port, "bob"))
+                if bob
+                else None
+            )
+            yield Scene(server, proxy, alice, inbox, other)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_client_resumes_after_the_network_drops_it() -> None:
+    async with alice_behind_proxy() as (server, proxy, alice, inbox, bob):
+        await alice.join("dev")
+        await bob.join("dev")
+        await bob.say("before")
+        await inbox.expect(chatkit.Message, text="before")
+
+        proxy.up = False  # new connections are hung up on, for now
+        proxy.cut()
+        # (A close with unread data is a reset: "connection lost".)
+        hung_up = {"server closed the connection", "connection lost"}
+        lost = await inbox.expect(chatkit.ConnectionLost)
+        assert lost.reason in hung_up
+        await wait_until(lambda: server.get_user("alice") is None)
+        await bob.say("while away")
+        await bob.say("in dev too", room="dev")
+        failed = await inbox.expect(chatkit.Reconnecting, attempt=2)
+        assert failed.error in hung_up
+
+        proxy.up = True
+        assert (await inbox.expect(chatkit.Reconnected)).missed == 2
+        await bob.say("after")
+        await inbox.expect(chatkit.Message, text="after")
+        assert inbox.messages() == [
+            ("lobby", "before"),
+            ("lobby", "while away"),
+            ("dev", "in dev too"),
+            ("lobby", "after"),
+        ]
+        assert set(server.rooms["dev"]) == {"alice", "bob"}
 
 
 async def test_a_silent_network_is_noticed_and_the_name_waited_for() -> None:
@@ -417,53 +436,45 @@ async def test_a_silent_network_is_noticed_and_the_name_waited_for() -> None:
     # keepalive ping tells alice the connection is dead, but the server
     # still holds it, so her name is taken until the server lets go.
     policy = chatkit.Reconnect(initial_delay=0.05, max_delay=0.1, ping_timeout=0.2)
-    with trio.fail_after(TIMEOUT * 2):
-        async with (
-            trio.open_nursery() as nursery,
-            behind_proxy(nursery) as (server, proxy),
-            connect(proxy.port, "alice", reconnect=policy, keepalive=0.1) as alice,
-            reading(alice, nursery) as inbox,
-            plain(server.port, "bob") as bob,
-        ):
-            proxy.freeze()
-            lost = await inbox.expect(chatkit.ConnectionLost)
-            assert lost.reason == "no answer from the server in 0.2s"
-            await bob.say("you will not hear this live")
-            refused = await inbox.expect(chatkit.Reconnecting, attempt=2)
-            assert refused.error == "name_taken: alice is taken"
-            assert server.get_user("alice") is not None  # the old connection
-            proxy.links[0].scope.cancel()  # the server finally lets it go
-            assert (await inbox.expect(chatkit.Reconnected)).missed == 1
-            assert inbox.messages() == [("lobby", "you will not hear this live")]
-            nursery.cancel_scope.cancel()
+    options = {"reconnect": policy, "keepalive": 0.1}
+    async with alice_behind_proxy(client=options) as (server, proxy, _, inbox, bob):
+        proxy.freeze()
+        lost = await inbox.expect(chatkit.ConnectionLost)
+        assert lost.reason == "no answer from the server in 0.2s"
+        await bob.say("you will not hear this live")
+        refused = await inbox.expect(chatkit.Reconnecting, attempt=2)
+        assert refused.error == "name_taken: alice is taken"
+        assert server.get_user("alice") is not None  # the old connection
+        proxy.links[0].scope.cancel()  # the server finally lets it go
+        assert (await inbox.expect(chatkit.Reconnected)).missed == 1
+        assert inbox.messages() == [("lobby", "you will not hear this live")]
 
 
 async def test_a_name_taken_for_good_makes_the_client_give_up() -> None:
     policy = chatkit.Reconnect(initial_delay=0.01, max_delay=0.02, max_name_taken=3)
-    with trio.fail_after(TIMEOUT * 2):
-        async with (
-            trio.open_nursery() as nursery,
-            behind_proxy(nursery) as (server, proxy),
-            connect(proxy.port, "alice", reconnect=policy) as alice,
-            reading(alice, nursery) as inbox,
-        ):
-            proxy.up = False
-            proxy.cut()
-            await wait_until(lambda: server.get_user("alice") is None)
-            async with plain(server.port, "alice"):  # an impostor takes it
-                proxy.up = True
-                await inbox.wait_end()
-            assert alice.closed and not alice.reconnecting
-            # Attempts while the network was down count too, so how many
-            # there were in all varies.
-            assert alice.close_reason is not None
-            assert re.fullmatch(
-                r"gave up reconnecting after \d+ attempts: name_taken: alice is taken",
-                alice.close_reason,
-            )
-            with pytest.raises(chatkit.ConnectionClosed):
-                await alice.say("anyone?")
-            nursery.cancel_scope.cancel()
+    async with alice_behind_proxy(bob=False, client={"reconnect": policy}) as (
+        server,
+        proxy,
+        alice,
+        inbox,
+        _,
+    ):
+        proxy.up = False
+        proxy.cut()
+        await wait_until(lambda: server.get_user("alice") is None)
+        async with plain(server.port, "alice"):  # an impostor takes it
+            proxy.up = True
+            await inbox.wait_end()
+        assert alice.closed and not alice.reconnecting
+        # Attempts while the network was down count too, so how many
+        # there were in all varies.
+        assert alice.close_reason is not None
+        assert re.fullmatch(
+            r"gave up reconnecting after \d+ attempts: name_taken: alice is taken",
+            alice.close_reason,
+        )
+        with pytest.raises(chatkit.ConnectionClosed):
+            await alice.say("anyone?")
 
 
 # --- catching up while live messages arrive ----------------------------------
@@ -498,108 +509,97 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
     # overflow and are fetched again from history.
     monkeypatch.setattr(_client, "_HOLD_LIMIT", hold_limit)
     history = SlowHistory()
-    with trio.fail_after(TIMEOUT * 2):
-        async with (
-            trio.open_nursery() as nursery,
-            behind_proxy(nursery, history=history) as (server, proxy),
-            connect(proxy.port, "alice") as alice,
-            reading(alice, nursery) as inbox,
-            plain(server.port, "bob") as bob,
-        ):
-            await bob.say("m0")
-            await inbox.expect(chatkit.Message, text="m0")
-            proxy.up = False
-            proxy.cut()
-            await wait_until(lambda: server.get_user("alice") is None)
-            await bob.say("missed 1")
-            await bob.say("missed 2")
-            history.armed = True
-            proxy.up = True
-            await history.asked.wait()  # alice is back, catching up
-            for n in range(5):
-                await bob.say(f"live {n}")
-            # Held back until the catch-up is done (or, past the limit,
-            # dropped to be fetched again).
-            resume = alice._resuming
-            assert resume is not None  # catching up
-            await wait_until(lambda: len(resume.holding["lobby"]) == min(5, hold_limit))
-            history.release.set()
-            await inbox.expect(chatkit.Reconnected)
-            await bob.say("last")
-            await inbox.expect(chatkit.Message, text="last")
-            unique_in_order(inbox.of(chatkit.Message))
-            assert [text for _, text in inbox.messages()] == [
-                "m0",
-                "missed 1",
-                "missed 2",
-                *(f"live {n}" for n in range(5)),
-                "last",
-            ]
-            nursery.cancel_scope.cancel()
+    async with alice_behind_proxy(history=history) as (
+        server,
+        proxy,
+        alice,
+        inbox,
+        bob,
+    ):
+        await bob.say("m0")
+        await inbox.expect(chatkit.Message, text="m0")
+        proxy.up = False
+        proxy.cut()
+        await wait_until(lambda: server.get_user("alice") is None)
+        await bob.say("missed 1")
+        await bob.say("missed 2")
+        history.armed = True
+        proxy.up = True
+        await history.asked.wait()  # alice is back, catching up
+        for n in range(5):
+            await bob.say(f"live {n}")
+        # Held back until the catch-up is done (or, past the limit,
+        # dropped to be fetched again).
+        resume = alice._resuming
+        assert resume is not None  # catching up
+        await wait_until(lambda: len(resume.holding["lobby"]) == min(5, hold_limit))
+        history.release.set()
+        await inbox.expect(chatkit.Reconnected)
+        await bob.say("last")
+        await inbox.expect(chatkit.Message, text="last")
+        unique_in_order(inbox.of(chatkit.Message))
+        assert [text for _, text in inbox.messages()] == [
+            "m0",
+            "missed 1",
+            "missed 2",
+            *(f"live {n}" for n in range(5)),
+            "last",
+        ]
 
 
 async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:
     # Re-joining and catching up several rooms asks many requests at once;
     # a strict server refuses some, and the client asks again later.
     rooms = ["r1", "r2", "r3"]
-    with trio.fail_after(TIMEOUT * 2):
-        async with (
-            trio.open_nursery() as nursery,
-            behind_proxy(nursery) as (server, proxy),
-            connect(proxy.port, "alice") as alice,
-            reading(alice, nursery) as inbox,
-            plain(server.port, "bob") as bob,
-        ):
-            for room in rooms:
-                await alice.join(room)
-                await bob.join(room)
-            proxy.up = False
-            proxy.cut()
-            await wait_until(lambda: server.get_user("alice") is None)
-            for room in ["lobby", *rooms]:
-                await bob.say(f"missed in {room}", room=room)
-            server.rate_limit, server.rate_burst = 10.0, 2  # from now on
-            proxy.up = True
-            assert (await inbox.expect(chatkit.Reconnected)).missed == 4
-            assert alice.joined_rooms == {"lobby", *rooms}
-            assert sorted(inbox.messages()) == sorted(
-                (room, f"missed in {room}") for room in ["lobby", *rooms]
-            )
-            nursery.cancel_scope.cancel()
+    async with alice_behind_proxy() as (server, proxy, alice, inbox, bob):
+        for room in rooms:
+            await alice.join(room)
+            await bob.join(room)
+        proxy.up = False
+        proxy.cut()
+        await wait_until(lambda: server.get_user("alice") is None)
+        for room in ["lobby", *rooms]:
+            await bob.say(f"missed in {room}", room=room)
+        server.rate_limit, server.rate_burst = 10.0, 2  # from now on
+        proxy.up = True
+        assert (await inbox.expect(chatkit.Reconnected)).missed == 4
+        assert alice.joined_rooms == {"lobby", *rooms}
+        assert sorted(inbox.messages()) == sorted(
+            (room, f"missed in {room}") for room in ["lobby", *rooms]
+        )
 
 
 async def test_leaving_a_room_while_it_catches_up() -> None:
     # The program leaves a room whose catch-up has not come yet: that room's
     # catch-up stops (the server says not_in_room), the others go on.
     history = SlowHistory()
-    with trio.fail_after(TIMEOUT * 2):
-        async with (
-            trio.open_nursery() as nursery,
-            behind_proxy(nursery, history=history) as (server, proxy),
-            connect(proxy.port, "alice") as alice,
-            reading(alice, nursery) as inbox,
-            plain(server.port, "bob") as bob,
-        ):
-            await alice.join("zoo")
-            await bob.join("zoo")
-            proxy.up = False
-            proxy.cut()
-            await wait_until(lambda: server.get_user("alice") is None)
-            await bob.say("missed")
-            await bob.say("missed in zoo", room="zoo")
-            history.armed = True  # the lobby's catch-up ends late
-            proxy.up = True
-            await history.asked.wait()
-            # Requests may go during the catch-up. (The server answers this
-            # one after the held page: it reads a connection's requests in
-            # order.)
+    async with alice_behind_proxy(history=history) as (
+        server,
+        proxy,
+        alice,
+        inbox,
+        bob,
+    ):
+        await alice.join("zoo")
+        await bob.join("zoo")
+        proxy.up = False
+        proxy.cut()
+        await wait_until(lambda: server.get_user("alice") is None)
+        await bob.say("missed")
+        await bob.say("missed in zoo", room="zoo")
+        history.armed = True  # the lobby's catch-up ends late
+        proxy.up = True
+        await history.asked.wait()
+        # Requests may go during the catch-up. (The server answers this
+        # one after the held page: it reads a connection's requests in
+        # order.)
+        async with trio.open_nursery() as nursery:
             nursery.start_soon(alice.leave, "zoo")
             await wait_until(lambda: len(alice._pending) == 2)  # page and leave
             history.release.set()
             assert (await inbox.expect(chatkit.Reconnected)).missed == 1
-            assert inbox.messages() == [("lobby", "missed")]
-            assert alice.joined_rooms == {"lobby"}
-            nursery.cancel_scope.cancel()
+        assert inbox.messages() == [("lobby", "missed")]
+        assert alice.joined_rooms == {"lobby"}
 
 
 # --- requests while reconnecting ---------------------------------------------
