@@ -52,6 +52,10 @@ class CountingOs:
         self.writes[fd] += 1
         return sock.send(data)
 
+    def writes_to(self, server: chatkit.ChatServer, *names: str) -> list[int]:
+        """The direct writes counted to each of these users."""
+        return [self.writes[fd_of(server, name)] for name in names]
+
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(server_module, "_SEND", self.send)
         write_room_now = chatkit.ChatServer._write_room_now
@@ -85,8 +89,7 @@ async def test_each_recipient_gets_one_write_per_read(
                 assert (await client.receive_json())["text"] == f"m{i}"
         for i in range(20):
             assert (await alice.receive_json())["ref"] == i
-        for name in ("alice", "bob", "carol"):
-            assert counting.writes[fd_of(server, name)] == 1, name
+        assert counting.writes_to(server, "alice", "bob", "carol") == [1, 1, 1]
 
 
 async def test_an_idle_room_is_written_by_the_fast_path(
@@ -103,8 +106,7 @@ async def test_an_idle_room_is_written_by_the_fast_path(
         # The others' copies went out in one room-wide write, the sender's
         # own copy (with its ref) on its own: one write each.
         assert counting.room_writes == 1
-        for name in ("alice", "bob", "carol"):
-            assert counting.writes[fd_of(server, name)] == 1, name
+        assert counting.writes_to(server, "alice", "bob", "carol") == [1, 1, 1]
 
 
 async def test_senders_woken_together_share_one_fast_path_write(
@@ -131,8 +133,7 @@ async def test_senders_woken_together_share_one_fast_path_write(
                 ref if m["from"] == name else None for m in seen
             ]
         assert counting.room_writes == 1
-        for name in ("alice", "bob", "carol"):
-            assert counting.writes[fd_of(server, name)] == 1, name
+        assert counting.writes_to(server, "alice", "bob", "carol") == [1, 1, 1]
 
 
 async def test_a_full_socket_in_the_fast_path_keeps_the_rest(
