@@ -40,13 +40,17 @@ def pipe() -> Iterator[Pipe]:
     os.close(pipe.read_fd)
 
 
-@pytest.mark.parametrize("interactive", [True, False], ids=["editor", "plain"])
-async def test_lines_typed_ahead_or_pasted_are_all_read(
-    pipe: Pipe, interactive: bool
-) -> None:
-    console = Console(
-        interactive=interactive, stdin_fd=pipe.read_fd, stdout=io.StringIO()
+@pytest.fixture(params=[True, False], ids=["editor", "plain"])
+def console(pipe: Pipe, request: pytest.FixtureRequest) -> Console:
+    """A console reading ``pipe``, with the line editor and without."""
+    return Console(
+        interactive=request.param, stdin_fd=pipe.read_fd, stdout=io.StringIO()
     )
+
+
+async def test_lines_typed_ahead_or_pasted_are_all_read(
+    pipe: Pipe, console: Console
+) -> None:
     pipe.write(b"first\r\nsecond\nthird\n")
     assert await read_line(console) == "first"
     assert await read_line(console) == "second"
@@ -55,13 +59,9 @@ async def test_lines_typed_ahead_or_pasted_are_all_read(
     assert await read_line(console) is None
 
 
-@pytest.mark.parametrize("interactive", [True, False], ids=["editor", "plain"])
 async def test_a_character_split_across_reads_is_whole(
-    pipe: Pipe, interactive: bool
+    pipe: Pipe, console: Console
 ) -> None:
-    console = Console(
-        interactive=interactive, stdin_fd=pipe.read_fd, stdout=io.StringIO()
-    )
     encoded = "née\n".encode()
     pipe.write(encoded[:2])  # "n" and half of "é"
     pipe.write(encoded[2:])

@@ -46,6 +46,22 @@ async def written(store: SqliteHistory) -> None:
     await wait_until(lambda: store.pending == 0)
 
 
+class FullDisk:
+    """A full disk as SQLite reports it to ``store``: its file may not grow
+    until :meth:`free`. (The store's writer must be idle: its connection is
+    borrowed.)"""
+
+    def __init__(self, store: SqliteHistory) -> None:
+        db = store._writer
+        assert db is not None
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        self._db = db
+
+    def free(self) -> None:
+        self._db.execute("PRAGMA max_page_count = 1073741823")
+
+
 # --- the contract -------------------------------------------------------------
 
 
@@ -266,12 +282,7 @@ async def test_a_full_disk_is_logged_and_retried(
     async with store.open():
         store.append(message(1))
         await written(store)
-        # A full disk as SQLite reports it: the file may not grow. (The writer
-        # is idle; its connection is borrowed for the set-up.)
-        db = store._writer
-        assert db is not None
-        (pages,) = db.execute("PRAGMA page_count").fetchone()
-        db.execute(f"PRAGMA max_page_count = {pages}")
+        disk = FullDisk(store)
         said = [message(n, text="x" * 200) for n in range(2, 502)]
         for m in said:
             store.append(m)
@@ -281,7 +292,7 @@ async def test_a_full_disk_is_logged_and_retried(
         assert (store.commits, store.pending) == (1, 500)
         assert list(await store.after("lobby", 1, 1000)) == said
         await trio.sleep(0.2)  # a few failed retries
-        db.execute("PRAGMA max_page_count = 1073741823")
+        disk.free()
         await written(store)
     assert store.commits == 2
     assert rows(path) == [("lobby", 501)]
@@ -297,17 +308,14 @@ async def test_past_max_pending_the_oldest_unwritten_are_dropped(
         tmp_path / "history.sqlite3", batch_delay=0, max_batch=2, max_pending=4
     )
     async with store.open():
-        db = store._writer
-        assert db is not None
-        (pages,) = db.execute("PRAGMA page_count").fetchone()
-        db.execute(f"PRAGMA max_page_count = {pages}")
+        disk = FullDisk(store)
         said = [message(n, text="x" * 2000) for n in range(1, 8)]
         for m in said:
             store.append(m)
         assert store.dropped == 3
         assert caplog.text.count("dropping the oldest unwritten") == 1
         assert list(await store.recent("lobby", 10)) == said[3:]
-        db.execute("PRAGMA max_page_count = 1073741823")
+        disk.free()
         await written(store)
         assert list(await store.recent("lobby", 10)) == said[3:]
     assert store.written == 4
