@@ -12,6 +12,8 @@ import json
 import socket
 import ssl
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -75,13 +77,26 @@ def fd_of(server: chatkit.ChatServer, name: str) -> int:
     return fd
 
 
+@asynccontextmanager
+async def counted_room(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch, *, refuse: str | None = None
+) -> AsyncIterator[tuple[chatkit.ChatServer, CountingOs, list[RawClient]]]:
+    """A server without a rate limit, alice, bob and carol in its lobby, and
+    its direct writes counted from then on; with ``refuse``, that user's
+    first write is refused as if the socket were full."""
+    async with chatkit.open_server(rate_limit=None) as server:
+        users = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        refuse_first = None if refuse is None else fd_of(server, refuse)
+        counting = CountingOs(refuse_first=refuse_first)
+        counting.install(monkeypatch)
+        yield server, counting, users
+
+
 async def test_each_recipient_gets_one_write_per_read(
     open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with chatkit.open_server(rate_limit=None) as server:
-        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
-        counting = CountingOs()
-        counting.install(monkeypatch)
+    async with counted_room(open_raw, monkeypatch) as (server, counting, users):
+        alice, bob, carol = users
         # Twenty messages in one packet: one read, one batch.
         await alice.send_bytes(b"".join(say(f"m{i}", ref=i) for i in range(20)))
         for client in (bob, carol):
@@ -95,10 +110,8 @@ async def test_each_recipient_gets_one_write_per_read(
 async def test_an_idle_room_is_written_by_the_fast_path(
     open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with chatkit.open_server(rate_limit=None) as server:
-        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
-        counting = CountingOs()
-        counting.install(monkeypatch)
+    async with counted_room(open_raw, monkeypatch) as (server, counting, users):
+        alice, bob, carol = users
         await alice.send_bytes(say("hi", ref=1))
         for client in (bob, carol):
             assert (await client.receive_json())["text"] == "hi"
@@ -112,10 +125,8 @@ async def test_an_idle_room_is_written_by_the_fast_path(
 async def test_senders_woken_together_share_one_fast_path_write(
     open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with chatkit.open_server(rate_limit=None) as server:
-        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
-        counting = CountingOs()
-        counting.install(monkeypatch)
+    async with counted_room(open_raw, monkeypatch) as (server, counting, users):
+        alice, bob, carol = users
         # Both requests are in the kernel before the server runs again: one
         # epoll wakes both readers in one scheduler round, one batch.
         for client, text, ref in ((alice, "from alice", 1), (bob, "from bob", 2)):
@@ -141,10 +152,12 @@ async def test_a_full_socket_in_the_fast_path_keeps_the_rest(
 ) -> None:
     # bob's socket takes nothing (as if full), carol's all: bob's copy is
     # kept in his buffer and written later, in order, by his writer.
-    async with chatkit.open_server(rate_limit=None) as server:
-        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
-        counting = CountingOs(refuse_first=fd_of(server, "bob"))
-        counting.install(monkeypatch)
+    async with counted_room(open_raw, monkeypatch, refuse="bob") as (
+        _,
+        counting,
+        users,
+    ):
+        alice, bob, carol = users
         await alice.send_bytes(say("one", ref=1))
         await alice.send_bytes(say("two", ref=2))
         for client in (bob, carol):
@@ -160,10 +173,12 @@ async def test_a_member_whose_writer_is_running_is_not_written_directly(
     # writer, held here until released. The next message must queue behind
     # it, not overtake it by the room fast path; once his writer is done,
     # the fast path is back.
-    async with chatkit.open_server(rate_limit=None) as server:
-        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
-        counting = CountingOs(refuse_first=fd_of(server, "bob"))
-        counting.install(monkeypatch)
+    async with counted_room(open_raw, monkeypatch, refuse="bob") as (
+        server,
+        counting,
+        users,
+    ):
+        alice, bob, carol = users
         user = server.get_user("bob")
         assert user is not None
         release = trio.Event()
