@@ -399,6 +399,14 @@ async def alice_behind_proxy(
             nursery.cancel_scope.cancel()
 
 
+async def drop_alice(server: chatkit.ChatServer, proxy: Proxy) -> None:
+    """Cut alice's link and keep the network down (until the test sets
+    ``proxy.up``); return once the server has let her go."""
+    proxy.up = False
+    proxy.cut()
+    await wait_until(lambda: server.get_user("alice") is None)
+
+
 async def test_a_client_resumes_after_the_network_drops_it() -> None:
     async with alice_behind_proxy() as (server, proxy, alice, inbox, bob):
         await alice.join("dev")
@@ -459,9 +467,7 @@ async def test_a_name_taken_for_good_makes_the_client_give_up() -> None:
         inbox,
         _,
     ):
-        proxy.up = False
-        proxy.cut()
-        await wait_until(lambda: server.get_user("alice") is None)
+        await drop_alice(server, proxy)
         async with plain(server.port, "alice"):  # an impostor takes it
             proxy.up = True
             await inbox.wait_end()
@@ -518,9 +524,7 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
     ):
         await bob.say("m0")
         await inbox.expect(chatkit.Message, text="m0")
-        proxy.up = False
-        proxy.cut()
-        await wait_until(lambda: server.get_user("alice") is None)
+        await drop_alice(server, proxy)
         await bob.say("missed 1")
         await bob.say("missed 2")
         history.armed = True
@@ -555,9 +559,7 @@ async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:
         for room in rooms:
             await alice.join(room)
             await bob.join(room)
-        proxy.up = False
-        proxy.cut()
-        await wait_until(lambda: server.get_user("alice") is None)
+        await drop_alice(server, proxy)
         for room in ["lobby", *rooms]:
             await bob.say(f"missed in {room}", room=room)
         server.rate_limit, server.rate_burst = 10.0, 2  # from now on
@@ -582,9 +584,7 @@ async def test_leaving_a_room_while_it_catches_up() -> None:
     ):
         await alice.join("zoo")
         await bob.join("zoo")
-        proxy.up = False
-        proxy.cut()
-        await wait_until(lambda: server.get_user("alice") is None)
+        await drop_alice(server, proxy)
         await bob.say("missed")
         await bob.say("missed in zoo", room="zoo")
         history.armed = True  # the lobby's catch-up ends late
