@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -351,19 +352,27 @@ async def test_a_bad_database_is_one_line_and_status_1(
 # --- reconnecting and paging -------------------------------------------------
 
 
+async def crashable_server(
+    nursery: trio.Nursery, **options: Any
+) -> tuple[int, trio.CancelScope]:
+    """Start a ChatServer (``options``) in ``nursery``; return its port and a
+    scope whose ``cancel()`` crashes it: every connection drops at once,
+    without a ``shutdown``."""
+    crash = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[int]) -> None:
+        with crash:
+            await chatkit.ChatServer(port=0, **options).serve(task_status=task_status)
+
+    port: int = await nursery.start(serve)
+    return port, crash
+
+
 async def test_the_client_reconnects_across_a_server_crash(launch: Launch) -> None:
     history = chatkit.MemoryHistory()  # kept by the server "process" restarted
-    crash = trio.CancelScope()
     hold = HoldLogin("alice")
-
-    async def first_server(*, task_status: trio.TaskStatus[int]) -> None:
-        with crash:
-            await chatkit.ChatServer(port=0, history=history).serve(
-                task_status=task_status
-            )
-
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(first_server)
+        port, crash = await crashable_server(nursery, history=history)
         alice = await start_client(launch, port, "alice")
         async with chatkit.connect("127.0.0.1", port, name="bob") as bob:
             await bob.say("before the crash")
@@ -426,14 +435,8 @@ async def test_reconnect_always_rides_out_a_shutdown_and_exit_still_works(
 async def test_reconnect_never_exits_when_the_connection_is_lost(
     launch: Launch,
 ) -> None:
-    crash = trio.CancelScope()
-
-    async def serve(*, task_status: trio.TaskStatus[int]) -> None:
-        with crash:
-            await chatkit.ChatServer(port=0).serve(task_status=task_status)
-
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve)
+        port, crash = await crashable_server(nursery)
         alice = await launch(
             "client", "--port", str(port), "--name", "alice", "--reconnect", "never"
         )
@@ -446,14 +449,8 @@ async def test_reconnect_never_exits_when_the_connection_is_lost(
 
 
 async def test_a_client_that_gives_up_reconnecting_exits_1(launch: Launch) -> None:
-    crash = trio.CancelScope()
-
-    async def first_server(*, task_status: trio.TaskStatus[int]) -> None:
-        with crash:
-            await chatkit.ChatServer(port=0).serve(task_status=task_status)
-
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(first_server)
+        port, crash = await crashable_server(nursery)
         alice = await start_client(launch, port, "alice")
         crash.cancel()
         await alice.expect(r"^\*\*\* connection lost")
