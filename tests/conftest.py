@@ -86,6 +86,21 @@ async def login(open_raw: OpenRaw, port: int, name: str, **fields: Any) -> RawCl
     return client
 
 
+async def line_login(
+    open_raw: OpenRaw, port: int, name: str, *watchers: RawClient
+) -> RawClient:
+    """A line-mode client; ``watchers`` (JSON clients) see it join."""
+    client = await open_raw(port)
+    await client.send_line(name)
+    for watcher in watchers:
+        assert await watcher.receive_json() == {
+            "type": "joined",
+            "room": "lobby",
+            "name": name,
+        }
+    return client
+
+
 async def crowd(open_raw: OpenRaw, port: int, *names: str) -> list[RawClient]:
     """Log in ``names`` in order; earlier clients consume the later join
     notices, so nothing is pending on any client returned."""

@@ -23,7 +23,7 @@ import trio
 
 import chatkit
 from chatkit.testing import open_chat
-from tests.conftest import OpenRaw, crowd, login
+from tests.conftest import OpenRaw, crowd, line_login, login
 from tests.helpers import TIMEOUT, HoldLogin, RawClient, unref
 
 # --- recording plugins -------------------------------------------------------
@@ -737,22 +737,6 @@ class AsyncCensor:
         return text.replace("darn", "d**n")
 
 
-async def line_login(
-    open_raw: OpenRaw, port: int, name: str, watchers: list[RawClient]
-) -> RawClient:
-    """Log in in line mode; ``watchers`` (JSON clients in lobby) consume the
-    join notice, which also shows the login is complete."""
-    client = await open_raw(port)
-    await client.send_line(name)
-    for watcher in watchers:
-        assert await watcher.receive_json() == {
-            "type": "joined",
-            "room": "lobby",
-            "name": name,
-        }
-    return client
-
-
 @pytest.mark.parametrize("censor", [Censor, AsyncCensor])
 async def test_rewrite_reaches_everyone_and_the_history(
     censor: type[Any], open_raw: OpenRaw
@@ -760,7 +744,7 @@ async def test_rewrite_reaches_everyone_and_the_history(
     recorder = ServerRecorder()
     async with chatkit.open_server(plugins=[censor(), recorder]) as server:
         alice, bob = await crowd(open_raw, server.port, "alice", "bob")
-        carol = await line_login(open_raw, server.port, "carol", [alice, bob])
+        carol = await line_login(open_raw, server.port, "carol", alice, bob)
 
         await alice.send_json(type="say", text="darn it", ref=1)
         received = await bob.receive_json()
@@ -920,7 +904,7 @@ async def test_reject_answers_the_sender_only_and_stops_the_chain(
         plugins=[no_links(), Tag("after", seen), recorder]
     ) as server:
         alice, bob = await crowd(open_raw, server.port, "alice", "bob")
-        carol = await line_login(open_raw, server.port, "carol", [alice, bob])
+        carol = await line_login(open_raw, server.port, "carol", alice, bob)
 
         await alice.send_json(type="say", text="see http://x", ref=1)
         assert await alice.receive_json() == {

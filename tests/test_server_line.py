@@ -12,23 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import chatkit
-from tests.conftest import OpenRaw, login
-from tests.helpers import RawClient
-
-
-async def line_login(
-    open_raw: OpenRaw, port: int, name: str, *watchers: RawClient
-) -> RawClient:
-    """A line-mode client; ``watchers`` (JSON clients) see it join."""
-    client = await open_raw(port)
-    await client.send_line(name)
-    for watcher in watchers:
-        assert await watcher.receive_json() == {
-            "type": "joined",
-            "room": "lobby",
-            "name": name,
-        }
-    return client
+from tests.conftest import OpenRaw, line_login, login
 
 
 async def test_first_line_is_the_name_and_others_see_the_join(
