@@ -22,7 +22,7 @@ import trio.testing
 
 import chatkit
 import chatkit._server as server_module
-from tests.conftest import OpenRaw, crowd, login
+from tests.conftest import OpenRaw, crowd, line_login, login
 from tests.helpers import RawClient, open_small_window, wait_until
 
 
@@ -145,6 +145,46 @@ async def test_senders_woken_together_share_one_fast_path_write(
             ]
         assert counting.room_writes == 1
         assert counting.writes_to(server, "alice", "bob", "carol") == [1, 1, 1]
+
+
+async def test_senders_woken_together_reach_a_mixed_room_with_one_append_each(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A line-mode member (dave) keeps the room off the fast path: the batch
+    # of two senders' messages (alice in JSON mode, bob in line mode) is
+    # handed to each member in one append, in one order for all; alice
+    # gets her ref back, bob (as in the original program) not his own line.
+    async with chatkit.open_server(rate_limit=None) as server:
+        alice, carol = await crowd(open_raw, server.port, "alice", "carol")
+        bob = await line_login(open_raw, server.port, "bob", alice, carol)
+        dave = await line_login(open_raw, server.port, "dave", alice, carol)
+        assert await bob.receive_line() == "dave has joined the chat."
+        appends: Counter[str] = Counter()
+        enqueue = server_module.User._enqueue
+
+        def counted(user: server_module.User, data: bytes, frames: int = 1) -> None:
+            appends[user.name] += 1
+            enqueue(user, data, frames)
+
+        monkeypatch.setattr(server_module.User, "_enqueue", counted)
+        for client, request in (
+            (alice, say("from alice", ref=1)),
+            (bob, b"from bob\n"),
+        ):
+            plain = server_module._plain_socket(client.stream.socket)
+            assert plain is not None
+            plain.sendall(request)
+        seen = [await carol.receive_json() for _ in range(2)]
+        assert sorted(m["text"] for m in seen) == ["from alice", "from bob"]
+        got = [await alice.receive_json() for _ in range(2)]
+        assert [(m["text"], m.get("ref")) for m in got] == [
+            (m["text"], 1 if m["from"] == "alice" else None) for m in seen
+        ]
+        lines = [f"{m['from']}: {m['text']}" for m in seen]
+        assert [await dave.receive_line() for _ in range(2)] == lines
+        assert await bob.receive_line() == "alice: from alice"
+        await bob.assert_silent()
+        assert appends == {"alice": 1, "bob": 1, "carol": 1, "dave": 1}
 
 
 async def test_a_full_socket_in_the_fast_path_keeps_the_rest(

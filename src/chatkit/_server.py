@@ -398,6 +398,19 @@ class _Run:
         self.own = bytearray()  # JSON, origin's copies (with refs)
 
 
+def _copy_for(origin: User, runs: Sequence[_Run]) -> tuple[bytes, int]:
+    """What ``origin`` gets of ``runs`` (some of them its own), and how many
+    frames: in JSON mode everything, its own messages with their refs; in
+    line mode only the others' (as in the original program)."""
+    if origin._proto.mode is Mode.LINE:
+        events = [
+            event for run in runs if run.origin is not origin for event in run.events
+        ]
+        return b"".join(map(encode_line, events)), len(events)
+    own = (run.own if run.origin is origin else run.data for run in runs)
+    return b"".join(own), sum(len(run.events) for run in runs)
+
+
 class _Room:
     __slots__ = ("files", "members", "name")
 
@@ -1259,7 +1272,11 @@ class ChatServer:
             run.data += data
             run.own += own
             return
-        self._deliver(room, (event,), data, own, origin)
+        run = _Run(origin)
+        run.events.append(event)
+        run.data += data
+        run.own += own
+        self._deliver(room, (run,))
 
     def _write_room_now(self) -> bool:
         """Write the broadcasts held back straight to every member's socket,
@@ -1299,8 +1316,7 @@ class ChatServer:
             if origin is not None and origin in files:
                 index = users.index(origin)
                 del users[index], targets[index]
-                own = (run.own if run.origin is origin else run.data for run in runs)
-                origin._enqueue(b"".join(own), frames)
+                origin._enqueue(*_copy_for(origin, runs))
         # list.extend keeps what map produced before an exception: the
         # socket that raised is the next one (its writer reports the error).
         sent: list[int | None] = []
@@ -1326,29 +1342,27 @@ class ChatServer:
         runs = self._pending_runs
         self._pending_room = None
         self._pending_runs = []
-        for run in runs:
-            self._deliver(room, run.events, bytes(run.data), bytes(run.own), run.origin)
+        self._deliver(room, runs)
 
-    def _deliver(
-        self,
-        room: _Room,
-        events: Sequence[Message | Joined | Left],
-        data: bytes,
-        own: bytes,
-        origin: User | None,
-    ) -> None:
-        frames = len(events)
-        line: bytes | None = None
+    def _deliver(self, room: _Room, runs: Sequence[_Run]) -> None:
+        """Hand ``runs`` to every member of ``room``: one append each, of
+        bytes encoded once per mode (each origin's own, see :func:`_copy_for`).
+        """
+        origins = {run.origin: None for run in runs}
+        frames = sum(len(run.events) for run in runs)
+        data = b"".join(run.data for run in runs)
+        lines: bytes | None = None
         line_mode = Mode.LINE
         for member in room.members:
-            if member._proto.mode is line_mode:
-                if member is origin:
-                    continue
-                if line is None:
-                    line = b"".join(encode_line(event) for event in events)
-                member._enqueue(line, frames)
-            elif member is origin:
-                member._enqueue(own, frames)
+            if member in origins:
+                own, count = _copy_for(member, runs)
+                if count:  # none for a line-mode origin of every run
+                    member._enqueue(own, count)
+            elif member._proto.mode is line_mode:
+                if lines is None:
+                    events = (event for run in runs for event in run.events)
+                    lines = b"".join(map(encode_line, events))
+                member._enqueue(lines, frames)
             else:
                 member._enqueue(data, frames)
 
