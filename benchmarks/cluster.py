@@ -104,6 +104,10 @@ class RedisServer(fanout.Server):
     """A throwaway redis-server: loopback, no RDB, no AOF."""
 
     @property
+    def dialect(self) -> str:
+        return "redis"  # not driven by the load generator; no chatkit on its path
+
+    @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 

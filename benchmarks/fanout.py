@@ -171,9 +171,17 @@ class Server:
         return chatkit_command(args, variant), None
 
     def environment(self, args: argparse.Namespace) -> dict[str, str] | None:
-        """chatkit-before runs chatkit's source as of ``--before-rev``."""
-        if self.name != "chatkit-before":
+        """A chatkit server runs the source next to this benchmark, not
+        whichever chatkit is installed (a benchmark run from a second
+        checkout measures that checkout); chatkit-before, the source as of
+        ``--before-rev``."""
+        if self.dialect != "chatkit":
             return None
+        if self.name != "chatkit-before":
+            src = HERE.parent / "src"
+            if not (src / "chatkit").is_dir():  # benchmarks/ copied on its own
+                return None
+            return {**os.environ, "PYTHONPATH": str(src)}
         tree = self.tmp / f"chatkit-{args.before_rev}"
         if not tree.exists():
             tree.mkdir()
