@@ -685,6 +685,31 @@ def round_summary(results: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def source_commit() -> str:
+    """The checkout's commit, with ``-dirty`` if chatkit or the benchmarks
+    have uncommitted changes other than results (``unknown`` outside a git
+    checkout)."""
+    git = ["git", "-C", str(HERE.parent)]
+    try:
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "src", "benchmarks", ":!*.json"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty.strip() else "")
+
+
 def machine(
     packages: Sequence[str] = ("trio", "msgspec", "uvloop"), ngircd: bool = True
 ) -> dict[str, Any]:
@@ -864,6 +889,7 @@ class Run:
             "command": f"python benchmarks/{script} "
             + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine(),
+            "commit": source_commit(),
             "settings": {
                 "senders": args.senders,
                 "window": args.window,
