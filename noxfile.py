@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs", "bench_smoke"]
@@ -66,10 +68,19 @@ def bench_smoke(session: nox.Session) -> None:
     rot: chatkit, the threaded baseline and ngircd, every delivery counted.
 
     Fails (never skips) when ngircd is missing: scripts/install-test-deps.sh
-    installs it.
+    installs it. Its JSON report goes through benchmarks/tables.py too.
     """
     session.install("-e", ".[bench]")
-    session.run("python", "benchmarks/fanout.py", "--smoke", *session.posargs)
+    report = Path(session.create_tmp()) / "smoke.json"
+    session.run(
+        "python",
+        "benchmarks/fanout.py",
+        "--smoke",
+        "--json",
+        str(report),
+        *session.posargs,
+    )
+    session.run("python", "benchmarks/tables.py", str(report), silent=True)
 
 
 @nox.session
