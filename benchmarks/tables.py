@@ -21,16 +21,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fanout import fmt as num  # noqa: E402
+from fanout import ratio  # noqa: E402
+
 STEPS = ("chatkit-before", "chatkit-writer", "chatkit-direct", "chatkit")
 
 Result = dict[str, Any]
-
-
-def ratio(value: float | None, reference: float | None) -> str:
-    """``value / reference`` as ``1.23x``, or ``-`` when either is missing."""
-    if value is None or not reference:
-        return "-"
-    return f"{value / reference:.2f}x"
 
 
 def figure(result: Result | None, mode: str, name: str) -> float | None:
@@ -40,10 +38,6 @@ def figure(result: Result | None, mode: str, name: str) -> float | None:
         return None
     value = result.get(mode, {}).get(name) if mode else result.get(name)
     return None if value is None else float(value)
-
-
-def num(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 class Report:
