@@ -26,6 +26,7 @@ sys.path.insert(0, str(HERE))
 from fanout import fmt as num  # noqa: E402
 from fanout import ratio  # noqa: E402
 
+PERCENTILES = ("p50", "p90", "p99", "max")
 STEPS = ("chatkit-before", "chatkit-writer", "chatkit-direct", "chatkit")
 
 Result = dict[str, Any]
@@ -53,18 +54,16 @@ class Report:
     def get(self, server: str, n: int) -> Result | None:
         return self.by_key.get((server, n))
 
-    def table(
-        self,
-        header: list[str],
-        row: Callable[[Result], list[str]],
-        results: list[Result] | None = None,
-    ) -> str:
+    def table(self, columns: list[str], cells: Callable[[Result], list[str]]) -> str:
+        """One row per result: its server and N, then ``cells(result)``
+        under ``columns``."""
         lines = [
-            "| " + " | ".join(header) + " |",
-            "|---|" + "---:|" * (len(header) - 1),
+            "| server | N | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * (len(columns) + 1),
         ]
-        for r in self.results if results is None else results:
-            lines.append("| " + " | ".join(row(r)) + " |")
+        for r in self.results:
+            row = [r["server"], str(r["clients"]), *cells(r)]
+            lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
 
     def against(self, r: Result, mode: str, name: str) -> list[str]:
@@ -76,11 +75,9 @@ class Report:
         ]
 
     def throughput(self) -> str:
-        def row(r: Result) -> list[str]:
+        def cells(r: Result) -> list[str]:
             tp = "throughput"
             return [
-                r["server"],
-                str(r["clients"]),
                 num(figure(r, tp, "deliveries_per_s"), ",.0f"),
                 *self.against(r, tp, "deliveries_per_s"),
                 num(figure(r, tp, "server_cpu"), ".2f"),
@@ -88,52 +85,42 @@ class Report:
                 str(r.get(tp, {}).get("loss", "-")),
             ]
 
-        header = ["server", "N", "deliveries/s", "vs threaded", "vs ngircd"]
-        header += ["server CPU (cores)", "generator CPU (cores)", "loss"]
-        return self.table(header, row)
+        columns = ["deliveries/s", "vs threaded", "vs ngircd"]
+        columns += ["server CPU (cores)", "generator CPU (cores)", "loss"]
+        return self.table(columns, cells)
 
     def latency(self) -> str:
-        def row(r: Result) -> list[str]:
+        def cells(r: Result) -> list[str]:
             lat = "latency"
             return [
-                r["server"],
-                str(r["clients"]),
-                *(num(figure(r, lat, f"p{q}_ms"), ".2f") for q in (50, 90, 99)),
-                num(figure(r, lat, "max_ms"), ".2f"),
+                *(num(figure(r, lat, f"{q}_ms"), ".2f") for q in PERCENTILES),
                 *self.against(r, lat, "p99_ms"),
                 num(figure(r, lat, "server_cpu"), ".2f"),
                 str(r.get(lat, {}).get("loss", "-")),
             ]
 
-        header = ["server", "N", "p50 ms", "p90 ms", "p99 ms", "max ms"]
-        header += ["p99 vs threaded", "p99 vs ngircd", "server CPU (cores)", "loss"]
-        return self.table(header, row)
+        columns = [f"{q} ms" for q in PERCENTILES]
+        columns += ["p99 vs threaded", "p99 vs ngircd", "server CPU (cores)", "loss"]
+        return self.table(columns, cells)
 
     def connections(self) -> str:
-        def row(r: Result) -> list[str]:
+        def cells(r: Result) -> list[str]:
             return [
-                r["server"],
-                str(r["clients"]),
                 num(figure(r, "", "register_s"), ".3f"),
                 num(figure(r, "", "rss_per_connection_kib"), ".1f"),
                 *self.against(r, "", "rss_per_connection_kib"),
             ]
 
-        header = ["server", "N", "register N clients (s)"]
-        header += ["RSS per idle connection (KiB)", "vs threaded", "vs ngircd"]
-        return self.table(header, row)
+        columns = ["register N clients (s)", "RSS per idle connection (KiB)"]
+        columns += ["vs threaded", "vs ngircd"]
+        return self.table(columns, cells)
 
     def saturated(self) -> str:
-        def row(r: Result) -> list[str]:
+        def cells(r: Result) -> list[str]:
             sat = r.get("throughput", {}).get("saturated", {})
-            return [
-                r["server"],
-                str(r["clients"]),
-                num(sat.get("p50_ms"), ".1f"),
-                num(sat.get("p99_ms"), ".1f"),
-            ]
+            return [num(sat.get("p50_ms"), ".1f"), num(sat.get("p99_ms"), ".1f")]
 
-        return self.table(["server", "N", "p50 ms", "p99 ms"], row)
+        return self.table(["p50 ms", "p99 ms"], cells)
 
     def steps(self) -> str:
         """Each step against the previous one, then chatkit against
