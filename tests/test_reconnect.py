@@ -514,22 +514,16 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
     # they are held, then delivered after it. With a hold limit of 2, most
     # overflow and are fetched again from history.
     monkeypatch.setattr(_client, "_HOLD_LIMIT", hold_limit)
-    history = SlowHistory()
-    async with alice_behind_proxy(history=history) as (
-        server,
-        proxy,
-        alice,
-        inbox,
-        bob,
-    ):
+    slow = SlowHistory()
+    async with alice_behind_proxy(history=slow) as (server, proxy, alice, inbox, bob):
         await bob.say("m0")
         await inbox.expect(chatkit.Message, text="m0")
         await drop_alice(server, proxy)
         await bob.say("missed 1")
         await bob.say("missed 2")
-        history.armed = True
+        slow.armed = True
         proxy.up = True
-        await history.asked.wait()  # alice is back, catching up
+        await slow.asked.wait()  # alice is back, catching up
         for n in range(5):
             await bob.say(f"live {n}")
         # Held back until the catch-up is done (or, past the limit,
@@ -537,7 +531,7 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
         resume = alice._resuming
         assert resume is not None  # catching up
         await wait_until(lambda: len(resume.holding["lobby"]) == min(5, hold_limit))
-        history.release.set()
+        slow.release.set()
         await inbox.expect(chatkit.Reconnected)
         await bob.say("last")
         await inbox.expect(chatkit.Message, text="last")
@@ -574,29 +568,23 @@ async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:
 async def test_leaving_a_room_while_it_catches_up() -> None:
     # The program leaves a room whose catch-up has not come yet: that room's
     # catch-up stops (the server says not_in_room), the others go on.
-    history = SlowHistory()
-    async with alice_behind_proxy(history=history) as (
-        server,
-        proxy,
-        alice,
-        inbox,
-        bob,
-    ):
+    slow = SlowHistory()
+    async with alice_behind_proxy(history=slow) as (server, proxy, alice, inbox, bob):
         await alice.join("zoo")
         await bob.join("zoo")
         await drop_alice(server, proxy)
         await bob.say("missed")
         await bob.say("missed in zoo", room="zoo")
-        history.armed = True  # the lobby's catch-up ends late
+        slow.armed = True  # the lobby's catch-up ends late
         proxy.up = True
-        await history.asked.wait()
+        await slow.asked.wait()
         # Requests may go during the catch-up. (The server answers this
         # one after the held page: it reads a connection's requests in
         # order.)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(alice.leave, "zoo")
             await wait_until(lambda: len(alice._pending) == 2)  # page and leave
-            history.release.set()
+            slow.release.set()
             assert (await inbox.expect(chatkit.Reconnected)).missed == 1
         assert inbox.messages() == [("lobby", "missed")]
         assert alice.joined_rooms == {"lobby"}
