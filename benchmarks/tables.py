@@ -9,6 +9,8 @@ also as a ratio to the threaded baseline and to ngircd of the same run), the
 optimisation steps (``chatkit-before`` → ``chatkit-writer`` →
 ``chatkit-direct`` → ``chatkit``, each against the previous row), the
 profiles and the 10,000-client probe: whatever of these the run measured.
+With ``--rounds``, every ratio is to the same round's baseline, and the
+medians over the rounds follow (fanout.py's ``round_summary``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fanout import fmt as num  # noqa: E402
-from fanout import ratio  # noqa: E402
+from fanout import key, ratio, round_summary  # noqa: E402
 
 PERCENTILES = ("p50", "p90", "p99", "max")
 STEPS = ("chatkit-before", "chatkit-writer", "chatkit-direct", "chatkit")
@@ -42,17 +44,14 @@ def figure(result: Result | None, mode: str, name: str) -> float | None:
 
 
 class Report:
-    """The results of one run, looked up by server and N."""
+    """The results of one run, looked up by server, N and round."""
 
     def __init__(self, report: dict[str, Any]) -> None:
         self.report = report
         self.results: list[Result] = [
             r for r in report["results"] if "throughput" in r or "latency" in r
         ]
-        self.by_key = {(r["server"], r["clients"]): r for r in self.results}
-
-    def get(self, server: str, n: int) -> Result | None:
-        return self.by_key.get((server, n))
+        self.by_key = {key(r): r for r in self.results}
 
     def table(self, columns: list[str], cells: Callable[[Result], list[str]]) -> str:
         """One row per result: its server and N, then ``cells(result)``
@@ -70,7 +69,7 @@ class Report:
         """The figure's ratio to the same N's threaded baseline and ngircd."""
         value = figure(r, mode, name)
         return [
-            ratio(value, figure(self.get(server, r["clients"]), mode, name))
+            ratio(value, figure(self.by_key.get(key(r, server)), mode, name))
             for server in ("threaded", "ngircd")
         ]
 
@@ -124,14 +123,15 @@ class Report:
 
     def steps(self) -> str:
         """Each step against the previous one, then chatkit against
-        chatkit-before, per N; empty unless the run has every step."""
+        chatkit-before, per N (and round); empty unless the run has every
+        step."""
         lines = [
             "| step | N | deliveries/s | vs previous | p99 ms at 50k/s "
             "| vs previous | server CPU at 50k/s |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for n in sorted({r["clients"] for r in self.results}):
-            rows = [self.get(step, n) for step in STEPS]
+        for n, round_ in sorted({key(r)[1:] for r in self.results}):
+            rows = [self.by_key.get((step, n, round_)) for step in STEPS]
             if any(r is None for r in rows):
                 continue
             previous: Result | None = None
@@ -206,6 +206,7 @@ class Report:
             ("Latency (fixed offered rate)", self.latency()),
             ("Connections", self.connections()),
             ("Saturated latency (throughput mode)", self.saturated()),
+            ("Over the rounds", "\n".join(round_summary(self.results)).strip()),
             ("What each step bought", self.steps()),
             ("Profiles", self.profiles()),
             ("Scale", self.probes()),
