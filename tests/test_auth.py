@@ -193,6 +193,25 @@ async def test_a_refused_client_receives_nothing_but_the_refusal(
 
 
 @pytest.mark.parametrize("kind", KINDS)
+async def test_a_refused_client_cannot_learn_who_is_online(
+    kind: str, password_file: Path, open_raw: OpenRaw
+) -> None:
+    # Whether a name is in use is checked after the secret: asking for an
+    # online user's name with a wrong secret is refused like any other.
+    async with open_chat(plugins=[make_plugin(kind, password_file)]) as chat:
+        await chat.connect("alice", token=secret(kind))
+        answers = []
+        for name in ["ALICE", "nobody"]:
+            client = await open_raw(chat.port)
+            await client.send_json(
+                type="hello", name=name, protocol=1, token="guess", ref=1
+            )
+            answers.append(await client.assert_closed())
+        assert answers[0] == answers[1]
+        assert [json.loads(line)["code"] for line in answers[0]] == ["unauthorized"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 async def test_before_hello_only_not_ready_comes_back(
     kind: str, password_file: Path, open_raw: OpenRaw
 ) -> None:

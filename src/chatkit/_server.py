@@ -1021,7 +1021,10 @@ class ChatServer:
 
     async def _on_hello(self, user: User, hello: Hello) -> LeaveReason | None:
         name = hello.name
-        if self._name_refused(user, name, hello.ref):
+        # Only the name's form before authenticating: whether it is in use
+        # is for authenticated clients to learn (docs/security.md).
+        if not is_valid_name(name):
+            self._name_refused(user, name, hello.ref)
             return None
         try:
             await self._hooks.veto(
@@ -1035,7 +1038,7 @@ class ChatServer:
             log.info("refused %s from %s: %s", name, user.address, exc.reason)
             self._error(user, ErrorCode.UNAUTHORIZED, exc.reason, hello.ref)
             return LeaveReason.DISCONNECT
-        # The hooks may have awaited: check the name again, claim it across
+        # Is the name in use (the hooks may have awaited)? Claim it across
         # the cluster, and check it again after that await.
         if (
             self._name_refused(user, name, hello.ref)
