@@ -840,6 +840,24 @@ async def test_a_flooder_is_rate_limited_then_disconnected(
         ]
 
 
+async def test_a_flooders_last_message_reaches_a_quiet_room(
+    open_raw: OpenRaw,
+) -> None:
+    # No bystanders chatting: nobody else's read ends a batch. The flooder's
+    # batch is paused (refused lines pause it) when it is cut off, and what
+    # it held back must still be written.
+    async with chatkit.open_server(rate_burst=2, flood_limit=20) as server:
+        bob = await login(open_raw, server.port, "bob")
+        mallory = await login(open_raw, server.port, "mallory")
+        await bob.expect("joined", name="mallory")
+        say = b'{"type":"say","text":"hi","ref":1}\n'
+        await mallory.send_bytes(say + b'{"type":"ping"}\n' * 30)
+        lines = await mallory.assert_closed()
+        assert json.loads(lines[-1])["code"] == "rate_limited"
+        await bob.expect("message", text="hi", **{"from": "mallory"})
+        await bob.expect("left", name="mallory", reason="flood")
+
+
 async def test_a_garbage_flooder_is_rate_limited_then_disconnected(
     open_raw: OpenRaw,
 ) -> None:

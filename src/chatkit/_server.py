@@ -323,9 +323,11 @@ class User:
         if self._output_ended:
             return
         server = self._server
-        if server._batch_owner is trio.lowlevel.current_task():
+        owner = server._batch_owner
+        if owner is None or owner is trio.lowlevel.current_task():
             # A reader ending (it closes its own user when _read_loop
-            # returns) writes what its batch held back.
+            # returns) writes what its batch held back; so does one whose
+            # batch was paused (_pause_batch), or nobody would.
             server._end_batch()
         elif server._pending_room is not None:
             server._flush_room()  # the farewell comes after those
