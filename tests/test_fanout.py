@@ -388,6 +388,57 @@ async def test_a_full_socket_hands_the_rest_to_a_writer_in_order(
             await lazy.aclose()
 
 
+@pytest.mark.parametrize(
+    ("limits", "texts"),
+    [
+        # One packet: more messages than a buffer may hold frames...
+        ({"max_queued_messages": 10}, [f"m{i}" for i in range(11)]),
+        # ... or bytes (12 KB: far less than any kernel socket buffer).
+        ({"max_queued_bytes": 10_000}, [f"{i}" + "x" * 4000 for i in range(3)]),
+    ],
+)
+async def test_a_batch_bigger_than_a_buffer_does_not_drop_readers(
+    open_raw: OpenRaw, limits: dict[str, int], texts: list[str]
+) -> None:
+    # A batch is held back by the server, not by its readers: it is written
+    # in parts, and only what a socket refuses counts towards the bounds.
+    async with chatkit.open_server(rate_limit=None, **limits) as server:
+        alice = await login(open_raw, server.port, "alice")
+        bob = await login(open_raw, server.port, "bob")
+        await alice.expect("joined", name="bob")
+        await alice.send_bytes(
+            b"".join(say(text, ref=i) for i, text in enumerate(texts))
+        )
+        for i, text in enumerate(texts):
+            assert (await bob.receive_json())["text"] == text
+            assert (await alice.receive_json())["ref"] == i
+
+
+async def test_a_too_slow_error_never_follows_half_a_frame() -> None:
+    async with chatkit.open_server(
+        rate_limit=None, max_queued_bytes=64 * 1024
+    ) as server:
+        lazy = await open_small_window(server.port)
+        try:
+            await lazy.hello("lazy")
+            await lazy.expect("joined", name="lazy")
+            user = server.get_user("lazy")
+            assert user is not None
+            # No checkpoint between the posts: a partial direct write leaves
+            # the rest of a frame in the buffer, and the writer it started
+            # has not run when the buffer overflows.
+            for i in range(200):
+                await server.post("lobby", f"{i:04d}" + "x" * 3000)
+                if user._output_ended:
+                    break
+            assert user._output_ended
+            lines = await lazy.assert_closed(within=10)
+            frames = [json.loads(line) for line in lines]  # none torn
+            assert frames[-1]["code"] == "too_slow"
+        finally:
+            await lazy.aclose()
+
+
 async def test_tls_connections_are_written_by_their_writer_only(
     server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
 ) -> None:

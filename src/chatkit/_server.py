@@ -117,9 +117,13 @@ _RECEIVE_SIZE: Final = 64 * 1024
 # _read_loop): refused lines are cheap, admitted requests fan out.
 _PAUSE_EVERY_REFUSED: Final = 8
 _PAUSE_EVERY_ADMITTED: Final = 128
+# Broadcasts held back for a read batch are delivered once they reach this
+# share of a member's buffer bounds (see ChatServer._broadcast).
+_HELD_SHARE: Final = 4
 # Every direct write: send(2), not write(2), which goes through the VFS layer
 # (a measurable share of the server's CPU at light load, docs/performance.md).
 _SEND: Final = socket.socket.send
+_NEWLINE: Final = 0x0A  # b"\n"[0]
 
 
 class LeaveReason(enum.StrEnum):
@@ -169,6 +173,10 @@ class User:
         # _write_now or _write_loop. _queued counts frames in _out.
         self._out = bytearray()
         self._queued = 0
+        # True while _out starts with the rest of a frame partly written:
+        # discarding the buffer (_close) keeps that rest, or the line would
+        # be torn.
+        self._torn = False
         # The connection's nursery, where _write_loop is started on demand.
         self._nursery: trio.Nursery | None = None
         # True while a _write_loop task exists: it alone writes then. Stays
@@ -227,7 +235,7 @@ class User:
         if (
             len(out) + len(data) > server.max_queued_bytes
             or self._queued + frames > server.max_queued_messages
-        ):
+        ) and not self._make_room(len(data), frames):
             self._overflow()
             return
         if self._dirty or self._writing:
@@ -252,11 +260,26 @@ class User:
             if sent < len(data):
                 out += memoryview(data)[sent:]
                 self._queued += frames
+                self._torn = sent > 0
                 self._start_writer()
         else:
             out += data
             self._queued += frames
             self._write_now()
+
+    def _make_room(self, size: int, frames: int) -> bool:
+        """Whether ``size`` more bytes in ``frames`` fit once output held
+        back only by a read batch is written: that is the server's doing,
+        not the client's, so the socket takes it first (what the kernel
+        refuses counts towards the bounds)."""
+        if not self._dirty or self._writing or self._output_ended:
+            return False
+        self._write_now()
+        server = self._server
+        return (
+            len(self._out) + size <= server.max_queued_bytes
+            and self._queued + frames <= server.max_queued_messages
+        )
 
     def _write_now(self) -> None:
         """Write pending output straight to the socket, without blocking, if
@@ -281,8 +304,11 @@ class User:
             if sent == len(out):
                 out.clear()
                 self._queued = 0
+                self._torn = False
                 return
-            del out[:sent]
+            if sent:
+                self._torn = out[sent - 1] != _NEWLINE
+                del out[:sent]
         self._start_writer()
 
     def _start_writer(self) -> None:
@@ -333,7 +359,10 @@ class User:
             server._flush_room()  # the farewell comes after those
         self._reason = reason
         if discard:
-            self._out = bytearray()
+            if self._torn:  # keep the rest of the frame on the wire
+                del self._out[self._out.index(b"\n") + 1 :]
+            else:
+                self._out = bytearray()
         self._out += farewell
         self._output_ended = True
         if self._sock is not None:  # None too once the connection is over
@@ -353,6 +382,7 @@ class User:
         try:
             while self._out:
                 data, self._out, self._queued = self._out, bytearray(), 0
+                self._torn = False
                 await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The peer went away: stop the reader too. _writing stays True:
@@ -597,6 +627,10 @@ class ChatServer:
         # per member (see _broadcast and _flush_room).
         self._pending_room: _Room | None = None
         self._pending_runs: list[_Run] = []
+        # Their size, bytes and frames: a burst is delivered in parts of at
+        # most _HELD_SHARE of a member's buffer bounds (see _broadcast).
+        self._held_bytes = 0
+        self._held_frames = 0
         # The two fan-out optimisations, switchable only so that
         # benchmarks/fanout.py can measure each one's worth in the same run.
         self._direct_writes = True
@@ -1276,6 +1310,16 @@ class ChatServer:
             run.events.append(event)
             run.data += data
             run.own += own
+            # Many readers woken together can hold back more than a
+            # member's buffer may take at once (max_queued_*): deliver such
+            # a burst in parts, so that no part alone overflows a buffer.
+            self._held_bytes += len(data)
+            self._held_frames += 1
+            if (
+                self._held_bytes > self.max_queued_bytes // _HELD_SHARE
+                or self._held_frames > self.max_queued_messages // _HELD_SHARE
+            ):
+                self._flush_room()
             return
         run = _Run(origin)
         run.events.append(event)
@@ -1314,6 +1358,7 @@ class ChatServer:
             return False
         self._pending_room = None
         self._pending_runs = []
+        self._held_bytes = self._held_frames = 0
         payload = b"".join(run.data for run in runs)
         users = list(files)
         targets = list(files.values())
@@ -1336,6 +1381,7 @@ class ChatServer:
                 if count != size:
                     user._out += memoryview(payload)[count or 0 :]
                     user._queued += frames
+                    user._torn = bool(count)
                     user._start_writer()
         return True
 
@@ -1347,6 +1393,7 @@ class ChatServer:
         runs = self._pending_runs
         self._pending_room = None
         self._pending_runs = []
+        self._held_bytes = self._held_frames = 0
         self._deliver(room, runs)
 
     def _deliver(self, room: _Room, runs: Sequence[_Run]) -> None:
