@@ -708,6 +708,44 @@ async def test_history_oldest_first_with_limit_before_after(
     assert [m["text"] for m in await history(alice, "dev")] == ["elsewhere"]
 
 
+async def test_a_history_page_of_long_messages_is_cut_to_fit(
+    open_raw: OpenRaw,
+) -> None:
+    # Default bounds: 100 messages of 4096 emoji (16 KiB each) would be a
+    # 1.6 MiB reply, more than the asker's 1 MiB buffer. The page is cut
+    # (newest kept; oldest with after), and paging by id gets everything.
+    async with chatkit.open_server() as server:
+        (bob,) = await crowd(open_raw, server.port, "bob")
+        texts = [f"{i:03d}" + "\U0001f600" * 4093 for i in range(100)]
+        for text in texts:
+            await server.post("lobby", text)
+            await bob.expect("message", text=text)
+        newest = await history(bob, "lobby")
+        assert 10 < len(newest) < 100
+        assert [m["text"] for m in newest] == texts[-len(newest) :]
+        pages = [newest]
+        while older := await history(bob, "lobby", before=pages[0][0]["id"]):
+            pages.insert(0, older)
+        assert [m["text"] for page in pages for m in page] == texts
+        oldest = await history(bob, "lobby", after=0)
+        assert [m["text"] for m in oldest] == texts[: len(oldest)]
+        # A budget (half of 40,000) that holds one message of the page.
+        server.max_queued_bytes = 40_000
+        assert [m["text"] for m in await history(bob, "lobby")] == texts[-1:]
+
+
+def test_a_history_page_holds_at_least_one_message() -> None:
+    from chatkit._server import _fit
+
+    messages = [
+        chatkit.Message(id=i, ts=0.0, room="lobby", sender="a", text="x" * 100)
+        for i in range(1, 4)
+    ]
+    assert _fit(messages, 1, oldest=True) == messages[:1]
+    assert _fit(messages, 1, oldest=False) == messages[-1:]
+    assert _fit(messages, 10_000, oldest=False) == messages
+
+
 async def test_history_is_a_ring_bounded_by_history_size(
     small_server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:

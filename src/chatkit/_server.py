@@ -443,6 +443,29 @@ def _copy_for(origin: User, runs: Sequence[_Run]) -> tuple[bytes, int]:
     return b"".join(own), sum(len(run.events) for run in runs)
 
 
+def _fit(
+    messages: Sequence[Message], budget: int, *, oldest: bool
+) -> Sequence[Message]:
+    """As many of ``messages`` (at least one) as fit in ``budget`` bytes of
+    JSON: the oldest (a client catching up asks again after the last one)
+    or the newest (it asks again before the first one). A page of long
+    messages is then shorter than asked for, never dropped as too_slow for
+    overflowing the asker's buffer."""
+    # The usual page is answered at once: a character is at most 6 bytes of
+    # JSON (an escape), and a message's other fields under 256.
+    text = sum(len(m.text) for m in messages)
+    if len(messages) < 2 or 6 * text + 256 * len(messages) <= budget:
+        return messages
+    order = messages if oldest else messages[::-1]
+    size = count = 0
+    for message in order:
+        size += len(encode_json(message))
+        if size > budget and count:
+            break
+        count += 1
+    return messages[:count] if oldest else messages[len(messages) - count :]
+
+
 class _Room:
     __slots__ = ("files", "members", "name")
 
@@ -478,7 +501,8 @@ class ChatServer:
             messages per room.
         history_size: messages kept per room by the default store.
         max_history_page: most messages one ``history`` reply carries (a
-            larger or missing ``limit`` is capped to it).
+            larger or missing ``limit`` is capped to it); a reply is also cut
+            to half of ``max_queued_bytes`` (at least one message).
         max_line_length: longest accepted line, in bytes.
         max_queued_bytes: bound of each connection's outgoing buffer.
         max_queued_messages: bound, in frames, of the same buffer.
@@ -1624,6 +1648,7 @@ class ChatServer:
             messages = await self.history.before(room.name, before, limit)
         else:
             messages = await self.history.recent(room.name, limit)
+        messages = _fit(messages, self.max_queued_bytes // 2, oldest=after is not None)
         user._send(
             HistoryReply(room=room.name, messages=tuple(messages), ref=request.ref)
         )
