@@ -313,6 +313,43 @@ async def test_cancelling_serve_closes_everything_without_hanging(
             assert not any("shutdown" in line for line in lines)
 
 
+class Lingering:
+    """Leave hooks that never return (within hook_timeout)."""
+
+    @chatkit.hookimpl
+    async def chatkit_user_left(self) -> None:
+        await trio.sleep_forever()
+
+    @chatkit.hookimpl
+    async def chatkit_user_disconnected(self) -> None:
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("stop", ["aclose", "cancel"])
+async def test_slow_leave_hooks_do_not_hold_up_the_shutdown(
+    open_raw: OpenRaw, stop: str
+) -> None:
+    # Three leave hooks of 5 s each would take 15 s: aclose is bounded by
+    # close_timeout plus a second, a cancellation by close_timeout.
+    server = chatkit.ChatServer(
+        plugins=[Lingering()], hook_timeout=5.0, close_timeout=0.2
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(server.serve)
+            alice = await login(open_raw, port, "alice")
+            for room in ("a", "b"):
+                await alice.send_json(type="join", room=room)
+                await alice.expect("joined", room=room)
+            start = trio.current_time()
+            if stop == "aclose":
+                await server.aclose()
+            else:
+                nursery.cancel_scope.cancel()
+        elapsed = trio.current_time() - start
+    assert elapsed < 0.2 + 1 + 0.5, elapsed
+
+
 # --- server actions ----------------------------------------------------------
 
 

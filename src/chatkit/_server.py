@@ -852,10 +852,17 @@ class ChatServer:
             self._detach(user)
             self._busy.discard(user)
             user._sock = None  # no direct write after the stream is closed
+            # The leave hooks and a graceful close run shielded, but within
+            # the shutdown's bound (aclose's deadline) and, when the server
+            # is cancelled, close_timeout: a slow plugin cannot hold it up.
+            limit = self._connections_scope.deadline
+            if trio.current_effective_deadline() == -math.inf:  # cancelled
+                limit = min(limit, trio.current_time() + self.close_timeout)
             with trio.CancelScope(shield=True):
-                await self._after_detach(user)
-                with trio.move_on_after(self.close_timeout):
-                    await stream.aclose()
+                with trio.CancelScope(deadline=limit):
+                    await self._after_detach(user)
+                    with trio.move_on_after(self.close_timeout):
+                        await stream.aclose()
                 await trio.aclose_forcefully(stream)
 
     async def _refuse(
