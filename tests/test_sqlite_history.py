@@ -156,6 +156,36 @@ async def test_restarted_server_keeps_history_and_ids_keep_increasing(
         assert await bob.history("dev", after=said[0].id) == (said[1], after)
 
 
+async def test_direct_message_ids_are_not_reused_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    # Direct messages are not stored, but their ids come from the same
+    # counter: the store keeps the highest one (SqliteHistory.note_id).
+    path = tmp_path / "chat.sqlite3"
+    async with (
+        chatkit.open_server(history=SqliteHistory(path)) as server,
+        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
+        chatkit.connect("127.0.0.1", server.port, name="bob"),
+    ):
+        said = await alice.say("hello")
+        dms = [await alice.dm("bob", f"psst {n}") for n in range(3)]
+    assert [dm.id for dm in dms] == [said.id + 1, said.id + 2, said.id + 3]
+    async with (
+        chatkit.open_server(history=SqliteHistory(path)) as server,
+        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
+    ):
+        assert (await alice.say("after the restart")).id == dms[-1].id + 1
+
+
+async def test_a_noted_id_is_written_within_batch_delay(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, batch_delay=0)
+    async with store.open():
+        store.note_id(42)  # no message to store: only the id is written
+        last_id = "SELECT value FROM meta WHERE key = 'last_id'"
+        await wait_until(lambda: rows(path, last_id) == [(42,)])
+
+
 CRASH = """
 import os, sys, time, trio
 from chatkit import Message

@@ -36,7 +36,14 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from itertools import repeat
@@ -607,6 +614,9 @@ class ChatServer:
             )
         self.history: HistoryStore = history
         """The server's history store."""
+        # A store may keep ids handed out to direct messages, which it does
+        # not store (see HistoryStore), so that they are not reused.
+        self._note_id: Callable[[int], None] | None = getattr(history, "note_id", None)
         self.max_history_page = max_history_page
         self.max_line_length = max_line_length
         self.max_queued_bytes = max_queued_bytes
@@ -1275,6 +1285,8 @@ class ChatServer:
         """Deliver a direct message to its recipient and to ``origin`` (the
         sender, with ``ref``), as far as they are on this node."""
         dm = DirectMessage(id=id, ts=ts, sender=sender, to=to, text=text)
+        if self._note_id is not None:
+            self._note_id(id)  # not stored, but its id is not to be reused
         recipient = self.get_user(to)
         if recipient is not None and recipient is not origin:
             recipient._send(dm)

@@ -23,6 +23,11 @@ Writing a store::
 
 Every query returns messages oldest first, and must see every message
 appended before it was called, written to disk yet or not.
+
+A store that keeps ids across restarts may also have ``note_id(id)``
+(synchronous, non-blocking): the server then calls it with each id it
+hands out without a message to append (a direct message's), so that the
+value ``open`` yields next time is above those too.
 """
 
 from __future__ import annotations

@@ -86,7 +86,10 @@ class SqliteHistory:
     can therefore lose the messages of the last ``batch_delay`` seconds or
     so; a graceful stop writes everything. After such a crash the ids
     skip ``max_pending + max_batch`` ahead, so that the id of a lost
-    message, which clients may have seen, is never given again.
+    message, which clients may have seen, is never given again (unless
+    the disk failed until the crash and messages were dropped meanwhile).
+    Ids of direct messages, which are not stored, are kept too
+    (:meth:`note_id`).
 
     Retention is applied when the store opens and after a commit at most
     every ``prune_interval`` seconds (to the rooms written since), so a room
@@ -170,6 +173,11 @@ class SqliteHistory:
         # are seen by queries until committed.
         self._pending: collections.deque[Message] = collections.deque()
         self._writing: tuple[Message, ...] = ()
+        # The highest id handed out (messages, dropped ones included, and
+        # ids noted by note_id), and the highest one recorded as last_id:
+        # no id is given again after a restart.
+        self._highest = 0
+        self._recorded = 0
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._lock_fd = -1  # PATH.lock, locked while open (see _lock)
@@ -209,6 +217,7 @@ class SqliteHistory:
         except BaseException:
             self._open = False
             raise
+        self._highest = self._recorded = last_id
         self._next_prune = trio.current_time() + self.prune_interval
         body_error: BaseException | None = None
         try:
@@ -235,6 +244,8 @@ class SqliteHistory:
 
     def append(self, message: Message) -> None:
         """Queue ``message`` for the writer; never blocks."""
+        if message.id > self._highest:
+            self._highest = message.id
         if len(self._pending) >= self.max_pending:
             self._pending.popleft()
             self.dropped += 1
@@ -248,6 +259,14 @@ class SqliteHistory:
                 )
         self._pending.append(message)
         self._wakeup.set()
+
+    def note_id(self, id: int) -> None:
+        """Record that ``id`` was handed out without a message to store (a
+        direct message's): written with the next commit, within
+        ``batch_delay``, so that it is not given again after a restart."""
+        if id > self._highest:
+            self._highest = id
+            self._wakeup.set()
 
     async def recent(self, room: str, limit: int) -> Sequence[Message]:
         """The newest ``limit`` messages of ``room``, oldest first."""
@@ -331,7 +350,7 @@ class SqliteHistory:
     async def _write_loop(self) -> None:
         retry = _RETRY_MIN
         while True:
-            if not self._pending:
+            if not self._pending and self._recorded >= self._highest:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
             if len(self._pending) < self.max_batch:
@@ -351,14 +370,15 @@ class SqliteHistory:
             self._pending.popleft()
             for _ in range(min(len(self._pending), self.max_batch))
         )
-        if not batch:
+        if not batch and self._recorded >= self._highest:
             return True
         self._writing = batch
         rooms: set[str] | None = None
+        highest = self._highest
         try:
             # Not cancellable once the thread runs: the commit's outcome is
             # always known here.
-            rooms = await trio.to_thread.run_sync(self._insert, batch)
+            rooms = await trio.to_thread.run_sync(self._insert, batch, highest)
         except (sqlite3.Error, OSError):
             log.exception(
                 "history database %s: cannot write %d messages (will retry)",
@@ -371,6 +391,7 @@ class SqliteHistory:
                 self._pending.extendleft(reversed(batch))
         if rooms is None:
             return False
+        self._recorded = max(self._recorded, highest)
         self.commits += 1
         self.written += len(batch)
         self._touched |= rooms
@@ -379,15 +400,16 @@ class SqliteHistory:
             log.warning("history database %s: writing again", self.path)
         return True
 
-    def _insert(self, batch: Sequence[Message]) -> set[str]:
+    def _insert(self, batch: Sequence[Message], highest: int) -> set[str]:
         # In a worker thread; the writer connection is the writer task's.
+        # ``highest``: the highest id handed out, recorded with the batch.
         writer = self._connection()
         writer.execute("BEGIN IMMEDIATE")
         try:
             writer.executemany(
                 _INSERT, [(m.id, m.room, m.ts, m.sender, m.text) for m in batch]
             )
-            writer.execute(_SET_LAST_ID, (max(m.id for m in batch),))
+            writer.execute(_SET_LAST_ID, (highest,))
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
@@ -397,7 +419,9 @@ class SqliteHistory:
 
     async def _flush(self) -> None:
         """Write everything queued, once; called when closing."""
-        while self._pending and self._writer is not None:
+        while (
+            self._pending or self._recorded < self._highest
+        ) and self._writer is not None:
             if not await self._write_batch():
                 log.error(
                     "history database %s: %d messages could not be written",
@@ -563,7 +587,11 @@ class SqliteHistory:
         return int(last_id)
 
     async def _close(self) -> None:
-        if self._writer is not None and not self.pending:
+        if (
+            self._writer is not None
+            and not self.pending
+            and self._recorded >= self._highest
+        ):
             try:
                 await trio.to_thread.run_sync(
                     self._writer.execute, "DELETE FROM meta WHERE key = 'running'"
