@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import signal
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import chatkit
+from chatkit._console import Console
 from chatkit.auth import TokenAuth
-from chatkit.client import ChatShell
+from chatkit.client import ChatShell, build_parser, run_client
 from tests.helpers import HoldLogin, RawClient, next_event
 from tests.programs import Launch, start_client, start_server
 
@@ -160,6 +163,39 @@ async def test_client_reports_an_unreachable_server(launch: Launch) -> None:
     assert await client.wait() == 1
     assert any(
         "Error: cannot connect to 127.0.0.1:" in line for line in await client.rest()
+    )
+
+
+async def test_client_reports_a_server_that_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A port that accepts connections but never says welcome (a hung server,
+    # another service): a one-line error and status 1, not a traceback.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    args = build_parser().parse_args(["--port", str(port), "--name", "alice"])
+    output = io.StringIO()
+    read_fd, write_fd = os.pipe()
+    try:
+        async with listeners[0], trio.open_nursery() as nursery:
+            accepted: list[trio.SocketStream] = []
+
+            async def accept_and_say_nothing() -> None:
+                while True:
+                    accepted.append(await listeners[0].accept())
+
+            nursery.start_soon(accept_and_say_nothing)
+            console = Console(interactive=False, stdin_fd=read_fd, stdout=output)
+            with trio.fail_after(60):  # virtual seconds: connect_timeout is 10
+                assert await run_client(args, console) == 1
+            nursery.cancel_scope.cancel()
+            for stream in accepted:
+                await stream.aclose()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert output.getvalue().splitlines()[-1] == (
+        f"Error: cannot connect to 127.0.0.1:{port}: timed out"
     )
 
 

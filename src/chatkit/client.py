@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ._client import DEFAULT_PORT, ChatClient, connect
+from ._client import DEFAULT_PORT, ChatClient, _describe, connect
 from ._console import Console
 from ._events import (
     LOBBY,
@@ -372,10 +372,13 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
         except ChatError as exc:
             console.print(f"Error: {exc.message} ({exc.code})")
             return 1
-        except (OSError, trio.BrokenResourceError) as exc:
-            # BrokenResourceError: the TLS handshake failed (e.g. wrong CA).
-            reason = getattr(exc, "strerror", None) or exc
-            console.print(f"Error: cannot connect to {args.host}:{args.port}: {reason}")
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            # BrokenResourceError: the TLS handshake failed (e.g. wrong CA);
+            # TooSlowError: no welcome within the connect timeout (a hung
+            # server, or another service on that port).
+            console.print(
+                f"Error: cannot connect to {args.host}:{args.port}: {_describe(exc)}"
+            )
             return 1
 
 
