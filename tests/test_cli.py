@@ -84,6 +84,36 @@ async def test_sigterm_stops_server_and_clients_gracefully(launch: Launch) -> No
     assert "Server is shutting down: server shutting down" in await alice.rest()
 
 
+async def test_a_server_with_standard_input_closed_runs_until_a_signal(
+    launch: Launch,
+) -> None:
+    server, port = await start_server(launch, stdin_closed=True)
+    alice = await start_client(launch, port, "alice")
+    await trio.sleep(0.3)
+    assert server.process.returncode is None
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.wait(within=2) == 0
+    assert await alice.wait(within=2) == 0
+    assert (await server.rest())[-1] == "Server has shut down."
+
+
+@pytest.mark.parametrize("stdin", ["dev-null", "closed"])
+async def test_interactive_server_with_no_input_stops_at_once(
+    launch: Launch, stdin: str
+) -> None:
+    # End of input stops an --interactive server, as Ctrl-D does: gracefully,
+    # and not as a failure to listen (epoll refuses /dev/null).
+    server, _port = await start_server(
+        launch,
+        "--interactive",
+        stdin=subprocess.DEVNULL if stdin == "dev-null" else None,
+        stdin_closed=stdin == "closed",
+    )
+    assert await server.wait() == 0
+    rest = await server.rest()
+    assert rest == ["Press Enter to stop the server.", "Server has shut down."], rest
+
+
 async def test_sigint_stops_the_server_gracefully(launch: Launch) -> None:
     server, port = await start_server(launch, "--no-interactive")
     alice = await start_client(launch, port, "alice")
@@ -197,6 +227,40 @@ async def test_client_reports_a_server_that_never_answers(
     assert output.getvalue().splitlines()[-1] == (
         f"Error: cannot connect to 127.0.0.1:{port}: timed out"
     )
+
+
+@pytest.mark.parametrize("stdin", ["dev-null", "closed"])
+async def test_client_with_no_standard_input_leaves_at_once(
+    launch: Launch, server: chatkit.ChatServer, stdin: str
+) -> None:
+    # `< /dev/null` (cron, nohup) and `<&-` are an empty input: the client
+    # logs in and leaves, as at the end of a script.
+    client = await launch(
+        "client",
+        "--port",
+        str(server.port),
+        "--name",
+        "alice",
+        stdin=subprocess.DEVNULL if stdin == "dev-null" else None,
+        stdin_closed=stdin == "closed",
+    )
+    assert await client.wait() == 0
+    transcript = await client.rest()
+    assert transcript[:2] == [
+        "Welcome to the chat client!",
+        "Hello, alice! Type 'exit' to leave the chat.",
+    ]
+    assert transcript[-2:] == ["Exiting chat...", "Disconnected."]
+    # And without --name there is no name to read: it ends there.
+    client = await launch(
+        "client",
+        "--port",
+        str(server.port),
+        stdin=subprocess.DEVNULL if stdin == "dev-null" else None,
+        stdin_closed=stdin == "closed",
+    )
+    assert await client.wait() == 0
+    assert await client.rest() == ["Welcome to the chat client!"]
 
 
 async def test_server_reports_a_port_in_use(launch: Launch) -> None:

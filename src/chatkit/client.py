@@ -385,7 +385,9 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m chatkit.client``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    console = Console()
+    # Standard input closed (sys.stdin is None) reads as end of input; its
+    # number is not ours to read once trio runs (trio may reuse it).
+    console = Console(stdin_fd=-1 if sys.stdin is None else 0)
     try:
         with console.raw_mode():
             return trio.run(run_client, args, console)
