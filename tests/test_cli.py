@@ -603,6 +603,21 @@ async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:
     ]
 
 
+async def test_history_numbers_are_ascii_digits(server: chatkit.ChatServer) -> None:
+    # str.isdigit() also accepts "²", which int() refuses: a usage error (or
+    # a room name), never a crash of the shell.
+    async with chatkit.connect("127.0.0.1", server.port, name="alice") as alice:
+        printed: list[str] = []
+        shell = ChatShell(alice, printed.append)
+        with trio.fail_after(5):
+            for line in ["/history lobby before \u00b2", "/history lobby \u2460"]:
+                assert await shell.handle(line) is True
+            usage = "Usage: /history [ROOM] [N] [before ID | after ID]"
+            assert printed == [usage, usage]
+            assert await shell.handle("/history \u00b2") is True
+        assert printed[2] == "Error: you are not in \u00b2 (not_in_room)"
+
+
 def test_the_shell_describes_reconnecting() -> None:
     printed: list[str] = []
     client = chatkit.ChatClient(name="alice")  # never entered: only read from

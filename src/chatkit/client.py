@@ -250,11 +250,11 @@ class ChatShell:
         room, count, page = self.room, 20, None
         if len(words) >= 2 and words[-2] in ("before", "after"):
             number = words[-1].removeprefix("#")
-            if not number.isdigit():
+            if not _is_number(number):
                 self._print(_HISTORY_USAGE)
                 return
             page, words = (words[-2], int(number)), words[:-2]
-        if words and words[-1].isdigit():
+        if words and _is_number(words[-1]):
             count, words = int(words[-1]), words[:-1]
         if len(words) > 1:
             self._print(_HISTORY_USAGE)
@@ -286,6 +286,12 @@ class ChatShell:
 
 
 _HISTORY_USAGE = "Usage: /history [ROOM] [N] [before ID | after ID]"
+
+
+def _is_number(word: str) -> bool:
+    # ASCII digits only: str.isdigit() also accepts "²" or "①", which int()
+    # refuses.
+    return word.isascii() and word.isdigit()
 
 
 def _where(room: str) -> str:
