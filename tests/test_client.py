@@ -290,6 +290,22 @@ async def test_request_errors_raise_chat_error_subclasses(
     assert await alice.who() == ("alice", "bob")
 
 
+async def test_a_request_over_the_servers_line_limit_raises_too_large() -> None:
+    # The server cannot parse such a line, so its `too_large` has no ref: the
+    # request would never be answered. The client refuses it itself.
+    async with chatkit.open_server(max_line_length=2000) as server:
+        async with connect(server, "alice", server_max_line_length=2000) as alice:
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(chatkit.TooLarge) as info:
+                    await alice.say("x" * 2000)
+                assert info.value.code == "too_large"
+                # Nothing was sent: the connection goes on as before.
+                assert (await alice.say("x" * 1900)).text == "x" * 1900
+        async with connect(server, "bob") as bob:  # the default: 64 KiB
+            with trio.fail_after(TIMEOUT), pytest.raises(chatkit.TooLarge):
+                await bob.say("x" * 70_000)
+
+
 class NoShouting:
     @chatkit.hookimpl
     def chatkit_message(self, text: str) -> None:

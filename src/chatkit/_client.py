@@ -80,7 +80,7 @@ from ._exceptions import (
     Unauthorized,
 )
 from ._hooks import CLIENT_ENTRY_POINT_GROUP, HookDispatcher, make_plugin_manager
-from ._protocol import CLOSED, NEED_DATA, ClientConnection
+from ._protocol import CLOSED, DEFAULT_MAX_LINE_LENGTH, NEED_DATA, ClientConnection
 from ._reconnect import (
     ClientEvent,
     ConnectionLost,
@@ -204,6 +204,10 @@ class ChatClient:
             policy); ``None`` or ``False`` ends the client with the
             connection. Only a connection that was established is resumed:
             entering still raises if the first connect fails.
+        server_max_line_length: the server's line limit, in bytes (its
+            ``max_line_length``). A request whose line is longer raises
+            :class:`~chatkit.TooLarge` without being sent: the server could
+            not tell whose request it discarded, so it would go unanswered.
     """
 
     def __init__(
@@ -222,6 +226,7 @@ class ChatClient:
         ssl_context: ssl.SSLContext | None = None,
         keepalive: float | None = 30.0,
         reconnect: Reconnect | bool | None = None,
+        server_max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
     ) -> None:
         self.host = host
         self.port = port
@@ -244,6 +249,7 @@ class ChatClient:
         self._event_buffer = event_buffer
         self._ssl_context = ssl_context
         self._keepalive = keepalive
+        self._server_max_line_length = server_max_line_length
         self._last_sent = 0.0
         self.plugin_manager = make_plugin_manager(
             ClientSpec,
@@ -915,9 +921,16 @@ class ChatClient:
                     return
 
     async def _send(self, request: ClientRequest) -> None:
+        data = self._proto.send(request)
+        # The server answers a line over its limit with a `too_large` that
+        # has no ref (it cannot parse the line): refuse it here instead.
+        if len(data) - 1 > self._server_max_line_length:
+            raise TooLarge(
+                f"line longer than {self._server_max_line_length} bytes"
+                " (the server's limit)"
+            )
         if self._stream is None or not self._connected:
             raise ConnectionClosed(self._why("not connected"))
-        data = self._proto.send(request)
         try:
             async with self._send_lock:
                 await self._stream.send_all(data)
@@ -971,6 +984,7 @@ class ChatClient:
         Raises:
             NotInRoom: we are not in ``room``.
             Rejected: a server plugin refused the message.
+            TooLarge: ``text`` is longer than the server allows.
             ConnectionClosed: the connection ended.
         """
         result: Message = await self._request(
@@ -984,6 +998,7 @@ class ChatClient:
         Raises:
             NoSuchUser: nobody is called ``to``.
             Rejected: a server plugin refused the message.
+            TooLarge: ``text`` is longer than the server allows.
         """
         result: DirectMessage = await self._request(
             Dm(to=to, text=text, ref=self._next_ref())
