@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import chatkit
 from chatkit.testing import Chat, open_chat
@@ -134,6 +135,76 @@ async def test_history_with_limit_before_and_after(
     assert await alice.history("lobby", 2, after=ids[0]) == tuple(said[1:3])
     assert await alice.history("lobby", 2, before=ids[4]) == tuple(said[2:4])
     assert await alice.history("lobby", after=ids[-1]) == ()
+
+
+async def test_a_history_reply_longer_than_the_servers_line_limit_arrives() -> None:
+    # A page of long messages, each within the server's limits, is a line
+    # well over 64 KiB (the server's limit for the lines it reads).
+    async with (
+        chatkit.open_server(rate_limit=None) as server,
+        connect(server, "alice") as alice,
+    ):
+        longest = server.max_message_length
+        texts = ["x" * longest, "\U0001f600" * longest]  # 4 and 16 KiB
+        said = [unref(await alice.say(texts[n % 2])) for n in range(20)]
+        with trio.fail_after(TIMEOUT):
+            assert await alice.history("lobby", 20) == tuple(said)
+
+
+async def serve_oddly(stream: trio.abc.Stream) -> None:
+    """A server that logs one client in, answers ``history`` with an invalid
+    line that has the request's ref, and ``ping`` with a 2000-byte message
+    before the pong and a short one after it."""
+    proto = chatkit.ServerConnection()
+
+    async def next_request() -> Any:
+        while (request := proto.next_event()) is chatkit.NEED_DATA:
+            proto.receive_data(await stream.receive_some(65536))
+        return request
+
+    hello = await next_request()
+    await stream.send_all(
+        proto.send(chatkit.Welcome(name=hello.name, protocol=1, server="odd", rooms=()))
+    )
+    while True:
+        request = await next_request()
+        if isinstance(request, chatkit.History):
+            await stream.send_all(
+                b'{"type":"history","room":"lobby","messages":"none","ref":%d}\n'
+                % request.ref
+            )
+        elif isinstance(request, chatkit.Ping):
+            for text in ["x" * 2000, "short"]:
+                message = chatkit.Message(
+                    id=len(text), ts=1.0, room="lobby", sender="bob", text=text
+                )
+                await stream.send_all(proto.send(message))
+            await stream.send_all(proto.send(chatkit.Pong(ref=request.ref)))
+        else:
+            return
+
+
+async def test_a_bad_answer_fails_its_request_and_long_lines_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
+            client_end, server_end = trio.testing.memory_stream_pair()
+            nursery.start_soon(serve_oddly, server_end)
+            return client_end
+
+        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
+        async with chatkit.connect(name="alice", max_line_length=1000) as alice:
+            with trio.fail_after(TIMEOUT):
+                # Answered, with an error, rather than never.
+                with pytest.raises(chatkit.BadRequest, match="bad answer"):
+                    await alice.history("lobby")
+                # A line over max_line_length is dropped, and only that line.
+                await alice.ping()
+                event = await next_event(alice)
+                assert isinstance(event, chatkit.Message)
+                assert event.text == "short"
 
 
 async def test_ping_returns_the_round_trip_time(alice: chatkit.ChatClient) -> None:

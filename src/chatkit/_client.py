@@ -114,6 +114,9 @@ _CLIENT_EVENT_HOOKS: Final = MappingProxyType(
 )
 
 _RECEIVE_SIZE: Final = 64 * 1024
+# The longest line accepted from the server by default: far above what a
+# server sends (its history replies are bounded, at a few MiB).
+_MAX_SERVER_LINE_LENGTH: Final = 16 * 1024 * 1024
 # Live messages of a room held back while it catches up. Past this many the
 # newer ones are dropped and fetched again from history afterwards, so a
 # busy room cannot grow the buffer without bound.
@@ -204,6 +207,10 @@ class ChatClient:
             policy); ``None`` or ``False`` ends the client with the
             connection. Only a connection that was established is resumed:
             entering still raises if the first connect fails.
+        max_line_length: the longest line accepted from the server, in
+            bytes (16 MiB by default: history replies can be large). A
+            longer line is dropped and logged; a request it answered gets
+            no answer.
         server_max_line_length: the server's line limit, in bytes (its
             ``max_line_length``). A request whose line is longer raises
             :class:`~chatkit.TooLarge` without being sent: the server could
@@ -226,6 +233,7 @@ class ChatClient:
         ssl_context: ssl.SSLContext | None = None,
         keepalive: float | None = 30.0,
         reconnect: Reconnect | bool | None = None,
+        max_line_length: int = _MAX_SERVER_LINE_LENGTH,
         server_max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
     ) -> None:
         self.host = host
@@ -249,6 +257,9 @@ class ChatClient:
         self._event_buffer = event_buffer
         self._ssl_context = ssl_context
         self._keepalive = keepalive
+        if max_line_length < 1:
+            raise ValueError("max_line_length must be at least 1")
+        self._max_line_length = max_line_length
         self._server_max_line_length = server_max_line_length
         self._last_sent = 0.0
         self.plugin_manager = make_plugin_manager(
@@ -261,7 +272,7 @@ class ChatClient:
             self.plugin_manager, timeout=hook_timeout, logger=log
         )
         # The current connection.
-        self._proto = ClientConnection()
+        self._proto = ClientConnection(max_line_length=max_line_length)
         self._stream: trio.abc.Stream | None = None
         self._connected = False
         self._lost_reason: str | None = None
@@ -418,7 +429,7 @@ class ChatClient:
 
     async def _open_connection(self) -> Welcome:
         """Connect and log in; the new connection becomes the current one."""
-        self._proto = ClientConnection()
+        self._proto = ClientConnection(max_line_length=self._max_line_length)
         self._stream = None
         try:
             with trio.fail_after(self._connect_timeout):
@@ -466,6 +477,7 @@ class ChatClient:
                 event = self._proto.next_event()
             except RemoteProtocolError as exc:
                 log.warning("bad line from server: %s", exc)
+                self._fail_answered(exc)
                 continue
             if event is CLOSED:
                 raise ConnectionClosed("server closed the connection")
@@ -479,6 +491,16 @@ class ChatClient:
             finally:
                 self._receiving_since = None
             self._proto.receive_data(data)
+
+    def _fail_answered(self, exc: RemoteProtocolError) -> None:
+        """A bad line that carries the ref of a request answers it: with an
+        error, rather than never."""
+        pending = self._pending.pop(exc.ref, None) if isinstance(exc.ref, int) else None
+        if pending is not None:
+            pending.result = ChatError.from_code(
+                exc.code, f"bad answer from the server: {exc.message}"
+            )
+            pending.done.set()
 
     # --- connections ------------------------------------------------------
 
