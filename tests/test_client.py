@@ -207,6 +207,92 @@ async def test_a_bad_answer_fails_its_request_and_long_lines_are_dropped(
                 assert event.text == "short"
 
 
+class StallingServer:
+    """Serves each connection by hand over a lockstep stream (a sender
+    waits until every byte is read). The first one stops reading part-way
+    through the first ``say``; the next ones answer normally."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.stalled = trio.Event()
+        self.first_closed = trio.Event()
+
+    async def open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
+        client_end, server_end = trio.testing.lockstep_stream_pair()
+        self.connections += 1
+        nursery.start_soon(self.serve, server_end, self.connections)
+        return client_end
+
+    async def serve(self, stream: trio.abc.Stream, number: int) -> None:
+        async with stream:
+            await self._serve(stream, number)
+
+    async def _serve(self, stream: trio.abc.Stream, number: int) -> None:
+        proto = chatkit.ServerConnection()
+        received = b""
+        while True:
+            while (request := proto.next_event()) is chatkit.NEED_DATA:
+                data = await stream.receive_some(10 if number == 1 else 65536)
+                received += data
+                if number == 1 and b'"say"' in received:
+                    # Part of the say line read: the client's send_all waits
+                    # for us to read the rest, which we never do.
+                    self.stalled.set()
+                    while await stream.receive_some(65536):
+                        pass
+                    self.first_closed.set()
+                    return
+                proto.receive_data(data)
+            match request:
+                case chatkit.Hello(name=name):
+                    welcome = chatkit.Welcome(
+                        name=name, protocol=1, server="fake", rooms=("lobby",)
+                    )
+                    await stream.send_all(proto.send(welcome))
+                case chatkit.History(room=room, ref=ref):
+                    reply = chatkit.HistoryReply(room=room, messages=(), ref=ref)
+                    await stream.send_all(proto.send(reply))
+                case chatkit.Say(room=room, text=text, ref=ref):
+                    message = chatkit.Message(
+                        id=1, ts=1.0, room=room, sender=name, text=text, ref=ref
+                    )
+                    await stream.send_all(proto.send(message))
+                case _:
+                    return
+
+
+@pytest.mark.parametrize("reconnect", [False, True], ids=["alone", "reconnect"])
+async def test_a_request_cancelled_mid_line_costs_the_connection(
+    monkeypatch: pytest.MonkeyPatch, reconnect: bool
+) -> None:
+    # Half a line on the wire would swallow the next request: the connection
+    # is given up (and got back, with a reconnect policy) instead.
+    server = StallingServer()
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
+            return await server.open_stream(nursery)
+
+        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
+        policy = chatkit.Reconnect(initial_delay=0.01, jitter=0) if reconnect else None
+        async with chatkit.connect(name="alice", reconnect=policy) as alice:
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as requests:
+                    requests.start_soon(alice.say, "x" * 100)
+                    await server.stalled.wait()
+                    requests.cancel_scope.cancel()
+                await server.first_closed.wait()
+                if reconnect:
+                    assert (await alice.say("after")).text == "after"
+                    assert server.connections == 2
+                else:
+                    with pytest.raises(chatkit.ConnectionClosed):
+                        await alice.say("after")
+                    assert alice.close_reason == (
+                        "a request was cancelled while being sent"
+                    )
+
+
 async def test_ping_returns_the_round_trip_time(alice: chatkit.ChatClient) -> None:
     rtt = await alice.ping()
     assert isinstance(rtt, float)

@@ -951,11 +951,21 @@ class ChatClient:
                 f"line longer than {self._server_max_line_length} bytes"
                 " (the server's limit)"
             )
-        if self._stream is None or not self._connected:
+        stream = self._stream
+        if stream is None or not self._connected:
             raise ConnectionClosed(self._why("not connected"))
         try:
             async with self._send_lock:
-                await self._stream.send_all(data)
+                try:
+                    await stream.send_all(data)
+                except trio.Cancelled:
+                    # Part of the line may be out: whatever we sent next
+                    # would be glued to it. The connection is lost (and
+                    # got back, with a reconnect policy).
+                    if self._lost_reason is None:
+                        self._lost("a request was cancelled while being sent")
+                    await trio.aclose_forcefully(stream)
+                    raise
                 self._last_sent = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ConnectionClosed(self._why("connection lost")) from None
