@@ -643,7 +643,11 @@ class ChatClient:
         if resume.dropping:
             await self._resume_step(f"leave {LOBBY} again", Leave, room=LOBBY)
             resume.dropping = set()
-        self._ready.set()
+        # The connection may have ended since the last answer, the reader
+        # having seen it first: ``_ready`` is then for the next connection
+        # (set while connected, or once no connection will come).
+        if self._connected:
+            self._ready.set()
         missed = 0
         for room in sorted(resume.holding, key=lambda room: (room != LOBBY, room)):
             missed += await self._catch_up(resume, room)
@@ -980,12 +984,17 @@ class ChatClient:
 
     async def _wait_ready(self) -> None:
         """Return once requests may go; while reconnecting, wait (bounded)."""
+        deadline: float | None = None
         while not (self._connected and self._ready.is_set()):
             policy = self.reconnect
             if policy is None or self._done.is_set() or not self._will_reconnect():
                 raise ConnectionClosed(self._why("not connected"))
-            timeout = policy.request_timeout
-            with trio.move_on_after(math.inf if timeout is None else timeout):
+            if deadline is None:  # once: the whole wait is bounded
+                timeout = policy.request_timeout
+                deadline = trio.current_time() + (
+                    math.inf if timeout is None else timeout
+                )
+            with trio.move_on_at(deadline):
                 await self._ready.wait()
                 continue
             raise ConnectionClosed(
