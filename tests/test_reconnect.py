@@ -92,9 +92,12 @@ class Inbox:
         self.ended = False
         self._seen = 0
         self._lot = trio.lowlevel.ParkingLot()
+        self.reading = trio.Event()  # cleared: the next event waits
+        self.reading.set()
 
     async def read(self, client: chatkit.ChatClient) -> None:
         async for event in client:
+            await self.reading.wait()
             self.events.append(event)
             self._lot.unpark_all()
         self.ended = True
@@ -543,6 +546,43 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
             *(f"live {n}" for n in range(5)),
             "last",
         ]
+
+
+async def test_live_messages_after_an_overflow_are_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Held messages overflow; while the held ones go out to a slow reader,
+    # another live one comes. It must not be held (and delivered before
+    # those dropped, moving the mark past them): all are fetched again.
+    monkeypatch.setattr(_client, "_HOLD_LIMIT", 3)
+    slow = SlowHistory()
+    async with alice_behind_proxy(history=slow, client={"event_buffer": 1}) as (
+        server,
+        proxy,
+        alice,
+        inbox,
+        bob,
+    ):
+        await drop_alice(server, proxy)
+        slow.armed = True
+        proxy.up = True
+        await slow.asked.wait()  # alice is back, catching up
+        for n in range(5):
+            await bob.say(f"live {n}")
+        resume = alice._resuming
+        assert resume is not None
+        await wait_until(lambda: resume.overflowed == {"lobby"})  # 3 held
+        inbox.reading = trio.Event()  # the program reads no more, for now
+        slow.release.set()
+        assert alice._events_send is not None
+        # The held ones go out until the event buffer is full.
+        await wait_until(lambda: alice._events_send.statistics().tasks_waiting_send)
+        assert not resume.holding["lobby"]
+        await bob.say("live 5")
+        await alice.ping()  # answered after live 5 reached alice
+        inbox.reading.set()
+        await inbox.expect(chatkit.Reconnected)
+        assert [text for _, text in inbox.messages()] == [f"live {n}" for n in range(6)]
 
 
 async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:

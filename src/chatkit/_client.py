@@ -165,7 +165,10 @@ class _Resume:
                 return True  # the lobby, which we had left and leave again
             case Message(room=room) if room in self.holding:
                 held = self.holding[room]
-                if len(held) < _HOLD_LIMIT:
+                # Once one is dropped, so are all that follow until the room
+                # is read again from history: a newer one held meanwhile
+                # would move the mark past those dropped.
+                if room not in self.overflowed and len(held) < _HOLD_LIMIT:
                     held.append(event)
                 else:
                     self.overflowed.add(room)
