@@ -98,7 +98,10 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
     programs: list[Program] = []
     env = child_environment()
 
-    async def launch_(program: str, *args: str, stdin: int | None = None) -> Program:
+    async def launch_(
+        program: str, *args: str, stdin: int | None = None, stdin_closed: bool = False
+    ) -> Program:
+        # stdin_closed: start with standard input closed, as with ``<&-``.
         # "server" / "client" run the modules; "examples/x.py" a script.
         target = (
             [str(ROOT / program)]
@@ -112,6 +115,7 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
             env=env,
+            preexec_fn=(lambda: os.close(0)) if stdin_closed else None,
         )
         program = Program(process)
         programs.append(program)
@@ -129,9 +133,11 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
 
 
 async def start_server(
-    launch: Launch, *args: str, stdin: int | None = None
+    launch: Launch, *args: str, stdin: int | None = None, stdin_closed: bool = False
 ) -> tuple[Program, int]:
-    server = await launch("server", "--port", "0", *args, stdin=stdin)
+    server = await launch(
+        "server", "--port", "0", *args, stdin=stdin, stdin_closed=stdin_closed
+    )
     match = await server.expect(r"^Server started on 127\.0\.0\.1:(\d+)$")
     return server, int(match.group(1))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import signal
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import chatkit
+from chatkit._console import Console
 from chatkit.auth import TokenAuth
-from chatkit.client import ChatShell
+from chatkit.client import ChatShell, build_parser, run_client
 from tests.helpers import HoldLogin, RawClient, next_event
 from tests.programs import Launch, start_client, start_server
 
@@ -79,6 +82,36 @@ async def test_sigterm_stops_server_and_clients_gracefully(launch: Launch) -> No
     assert trio.current_time() - start < 2
     assert (await server.rest())[-1] == "Server has shut down."
     assert "Server is shutting down: server shutting down" in await alice.rest()
+
+
+async def test_a_server_with_standard_input_closed_runs_until_a_signal(
+    launch: Launch,
+) -> None:
+    server, port = await start_server(launch, stdin_closed=True)
+    alice = await start_client(launch, port, "alice")
+    await trio.sleep(0.3)
+    assert server.process.returncode is None
+    server.process.send_signal(signal.SIGTERM)
+    assert await server.wait(within=2) == 0
+    assert await alice.wait(within=2) == 0
+    assert (await server.rest())[-1] == "Server has shut down."
+
+
+@pytest.mark.parametrize("stdin", ["dev-null", "closed"])
+async def test_interactive_server_with_no_input_stops_at_once(
+    launch: Launch, stdin: str
+) -> None:
+    # End of input stops an --interactive server, as Ctrl-D does: gracefully,
+    # and not as a failure to listen (epoll refuses /dev/null).
+    server, _port = await start_server(
+        launch,
+        "--interactive",
+        stdin=subprocess.DEVNULL if stdin == "dev-null" else None,
+        stdin_closed=stdin == "closed",
+    )
+    assert await server.wait() == 0
+    rest = await server.rest()
+    assert rest == ["Press Enter to stop the server.", "Server has shut down."], rest
 
 
 async def test_sigint_stops_the_server_gracefully(launch: Launch) -> None:
@@ -161,6 +194,73 @@ async def test_client_reports_an_unreachable_server(launch: Launch) -> None:
     assert any(
         "Error: cannot connect to 127.0.0.1:" in line for line in await client.rest()
     )
+
+
+async def test_client_reports_a_server_that_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A port that accepts connections but never says welcome (a hung server,
+    # another service): a one-line error and status 1, not a traceback.
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    args = build_parser().parse_args(["--port", str(port), "--name", "alice"])
+    output = io.StringIO()
+    read_fd, write_fd = os.pipe()
+    try:
+        async with listeners[0], trio.open_nursery() as nursery:
+            accepted: list[trio.SocketStream] = []
+
+            async def accept_and_say_nothing() -> None:
+                while True:
+                    accepted.append(await listeners[0].accept())
+
+            nursery.start_soon(accept_and_say_nothing)
+            console = Console(interactive=False, stdin_fd=read_fd, stdout=output)
+            with trio.fail_after(60):  # virtual seconds: connect_timeout is 10
+                assert await run_client(args, console) == 1
+            nursery.cancel_scope.cancel()
+            for stream in accepted:
+                await stream.aclose()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert output.getvalue().splitlines()[-1] == (
+        f"Error: cannot connect to 127.0.0.1:{port}: timed out"
+    )
+
+
+@pytest.mark.parametrize("stdin", ["dev-null", "closed"])
+async def test_client_with_no_standard_input_leaves_at_once(
+    launch: Launch, server: chatkit.ChatServer, stdin: str
+) -> None:
+    # `< /dev/null` (cron, nohup) and `<&-` are an empty input: the client
+    # logs in and leaves, as at the end of a script.
+    client = await launch(
+        "client",
+        "--port",
+        str(server.port),
+        "--name",
+        "alice",
+        stdin=subprocess.DEVNULL if stdin == "dev-null" else None,
+        stdin_closed=stdin == "closed",
+    )
+    assert await client.wait() == 0
+    transcript = await client.rest()
+    assert transcript[:2] == [
+        "Welcome to the chat client!",
+        "Hello, alice! Type 'exit' to leave the chat.",
+    ]
+    assert transcript[-2:] == ["Exiting chat...", "Disconnected."]
+    # And without --name there is no name to read: it ends there.
+    client = await launch(
+        "client",
+        "--port",
+        str(server.port),
+        stdin=subprocess.DEVNULL if stdin == "dev-null" else None,
+        stdin_closed=stdin == "closed",
+    )
+    assert await client.wait() == 0
+    assert await client.rest() == ["Welcome to the chat client!"]
 
 
 async def test_server_reports_a_port_in_use(launch: Launch) -> None:
@@ -501,6 +601,21 @@ async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:
         "Usage: /history [ROOM] [N] [before ID | after ID]",
         "Error: you are not in nowhere (not_in_room)",
     ]
+
+
+async def test_history_numbers_are_ascii_digits(server: chatkit.ChatServer) -> None:
+    # str.isdigit() also accepts "²", which int() refuses: a usage error (or
+    # a room name), never a crash of the shell.
+    async with chatkit.connect("127.0.0.1", server.port, name="alice") as alice:
+        printed: list[str] = []
+        shell = ChatShell(alice, printed.append)
+        with trio.fail_after(5):
+            for line in ["/history lobby before \u00b2", "/history lobby \u2460"]:
+                assert await shell.handle(line) is True
+            usage = "Usage: /history [ROOM] [N] [before ID | after ID]"
+            assert printed == [usage, usage]
+            assert await shell.handle("/history \u00b2") is True
+        assert printed[2] == "Error: you are not in \u00b2 (not_in_room)"
 
 
 def test_the_shell_describes_reconnecting() -> None:

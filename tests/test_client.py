@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import chatkit
 from chatkit.testing import Chat, open_chat
@@ -134,6 +135,162 @@ async def test_history_with_limit_before_and_after(
     assert await alice.history("lobby", 2, after=ids[0]) == tuple(said[1:3])
     assert await alice.history("lobby", 2, before=ids[4]) == tuple(said[2:4])
     assert await alice.history("lobby", after=ids[-1]) == ()
+
+
+async def test_a_history_reply_longer_than_the_servers_line_limit_arrives() -> None:
+    # A page of long messages, each within the server's limits, is a line
+    # well over 64 KiB (the server's limit for the lines it reads).
+    async with (
+        chatkit.open_server(rate_limit=None) as server,
+        connect(server, "alice") as alice,
+    ):
+        longest = server.max_message_length
+        texts = ["x" * longest, "\U0001f600" * longest]  # 4 and 16 KiB
+        said = [unref(await alice.say(texts[n % 2])) for n in range(20)]
+        with trio.fail_after(TIMEOUT):
+            assert await alice.history("lobby", 20) == tuple(said)
+
+
+async def serve_oddly(stream: trio.abc.Stream) -> None:
+    """A server that logs one client in, answers ``history`` with an invalid
+    line that has the request's ref, and ``ping`` with a 2000-byte message
+    before the pong and a short one after it."""
+    proto = chatkit.ServerConnection()
+
+    async def next_request() -> Any:
+        while (request := proto.next_event()) is chatkit.NEED_DATA:
+            proto.receive_data(await stream.receive_some(65536))
+        return request
+
+    hello = await next_request()
+    await stream.send_all(
+        proto.send(chatkit.Welcome(name=hello.name, protocol=1, server="odd", rooms=()))
+    )
+    while True:
+        request = await next_request()
+        if isinstance(request, chatkit.History):
+            await stream.send_all(
+                b'{"type":"history","room":"lobby","messages":"none","ref":%d}\n'
+                % request.ref
+            )
+        elif isinstance(request, chatkit.Ping):
+            for text in ["x" * 2000, "short"]:
+                message = chatkit.Message(
+                    id=len(text), ts=1.0, room="lobby", sender="bob", text=text
+                )
+                await stream.send_all(proto.send(message))
+            await stream.send_all(proto.send(chatkit.Pong(ref=request.ref)))
+        else:
+            return
+
+
+async def test_a_bad_answer_fails_its_request_and_long_lines_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
+            client_end, server_end = trio.testing.memory_stream_pair()
+            nursery.start_soon(serve_oddly, server_end)
+            return client_end
+
+        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
+        async with chatkit.connect(name="alice", max_line_length=1000) as alice:
+            with trio.fail_after(TIMEOUT):
+                # Answered, with an error, rather than never.
+                with pytest.raises(chatkit.BadRequest, match="bad answer"):
+                    await alice.history("lobby")
+                # A line over max_line_length is dropped, and only that line.
+                await alice.ping()
+                event = await next_event(alice)
+                assert isinstance(event, chatkit.Message)
+                assert event.text == "short"
+
+
+class StallingServer:
+    """Serves each connection by hand over a lockstep stream (a sender
+    waits until every byte is read). The first one stops reading part-way
+    through the first ``say``; the next ones answer normally."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.stalled = trio.Event()
+        self.first_closed = trio.Event()
+
+    async def open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
+        client_end, server_end = trio.testing.lockstep_stream_pair()
+        self.connections += 1
+        nursery.start_soon(self.serve, server_end, self.connections)
+        return client_end
+
+    async def serve(self, stream: trio.abc.Stream, number: int) -> None:
+        async with stream:
+            await self._serve(stream, number)
+
+    async def _serve(self, stream: trio.abc.Stream, number: int) -> None:
+        proto = chatkit.ServerConnection()
+        received = b""
+        while True:
+            while (request := proto.next_event()) is chatkit.NEED_DATA:
+                data = await stream.receive_some(10 if number == 1 else 65536)
+                received += data
+                if number == 1 and b'"say"' in received:
+                    # Part of the say line read: the client's send_all waits
+                    # for us to read the rest, which we never do.
+                    self.stalled.set()
+                    while await stream.receive_some(65536):
+                        pass
+                    self.first_closed.set()
+                    return
+                proto.receive_data(data)
+            match request:
+                case chatkit.Hello(name=name):
+                    welcome = chatkit.Welcome(
+                        name=name, protocol=1, server="fake", rooms=("lobby",)
+                    )
+                    await stream.send_all(proto.send(welcome))
+                case chatkit.History(room=room, ref=ref):
+                    reply = chatkit.HistoryReply(room=room, messages=(), ref=ref)
+                    await stream.send_all(proto.send(reply))
+                case chatkit.Say(room=room, text=text, ref=ref):
+                    message = chatkit.Message(
+                        id=1, ts=1.0, room=room, sender=name, text=text, ref=ref
+                    )
+                    await stream.send_all(proto.send(message))
+                case _:
+                    return
+
+
+@pytest.mark.parametrize("reconnect", [False, True], ids=["alone", "reconnect"])
+async def test_a_request_cancelled_mid_line_costs_the_connection(
+    monkeypatch: pytest.MonkeyPatch, reconnect: bool
+) -> None:
+    # Half a line on the wire would swallow the next request: the connection
+    # is given up (and got back, with a reconnect policy) instead.
+    server = StallingServer()
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
+            return await server.open_stream(nursery)
+
+        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
+        policy = chatkit.Reconnect(initial_delay=0.01, jitter=0) if reconnect else None
+        async with chatkit.connect(name="alice", reconnect=policy) as alice:
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as requests:
+                    requests.start_soon(alice.say, "x" * 100)
+                    await server.stalled.wait()
+                    requests.cancel_scope.cancel()
+                await server.first_closed.wait()
+                if reconnect:
+                    assert (await alice.say("after")).text == "after"
+                    assert server.connections == 2
+                else:
+                    with pytest.raises(chatkit.ConnectionClosed):
+                        await alice.say("after")
+                    assert alice.close_reason == (
+                        "a request was cancelled while being sent"
+                    )
 
 
 async def test_ping_returns_the_round_trip_time(alice: chatkit.ChatClient) -> None:
@@ -288,6 +445,22 @@ async def test_request_errors_raise_chat_error_subclasses(
     assert alice.name == "alice"
     assert alice.joined_rooms == {"lobby"}
     assert await alice.who() == ("alice", "bob")
+
+
+async def test_a_request_over_the_servers_line_limit_raises_too_large() -> None:
+    # The server cannot parse such a line, so its `too_large` has no ref: the
+    # request would never be answered. The client refuses it itself.
+    async with chatkit.open_server(max_line_length=2000) as server:
+        async with connect(server, "alice", server_max_line_length=2000) as alice:
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(chatkit.TooLarge) as info:
+                    await alice.say("x" * 2000)
+                assert info.value.code == "too_large"
+                # Nothing was sent: the connection goes on as before.
+                assert (await alice.say("x" * 1900)).text == "x" * 1900
+        async with connect(server, "bob") as bob:  # the default: 64 KiB
+            with trio.fail_after(TIMEOUT), pytest.raises(chatkit.TooLarge):
+                await bob.say("x" * 70_000)
 
 
 class NoShouting:

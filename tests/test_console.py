@@ -76,3 +76,25 @@ async def test_plain_input_ending_without_a_newline_is_a_last_line(
     pipe.close_writer()
     assert await read_line(console) == "only"
     assert await read_line(console) is None
+
+
+@pytest.mark.parametrize("interactive", [True, False], ids=["editor", "plain"])
+async def test_dev_null_reads_as_end_of_input(interactive: bool) -> None:
+    # `< /dev/null` (cron, nohup, CI): a device epoll refuses (EPERM).
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        console = Console(interactive=interactive, stdin_fd=fd, stdout=io.StringIO())
+        assert await read_line(console) is None
+        assert await read_line(console) is None
+    finally:
+        os.close(fd)
+
+
+async def test_a_closed_descriptor_reads_as_end_of_input(pipe: Pipe) -> None:
+    # Standard input closed (`<&-`): nothing to read, and nothing to crash.
+    fd = pipe.read_fd
+    pipe.read_fd = os.dup(fd)  # the fixture closes this one
+    os.close(fd)
+    for closed in (fd, -1):
+        console = Console(interactive=False, stdin_fd=closed, stdout=io.StringIO())
+        assert await read_line(console) is None

@@ -92,9 +92,12 @@ class Inbox:
         self.ended = False
         self._seen = 0
         self._lot = trio.lowlevel.ParkingLot()
+        self.reading = trio.Event()  # cleared: the next event waits
+        self.reading.set()
 
     async def read(self, client: chatkit.ChatClient) -> None:
         async for event in client:
+            await self.reading.wait()
             self.events.append(event)
             self._lot.unpark_all()
         self.ended = True
@@ -545,6 +548,43 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
         ]
 
 
+async def test_live_messages_after_an_overflow_are_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Held messages overflow; while the held ones go out to a slow reader,
+    # another live one comes. It must not be held (and delivered before
+    # those dropped, moving the mark past them): all are fetched again.
+    monkeypatch.setattr(_client, "_HOLD_LIMIT", 3)
+    slow = SlowHistory()
+    async with alice_behind_proxy(history=slow, client={"event_buffer": 1}) as (
+        server,
+        proxy,
+        alice,
+        inbox,
+        bob,
+    ):
+        await drop_alice(server, proxy)
+        slow.armed = True
+        proxy.up = True
+        await slow.asked.wait()  # alice is back, catching up
+        for n in range(5):
+            await bob.say(f"live {n}")
+        resume = alice._resuming
+        assert resume is not None
+        await wait_until(lambda: resume.overflowed == {"lobby"})  # 3 held
+        inbox.reading = trio.Event()  # the program reads no more, for now
+        slow.release.set()
+        assert alice._events_send is not None
+        # The held ones go out until the event buffer is full.
+        await wait_until(lambda: alice._events_send.statistics().tasks_waiting_send)
+        assert not resume.holding["lobby"]
+        await bob.say("live 5")
+        await alice.ping()  # answered after live 5 reached alice
+        inbox.reading.set()
+        await inbox.expect(chatkit.Reconnected)
+        assert [text for _, text in inbox.messages()] == [f"live {n}" for n in range(6)]
+
+
 async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:
     # Re-joining and catching up several rooms asks many requests at once;
     # a strict server refuses some, and the client asks again later.
@@ -630,6 +670,96 @@ async def test_requests_wait_for_the_connection_or_time_out() -> None:
                 await inbox.expect(chatkit.Reconnected)
                 await wait_until(lambda: inbox.messages() == [("lobby", "patient")])
             await second.aclose()
+
+
+class ShortLived:
+    """A server by hand, over memory streams: connection 1 serves until
+    ``drop`` is set; connection 2 answers the re-join of a room and hangs
+    up; later ones are refused."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.drop = trio.Event()
+
+    async def open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
+        self.connections += 1
+        if self.connections > 2:
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+        client_end, server_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(self.serve, server_end, self.connections)
+        return client_end
+
+    async def serve(self, stream: trio.abc.Stream, number: int) -> None:
+        async with stream, trio.open_nursery() as nursery:
+            if number == 1:
+
+                async def drop() -> None:
+                    await self.drop.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(drop)
+            await self._answer(stream, number)
+            nursery.cancel_scope.cancel()
+
+    async def _answer(self, stream: trio.abc.Stream, number: int) -> None:
+        proto, name = chatkit.ServerConnection(), ""
+        while True:
+            while (request := proto.next_event()) is chatkit.NEED_DATA:
+                proto.receive_data(await stream.receive_some(65536))
+            match request:
+                case chatkit.Hello(name=name):
+                    reply: chatkit.Event = chatkit.Welcome(
+                        name=name, protocol=1, server="fake", rooms=("lobby",)
+                    )
+                case chatkit.History(room=room, ref=ref):
+                    reply = chatkit.HistoryReply(room=room, messages=(), ref=ref)
+                case chatkit.Join(room=room, ref=ref):
+                    reply = chatkit.Joined(room=room, name=name, ref=ref)
+                case _:
+                    return
+            await stream.send_all(proto.send(reply))
+            if number == 2 and isinstance(request, chatkit.Join):
+                return  # the re-join answered, the connection ends
+
+
+async def test_a_resume_cut_short_leaves_requests_waiting_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The connection ends right after the resume's re-join is answered, and
+    # the reader sees it before the resume goes on: requests must still wait
+    # for the next connection, and no longer than request_timeout.
+    server = ShortLived()
+    resume_step = chatkit.ChatClient._resume_step
+
+    async def rejoin_then_lose(
+        self: chatkit.ChatClient, *args: Any, **fields: Any
+    ) -> bool:
+        done = await resume_step(self, *args, **fields)
+        await wait_until(lambda: not self.connected)
+        return done
+
+    policy = chatkit.Reconnect(
+        initial_delay=0.05, max_delay=0.05, jitter=0, request_timeout=0.3
+    )
+    async with trio.open_nursery() as nursery:
+
+        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
+            return await server.open_stream(nursery)
+
+        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
+        monkeypatch.setattr(chatkit.ChatClient, "_resume_step", rejoin_then_lose)
+        async with connect(0, "alice", reconnect=policy, keepalive=None) as alice:
+            await alice.join("dev")
+            server.drop.set()
+            await wait_until(lambda: server.connections > 2)
+            assert alice.reconnecting
+            start = trio.current_time()
+            with (
+                trio.fail_after(TIMEOUT),
+                pytest.raises(chatkit.ConnectionClosed, match="reconnecting"),
+            ):
+                await alice.say("hello", room="dev")
+            assert 0.3 <= trio.current_time() - start < 1
 
 
 # --- what does not reconnect -------------------------------------------------

@@ -80,7 +80,7 @@ from ._exceptions import (
     Unauthorized,
 )
 from ._hooks import CLIENT_ENTRY_POINT_GROUP, HookDispatcher, make_plugin_manager
-from ._protocol import CLOSED, NEED_DATA, ClientConnection
+from ._protocol import CLOSED, DEFAULT_MAX_LINE_LENGTH, NEED_DATA, ClientConnection
 from ._reconnect import (
     ClientEvent,
     ConnectionLost,
@@ -114,6 +114,9 @@ _CLIENT_EVENT_HOOKS: Final = MappingProxyType(
 )
 
 _RECEIVE_SIZE: Final = 64 * 1024
+# The longest line accepted from the server by default: far above what a
+# server sends (its history replies are bounded, at a few MiB).
+_MAX_SERVER_LINE_LENGTH: Final = 16 * 1024 * 1024
 # Live messages of a room held back while it catches up. Past this many the
 # newer ones are dropped and fetched again from history afterwards, so a
 # busy room cannot grow the buffer without bound.
@@ -162,7 +165,10 @@ class _Resume:
                 return True  # the lobby, which we had left and leave again
             case Message(room=room) if room in self.holding:
                 held = self.holding[room]
-                if len(held) < _HOLD_LIMIT:
+                # Once one is dropped, so are all that follow until the room
+                # is read again from history: a newer one held meanwhile
+                # would move the mark past those dropped.
+                if room not in self.overflowed and len(held) < _HOLD_LIMIT:
                     held.append(event)
                 else:
                     self.overflowed.add(room)
@@ -204,6 +210,14 @@ class ChatClient:
             policy); ``None`` or ``False`` ends the client with the
             connection. Only a connection that was established is resumed:
             entering still raises if the first connect fails.
+        max_line_length: the longest line accepted from the server, in
+            bytes (16 MiB by default: history replies can be large). A
+            longer line is dropped and logged; a request it answered gets
+            no answer.
+        server_max_line_length: the server's line limit, in bytes (its
+            ``max_line_length``). A request whose line is longer raises
+            :class:`~chatkit.TooLarge` without being sent: the server could
+            not tell whose request it discarded, so it would go unanswered.
     """
 
     def __init__(
@@ -222,6 +236,8 @@ class ChatClient:
         ssl_context: ssl.SSLContext | None = None,
         keepalive: float | None = 30.0,
         reconnect: Reconnect | bool | None = None,
+        max_line_length: int = _MAX_SERVER_LINE_LENGTH,
+        server_max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
     ) -> None:
         self.host = host
         self.port = port
@@ -244,6 +260,10 @@ class ChatClient:
         self._event_buffer = event_buffer
         self._ssl_context = ssl_context
         self._keepalive = keepalive
+        if max_line_length < 1:
+            raise ValueError("max_line_length must be at least 1")
+        self._max_line_length = max_line_length
+        self._server_max_line_length = server_max_line_length
         self._last_sent = 0.0
         self.plugin_manager = make_plugin_manager(
             ClientSpec,
@@ -255,7 +275,7 @@ class ChatClient:
             self.plugin_manager, timeout=hook_timeout, logger=log
         )
         # The current connection.
-        self._proto = ClientConnection()
+        self._proto = ClientConnection(max_line_length=max_line_length)
         self._stream: trio.abc.Stream | None = None
         self._connected = False
         self._lost_reason: str | None = None
@@ -412,7 +432,7 @@ class ChatClient:
 
     async def _open_connection(self) -> Welcome:
         """Connect and log in; the new connection becomes the current one."""
-        self._proto = ClientConnection()
+        self._proto = ClientConnection(max_line_length=self._max_line_length)
         self._stream = None
         try:
             with trio.fail_after(self._connect_timeout):
@@ -460,6 +480,7 @@ class ChatClient:
                 event = self._proto.next_event()
             except RemoteProtocolError as exc:
                 log.warning("bad line from server: %s", exc)
+                self._fail_answered(exc)
                 continue
             if event is CLOSED:
                 raise ConnectionClosed("server closed the connection")
@@ -473,6 +494,16 @@ class ChatClient:
             finally:
                 self._receiving_since = None
             self._proto.receive_data(data)
+
+    def _fail_answered(self, exc: RemoteProtocolError) -> None:
+        """A bad line that carries the ref of a request answers it: with an
+        error, rather than never."""
+        pending = self._pending.pop(exc.ref, None) if isinstance(exc.ref, int) else None
+        if pending is not None:
+            pending.result = ChatError.from_code(
+                exc.code, f"bad answer from the server: {exc.message}"
+            )
+            pending.done.set()
 
     # --- connections ------------------------------------------------------
 
@@ -615,7 +646,11 @@ class ChatClient:
         if resume.dropping:
             await self._resume_step(f"leave {LOBBY} again", Leave, room=LOBBY)
             resume.dropping = set()
-        self._ready.set()
+        # The connection may have ended since the last answer, the reader
+        # having seen it first: ``_ready`` is then for the next connection
+        # (set while connected, or once no connection will come).
+        if self._connected:
+            self._ready.set()
         missed = 0
         for room in sorted(resume.holding, key=lambda room: (room != LOBBY, room)):
             missed += await self._catch_up(resume, room)
@@ -915,12 +950,29 @@ class ChatClient:
                     return
 
     async def _send(self, request: ClientRequest) -> None:
-        if self._stream is None or not self._connected:
-            raise ConnectionClosed(self._why("not connected"))
         data = self._proto.send(request)
+        # The server answers a line over its limit with a `too_large` that
+        # has no ref (it cannot parse the line): refuse it here instead.
+        if len(data) - 1 > self._server_max_line_length:
+            raise TooLarge(
+                f"line longer than {self._server_max_line_length} bytes"
+                " (the server's limit)"
+            )
+        stream = self._stream
+        if stream is None or not self._connected:
+            raise ConnectionClosed(self._why("not connected"))
         try:
             async with self._send_lock:
-                await self._stream.send_all(data)
+                try:
+                    await stream.send_all(data)
+                except trio.Cancelled:
+                    # Part of the line may be out: whatever we sent next
+                    # would be glued to it. The connection is lost (and
+                    # got back, with a reconnect policy).
+                    if self._lost_reason is None:
+                        self._lost("a request was cancelled while being sent")
+                    await trio.aclose_forcefully(stream)
+                    raise
                 self._last_sent = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ConnectionClosed(self._why("connection lost")) from None
@@ -935,12 +987,17 @@ class ChatClient:
 
     async def _wait_ready(self) -> None:
         """Return once requests may go; while reconnecting, wait (bounded)."""
+        deadline: float | None = None
         while not (self._connected and self._ready.is_set()):
             policy = self.reconnect
             if policy is None or self._done.is_set() or not self._will_reconnect():
                 raise ConnectionClosed(self._why("not connected"))
-            timeout = policy.request_timeout
-            with trio.move_on_after(math.inf if timeout is None else timeout):
+            if deadline is None:  # once: the whole wait is bounded
+                timeout = policy.request_timeout
+                deadline = trio.current_time() + (
+                    math.inf if timeout is None else timeout
+                )
+            with trio.move_on_at(deadline):
                 await self._ready.wait()
                 continue
             raise ConnectionClosed(
@@ -971,6 +1028,7 @@ class ChatClient:
         Raises:
             NotInRoom: we are not in ``room``.
             Rejected: a server plugin refused the message.
+            TooLarge: ``text`` is longer than the server allows.
             ConnectionClosed: the connection ended.
         """
         result: Message = await self._request(
@@ -984,6 +1042,7 @@ class ChatClient:
         Raises:
             NoSuchUser: nobody is called ``to``.
             Rejected: a server plugin refused the message.
+            TooLarge: ``text`` is longer than the server allows.
         """
         result: DirectMessage = await self._request(
             Dm(to=to, text=text, ref=self._next_ref())

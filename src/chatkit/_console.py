@@ -30,19 +30,39 @@ _CHUNK = 4096
 
 
 class StdinReader:
-    """Reads raw bytes from a file descriptor without blocking trio."""
+    """Reads raw bytes from a file descriptor without blocking trio.
+
+    A descriptor that is not open (standard input closed, as with ``<&-``;
+    or ``-1``) reads as end of file, and is never touched again: once trio
+    runs, its own descriptors may take that number.
+    """
 
     def __init__(self, fd: int = 0) -> None:
         self.fd = fd
-        # epoll refuses regular files; they are always ready anyway.
-        self._always_ready = stat.S_ISREG(os.fstat(fd).st_mode)
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            self._closed = True
+            self._always_ready = False
+        else:
+            self._closed = False
+            # epoll refuses regular files; they are always ready anyway.
+            self._always_ready = stat.S_ISREG(mode)
 
     async def read(self) -> bytes:
         """The next chunk of input; ``b""`` at end of file."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return b""
         if self._always_ready:
             await trio.lowlevel.checkpoint()
         else:
-            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                await trio.lowlevel.wait_readable(self.fd)
+            except PermissionError:
+                # epoll refuses files that cannot wait (EPERM), such as
+                # /dev/null: like regular files, they are always ready.
+                self._always_ready = True
         try:
             return os.read(self.fd, _CHUNK)
         except OSError:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ._client import DEFAULT_PORT, ChatClient, connect
+from ._client import DEFAULT_PORT, ChatClient, _describe, connect
 from ._console import Console
 from ._events import (
     LOBBY,
@@ -250,11 +250,11 @@ class ChatShell:
         room, count, page = self.room, 20, None
         if len(words) >= 2 and words[-2] in ("before", "after"):
             number = words[-1].removeprefix("#")
-            if not number.isdigit():
+            if not _is_number(number):
                 self._print(_HISTORY_USAGE)
                 return
             page, words = (words[-2], int(number)), words[:-2]
-        if words and words[-1].isdigit():
+        if words and _is_number(words[-1]):
             count, words = int(words[-1]), words[:-1]
         if len(words) > 1:
             self._print(_HISTORY_USAGE)
@@ -286,6 +286,12 @@ class ChatShell:
 
 
 _HISTORY_USAGE = "Usage: /history [ROOM] [N] [before ID | after ID]"
+
+
+def _is_number(word: str) -> bool:
+    # ASCII digits only: str.isdigit() also accepts "²" or "①", which int()
+    # refuses.
+    return word.isascii() and word.isdigit()
 
 
 def _where(room: str) -> str:
@@ -372,17 +378,22 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
         except ChatError as exc:
             console.print(f"Error: {exc.message} ({exc.code})")
             return 1
-        except (OSError, trio.BrokenResourceError) as exc:
-            # BrokenResourceError: the TLS handshake failed (e.g. wrong CA).
-            reason = getattr(exc, "strerror", None) or exc
-            console.print(f"Error: cannot connect to {args.host}:{args.port}: {reason}")
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            # BrokenResourceError: the TLS handshake failed (e.g. wrong CA);
+            # TooSlowError: no welcome within the connect timeout (a hung
+            # server, or another service on that port).
+            console.print(
+                f"Error: cannot connect to {args.host}:{args.port}: {_describe(exc)}"
+            )
             return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m chatkit.client``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    console = Console()
+    # Standard input closed (sys.stdin is None) reads as end of input; its
+    # number is not ours to read once trio runs (trio may reuse it).
+    console = Console(stdin_fd=-1 if sys.stdin is None else 0)
     try:
         with console.raw_mode():
             return trio.run(run_client, args, console)

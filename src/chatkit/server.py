@@ -16,6 +16,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import pluggy
@@ -274,6 +275,18 @@ async def serve_until_stopped(
 ) -> None:
     """Run ``server`` until Enter (if ``interactive``), SIGINT or SIGTERM,
     then shut it down gracefully."""
+    stdin = StdinReader() if interactive else None
+    await _serve_until_stopped(server, stdin, task_status=task_status)
+
+
+async def _serve_until_stopped(
+    server: ChatServer,
+    stdin: StdinReader | None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """:func:`serve_until_stopped`, watching ``stdin`` for Enter (if not
+    ``None``)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -293,8 +306,7 @@ async def serve_until_stopped(
                     break
                 await server.aclose()
 
-            async def stop_on_enter() -> None:
-                reader = StdinReader()
+            async def stop_on_enter(reader: StdinReader) -> None:
                 while True:
                     data = await reader.read()
                     # Enter stops, and so does end of input (Ctrl-D).
@@ -303,9 +315,9 @@ async def serve_until_stopped(
                 await server.aclose()
 
             nursery.start_soon(stop_on_signal)
-            if interactive:
+            if stdin is not None:
                 print("Press Enter to stop the server.", flush=True)
-                nursery.start_soon(stop_on_enter)
+                nursery.start_soon(stop_on_enter, stdin)
     print("Server has shut down.", flush=True)
 
 
@@ -349,14 +361,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, TypeError, pluggy.PluginValidationError) as exc:
         parser.error(str(exc))
-    interactive = sys.stdin.isatty() if args.interactive is None else args.interactive
+    # sys.stdin is None when standard input is closed: no terminal, and
+    # (with --interactive) end of input at once.
+    interactive = (
+        sys.stdin is not None and sys.stdin.isatty()
+        if args.interactive is None
+        else args.interactive
+    )
+    # Opened before trio runs, whose own descriptors may reuse a closed 0.
+    stdin = StdinReader(-1 if sys.stdin is None else 0) if interactive else None
+    listening = False
+
+    async def run() -> None:
+        nonlocal listening
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(_serve_until_stopped, server, stdin))
+            listening = True
+
     status = 0
     try:
-        trio.run(lambda: serve_until_stopped(server, interactive=interactive))
+        trio.run(run)
     except* StartupError as group:
         print(f"error: {_first(group)}", file=sys.stderr)
         status = 1
     except* OSError as group:
+        if listening:
+            raise  # not a startup error: a bug, with its traceback
         error = _first(group)
         reason = (
             error.strerror if isinstance(error, OSError) and error.strerror else error
