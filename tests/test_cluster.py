@@ -18,7 +18,7 @@ import trio
 import chatkit
 from chatkit import ChatServer, Message, hookimpl
 from chatkit.cluster import BackplaneError, RedisBackplane
-from tests.helpers import next_event, unref, wait_until
+from tests.helpers import RawClient, next_event, unref, wait_until
 from tests.programs import Launch, start_server
 from tests.redis_server import RedisServer, free_port, redis_server
 
@@ -335,3 +335,60 @@ async def test_a_name_taken_over_in_redis_disconnects_its_local_holder(
             assert [e.code for e in kicked] == ["kicked"]
             assert "in use elsewhere" in kicked[0].message
         assert node.get_user("alice") is None
+
+
+async def events_until(
+    client: RawClient, last: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The events ``client`` receives up to the first for which ``last``
+    holds (included)."""
+    got: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        while not got or not last(got[-1]):
+            got.append(await client.receive_json())
+    return got
+
+
+@pytest.mark.parametrize("then", ["leave", "bye"])
+async def test_a_say_then_leave_is_acknowledged_and_seen_in_one_order(
+    redis: RedisServer, then: str
+) -> None:
+    # The leave (or disconnect) is applied on the sender's node at once,
+    # but reaches the others through the stream, after the message: it
+    # must wait for the message here too, or the sender loses its
+    # acknowledgement and the nodes disagree on the order.
+    async with cluster(redis, 2) as (a, b), AsyncExitStack() as stack:
+        alice, carol, bob = [await RawClient.open(node.port) for node in (a, a, b)]
+        for client in (alice, carol, bob):
+            stack.push_async_callback(client.aclose)
+        for client, name in ((alice, "alice"), (carol, "carol"), (bob, "bob")):
+            await client.hello(name)
+            await client.send_json(type="join", room="dev", ref="j")
+            await client.expect("joined", name=name, ref="j")
+        await carol.expect("joined", name="bob")  # bob's join came from b
+        # One packet: the leave is handled before the message comes back.
+        await alice.send_bytes(
+            b'{"type":"say","room":"dev","text":"bye all","ref":"s"}\n'
+            + (
+                b'{"type":"leave","room":"dev","ref":"l"}\n'
+                if then == "leave"
+                else b'{"type":"bye"}\n'
+            )
+        )
+        if then == "leave":
+            mine = await events_until(alice, lambda e: e["type"] == "left")
+            assert [(e["type"], e.get("ref")) for e in mine][-2:] == [
+                ("message", "s"),
+                ("left", "l"),
+            ]
+        for client in (carol, bob):
+            seen = await events_until(
+                client,
+                lambda e: e == e | {"type": "left", "room": "dev", "name": "alice"},
+            )
+            about_alice = [
+                e["type"]
+                for e in seen
+                if e.get("room") == "dev" and "alice" in (e.get("name"), e.get("from"))
+            ]
+            assert about_alice == ["message", "left"], seen

@@ -715,6 +715,12 @@ class RedisBackplane:
         self._send(_Publish(room, encode_envelope(env)), _ignore)
         return publication
 
+    def pending(self, user: Any) -> list[Publication]:
+        """The publications of ``user`` (a local sender) that have not come
+        back from the stream yet: the server waits for them before a leave,
+        rename or disconnect, so that every node sees them first."""
+        return [p for p in self._waiting.values() if p.user is user]
+
     def member(self, room: str, name: str, *, present: bool) -> None:
         """Record that ``name`` (of this node) joined or left ``room``."""
         if not self.available:
