@@ -392,3 +392,44 @@ async def test_a_say_then_leave_is_acknowledged_and_seen_in_one_order(
                 if e.get("room") == "dev" and "alice" in (e.get("name"), e.get("from"))
             ]
             assert about_alice == ["message", "left"], seen
+
+
+class SlowDelivery:
+    """A ``chatkit_message_delivered`` hook that takes a while."""
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+        self.entered = trio.Event()
+
+    @hookimpl
+    async def chatkit_message_delivered(self, message: Message) -> None:
+        self.entered.set()
+        await trio.sleep(0.5)
+        self.delivered.append(message.text)
+
+
+async def test_redis_lost_while_a_delivery_hook_runs_skips_no_hook_and_no_post(
+    redis: RedisServer,
+) -> None:
+    # Two posts in one tick come back in one stream read; Redis is lost
+    # while the first one's hook runs.
+    hook = SlowDelivery()
+    async with cluster(
+        redis, 1, plugins=lambda n: [hook], name_ttl=0.3, reconnect_delay=0.05
+    ) as (node,):
+        posted: list[Message] = []
+
+        async def post(text: str) -> None:
+            posted.append(await node.post("lobby", text))
+
+        with trio.move_on_after(TIMEOUT) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post, "one")
+                nursery.start_soon(post, "two")
+                await hook.entered.wait()
+                await redis.stop()  # the heartbeat notices within ~0.1 s
+        assert not scope.cancelled_caught, f"post() still waiting; got {posted}"
+        assert sorted(m.text for m in posted) == ["one", "two"]
+        await wait_until(lambda: len(hook.delivered) == 2)
+        # Once each, in the order of the stream.
+        assert hook.delivered == [m.text for m in sorted(posted, key=lambda m: m.id)]

@@ -732,7 +732,7 @@ class ChatServer:
             raise KeyError(room)
         publication = self._publish(MESSAGE, room=room, sender=sender, text=text)
         if publication is not None:
-            await publication.done.wait()  # it came back, and hooks ran
+            await publication.done.wait()  # it came back (hooks run after)
             result: Message = publication.result
             return result
         message = self._hand_out_message(

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final
@@ -64,7 +65,7 @@ from ._envelope import (
     decode_envelope,
     encode_envelope,
 )
-from ._events import LOBBY, Message
+from ._events import LOBBY, DirectMessage, Message
 from ._exceptions import StartupError
 
 if TYPE_CHECKING:
@@ -354,6 +355,8 @@ class RedisBackplane:
         # Publications not seen back from the stream yet, by seq.
         self._waiting: dict[int, Publication] = {}
         self._last_entry: str | bytes = b"0-0"  # the last events-stream entry read
+        # This node's events whose delivery hooks have not run yet.
+        self._hooks_due: deque[Message | DirectMessage] = deque()
 
     # --- keys -------------------------------------------------------------
 
@@ -531,6 +534,21 @@ class RedisBackplane:
             publication.result = event
             publication.done.set()
             if event is not None:
+                self._hooks_due.append(event)
+        # After the hooks the reader had still to run.
+        await self._run_hooks()
+
+    async def _run_hooks(self) -> None:
+        """Run the delivery hooks of the events in ``_hooks_due``, in order.
+        Losing Redis cancels the reader: an event's hooks run shielded (the
+        dispatcher bounds each by the server's ``hook_timeout``) so they are
+        not cut short, and the events left are :meth:`_lost`'s to run."""
+        server = self._server
+        assert server is not None
+        while self._hooks_due:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            event = self._hooks_due.popleft()
+            with trio.CancelScope(shield=True):
                 await server._cluster_delivered(event)
 
     # --- the writer -------------------------------------------------------
@@ -650,11 +668,13 @@ class RedisBackplane:
                         after.append((event, publication))
             finally:
                 server._end_batch()
+            # Every publication is answered before any hook is awaited.
             for event, publication in after:
                 if publication is not None:
                     publication.result = event
                     publication.done.set()
-                await server._cluster_delivered(event)
+                self._hooks_due.append(event)
+            await self._run_hooks()
 
     # --- the heartbeat ----------------------------------------------------
 
