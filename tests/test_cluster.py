@@ -7,7 +7,7 @@ stops it; a missing ``redis-server`` fails them (see tests/redis_server.py).
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -337,6 +337,19 @@ async def test_a_name_taken_over_in_redis_disconnects_its_local_holder(
         assert node.get_user("alice") is None
 
 
+async def answers(ask: Callable[[], Awaitable[Any]], expected: Any) -> None:
+    """Ask until the answer is ``expected``: what another node writes to
+    Redis lands there a moment later."""
+    got = None
+    with trio.move_on_after(TIMEOUT):
+        while True:
+            got = await ask()
+            if got == expected:
+                return
+            await trio.sleep(0.05)
+    raise AssertionError(f"still {got!r}, not {expected!r}")
+
+
 async def events_until(
     client: RawClient, last: Callable[[dict[str, Any]], bool]
 ) -> list[dict[str, Any]]:
@@ -433,3 +446,56 @@ async def test_redis_lost_while_a_delivery_hook_runs_skips_no_hook_and_no_post(
         await wait_until(lambda: len(hook.delivered) == 2)
         # Once each, in the order of the stream.
         assert hook.delivered == [m.text for m in sorted(posted, key=lambda m: m.id)]
+
+
+async def test_a_user_who_goes_while_its_node_rejoins_is_not_left_listed(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rejoining node registers the users it had when it began, then
+    # awaits Redis: whoever goes meanwhile must not stay listed (nor keep
+    # the name) once it is back.
+    async with cluster(redis, 2, reconnect_delay=0.05, max_reconnect_delay=0.2) as (
+        a,
+        b,
+    ):
+        backplanes = [a.backplane, b.backplane]
+        assert backplanes[0] is not None and backplanes[1] is not None
+        held, go = trio.Event(), trio.Event()
+        hold = False
+        real_pipeline = backplanes[0]._redis.pipeline
+
+        @asynccontextmanager
+        async def pipeline(**kwargs: Any) -> AsyncIterator[Any]:
+            nonlocal hold
+            async with real_pipeline(**kwargs) as pipe:
+                yield pipe
+                if hold:  # node a's rejoin: held before it is sent
+                    hold = False
+                    held.set()
+                    await go.wait()
+
+        monkeypatch.setattr(backplanes[0]._redis, "pipeline", pipeline)
+        async with chatkit.connect(port=b.port, name="alice") as alice:
+            async with chatkit.connect(port=a.port, name="bob") as bob:
+                await bob.join("dev")
+                await bob.join("ops")
+                await answers(lambda: alice.who("dev"), ("bob",))
+                await redis.stop()
+                await wait_until(
+                    lambda: not any(bp.available for bp in backplanes),  # type: ignore[union-attr]
+                )
+                hold = True
+                await redis.start()  # empty: every node registers its users
+                with trio.fail_after(TIMEOUT):
+                    await held.wait()
+                await bob.leave("dev")
+            await wait_until(lambda: a.get_user("bob") is None)
+            go.set()
+            await wait_until(
+                lambda: all(bp.available for bp in backplanes),  # type: ignore[union-attr]
+            )
+            await answers(alice.rooms, {"lobby": 1})
+            assert await alice.who() == ("alice",)
+            # bob's name is free at once, not after name_ttl.
+            async with chatkit.connect(port=b.port, name="bob") as bob:
+                assert await bob.who() == ("alice", "bob")

@@ -43,7 +43,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final
 
@@ -439,6 +439,7 @@ class RedisBackplane:
             await redis.script_load(script.script)
         users = list(server._users)
         rooms = {LOBBY}.union(*(user._rooms for user in users))
+        listed = _memberships(users)
         async with redis.pipeline(transaction=False) as pipe:
             renewed = self._renewal(pipe, [user.name for user in users])
             if not first:
@@ -456,6 +457,17 @@ class RedisBackplane:
             # A Redis that restarted empty must not hand out ids already used.
             self._call(self._floor, pipe, [self._key("last_id")], [server._last_id])
         self.available = True
+        # member() and release() did nothing while this awaited: whoever
+        # left, joined or went since ``users`` was taken is set right now.
+        now = _memberships(server._users)
+        for room, name in listed - now:
+            self.member(room, name, present=False)
+        for room, name in now - listed:
+            self.member(room, name, present=True)
+        present = {user.name.casefold() for user in server._users}
+        for user in users:
+            if user.name.casefold() not in present:
+                self.release(user.name)
         for name in self._lost_names(await renewed):
             log.warning("%s was claimed by another node during the outage", name)
             server.kick(name, f"the name {name} was taken during an outage")
@@ -777,6 +789,11 @@ class RedisBackplane:
 
 def _ignore(result: Any) -> None:
     pass
+
+
+def _memberships(users: Iterable[Any]) -> set[tuple[str, str]]:
+    """The (room, name) of every room each of ``users`` is in."""
+    return {(room, user.name) for user in users for room in user._rooms}
 
 
 class _Publish:
