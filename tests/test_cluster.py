@@ -20,7 +20,7 @@ from chatkit import ChatServer, Message, hookimpl
 from chatkit.cluster import BackplaneError, RedisBackplane
 from tests.helpers import RawClient, next_event, unref, wait_until
 from tests.programs import Launch, start_server
-from tests.redis_server import RedisServer, free_port, redis_server
+from tests.redis_server import RedisServer, free_port, redis_proxy, redis_server
 
 TIMEOUT = 10.0
 
@@ -499,3 +499,44 @@ async def test_a_user_who_goes_while_its_node_rejoins_is_not_left_listed(
             # bob's name is free at once, not after name_ttl.
             async with chatkit.connect(port=b.port, name="bob") as bob:
                 assert await bob.who() == ("alice", "bob")
+
+
+async def test_ids_around_a_partition_are_as_documented(redis: RedisServer) -> None:
+    # docs/deployment.md, "Ids and order around an outage": a node cut off
+    # from Redis numbers messages on its own, above what it has seen; once
+    # back it gets what the others said meanwhile, with their cluster ids;
+    # from then on ids are above every id either side handed out.
+    fast = {"name_ttl": 0.6, "reconnect_delay": 0.05, "max_reconnect_delay": 0.2}
+    async with (
+        redis_proxy(redis.port) as proxy,
+        chatkit.open_server(backplane=RedisBackplane(proxy.url, **fast)) as a,
+        chatkit.open_server(backplane=RedisBackplane(redis.url, **fast)) as b,
+        chatkit.connect(port=a.port, name="alice") as alice,
+        chatkit.connect(port=b.port, name="bob") as bob,
+    ):
+        cut_off = a.backplane
+
+        async def unreffed(client: chatkit.ChatClient, count: int) -> list[Message]:
+            return [unref(m) for m in await messages(client, count)]
+
+        assert cut_off is not None
+        first = unref(await alice.say("first"))
+        assert await unreffed(alice, 1) == [first]
+        assert await unreffed(bob, 1) == [first]
+        proxy.cut()
+        await wait_until(lambda: not cut_off.available)
+        alone = unref(await alice.say("alice alone"))
+        meanwhile = unref(await bob.say("bob meanwhile"))
+        assert alone.id > first.id and meanwhile.id > first.id
+        proxy.restore()
+        await wait_until(lambda: cut_off.available)
+        # Nothing the others said is lost; it comes after alice's own.
+        assert await unreffed(alice, 2) == [alone, meanwhile]
+        assert await unreffed(bob, 1) == [meanwhile]
+        after = [unref(await bob.say("after 1")), unref(await alice.say("after 2"))]
+        assert after[0].id > max(alone.id, meanwhile.id)
+        assert after[1].id > after[0].id
+        assert await unreffed(alice, 2) == after
+        assert await unreffed(bob, 2) == after
+        # Only what went through Redis is in the shared history.
+        assert await bob.history("lobby") == (first, meanwhile, *after)

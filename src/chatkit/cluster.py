@@ -30,8 +30,9 @@ How it works::
   filtered by the nodes still alive (each renews a ``{prefix}node:ID`` key).
 * Hooks run on the node where the event originated, once per event.
 * When Redis is unreachable, the node keeps serving its own users alone
-  (messages reach local members only, with node-local ids, and are not
-  kept in the shared history), refuses new logins with ``error
+  (messages reach local members only, with node-local ids that may repeat
+  ids the rest of the cluster hands out meanwhile, and are not kept in the
+  shared history), refuses new logins with ``error
   unavailable``, logs the outage, and reconnects with jittered exponential
   backoff; then it claims its users' names and memberships again and
   carries on reading the stream where it left off.
