@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -93,3 +93,73 @@ async def redis_server(directory: Path) -> AsyncIterator[RedisServer]:
         yield server
     finally:
         await server.stop()
+
+
+class RedisProxy:
+    """A TCP proxy in front of a Redis that a test can cut and restore: the
+    node that goes through it loses Redis while the others keep it (a
+    network partition)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._cut = False
+        self._scopes: set[trio.CancelScope] = set()
+
+    @property
+    def url(self) -> str:
+        """The URL of the Redis behind the proxy."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cut(self) -> None:
+        """Break every connection through the proxy and refuse new ones."""
+        self._cut = True
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def restore(self) -> None:
+        """Let connections through again."""
+        self._cut = False
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            if self._cut:
+                return
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            except OSError:
+                return
+            async with upstream:
+                with trio.CancelScope() as scope:
+                    self._scopes.add(scope)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(_pipe, client, upstream, scope)
+                            nursery.start_soon(_pipe, upstream, client, scope)
+                    finally:
+                        self._scopes.discard(scope)
+
+
+async def _pipe(
+    source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+) -> None:
+    """Copy ``source`` to ``sink``; either side ending ends both."""
+    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    scope.cancel()
+
+
+@asynccontextmanager
+async def redis_proxy(target_port: int) -> AsyncIterator[RedisProxy]:
+    """A :class:`RedisProxy` to ``target_port`` listening on a free
+    loopback port, stopped on exit."""
+    proxy = RedisProxy(target_port)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    proxy.port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, proxy._handle, listeners)
+        try:
+            yield proxy
+        finally:
+            nursery.cancel_scope.cancel()

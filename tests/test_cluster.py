@@ -7,7 +7,7 @@ stops it; a missing ``redis-server`` fails them (see tests/redis_server.py).
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,9 @@ import trio
 import chatkit
 from chatkit import ChatServer, Message, hookimpl
 from chatkit.cluster import BackplaneError, RedisBackplane
-from tests.helpers import next_event, unref, wait_until
+from tests.helpers import RawClient, next_event, unref, wait_until
 from tests.programs import Launch, start_server
-from tests.redis_server import RedisServer, free_port, redis_server
+from tests.redis_server import RedisServer, free_port, redis_proxy, redis_server
 
 TIMEOUT = 10.0
 
@@ -335,3 +335,208 @@ async def test_a_name_taken_over_in_redis_disconnects_its_local_holder(
             assert [e.code for e in kicked] == ["kicked"]
             assert "in use elsewhere" in kicked[0].message
         assert node.get_user("alice") is None
+
+
+async def answers(ask: Callable[[], Awaitable[Any]], expected: Any) -> None:
+    """Ask until the answer is ``expected``: what another node writes to
+    Redis lands there a moment later."""
+    got = None
+    with trio.move_on_after(TIMEOUT):
+        while True:
+            got = await ask()
+            if got == expected:
+                return
+            await trio.sleep(0.05)
+    raise AssertionError(f"still {got!r}, not {expected!r}")
+
+
+async def events_until(
+    client: RawClient, last: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """The events ``client`` receives up to the first for which ``last``
+    holds (included)."""
+    got: list[dict[str, Any]] = []
+    with trio.fail_after(TIMEOUT):
+        while not got or not last(got[-1]):
+            got.append(await client.receive_json())
+    return got
+
+
+@pytest.mark.parametrize("then", ["leave", "bye"])
+async def test_a_say_then_leave_is_acknowledged_and_seen_in_one_order(
+    redis: RedisServer, then: str
+) -> None:
+    # The leave (or disconnect) is applied on the sender's node at once,
+    # but reaches the others through the stream, after the message: it
+    # must wait for the message here too, or the sender loses its
+    # acknowledgement and the nodes disagree on the order.
+    async with cluster(redis, 2) as (a, b), AsyncExitStack() as stack:
+        alice, carol, bob = [await RawClient.open(node.port) for node in (a, a, b)]
+        for client in (alice, carol, bob):
+            stack.push_async_callback(client.aclose)
+        for client, name in ((alice, "alice"), (carol, "carol"), (bob, "bob")):
+            await client.hello(name)
+            await client.send_json(type="join", room="dev", ref="j")
+            await client.expect("joined", name=name, ref="j")
+        await carol.expect("joined", name="bob")  # bob's join came from b
+        # One packet: the leave is handled before the message comes back.
+        await alice.send_bytes(
+            b'{"type":"say","room":"dev","text":"bye all","ref":"s"}\n'
+            + (
+                b'{"type":"leave","room":"dev","ref":"l"}\n'
+                if then == "leave"
+                else b'{"type":"bye"}\n'
+            )
+        )
+        if then == "leave":
+            mine = await events_until(alice, lambda e: e["type"] == "left")
+            assert [(e["type"], e.get("ref")) for e in mine][-2:] == [
+                ("message", "s"),
+                ("left", "l"),
+            ]
+        for client in (carol, bob):
+            seen = await events_until(
+                client,
+                lambda e: e == e | {"type": "left", "room": "dev", "name": "alice"},
+            )
+            about_alice = [
+                e["type"]
+                for e in seen
+                if e.get("room") == "dev" and "alice" in (e.get("name"), e.get("from"))
+            ]
+            assert about_alice == ["message", "left"], seen
+
+
+class SlowDelivery:
+    """A ``chatkit_message_delivered`` hook that takes a while."""
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+        self.entered = trio.Event()
+
+    @hookimpl
+    async def chatkit_message_delivered(self, message: Message) -> None:
+        self.entered.set()
+        await trio.sleep(0.5)
+        self.delivered.append(message.text)
+
+
+async def test_redis_lost_while_a_delivery_hook_runs_skips_no_hook_and_no_post(
+    redis: RedisServer,
+) -> None:
+    # Two posts in one tick come back in one stream read; Redis is lost
+    # while the first one's hook runs.
+    hook = SlowDelivery()
+    async with cluster(
+        redis, 1, plugins=lambda n: [hook], name_ttl=0.3, reconnect_delay=0.05
+    ) as (node,):
+        posted: list[Message] = []
+
+        async def post(text: str) -> None:
+            posted.append(await node.post("lobby", text))
+
+        with trio.move_on_after(TIMEOUT) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post, "one")
+                nursery.start_soon(post, "two")
+                await hook.entered.wait()
+                await redis.stop()  # the heartbeat notices within ~0.1 s
+        assert not scope.cancelled_caught, f"post() still waiting; got {posted}"
+        assert sorted(m.text for m in posted) == ["one", "two"]
+        await wait_until(lambda: len(hook.delivered) == 2)
+        # Once each, in the order of the stream.
+        assert hook.delivered == [m.text for m in sorted(posted, key=lambda m: m.id)]
+
+
+async def test_a_user_who_goes_while_its_node_rejoins_is_not_left_listed(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rejoining node registers the users it had when it began, then
+    # awaits Redis: whoever goes meanwhile must not stay listed (nor keep
+    # the name) once it is back.
+    async with cluster(redis, 2, reconnect_delay=0.05, max_reconnect_delay=0.2) as (
+        a,
+        b,
+    ):
+        backplanes = [a.backplane, b.backplane]
+        assert backplanes[0] is not None and backplanes[1] is not None
+        held, go = trio.Event(), trio.Event()
+        hold = False
+        real_pipeline = backplanes[0]._redis.pipeline
+
+        @asynccontextmanager
+        async def pipeline(**kwargs: Any) -> AsyncIterator[Any]:
+            nonlocal hold
+            async with real_pipeline(**kwargs) as pipe:
+                yield pipe
+                if hold:  # node a's rejoin: held before it is sent
+                    hold = False
+                    held.set()
+                    await go.wait()
+
+        monkeypatch.setattr(backplanes[0]._redis, "pipeline", pipeline)
+        async with chatkit.connect(port=b.port, name="alice") as alice:
+            async with chatkit.connect(port=a.port, name="bob") as bob:
+                await bob.join("dev")
+                await bob.join("ops")
+                await answers(lambda: alice.who("dev"), ("bob",))
+                await redis.stop()
+                await wait_until(
+                    lambda: not any(bp.available for bp in backplanes),  # type: ignore[union-attr]
+                )
+                hold = True
+                await redis.start()  # empty: every node registers its users
+                with trio.fail_after(TIMEOUT):
+                    await held.wait()
+                await bob.leave("dev")
+            await wait_until(lambda: a.get_user("bob") is None)
+            go.set()
+            await wait_until(
+                lambda: all(bp.available for bp in backplanes),  # type: ignore[union-attr]
+            )
+            await answers(alice.rooms, {"lobby": 1})
+            assert await alice.who() == ("alice",)
+            # bob's name is free at once, not after name_ttl.
+            async with chatkit.connect(port=b.port, name="bob") as bob:
+                assert await bob.who() == ("alice", "bob")
+
+
+async def test_ids_around_a_partition_are_as_documented(redis: RedisServer) -> None:
+    # docs/deployment.md, "Ids and order around an outage": a node cut off
+    # from Redis numbers messages on its own, above what it has seen; once
+    # back it gets what the others said meanwhile, with their cluster ids;
+    # from then on ids are above every id either side handed out.
+    fast = {"name_ttl": 0.6, "reconnect_delay": 0.05, "max_reconnect_delay": 0.2}
+    async with (
+        redis_proxy(redis.port) as proxy,
+        chatkit.open_server(backplane=RedisBackplane(proxy.url, **fast)) as a,
+        chatkit.open_server(backplane=RedisBackplane(redis.url, **fast)) as b,
+        chatkit.connect(port=a.port, name="alice") as alice,
+        chatkit.connect(port=b.port, name="bob") as bob,
+    ):
+        cut_off = a.backplane
+
+        async def unreffed(client: chatkit.ChatClient, count: int) -> list[Message]:
+            return [unref(m) for m in await messages(client, count)]
+
+        assert cut_off is not None
+        first = unref(await alice.say("first"))
+        assert await unreffed(alice, 1) == [first]
+        assert await unreffed(bob, 1) == [first]
+        proxy.cut()
+        await wait_until(lambda: not cut_off.available)
+        alone = unref(await alice.say("alice alone"))
+        meanwhile = unref(await bob.say("bob meanwhile"))
+        assert alone.id > first.id and meanwhile.id > first.id
+        proxy.restore()
+        await wait_until(lambda: cut_off.available)
+        # Nothing the others said is lost; it comes after alice's own.
+        assert await unreffed(alice, 2) == [alone, meanwhile]
+        assert await unreffed(bob, 1) == [meanwhile]
+        after = [unref(await bob.say("after 1")), unref(await alice.say("after 2"))]
+        assert after[0].id > max(alone.id, meanwhile.id)
+        assert after[1].id > after[0].id
+        assert await unreffed(alice, 2) == after
+        assert await unreffed(bob, 2) == after
+        # Only what went through Redis is in the shared history.
+        assert await bob.history("lobby") == (first, meanwhile, *after)

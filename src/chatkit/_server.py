@@ -802,7 +802,7 @@ class ChatServer:
             raise KeyError(room)
         publication = self._publish(MESSAGE, room=room, sender=sender, text=text)
         if publication is not None:
-            await publication.done.wait()  # it came back, and hooks ran
+            await publication.done.wait()  # it came back (hooks run after)
             result: Message = publication.result
             return result
         message = self._hand_out_message(
@@ -852,6 +852,7 @@ class ChatServer:
                         user._close(reason)
                     if user._reader_scope.cancelled_caught and not user._output_ended:
                         self._time_out(user)
+                    await self._settle(user)
                     self._detach(user)
         except Exception:
             # A bug while serving one connection must not take the server
@@ -1560,6 +1561,7 @@ class ChatServer:
         room = self._member_room(user, leave.room, leave.ref)
         if room is None:
             return
+        await self._settle(user)
         self._remove_member(user, room, LeaveReason.LEAVE)
         user._send(
             Left(
@@ -1595,6 +1597,7 @@ class ChatServer:
             del self._rooms[room.name]
 
     async def _on_nick(self, user: User, nick: Nick) -> None:
+        await self._settle(user)
         new = nick.name
         if self._name_refused(user, new, nick.ref):
             return
@@ -1673,6 +1676,20 @@ class ChatServer:
         )
 
     # --- cluster (see chatkit.cluster) -----------------------------------
+
+    async def _settle(self, user: User) -> None:
+        """In a cluster, wait until what ``user`` said has come back from
+        the backplane (delivered here, the sender's copy with its ``ref``):
+        a leave, rename or disconnect is applied here at once but reaches
+        the other nodes through the stream, after those messages, so it
+        must come after them here too. Redis being lost ends the wait
+        (RedisBackplane._lost delivers them locally)."""
+        bp = self.backplane
+        pending = bp.pending(user) if bp is not None else ()
+        if pending:
+            self._end_batch()  # about to await (see _begin_batch)
+            for publication in pending:
+                await publication.done.wait()
 
     def _cluster_event(
         self, id: int, env: Envelope, mine: bool, publication: Publication | None

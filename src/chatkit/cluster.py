@@ -30,8 +30,9 @@ How it works::
   filtered by the nodes still alive (each renews a ``{prefix}node:ID`` key).
 * Hooks run on the node where the event originated, once per event.
 * When Redis is unreachable, the node keeps serving its own users alone
-  (messages reach local members only, with node-local ids, and are not
-  kept in the shared history), refuses new logins with ``error
+  (messages reach local members only, with node-local ids that may repeat
+  ids the rest of the cluster hands out meanwhile, and are not kept in the
+  shared history), refuses new logins with ``error
   unavailable``, logs the outage, and reconnects with jittered exponential
   backoff; then it claims its users' names and memberships again and
   carries on reading the stream where it left off.
@@ -42,7 +43,8 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Final
 
@@ -64,7 +66,7 @@ from ._envelope import (
     decode_envelope,
     encode_envelope,
 )
-from ._events import LOBBY, Message
+from ._events import LOBBY, DirectMessage, Message
 from ._exceptions import StartupError
 
 if TYPE_CHECKING:
@@ -354,6 +356,8 @@ class RedisBackplane:
         # Publications not seen back from the stream yet, by seq.
         self._waiting: dict[int, Publication] = {}
         self._last_entry: str | bytes = b"0-0"  # the last events-stream entry read
+        # This node's events whose delivery hooks have not run yet.
+        self._hooks_due: deque[Message | DirectMessage] = deque()
 
     # --- keys -------------------------------------------------------------
 
@@ -436,6 +440,7 @@ class RedisBackplane:
             await redis.script_load(script.script)
         users = list(server._users)
         rooms = {LOBBY}.union(*(user._rooms for user in users))
+        listed = _memberships(users)
         async with redis.pipeline(transaction=False) as pipe:
             renewed = self._renewal(pipe, [user.name for user in users])
             if not first:
@@ -453,6 +458,17 @@ class RedisBackplane:
             # A Redis that restarted empty must not hand out ids already used.
             self._call(self._floor, pipe, [self._key("last_id")], [server._last_id])
         self.available = True
+        # member() and release() did nothing while this awaited: whoever
+        # left, joined or went since ``users`` was taken is set right now.
+        now = _memberships(server._users)
+        for room, name in listed - now:
+            self.member(room, name, present=False)
+        for room, name in now - listed:
+            self.member(room, name, present=True)
+        present = {user.name.casefold() for user in server._users}
+        for user in users:
+            if user.name.casefold() not in present:
+                self.release(user.name)
         for name in self._lost_names(await renewed):
             log.warning("%s was claimed by another node during the outage", name)
             server.kick(name, f"the name {name} was taken during an outage")
@@ -531,6 +547,21 @@ class RedisBackplane:
             publication.result = event
             publication.done.set()
             if event is not None:
+                self._hooks_due.append(event)
+        # After the hooks the reader had still to run.
+        await self._run_hooks()
+
+    async def _run_hooks(self) -> None:
+        """Run the delivery hooks of the events in ``_hooks_due``, in order.
+        Losing Redis cancels the reader: an event's hooks run shielded (the
+        dispatcher bounds each by the server's ``hook_timeout``) so they are
+        not cut short, and the events left are :meth:`_lost`'s to run."""
+        server = self._server
+        assert server is not None
+        while self._hooks_due:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            event = self._hooks_due.popleft()
+            with trio.CancelScope(shield=True):
                 await server._cluster_delivered(event)
 
     # --- the writer -------------------------------------------------------
@@ -650,11 +681,13 @@ class RedisBackplane:
                         after.append((event, publication))
             finally:
                 server._end_batch()
+            # Every publication is answered before any hook is awaited.
             for event, publication in after:
                 if publication is not None:
                     publication.result = event
                     publication.done.set()
-                await server._cluster_delivered(event)
+                self._hooks_due.append(event)
+            await self._run_hooks()
 
     # --- the heartbeat ----------------------------------------------------
 
@@ -715,6 +748,12 @@ class RedisBackplane:
         self._send(_Publish(room, encode_envelope(env)), _ignore)
         return publication
 
+    def pending(self, user: Any) -> list[Publication]:
+        """The publications of ``user`` (a local sender) that have not come
+        back from the stream yet: the server waits for them before a leave,
+        rename or disconnect, so that every node sees them first."""
+        return [p for p in self._waiting.values() if p.user is user]
+
     def member(self, room: str, name: str, *, present: bool) -> None:
         """Record that ``name`` (of this node) joined or left ``room``."""
         if not self.available:
@@ -751,6 +790,11 @@ class RedisBackplane:
 
 def _ignore(result: Any) -> None:
     pass
+
+
+def _memberships(users: Iterable[Any]) -> set[tuple[str, str]]:
+    """The (room, name) of every room each of ``users`` is in."""
+    return {(room, user.name) for user in users for room in user._rooms}
 
 
 class _Publish:
