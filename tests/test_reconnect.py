@@ -630,6 +630,40 @@ async def test_leaving_a_room_while_it_catches_up() -> None:
         assert alice.joined_rooms == {"lobby"}
 
 
+async def test_a_left_lobby_stays_left_when_a_resume_is_cut_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server joins every login to the lobby and the resume leaves it
+    # again; a connection lost before that leave must not make the lobby a
+    # room to be back in (and to catch up) at the next resume.
+    resume = chatkit.ChatClient._resume
+    links: list[Proxy] = []
+
+    async def lose_the_first(self: chatkit.ChatClient) -> None:
+        if links:
+            await wait_until(lambda: "alice" in server.rooms["lobby"])
+            assert "lobby" not in self.joined_rooms
+            links.pop().cut()  # before the resume even re-joins dev
+        await resume(self)
+
+    monkeypatch.setattr(chatkit.ChatClient, "_resume", lose_the_first)
+    async with alice_behind_proxy() as (server, proxy, alice, inbox, bob):
+        await alice.join("dev")
+        await bob.join("dev")
+        await alice.leave("lobby")
+        await bob.say("lobby chatter")
+        links.append(proxy)
+        await drop_alice(server, proxy)
+        proxy.up = True
+        await inbox.expect(chatkit.Reconnected)
+        assert len(inbox.of(chatkit.ConnectionLost)) == 2
+        assert alice.joined_rooms == {"dev"}
+        assert "alice" not in server.rooms["lobby"]
+        await bob.say("in dev", room="dev")
+        await inbox.expect(chatkit.Message, text="in dev")
+        assert inbox.messages() == [("dev", "in dev")]
+
+
 # --- requests while reconnecting ---------------------------------------------
 
 

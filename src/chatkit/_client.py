@@ -430,14 +430,15 @@ class ChatClient:
             self.host, self.port, ssl_context=self._ssl_context
         )
 
-    async def _open_connection(self) -> Welcome:
-        """Connect and log in; the new connection becomes the current one."""
+    async def _open_connection(self, *, resuming: bool = False) -> Welcome:
+        """Connect and log in; the new connection becomes the current one.
+        ``resuming``: a reconnect, to be back in the rooms of ``_wanted``."""
         self._proto = ClientConnection(max_line_length=self._max_line_length)
         self._stream = None
         try:
             with trio.fail_after(self._connect_timeout):
                 self._stream = await self._open_stream()
-                welcome = await self._handshake()
+                welcome = await self._handshake(resuming=resuming)
         except BaseException:
             if self._stream is not None:
                 await trio.aclose_forcefully(self._stream)
@@ -446,7 +447,7 @@ class ChatClient:
         self._connected = True
         return welcome
 
-    async def _handshake(self) -> Welcome:
+    async def _handshake(self, *, resuming: bool) -> Welcome:
         assert self._stream is not None
         self._last_ref += 1
         await self._stream.send_all(
@@ -464,7 +465,13 @@ class ChatClient:
             if isinstance(event, Welcome):
                 self.name = event.name
                 self.server_name = event.server
-                self.joined_rooms.update(event.rooms)
+                rooms = set(event.rooms)
+                if resuming and LOBBY not in self._wanted:
+                    # We had left the lobby and the resume leaves it again:
+                    # it is not a room we will be back in, even should this
+                    # connection end before the resume could leave it.
+                    rooms.discard(LOBBY)
+                self.joined_rooms.update(rooms)
                 return event
             if isinstance(event, Error):
                 raise ChatError.from_code(event.code, event.message)
@@ -606,7 +613,7 @@ class ChatClient:
                 )
                 await trio.sleep(delay)
                 try:
-                    await self._open_connection()
+                    await self._open_connection(resuming=True)
                 except NameTaken as exc:
                     # Perhaps our old connection, not yet reaped by the server.
                     failures, name_taken, error = failures + 1, name_taken + 1, str(exc)
@@ -835,7 +842,11 @@ class ChatClient:
 
     def _track(self, event: ServerEvent) -> None:
         match event:
-            case Joined(room=room, name=name) if name == self.name:
+            case Joined(room=room, name=name) if name == self.name and not (
+                self._resuming is not None and room in self._resuming.dropping
+            ):
+                # (Not the lobby the server joins us to while the resume
+                # leaves it again: see _handshake.)
                 self.joined_rooms.add(room)
             case Left(room=room, name=name) if name == self.name:
                 self.joined_rooms.discard(room)
