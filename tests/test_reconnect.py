@@ -221,6 +221,30 @@ def unique_in_order(messages: Sequence[chatkit.Message]) -> None:
         assert in_room == sorted(in_room), f"{room} out of order"
 
 
+# --- entering ----------------------------------------------------------------
+
+
+async def test_entering_unbuffered_is_prompt_and_marks_the_lobby() -> None:
+    # Entering asks for the lobby's newest message (where its news starts,
+    # for a resume). With event_buffer=0 its answer must not wait behind
+    # our own `joined lobby`, which nobody reads before entering returns.
+    async with chatkit.open_server() as server, plain(server.port, "bob") as bob:
+        said = await bob.say("before")
+        with trio.fail_after(TIMEOUT):
+            async with connect(
+                server.port, "alice", event_buffer=0, connect_timeout=TIMEOUT * 2
+            ) as alice:
+                assert alice._mark_of("lobby") == said.id
+                # What came meanwhile is delivered, in order.
+                assert await alice.__anext__() == chatkit.Joined(
+                    room="lobby", name="alice"
+                )
+                await bob.say("after")
+                event = await alice.__anext__()
+                assert isinstance(event, chatkit.Message)
+                assert event.text == "after"
+
+
 # --- server restart ----------------------------------------------------------
 
 

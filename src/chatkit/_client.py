@@ -308,6 +308,8 @@ class ChatClient:
         self._wanted: set[str] = set()
         self._resuming: _Resume | None = None
         self._receiving_since: float | None = None
+        # Events read before the reader started, for it to route first.
+        self._backlog = collections.deque[ServerEvent]()
 
     # --- lifecycle --------------------------------------------------------
 
@@ -317,7 +319,13 @@ class ChatClient:
         self._entered = True
         try:
             welcome = await self._open_connection()
+            if self.reconnect is not None:
+                # Where the lobby's news starts, should we have to resume it.
+                await self._mark_lobby()
         except BaseException:
+            self._connected = False
+            if self._stream is not None:
+                await trio.aclose_forcefully(self._stream)
             self._done.set()
             self._hooks_done.set()
             raise
@@ -339,15 +347,6 @@ class ChatClient:
         else:
             self._hooks_done.set()
         self._nursery.start_soon(self._in_tasks_scope, self._run)
-        if self.reconnect is not None:
-            try:
-                # Where the lobby's news starts, should we have to resume it.
-                with suppress(ChatError), trio.move_on_after(self._connect_timeout):
-                    await self._mark_room(LOBBY)
-            except BaseException as exc:
-                # Cancelled: leave as a failed ``async with`` body would.
-                await self.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
         return self
 
     async def _in_tasks_scope(
@@ -769,6 +768,31 @@ class ChatClient:
         reply: HistoryReply = await self._request(
             History(room=room, limit=1, ref=self._next_ref()), wait=False
         )
+        self._take_mark(room, reply)
+
+    async def _mark_lobby(self) -> None:
+        """:meth:`_mark_room` for the lobby, on the first connection before
+        its reader starts: the events read meanwhile wait in ``_backlog``
+        for the reader. (The reader would hand them to ``async for`` first,
+        which nobody reads while ``__aenter__`` waits for the answer.)
+        Without an answer within ``connect_timeout``, the lobby has no mark.
+        """
+        ref = self._next_ref()
+        with suppress(ChatError), trio.move_on_after(self._connect_timeout):
+            await self._send(History(room=LOBBY, limit=1, ref=ref))
+            while True:
+                event = await self._next_event()
+                if getattr(event, "ref", None) != ref:
+                    self._backlog.append(event)
+                elif isinstance(event, HistoryReply):
+                    self._take_mark(LOBBY, event)
+                    return
+                else:
+                    return  # refused: no mark
+
+    def _take_mark(self, room: str, reply: HistoryReply) -> None:
+        """Note the newest message of ``reply`` (a ``limit=1`` history) as
+        ``room``'s mark, unless we delivered a newer one."""
         newest = reply.messages[-1] if reply.messages else None
         if newest is None:
             self._marks.setdefault(room, None)
@@ -784,6 +808,8 @@ class ChatClient:
 
     async def _reader(self, ping_scope: trio.CancelScope) -> None:
         try:
+            while self._backlog:
+                await self._route(self._backlog.popleft())
             while True:
                 event = await self._next_event()
                 await self._route(event)
