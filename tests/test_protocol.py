@@ -188,6 +188,14 @@ def test_framer_accepts_a_line_of_exactly_the_maximum() -> None:
     assert lines(framer) == [b"x" * 10, NEED_DATA]
 
 
+def test_framer_does_not_count_the_cr_of_a_crlf() -> None:
+    framer = LineFramer(max_line_length=10)
+    framer.receive_data(b"x" * 10 + b"\r")
+    assert framer.next_line() is NEED_DATA  # the \r may end the line
+    framer.receive_data(b"\n" + b"y" * 10 + b"z\r\n")
+    assert lines(framer) == [b"x" * 10 + b"\r", Err(ErrorCode.TOO_LARGE), NEED_DATA]
+
+
 def test_framer_rejects_a_complete_overlong_line_and_carries_on() -> None:
     framer = LineFramer(max_line_length=10)
     framer.receive_data(b"x" * 11 + b"\nafter\n")

@@ -100,10 +100,14 @@ class Mode(enum.Enum):
     LINE = "line"
 
 
+_CR: Final = 0x0D  # b"\r"[0]
+
+
 class LineFramer:
     """Incremental ``\\n`` framing with a bound on the line length.
 
-    A line longer than ``max_line_length`` bytes is discarded up to its end
+    A line longer than ``max_line_length`` bytes (not counting the ``\r`` of
+    a ``\r\n``) is discarded up to its end
     and reported once by raising :class:`RemoteProtocolError` (``too_large``);
     the lines after it are unaffected. Bytes after the last ``\\n`` at end of
     file are an incomplete line and are dropped.
@@ -150,7 +154,8 @@ class LineFramer:
             end = buf.find(b"\n", self._scanned)
             if end < 0:
                 pending = len(buf) - self._start
-                if pending > self.max_line_length and not self._discarding:
+                # One byte more may be the \r of a \r\n, not counted.
+                if pending > self.max_line_length + 1 and not self._discarding:
                     self._begin_discard()
                     raise RemoteProtocolError(
                         ErrorCode.TOO_LARGE,
@@ -169,7 +174,10 @@ class LineFramer:
             if self._discarding:
                 self._discarding = False
                 continue
-            if end - start > self.max_line_length:
+            length = end - start
+            if length and buf[end - 1] == _CR:
+                length -= 1  # a \r\n ends the line: the \r is not in it
+            if length > self.max_line_length:
                 raise RemoteProtocolError(
                     ErrorCode.TOO_LARGE,
                     f"line longer than {self.max_line_length} bytes",
