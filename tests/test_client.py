@@ -322,6 +322,27 @@ async def test_concurrent_requests_each_get_their_own_answer(
 # --- events ------------------------------------------------------------------
 
 
+class SlowHistory(chatkit.MemoryHistory):
+    """History whose pages take a while: an answer that comes late."""
+
+    async def recent(self, room: str, limit: int) -> Any:
+        await trio.sleep(0.3)
+        return await super().recent(room, limit)
+
+
+async def test_a_late_answer_to_a_cancelled_request_is_not_an_event() -> None:
+    async with (
+        chatkit.open_server(history=SlowHistory()) as server,
+        connect(server, "alice") as alice,
+    ):
+        assert isinstance(await next_event(alice), chatkit.Joined)
+        with trio.move_on_after(0.1):  # sent, then given up before the answer
+            await alice.history("lobby")
+        await trio.sleep(0.3)  # the answer has come meanwhile
+        said = await alice.say("hi")
+        assert await next_event(alice) == said
+
+
 async def test_iteration_yields_typed_events_and_ends_at_shutdown(
     server: chatkit.ChatServer,
 ) -> None:

@@ -114,6 +114,8 @@ _CLIENT_EVENT_HOOKS: Final = MappingProxyType(
 )
 
 _RECEIVE_SIZE: Final = 64 * 1024
+# Events that only answer a request (no news for ``async for``).
+_ANSWERS: Final = (Error, WhoReply, RoomsReply, HistoryReply, Pong)
 # The longest line accepted from the server by default: far above what a
 # server sends (its history replies are bounded, at a few MiB).
 _MAX_SERVER_LINE_LENGTH: Final = 16 * 1024 * 1024
@@ -839,8 +841,10 @@ class ChatClient:
                 else event
             )
             pending.done.set()
-            if isinstance(event, Error | WhoReply | RoomsReply | HistoryReply | Pong):
+            if isinstance(event, _ANSWERS):
                 return  # answered to the caller; not part of the event stream
+        elif isinstance(event, _ANSWERS) and isinstance(ref, int):
+            return  # the answer to a request whose caller gave up (cancelled)
         elif isinstance(event, Pong) and ref is None:
             return  # the answer to a keepalive ping
         resume = self._resuming
