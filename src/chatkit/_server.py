@@ -130,7 +130,6 @@ _HELD_SHARE: Final = 4
 # Every direct write: send(2), not write(2), which goes through the VFS layer
 # (a measurable share of the server's CPU at light load, docs/performance.md).
 _SEND: Final = socket.socket.send
-_NEWLINE: Final = 0x0A  # b"\n"[0]
 
 
 class LeaveReason(enum.StrEnum):
@@ -180,9 +179,9 @@ class User:
         # _write_now or _write_loop. _queued counts frames in _out.
         self._out = bytearray()
         self._queued = 0
-        # True while _out starts with the rest of a frame partly written:
-        # discarding the buffer (_close) keeps that rest, or the line would
-        # be torn.
+        # True once a write stopped partway through _out: its head may be
+        # the rest of a frame on the wire, which discarding the buffer
+        # (_close) keeps, or the line would be torn.
         self._torn = False
         # The connection's nursery, where _write_loop is started on demand.
         self._nursery: trio.Nursery | None = None
@@ -314,7 +313,7 @@ class User:
                 self._torn = False
                 return
             if sent:
-                self._torn = out[sent - 1] != _NEWLINE
+                self._torn = True
                 del out[:sent]
         self._start_writer()
 
@@ -435,6 +434,12 @@ class _Run:
         self.events: list[Message | Joined | Left] = []
         self.data = bytearray()  # JSON, for every member but origin
         self.own = bytearray()  # JSON, origin's copies (with refs)
+
+    def add(self, event: Message | Joined | Left, data: bytes, own: bytes) -> None:
+        """Append ``event``, encoded for the others and for its origin."""
+        self.events.append(event)
+        self.data += data
+        self.own += own
 
 
 def _copy_for(origin: User, runs: Sequence[_Run]) -> tuple[bytes, int]:
@@ -1350,10 +1355,7 @@ class ChatServer:
             runs = self._pending_runs
             if not runs or runs[-1].origin is not origin:
                 runs.append(_Run(origin))
-            run = runs[-1]
-            run.events.append(event)
-            run.data += data
-            run.own += own
+            runs[-1].add(event, data, own)
             # Many readers woken together can hold back more than a
             # member's buffer may take at once (max_queued_*): deliver such
             # a burst in parts, so that no part alone overflows a buffer.
@@ -1366,9 +1368,7 @@ class ChatServer:
                 self._flush_room()
             return
         run = _Run(origin)
-        run.events.append(event)
-        run.data += data
-        run.own += own
+        run.add(event, data, own)
         self._deliver(room, (run,))
 
     def _write_room_now(self) -> bool:
@@ -1389,9 +1389,7 @@ class ChatServer:
         assert room is not None
         members = room.members
         files = room.files
-        runs = self._pending_runs
-        frames = sum(len(run.events) for run in runs)
-        size = sum(len(run.data) for run in runs)
+        frames, size = self._held_frames, self._held_bytes
         busy = self._busy
         if (
             len(files) != len(members)
@@ -1400,9 +1398,7 @@ class ChatServer:
             or (busy and any(map(members.__contains__, busy)))
         ):
             return False
-        self._pending_room = None
-        self._pending_runs = []
-        self._held_bytes = self._held_frames = 0
+        runs = self._take_held()
         payload = b"".join(run.data for run in runs)
         users = list(files)
         targets = list(files.values())
@@ -1429,16 +1425,21 @@ class ChatServer:
                     user._start_writer()
         return True
 
+    def _take_held(self) -> list[_Run]:
+        """The broadcasts held back (see :meth:`_broadcast`), no longer
+        held."""
+        runs = self._pending_runs
+        self._pending_room = None
+        self._pending_runs = []
+        self._held_bytes = self._held_frames = 0
+        return runs
+
     def _flush_room(self) -> None:
         """Deliver the broadcasts held back by :meth:`_broadcast`."""
         room = self._pending_room
         if room is None:
             return
-        runs = self._pending_runs
-        self._pending_room = None
-        self._pending_runs = []
-        self._held_bytes = self._held_frames = 0
-        self._deliver(room, runs)
+        self._deliver(room, self._take_held())
 
     def _deliver(self, room: _Room, runs: Sequence[_Run]) -> None:
         """Hand ``runs`` to every member of ``room``: one append each, of
