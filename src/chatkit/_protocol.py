@@ -106,10 +106,10 @@ _CR: Final = 0x0D  # b"\r"[0]
 class LineFramer:
     """Incremental ``\\n`` framing with a bound on the line length.
 
-    A line longer than ``max_line_length`` bytes (not counting the ``\r`` of
-    a ``\r\n``) is discarded up to its end
-    and reported once by raising :class:`RemoteProtocolError` (``too_large``);
-    the lines after it are unaffected. Bytes after the last ``\\n`` at end of
+    A line longer than ``max_line_length`` bytes (not counting the ``\\r``
+    of a ``\\r\\n``) is discarded up to its end and reported once by
+    raising :class:`RemoteProtocolError` (``too_large``); the lines after it
+    are unaffected. Bytes after the last ``\\n`` at end of
     file are an incomplete line and are dropped.
     """
 

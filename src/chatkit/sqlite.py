@@ -195,6 +195,11 @@ class SqliteHistory:
         """Messages appended but not committed yet."""
         return len(self._pending) + len(self._writing)
 
+    @property
+    def _unrecorded(self) -> bool:
+        """An id was handed out above the ``last_id`` written."""
+        return self._recorded < self._highest
+
     @asynccontextmanager
     async def open(self) -> AsyncIterator[int]:
         """Open the database for the duration of an ``async with`` block.
@@ -350,7 +355,7 @@ class SqliteHistory:
     async def _write_loop(self) -> None:
         retry = _RETRY_MIN
         while True:
-            if not self._pending and self._recorded >= self._highest:
+            if not self._pending and not self._unrecorded:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
             if len(self._pending) < self.max_batch:
@@ -370,7 +375,7 @@ class SqliteHistory:
             self._pending.popleft()
             for _ in range(min(len(self._pending), self.max_batch))
         )
-        if not batch and self._recorded >= self._highest:
+        if not batch and not self._unrecorded:
             return True
         self._writing = batch
         rooms: set[str] | None = None
@@ -419,9 +424,7 @@ class SqliteHistory:
 
     async def _flush(self) -> None:
         """Write everything queued, once; called when closing."""
-        while (
-            self._pending or self._recorded < self._highest
-        ) and self._writer is not None:
+        while (self._pending or self._unrecorded) and self._writer is not None:
             if not await self._write_batch():
                 log.error(
                     "history database %s: %d messages could not be written",
@@ -587,11 +590,7 @@ class SqliteHistory:
         return int(last_id)
 
     async def _close(self) -> None:
-        if (
-            self._writer is not None
-            and not self.pending
-            and self._recorded >= self._highest
-        ):
+        if self._writer is not None and not self.pending and not self._unrecorded:
             try:
                 await trio.to_thread.run_sync(
                     self._writer.execute, "DELETE FROM meta WHERE key = 'running'"
