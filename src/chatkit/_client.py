@@ -506,12 +506,17 @@ class ChatClient:
     def _fail_answered(self, exc: RemoteProtocolError) -> None:
         """A bad line that carries the ref of a request answers it: with an
         error, rather than never."""
-        pending = self._pending.pop(exc.ref, None) if isinstance(exc.ref, int) else None
-        if pending is not None:
-            pending.result = ChatError.from_code(
-                exc.code, f"bad answer from the server: {exc.message}"
-            )
-            pending.done.set()
+        message = f"bad answer from the server: {exc.message}"
+        self._answer(exc.ref, ChatError.from_code(exc.code, message))
+
+    def _answer(self, ref: object, result: Any) -> bool:
+        """Hand ``result`` to the request of ``ref``; False if none waits."""
+        pending = self._pending.pop(ref, None) if isinstance(ref, int) else None
+        if pending is None:
+            return False
+        pending.result = result
+        pending.done.set()
+        return True
 
     # --- connections ------------------------------------------------------
 
@@ -833,14 +838,12 @@ class ChatClient:
     async def _route(self, event: ServerEvent) -> None:
         self._track(event)
         ref = getattr(event, "ref", None)
-        if isinstance(ref, int) and ref in self._pending:
-            pending = self._pending.pop(ref)
-            pending.result = (
-                ChatError.from_code(event.code, event.message)
-                if isinstance(event, Error)
-                else event
-            )
-            pending.done.set()
+        if self._answer(
+            ref,
+            ChatError.from_code(event.code, event.message)
+            if isinstance(event, Error)
+            else event,
+        ):
             if isinstance(event, _ANSWERS):
                 return  # answered to the caller; not part of the event stream
         elif isinstance(event, _ANSWERS) and isinstance(ref, int):
