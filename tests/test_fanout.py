@@ -33,6 +33,22 @@ def say(text: str, room: str = "lobby", ref: int | None = None) -> bytes:
     return json.dumps(fields).encode() + b"\n"
 
 
+@asynccontextmanager
+async def lazy_member(
+    server: chatkit.ChatServer,
+) -> AsyncIterator[tuple[RawClient, server_module.User]]:
+    """``lazy``, logged in on a small receive window and not reading, and
+    its user on the server."""
+    lazy = await open_small_window(server.port)
+    try:
+        await lazy.hello("lazy")
+        user = server.get_user("lazy")
+        assert user is not None
+        yield lazy, user
+    finally:
+        await lazy.aclose()
+
+
 class CountingOs:
     """Stands in for chatkit._server's ``_SEND``, the socket ``send`` of
     every direct write: counts writes per descriptor, and the room-wide
@@ -255,12 +271,8 @@ async def test_busy_users_are_forgotten_when_their_connection_ends(
     # it must not stay there.
     async with chatkit.open_server(rate_limit=None) as server:
         alice = await login(open_raw, server.port, "alice")
-        lazy = await open_small_window(server.port)
-        try:
-            await lazy.hello("lazy")
+        async with lazy_member(server) as (_, user):
             await alice.expect("joined", name="lazy")
-            user = server.get_user("lazy")
-            assert user is not None
             text = "x" * 2000
             for i in range(50):
                 await alice.send_bytes(say(f"{i} {text}", ref=i))
@@ -269,8 +281,6 @@ async def test_busy_users_are_forgotten_when_their_connection_ends(
             assert user._writing and user in server._busy
             assert server.kick("lazy")
             await wait_until(lambda: server.get_user("lazy") is None)
-        finally:
-            await lazy.aclose()
         await wait_until(lambda: not server._busy)
 
 
@@ -415,28 +425,21 @@ async def test_a_batch_bigger_than_a_buffer_does_not_drop_readers(
 
 
 async def test_a_too_slow_error_never_follows_half_a_frame() -> None:
-    async with chatkit.open_server(
-        rate_limit=None, max_queued_bytes=64 * 1024
-    ) as server:
-        lazy = await open_small_window(server.port)
-        try:
-            await lazy.hello("lazy")
-            await lazy.expect("joined", name="lazy")
-            user = server.get_user("lazy")
-            assert user is not None
-            # No checkpoint between the posts: a partial direct write leaves
-            # the rest of a frame in the buffer, and the writer it started
-            # has not run when the buffer overflows.
-            for i in range(200):
-                await server.post("lobby", f"{i:04d}" + "x" * 3000)
-                if user._output_ended:
-                    break
-            assert user._output_ended
-            lines = await lazy.assert_closed(within=10)
-            frames = [json.loads(line) for line in lines]  # none torn
-            assert frames[-1]["code"] == "too_slow"
-        finally:
-            await lazy.aclose()
+    async with (
+        chatkit.open_server(rate_limit=None, max_queued_bytes=64 * 1024) as server,
+        lazy_member(server) as (lazy, user),
+    ):
+        # No checkpoint between the posts: a partial direct write leaves
+        # the rest of a frame in the buffer, and the writer it started
+        # has not run when the buffer overflows.
+        for i in range(200):
+            await server.post("lobby", f"{i:04d}" + "x" * 3000)
+            if user._output_ended:
+                break
+        assert user._output_ended
+        lines = await lazy.assert_closed(within=10)
+        frames = [json.loads(line) for line in lines]  # none torn
+        assert frames[-1]["code"] == "too_slow"
 
 
 async def test_tls_connections_are_written_by_their_writer_only(

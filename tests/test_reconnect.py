@@ -580,13 +580,8 @@ async def test_live_messages_after_an_overflow_are_not_lost(
     # those dropped, moving the mark past them): all are fetched again.
     monkeypatch.setattr(_client, "_HOLD_LIMIT", 3)
     slow = SlowHistory()
-    async with alice_behind_proxy(history=slow, client={"event_buffer": 1}) as (
-        server,
-        proxy,
-        alice,
-        inbox,
-        bob,
-    ):
+    scene = alice_behind_proxy(history=slow, client={"event_buffer": 1})
+    async with scene as (server, proxy, alice, inbox, bob):
         await drop_alice(server, proxy)
         slow.armed = True
         proxy.up = True

@@ -9,6 +9,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,23 +133,32 @@ async def test_queries_see_messages_not_written_yet(tmp_path: Path) -> None:
         assert list(await store.recent("lobby", 10)) == said
 
 
+@asynccontextmanager
+async def chat_on(path: Path, *names: str) -> AsyncIterator[list[chatkit.ChatClient]]:
+    """A server keeping history in ``path``, and a client for each name."""
+    async with (
+        chatkit.open_server(history=SqliteHistory(path)) as server,
+        AsyncExitStack() as stack,
+    ):
+        yield [
+            await stack.enter_async_context(
+                chatkit.connect("127.0.0.1", server.port, name=name)
+            )
+            for name in names
+        ]
+
+
 async def test_restarted_server_keeps_history_and_ids_keep_increasing(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "chat.sqlite3"
-    async with (
-        chatkit.open_server(history=SqliteHistory(path)) as server,
-        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
-    ):
+    async with chat_on(path, "alice") as (alice,):
         await alice.join("dev")
         said = [
             unref(await alice.say(f"before the restart {n}", "dev")) for n in (1, 2)
         ]
 
-    async with (
-        chatkit.open_server(history=SqliteHistory(path)) as server,
-        chatkit.connect("127.0.0.1", server.port, name="bob") as bob,
-    ):
+    async with chat_on(path, "bob") as (bob,):
         await bob.join("dev")
         assert await bob.history("dev") == tuple(said)
         after = unref(await bob.say("after the restart", "dev"))
@@ -162,18 +172,11 @@ async def test_direct_message_ids_are_not_reused_after_a_restart(
     # Direct messages are not stored, but their ids come from the same
     # counter: the store keeps the highest one (SqliteHistory.note_id).
     path = tmp_path / "chat.sqlite3"
-    async with (
-        chatkit.open_server(history=SqliteHistory(path)) as server,
-        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
-        chatkit.connect("127.0.0.1", server.port, name="bob"),
-    ):
+    async with chat_on(path, "alice", "bob") as (alice, _):
         said = await alice.say("hello")
         dms = [await alice.dm("bob", f"psst {n}") for n in range(3)]
     assert [dm.id for dm in dms] == [said.id + 1, said.id + 2, said.id + 3]
-    async with (
-        chatkit.open_server(history=SqliteHistory(path)) as server,
-        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
-    ):
+    async with chat_on(path, "alice") as (alice,):
         assert (await alice.say("after the restart")).id == dms[-1].id + 1
 
 
