@@ -210,6 +210,7 @@ class Worker:
     def __init__(self, slot: int, workers: int, shared: Any, args: dict[str, Any]):
         self.workers = workers
         self.shared = shared
+        self.slot = slot
         self.sent_slot = slot
         self.recv_slot = workers + slot
         self.dialect = DIALECTS[args["dialect"]]()
@@ -311,12 +312,18 @@ class Worker:
                 append(now - sent)
 
     async def fixed_rate(self, start: float, end: float, rate: float) -> None:
-        """Send ``rate`` messages per second, round robin over our senders."""
+        """Send ``rate`` messages per second, round robin over our senders.
+
+        The workers interleave: worker ``k`` of ``W`` starts ``k / W`` of an
+        interval late, so that together they offer one message every
+        ``interval / W`` rather than ``W`` messages at once every
+        ``interval``.
+        """
         senders = self.senders
         if not senders or rate <= 0:
             return
         interval = 1.0 / rate
-        due = start
+        due = start + interval * self.slot / self.workers
         i = 0
         while True:
             now = time.monotonic()
