@@ -479,7 +479,7 @@ def _fit(
 
 
 class _Room:
-    __slots__ = ("files", "members", "name")
+    __slots__ = ("_sockets", "files", "members", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -487,6 +487,35 @@ class _Room:
         # The members that can be written to directly, in JSON mode, with
         # each one's (stdlib) socket: see ChatServer._write_room_now.
         self.files: dict[User, socket.socket] = {}
+        self._sockets: tuple[list[socket.socket], dict[User, int]] | None = None
+
+    def add(self, user: User) -> None:
+        """Make ``user`` the newest member."""
+        self.members[user] = None
+        if user._sock is not None and user._proto.mode is not Mode.LINE:
+            self.files[user] = user._sock
+            self._sockets = None
+
+    def remove(self, user: User) -> None:
+        """Make ``user`` no longer a member."""
+        del self.members[user]
+        if self.files.pop(user, None) is not None:
+            self._sockets = None
+
+    def sockets(self) -> tuple[list[socket.socket], dict[User, int]]:
+        """The values of :attr:`files` as a list, and each key's index in
+        it; kept until the membership changes, and never changed in place
+        (a fan-out in progress keeps its own). A broadcast then costs no
+        Python object per member: building these touches every member's
+        objects, which at N=1000 costs more than the message's own work."""
+        sockets = self._sockets
+        if sockets is None:
+            files = self.files
+            sockets = self._sockets = (
+                list(files.values()),
+                dict(zip(files, range(len(files)), strict=True)),
+            )
+        return sockets
 
 
 class ChatServer:
@@ -1400,23 +1429,32 @@ class ChatServer:
             return False
         runs = self._take_held()
         payload = b"".join(run.data for run in runs)
-        users = list(files)
-        targets = list(files.values())
+        sockets, index = room.sockets()
+        skip = []
         for origin in dict.fromkeys(run.origin for run in runs):
-            if origin is not None and origin in files:
-                index = users.index(origin)
-                del users[index], targets[index]
+            if origin is not None and origin in index:
+                skip.append(index[origin])
                 origin._enqueue(*_copy_for(origin, runs))
-        # list.extend keeps what map produced before an exception: the
-        # socket that raised is the next one (its writer reports the error).
+        targets = sockets
+        if skip:
+            targets = sockets.copy()
+            for i in sorted(skip, reverse=True):
+                del targets[i]
+        # list.extend keeps what map produced before an exception, and map
+        # has taken the socket that raised from the iterator (its writer
+        # reports the error): the next round goes on after it.
         sent: list[int | None] = []
+        rest = iter(targets)
         while True:
             try:
-                sent.extend(map(_SEND, targets[len(sent) :], repeat(payload)))
+                sent.extend(map(_SEND, rest, repeat(payload)))
                 break
             except OSError:  # BlockingIOError: its buffer is full
                 sent.append(None)
         if sent.count(size) != len(sent):
+            users = list(index)  # in the order of sockets, as they were
+            for i in sorted(skip, reverse=True):
+                del users[i]
             for user, count in zip(users, sent, strict=True):
                 if count != size:
                     user._out += memoryview(payload)[count or 0 :]
@@ -1540,9 +1578,7 @@ class ChatServer:
     def _add_member(self, user: User, room: _Room, ref: str | int | None) -> None:
         if self._pending_room is not None:
             self._flush_room()  # the newcomer must not get earlier messages
-        room.members[user] = None
-        if user._sock is not None and user._proto.mode is not Mode.LINE:
-            room.files[user] = user._sock
+        room.add(user)
         user._rooms[room.name] = None
         limit = self.presence_limit
         announce = limit is None or len(room.members) <= limit
@@ -1582,8 +1618,7 @@ class ChatServer:
     ) -> None:
         if self._pending_room is not None:
             self._flush_room()  # the leaver still gets earlier messages
-        del room.members[user]
-        room.files.pop(user, None)
+        room.remove(user)
         del user._rooms[room.name]
         limit = self.presence_limit
         # The room had len + 1 members: announce only if that is in the limit.
