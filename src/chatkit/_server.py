@@ -1012,11 +1012,11 @@ class ChatServer:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if user._name is not None:
-                scope.deadline = (
-                    trio.current_time() + self.idle_timeout
-                    if self.idle_timeout is not None
-                    else math.inf
-                )
+                idle = self.idle_timeout
+                if idle is not None:
+                    scope.deadline = trio.current_time() + idle
+                elif scope.deadline != math.inf:  # the setter costs: not per read
+                    scope.deadline = math.inf
             proto.receive_data(data)
             # Every request decoded from one read is handled before the next
             # read, so the writers see one batch per read and coalesce it.
@@ -1430,11 +1430,12 @@ class ChatServer:
         runs = self._take_held()
         payload = b"".join(run.data for run in runs)
         sockets, index = room.sockets()
-        skip = []
-        for origin in dict.fromkeys(run.origin for run in runs):
-            if origin is not None and origin in index:
-                skip.append(index[origin])
-                origin._enqueue(*_copy_for(origin, runs))
+        origins = [
+            origin
+            for origin in dict.fromkeys(run.origin for run in runs)
+            if origin is not None and origin in index
+        ]
+        skip = [index[origin] for origin in origins]
         targets = sockets
         if skip:
             targets = sockets.copy()
@@ -1461,6 +1462,11 @@ class ChatServer:
                     user._queued += frames
                     user._torn = bool(count)
                     user._start_writer()
+        # The senders' own copies (their acknowledgements) last: a send wakes
+        # the reader at the other end, and the others' deliveries need not
+        # wait for that.
+        for origin in origins:
+            origin._enqueue(*_copy_for(origin, runs))
         return True
 
     def _take_held(self) -> list[_Run]:
