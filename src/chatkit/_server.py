@@ -506,8 +506,8 @@ class _Room:
         """The values of :attr:`files` as a list, and each key's index in
         it; kept until the membership changes, and never changed in place
         (a fan-out in progress keeps its own). A broadcast then reads no
-        member's ``User`` and scans for no sender: at N=1000, building
-        these for each message cost more than the message's own work."""
+        member's ``User`` and scans for no sender (building these for each
+        message held the first delivery back: see docs/performance.md)."""
         sockets = self._sockets
         if sockets is None:
             files = self.files
