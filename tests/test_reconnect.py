@@ -524,6 +524,14 @@ class SlowHistory(chatkit.MemoryHistory):
         self.asked = trio.Event()
         self.release = trio.Event()
 
+    async def let_back(self, proxy: Proxy) -> None:
+        """Arm, bring the network back up, and return once the dropped
+        client's catch-up has asked for its last page (held until
+        ``release``)."""
+        self.armed = True
+        proxy.up = True
+        await self.asked.wait()
+
     async def after(self, room: str, id: int, limit: int) -> Sequence[chatkit.Message]:
         page = await super().after(room, id, limit)
         if self.armed and not page:
@@ -548,9 +556,7 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
         await drop_alice(server, proxy)
         await bob.say("missed 1")
         await bob.say("missed 2")
-        slow.armed = True
-        proxy.up = True
-        await slow.asked.wait()  # alice is back, catching up
+        await slow.let_back(proxy)  # alice is back, catching up
         for n in range(5):
             await bob.say(f"live {n}")
         # Held back until the catch-up is done (or, past the limit,
@@ -583,9 +589,7 @@ async def test_live_messages_after_an_overflow_are_not_lost(
     scene = alice_behind_proxy(history=slow, client={"event_buffer": 1})
     async with scene as (server, proxy, alice, inbox, bob):
         await drop_alice(server, proxy)
-        slow.armed = True
-        proxy.up = True
-        await slow.asked.wait()  # alice is back, catching up
+        await slow.let_back(proxy)  # alice is back, catching up
         for n in range(5):
             await bob.say(f"live {n}")
         resume = alice._resuming
@@ -634,9 +638,7 @@ async def test_leaving_a_room_while_it_catches_up() -> None:
         await drop_alice(server, proxy)
         await bob.say("missed")
         await bob.say("missed in zoo", room="zoo")
-        slow.armed = True  # the lobby's catch-up ends late
-        proxy.up = True
-        await slow.asked.wait()
+        await slow.let_back(proxy)  # the lobby's catch-up ends late
         # Requests may go during the catch-up. (The server answers this
         # one after the held page: it reads a connection's requests in
         # order.)
