@@ -211,7 +211,6 @@ class Worker:
         self.workers = workers
         self.shared = shared
         self.slot = slot
-        self.sent_slot = slot
         self.recv_slot = workers + slot
         self.dialect = DIALECTS[args["dialect"]]()
         self.irc = args["dialect"] == "irc"
@@ -291,7 +290,7 @@ class Worker:
                 conn.send_messages(count)
                 self.sent += count
         self.next_sender = (start + extra) % len(senders)
-        shared[self.sent_slot] = self.sent
+        shared[self.slot] = self.sent
 
     def poll(self) -> None:
         if not self.pumping:
@@ -337,7 +336,7 @@ class Worker:
                 i += 1
                 self.sent += 1
                 due += interval
-            self.shared[self.sent_slot] = self.sent
+            self.shared[self.slot] = self.sent
 
     # --- commands -------------------------------------------------------
 
@@ -390,7 +389,7 @@ class Worker:
             if conn.index == sender:
                 conn.send_messages(1)
                 self.sent += 1
-                self.shared[self.sent_slot] = self.sent
+                self.shared[self.slot] = self.sent
 
     def close_all(self) -> None:
         for conn in self.conns:
