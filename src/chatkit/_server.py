@@ -47,7 +47,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 import trio
@@ -130,6 +130,7 @@ _HELD_SHARE: Final = 4
 # Every direct write: send(2), not write(2), which goes through the VFS layer
 # (a measurable share of the server's CPU at light load, docs/performance.md).
 _SEND: Final = socket.socket.send
+_T = TypeVar("_T")
 
 
 class LeaveReason(enum.StrEnum):
@@ -453,6 +454,14 @@ def _copy_for(origin: User, runs: Sequence[_Run]) -> tuple[bytes, int]:
         return b"".join(map(encode_line, events)), len(events)
     own = (run.own if run.origin is origin else run.data for run in runs)
     return b"".join(own), sum(len(run.events) for run in runs)
+
+
+def _without(items: list[_T], positions: Sequence[int]) -> list[_T]:
+    """A copy of ``items`` without the items at ``positions`` (descending)."""
+    kept = items.copy()
+    for position in positions:
+        del kept[position]
+    return kept
 
 
 def _fit(
@@ -1435,12 +1444,8 @@ class ChatServer:
             for origin in dict.fromkeys(run.origin for run in runs)
             if origin is not None and origin in index
         ]
-        skip = [index[origin] for origin in origins]
-        targets = sockets
-        if skip:
-            targets = sockets.copy()
-            for i in sorted(skip, reverse=True):
-                del targets[i]
+        skip = sorted((index[origin] for origin in origins), reverse=True)
+        targets = _without(sockets, skip) if skip else sockets
         # list.extend keeps what map produced before an exception, and map
         # has taken the socket that raised from the iterator (its writer
         # reports the error): the next round goes on after it.
@@ -1453,9 +1458,7 @@ class ChatServer:
             except OSError:  # BlockingIOError: its buffer is full
                 sent.append(None)
         if sent.count(size) != len(sent):
-            users = list(index)  # in the order of sockets, as they were
-            for i in sorted(skip, reverse=True):
-                del users[i]
+            users = _without(list(index), skip)  # in the order of sockets
             for user, count in zip(users, sent, strict=True):
                 if count != size:
                     user._out += memoryview(payload)[count or 0 :]
