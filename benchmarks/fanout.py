@@ -72,8 +72,10 @@ ALL_SERVERS = [
     "chatkit-direct",
     "chatkit",
 ]
-#: Not in the default run: the baseline with TCP_NODELAY, as chatkit has it.
-EXTRA_SERVERS = ["threaded-nodelay"]
+#: Not in the default run: the baseline with TCP_NODELAY, as chatkit has it,
+#: and the baseline's protocol served by a minimal trio server (the floor
+#: for chatkit's single event-loop thread: benchmarks/trio_minimal_server.py).
+EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal"]
 #: The chatkit before issue 5's fan-out work (a writer task per connection,
 #: woken per message), measured from git for before/after figures.
 BEFORE_REV = "81bce0d"
@@ -140,7 +142,7 @@ class Server:
 
     @property
     def dialect(self) -> str:
-        if self.name.startswith("threaded"):
+        if self.name.startswith("threaded") or self.name == "trio-minimal":
             return "line"
         if self.name == "ngircd":
             return "irc"
@@ -153,6 +155,8 @@ class Server:
             if self.name == "threaded-nodelay":
                 cmd.append("--nodelay")
             return cmd, None
+        if self.name == "trio-minimal":
+            return [py, str(HERE / "trio_minimal_server.py"), "--port", "0"], None
         if self.name == "ngircd":
             binary = shutil.which("ngircd") or (
                 "/usr/sbin/ngircd" if os.path.exists("/usr/sbin/ngircd") else None
