@@ -3,7 +3,7 @@
 One command measures every server in one run, on loopback only:
 
     python benchmarks/fanout.py                 # the full run (minutes)
-    python benchmarks/fanout.py --smoke         # ~5 s, tiny N: CI's check
+    python benchmarks/fanout.py --smoke         # ~10 s, tiny N: CI's check
     python benchmarks/fanout.py --help          # every knob
 
 Each server under test runs in its own process on a free 127.0.0.1 port:
@@ -79,7 +79,8 @@ EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal"]
 #: The chatkit before issue 5's fan-out work (a writer task per connection,
 #: woken per message), measured from git for before/after figures.
 BEFORE_REV = "81bce0d"
-SMOKE_SERVERS = ["threaded", "ngircd", "chatkit"]
+#: The smoke run (CI) covers every server implementation in this directory.
+SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "trio-minimal"]
 
 
 class BenchError(Exception):
@@ -773,8 +774,8 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
 def add_run_arguments(
     parser: argparse.ArgumentParser,
     json_help: str = "write results",
-    smoke_help: str = "tiny and quick (CI): threaded, ngircd, chatkit; N=10; "
-    "no scale run",
+    smoke_help: str = "tiny and quick (CI): threaded, ngircd, chatkit, "
+    "trio-minimal; N=10; no scale run",
     profile_help: str = "comma-separated servers to py-spy in one extra "
     "throughput phase (e.g. chatkit)",
 ) -> None:
