@@ -1492,7 +1492,7 @@ class ChatServer:
         """Hand ``runs`` to every member of ``room``: one append each, of
         bytes encoded once per mode (each origin's own, see :func:`_copy_for`).
         """
-        origins = {run.origin: None for run in runs}
+        origins = dict.fromkeys(run.origin for run in runs)
         frames = sum(len(run.events) for run in runs)
         data = b"".join(run.data for run in runs)
         lines: bytes | None = None
