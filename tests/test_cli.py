@@ -290,6 +290,22 @@ async def test_presence_limit_option(launch: Launch) -> None:
     assert not [line for line in alice.output if "bob has joined" in line]
 
 
+async def test_split_fanout_at_option(launch: Launch) -> None:
+    # Two others: every message of this room is sent from two threads.
+    _server, port = await start_server(launch, "--no-db", "--split-fanout-at", "2")
+    alice = await start_client(launch, port, "alice")
+    bob = await start_client(launch, port, "bob")
+    carol = await start_client(launch, port, "carol")
+    await carol.send("hi\n")
+    await alice.expect(r"^carol: hi$")
+    await bob.expect(r"^carol: hi$")
+    bad = await launch("server", "--no-db", "--port", "0", "--split-fanout-at", "1")
+    assert await bad.wait() == 2
+    assert any(
+        "split_fanout_at must be at least 2, not 1" in line for line in await bad.rest()
+    )
+
+
 async def test_server_plugin_option(launch: Launch) -> None:
     _server, port = await start_server(
         launch, "--plugin", "examples.profanity_filter:ProfanityFilter"

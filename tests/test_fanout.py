@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -469,6 +470,158 @@ async def test_an_idle_connection_holds_no_writer_task(open_raw: OpenRaw) -> Non
         await alice.expect("message", ref=1)
         for user in server.users:
             assert not user._writing
+
+
+# --- split_fanout_at: the fan-out from two threads ----------------------------
+
+
+class ThreadRecordingSend:
+    """Stands in for ``_SEND``: records, per send, the sending thread and
+    whether KeyboardInterrupt was held off; refuses the first write to
+    ``refuse_first`` as if its buffer were full."""
+
+    def __init__(self, refuse_first: int | None = None) -> None:
+        self.sends: list[tuple[int, int, bool]] = []  # (fd, thread, protected)
+        self.refuse_first = refuse_first
+
+    def send(self, sock: socket.socket, data: bytes) -> int:
+        fd = sock.fileno()
+        protected = threading.get_ident() != threading.main_thread().ident or (
+            trio.lowlevel.currently_ki_protected()
+        )
+        self.sends.append((fd, threading.get_ident(), protected))
+        if fd == self.refuse_first:
+            self.refuse_first = None
+            raise BlockingIOError
+        return sock.send(data)
+
+    def threads(self) -> set[int]:
+        return {thread for _, thread, _ in self.sends}
+
+
+@asynccontextmanager
+async def split_room(
+    open_raw: OpenRaw,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    split_fanout_at: int | None = 2,
+    refuse: str | None = None,
+) -> AsyncIterator[tuple[chatkit.ChatServer, ThreadRecordingSend, list[RawClient]]]:
+    """alice, bob, carol and dave in the lobby of a server splitting
+    fan-outs to ``split_fanout_at`` members, its direct writes recorded."""
+    async with chatkit.open_server(
+        rate_limit=None, split_fanout_at=split_fanout_at
+    ) as server:
+        users = await crowd(open_raw, server.port, "alice", "bob", "carol", "dave")
+        recording = ThreadRecordingSend(
+            refuse_first=None if refuse is None else fd_of(server, refuse)
+        )
+        monkeypatch.setattr(server_module, "_SEND", recording.send)
+        yield server, recording, users
+
+
+async def test_a_lone_message_to_a_large_room_is_sent_from_two_threads(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with split_room(open_raw, monkeypatch) as (server, recording, users):
+        alice, *others = users
+        for i in range(5):  # one at a time: each is alone in its batch
+            await alice.send_bytes(say(f"m{i}", ref=i))
+            assert (await alice.receive_json())["ref"] == i
+        for client in others:
+            assert [(await client.receive_json())["text"] for _ in range(5)] == [
+                f"m{i}" for i in range(5)
+            ]
+        assert threading.get_ident() in recording.threads()
+        assert len(recording.threads()) == 2
+        # The event loop's thread waits for the other with KeyboardInterrupt
+        # held off: it cannot leave the other thread sending on its own.
+        # (alice's own copies are sent after the join.)
+        own = fd_of(server, "alice")
+        assert all(protected for fd, _, protected in recording.sends if fd != own)
+
+
+@pytest.mark.parametrize(
+    ("split_fanout_at", "texts"),
+    [
+        (4, ["to three others"]),  # a room too small to split
+        (2, ["one", "two"]),  # two messages from one read: a batch, under load
+    ],
+)
+async def test_a_batch_or_a_small_room_is_sent_from_the_event_loop(
+    open_raw: OpenRaw,
+    monkeypatch: pytest.MonkeyPatch,
+    split_fanout_at: int,
+    texts: list[str],
+) -> None:
+    async with split_room(open_raw, monkeypatch, split_fanout_at=split_fanout_at) as (
+        _,
+        recording,
+        users,
+    ):
+        alice, *others = users
+        await alice.send_bytes(b"".join(say(text) for text in texts))
+        for client in others:
+            assert [(await client.receive_json())["text"] for _ in texts] == texts
+        assert recording.threads() == {threading.get_ident()}
+
+
+async def test_split_fanout_at_none_never_splits(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert chatkit.ChatServer().split_fanout_at == 256
+    async with split_room(open_raw, monkeypatch, split_fanout_at=None) as (
+        _,
+        recording,
+        users,
+    ):
+        alice, *others = users
+        await alice.send_bytes(say("hi", ref=1))
+        for client in others:
+            assert (await client.receive_json())["text"] == "hi"
+        assert recording.threads() == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("refuse", ["bob", "dave"])  # each half
+async def test_a_full_socket_in_either_half_keeps_its_copy(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch, refuse: str
+) -> None:
+    async with split_room(open_raw, monkeypatch, refuse=refuse) as (
+        _,
+        recording,
+        users,
+    ):
+        alice, *others = users
+        await alice.send_bytes(say("one", ref=1))
+        await alice.expect("message", ref=1)
+        await alice.send_bytes(say("two", ref=2))
+        for client in others:
+            assert (await client.receive_json())["text"] == "one"
+            assert (await client.receive_json())["text"] == "two"
+        assert recording.refuse_first is None  # it was refused
+        assert len(recording.threads()) == 2
+
+
+async def test_with_no_thread_to_be_had_the_event_loop_sends_all(
+    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_thread(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    async with split_room(open_raw, monkeypatch) as (_, recording, users):
+        monkeypatch.setattr(trio.lowlevel, "start_thread_soon", no_thread)
+        alice, *others = users
+        await alice.send_bytes(say("hi", ref=1))
+        for client in others:
+            assert (await client.receive_json())["text"] == "hi"
+        assert recording.threads() == {threading.get_ident()}
+        assert len(recording.sends) == 4  # three others, then alice
+
+
+@pytest.mark.parametrize("at", [1, 0, -5])
+def test_split_fanout_at_is_checked(at: int) -> None:
+    with pytest.raises(ValueError, match="split_fanout_at must be at least 2"):
+        chatkit.ChatServer(split_fanout_at=at)
 
 
 # --- presence_limit -----------------------------------------------------------

@@ -1,6 +1,7 @@
 """The engineering rules of STYLE.md and issue 2, enforced on the source tree.
 
-No threads (except chatkit.sqlite's awaited worker threads), no module-level
+No threads (except chatkit.sqlite's awaited worker threads and the fan-out's
+fork-join in chatkit._server), no module-level
 mutable state, a protocol layer that never touches trio or sockets, and a
 public API that is complete and documented.
 """
@@ -67,14 +68,53 @@ def test_the_source_tree_is_where_we_look() -> None:
 THREAD_MODULES = ("threading", "_thread", "concurrent.futures", "multiprocessing")
 
 
+# The other exception: a large room's fan-out at light load
+# (chatkit._server._send_each_split) hands half of its sockets to a thread of
+# trio's thread cache (trio.lowlevel.start_thread_soon) and waits for it on a
+# threading.Lock before the call returns. That thread only calls
+# socket.send, never back into trio, and does not outlive the call.
+MAY_JOIN_A_THREAD = "_server.py"
+FORK_JOIN = "_send_each_split"
+
+
 @pytest.mark.parametrize("path", MODULES, ids=module_id)
 def test_no_module_imports_threading(path: Path) -> None:
     offending = [
         (line, name)
         for line, name in imported_modules(parse(path))
         if any(name == bad or name.startswith(bad + ".") for bad in THREAD_MODULES)
+        and not (path.name == MAY_JOIN_A_THREAD and name == "threading")
     ]
     assert offending == []
+
+
+def test_the_fork_join_is_the_only_thread_in_the_server() -> None:
+    tree = parse(SRC / MAY_JOIN_A_THREAD)
+    functions = {
+        node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+    }
+
+    def attribute_uses(node: ast.AST, *names: str) -> list[str]:
+        return [
+            ast.unparse(sub)
+            for sub in ast.walk(node)
+            if isinstance(sub, ast.Attribute) and sub.attr in names
+        ]
+
+    # threading gives the join's lock and nothing else, and it and the
+    # thread cache are used in the fork-join alone.
+    uses = sorted(attribute_uses(tree, "start_thread_soon", "Lock", "Thread"))
+    assert uses == ["threading.Lock", "trio.lowlevel.start_thread_soon"]
+    assert (
+        sorted(attribute_uses(functions[FORK_JOIN], "start_thread_soon", "Lock"))
+        == uses
+    )
+    # KeyboardInterrupt cannot cut the join short.
+    decorators = [ast.unparse(d) for d in functions[FORK_JOIN].decorator_list]
+    assert decorators == ["trio.lowlevel.enable_ki_protection"]
+    for path in MODULES:
+        if path.name != MAY_JOIN_A_THREAD:
+            assert attribute_uses(parse(path), "start_thread_soon") == [], path.name
 
 
 # The one exception: sqlite3 has no non-blocking interface, so chatkit.sqlite

@@ -25,7 +25,9 @@ Only what the kernel does not take is left to the connection's writer task,
 started on demand, which sends everything pending in one ``send_all`` per
 round and ends when nothing is left. A broadcast alone in its round (light
 load) skips the buffers: it is written to every member of an idle room by
-C-level loops (:meth:`ChatServer._write_room_now`). See docs/performance.md.
+C-level loops (:meth:`ChatServer._write_room_now`); in a large room, half of
+them from a thread of trio's thread cache, joined before the loop goes on
+(:func:`_send_each_split`). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import logging
 import math
 import socket
 import ssl
+import threading
 import time
 from collections.abc import (
     AsyncIterator,
@@ -101,6 +104,8 @@ from .history import HistoryStore, MemoryHistory
 from .hookspecs import ServerSpec
 
 if TYPE_CHECKING:
+    from outcome import Outcome
+
     from .cluster import RedisBackplane
 
 __all__ = [
@@ -464,6 +469,60 @@ def _without(items: list[_T], positions: Sequence[int]) -> list[_T]:
     return kept
 
 
+def _send_each(sockets: Sequence[socket.socket], payload: bytes) -> list[int | None]:
+    """``send(payload)`` on each of ``sockets``, as one C-level loop: what
+    each socket took, or None where the send raised (its buffer was full, or
+    it failed: its writer, handed the rest, reports that)."""
+    # list.extend keeps what map produced before an exception, and map has
+    # taken the socket that raised from the iterator: the next round goes on
+    # after it.
+    sent: list[int | None] = []
+    rest = iter(sockets)
+    while True:
+        try:
+            sent.extend(map(_SEND, rest, repeat(payload)))
+            return sent
+        except OSError:  # BlockingIOError: its buffer is full
+            sent.append(None)
+
+
+@trio.lowlevel.enable_ki_protection
+def _send_each_split(
+    sockets: Sequence[socket.socket], payload: bytes
+) -> list[int | None]:
+    """:func:`_send_each`, the second half of ``sockets`` sent from a thread of
+    trio's thread cache while this thread sends the first, so that two cores
+    send (``socket.send`` releases the GIL).
+
+    Fork and join: the call returns once both halves are done, and the event
+    loop does nothing else meanwhile, so no socket is touched by both
+    threads and no thread outlives the call. KeyboardInterrupt is held off
+    (trio delivers it at the next checkpoint) so that the join always
+    happens. With no thread to be had, this thread sends them all.
+    """
+    half = len(sockets) // 2
+    done = threading.Lock()
+    done.acquire()
+    tail: list[Outcome[list[int | None]]] = []
+
+    def deliver(result: Outcome[list[int | None]]) -> None:
+        tail.append(result)
+        done.release()
+
+    try:
+        trio.lowlevel.start_thread_soon(
+            partial(_send_each, sockets[half:], payload), deliver
+        )
+    except RuntimeError:  # "can't start new thread"
+        return _send_each(sockets, payload)
+    try:
+        sent = _send_each(sockets[:half], payload)
+    finally:
+        done.acquire()  # the join
+    sent.extend(tail[0].unwrap())
+    return sent
+
+
 def _fit(
     messages: Sequence[Message], budget: int, *, oldest: bool
 ) -> Sequence[Message]:
@@ -561,6 +620,12 @@ class ChatServer:
             gets its own ``joined``, the leaver its own ``left``): without
             it every join to a room of N costs N deliveries, and N joins
             N²/2. ``None`` always announces. See docs/performance.md.
+        split_fanout_at: a message sent alone (at light load) to at least
+            this many members of an idle room is sent from two threads, the
+            event loop's and one from trio's thread cache, each writing to
+            half of the sockets, and the server goes on once both are done:
+            both cores send, and the last member gets it sooner. ``None``:
+            always from the event loop's thread. See docs/performance.md.
         hook_timeout: seconds an awaited hook implementation may take.
         close_timeout: seconds a closing connection gets to flush.
         server_name: the ``server`` field of ``welcome``.
@@ -605,6 +670,7 @@ class ChatServer:
         max_queued_bytes: int = 1024 * 1024,
         max_queued_messages: int = 10_000,
         presence_limit: int | None = 1000,
+        split_fanout_at: int | None = 256,
         hook_timeout: float = 5.0,
         close_timeout: float = 2.0,
         server_name: str = "chatkit",
@@ -667,6 +733,11 @@ class ChatServer:
         if presence_limit is not None and presence_limit < 0:
             raise ValueError(f"presence_limit must be at least 0, not {presence_limit}")
         self.presence_limit = presence_limit
+        if split_fanout_at is not None and split_fanout_at < 2:
+            raise ValueError(
+                f"split_fanout_at must be at least 2, not {split_fanout_at}"
+            )
+        self.split_fanout_at = split_fanout_at
         self.close_timeout = close_timeout
         self.server_name = server_name
         self.max_connections = max_connections
@@ -1446,17 +1517,15 @@ class ChatServer:
         ]
         skip = sorted((index[origin] for origin in origins), reverse=True)
         targets = _without(sockets, skip) if skip else sockets
-        # list.extend keeps what map produced before an exception, and map
-        # has taken the socket that raised from the iterator (its writer
-        # reports the error): the next round goes on after it.
-        sent: list[int | None] = []
-        rest = iter(targets)
-        while True:
-            try:
-                sent.extend(map(_SEND, rest, repeat(payload)))
-                break
-            except OSError:  # BlockingIOError: its buffer is full
-                sent.append(None)
+        # A lone message (light load: the other core is likely idle) to a
+        # large room is sent from two threads. Under load a batch holds more
+        # messages, and a second thread would compete with the busy cores.
+        split = self.split_fanout_at
+        sent = (
+            _send_each_split(targets, payload)
+            if frames == 1 and split is not None and len(targets) >= split
+            else _send_each(targets, payload)
+        )
         if sent.count(size) != len(sent):
             users = _without(list(index), skip)  # in the order of sockets
             for user, count in zip(users, sent, strict=True):

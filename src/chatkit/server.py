@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N" if kind is int else "SECONDS" if "timeout" in flag else "RATE",
             help=f"{text} (default: %(default)s)",
         )
+    parser.add_argument_group("performance (see docs/performance.md)").add_argument(
+        "--split-fanout-at",
+        type=int,
+        default=256,
+        metavar="N",
+        help="a message sent at light load to this many members of a room or "
+        "more is sent from two threads, half each; 0: never (default: %(default)s)",
+    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
         "--certfile", metavar="PEM", help="serve TLS with this certificate chain"
@@ -356,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handshake_timeout=args.handshake_timeout,
             idle_timeout=args.idle_timeout or None,
             presence_limit=None if args.presence_limit == -1 else args.presence_limit,
+            split_fanout_at=args.split_fanout_at or None,
             ssl_context=_tls_context(args.certfile, args.keyfile),
             backplane=_backplane(args),
         )
