@@ -621,11 +621,12 @@ class ChatServer:
             it every join to a room of N costs N deliveries, and N joins
             N²/2. ``None`` always announces. See docs/performance.md.
         split_fanout_at: a message sent alone (at light load) to at least
-            this many members of an idle room is sent from two threads, the
-            event loop's and one from trio's thread cache, each writing to
-            half of the sockets, and the server goes on once both are done:
-            both cores send, and the last member gets it sooner. ``None``:
-            always from the event loop's thread. See docs/performance.md.
+            this many other members of an idle room is sent from two
+            threads, the event loop's and one from trio's thread cache, each
+            writing to half of the sockets, and the server goes on once both
+            are done: both cores send, and the last member gets it sooner.
+            ``None``: always from the event loop's thread alone. See
+            docs/performance.md.
         hook_timeout: seconds an awaited hook implementation may take.
         close_timeout: seconds a closing connection gets to flush.
         server_name: the ``server`` field of ``welcome``.
