@@ -299,6 +299,12 @@ async def test_split_fanout_at_option(launch: Launch) -> None:
     await carol.send("hi\n")
     await alice.expect(r"^carol: hi$")
     await bob.expect(r"^carol: hi$")
+    # 0: never split (accepted, not a threshold of 0).
+    _never, never_port = await start_server(launch, "--no-db", "--split-fanout-at", "0")
+    dave = await start_client(launch, never_port, "dave")
+    erin = await start_client(launch, never_port, "erin")
+    await erin.send("hi\n")
+    await dave.expect(r"^erin: hi$")
     bad = await launch("server", "--no-db", "--port", "0", "--split-fanout-at", "1")
     assert await bad.wait() == 2
     assert any(

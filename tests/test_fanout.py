@@ -12,6 +12,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -523,7 +524,12 @@ async def split_room(
 async def test_a_lone_message_to_a_large_room_is_sent_from_two_threads(
     open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with split_room(open_raw, monkeypatch) as (server, recording, users):
+    # Three others, split_fanout_at=3: the smallest room that is split.
+    async with split_room(open_raw, monkeypatch, split_fanout_at=3) as (
+        server,
+        recording,
+        users,
+    ):
         alice, *others = users
         for i in range(5):  # one at a time: each is alone in its batch
             await alice.send_bytes(say(f"m{i}", ref=i))
@@ -532,13 +538,41 @@ async def test_a_lone_message_to_a_large_room_is_sent_from_two_threads(
             assert [(await client.receive_json())["text"] for _ in range(5)] == [
                 f"m{i}" for i in range(5)
             ]
-        assert threading.get_ident() in recording.threads()
-        assert len(recording.threads()) == 2
+        # alice's own copies are sent after the join, from the event loop.
+        own = fd_of(server, "alice")
+        fan_out = [(fd, thread) for fd, thread, _ in recording.sends if fd != own]
+        loop = threading.get_ident()
+        # Every message: bob from the event loop, carol and dave from the
+        # other thread (the second half).
+        by_name = {
+            name: {thread for fd, thread in fan_out if fd == fd_of(server, name)}
+            for name in ("bob", "carol", "dave")
+        }
+        assert by_name["bob"] == {loop}
+        (helper,) = by_name["carol"]
+        assert helper != loop and by_name["dave"] == {helper}
         # The event loop's thread waits for the other with KeyboardInterrupt
         # held off: it cannot leave the other thread sending on its own.
-        # (alice's own copies are sent after the join.)
-        own = fd_of(server, "alice")
         assert all(protected for fd, _, protected in recording.sends if fd != own)
+
+
+def test_the_split_joins_its_thread_whatever_happens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, second = object(), object()
+    second_done = threading.Event()
+
+    def send(sock: object, data: bytes) -> int:
+        if sock is first:
+            raise ValueError("not an OSError: it propagates")
+        time.sleep(0.05)
+        second_done.set()
+        return len(data)
+
+    monkeypatch.setattr(server_module, "_SEND", send)
+    with pytest.raises(ValueError, match="not an OSError"):
+        server_module._send_each_split([first, second], b"x")  # type: ignore[list-item]
+    assert second_done.is_set()  # joined before the error left the call
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,14 @@ def test_the_fork_join_is_the_only_thread_in_the_server() -> None:
 
     # threading gives the join's lock and nothing else, and it and the
     # thread cache are used in the fork-join alone.
+    from_threading = {
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "threading"
+    }
+    assert from_threading == {"threading.Lock"}
     uses = sorted(attribute_uses(tree, "start_thread_soon", "Lock", "Thread"))
     assert uses == ["threading.Lock", "trio.lowlevel.start_thread_soon"]
     assert (

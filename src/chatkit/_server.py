@@ -513,12 +513,14 @@ def _send_each_split(
         trio.lowlevel.start_thread_soon(
             partial(_send_each, sockets[half:], payload), deliver
         )
-    except RuntimeError:  # "can't start new thread"
+    except RuntimeError:  # threading's "can't start new thread", job not taken
         return _send_each(sockets, payload)
     try:
         sent = _send_each(sockets[:half], payload)
     finally:
-        done.acquire()  # the join
+        # The join. The sockets are non-blocking: the other half's sends
+        # return at once, taken or refused.
+        done.acquire()
     sent.extend(tail[0].unwrap())
     return sent
 
@@ -624,9 +626,10 @@ class ChatServer:
             this many other members of an idle room is sent from two
             threads, the event loop's and one from trio's thread cache, each
             writing to half of the sockets, and the server goes on once both
-            are done: both cores send, and the last member gets it sooner.
-            ``None``: always from the event loop's thread alone. See
-            docs/performance.md.
+            are done: both cores send, which at light load gets the message
+            to the last member sooner (docs/performance.md measures where
+            it does and where not). ``None``: always from the event loop's
+            thread alone.
         hook_timeout: seconds an awaited hook implementation may take.
         close_timeout: seconds a closing connection gets to flush.
         server_name: the ``server`` field of ``welcome``.

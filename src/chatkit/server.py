@@ -140,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         metavar="N",
-        help="a message sent at light load to this many members of a room or "
-        "more is sent from two threads, half each; 0: never (default: %(default)s)",
+        help="a message sent at light load to this many other members of a room "
+        "or more is sent from two threads, half each; 0: never "
+        "(default: %(default)s)",
     )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
