@@ -270,14 +270,20 @@ class User:
             except OSError:
                 sent = 0  # full (or broken: the writer will report it)
             if sent < len(data):
-                out += memoryview(data)[sent:]
-                self._queued += frames
-                self._torn = sent > 0
-                self._start_writer()
+                self._keep_unsent(data, sent, frames)
         else:
             out += data
             self._queued += frames
             self._write_now()
+
+    def _keep_unsent(self, data: bytes, sent: int, frames: int) -> None:
+        """After a direct write of ``data`` (``frames`` frames, nothing
+        pending before it) of which the socket took only ``sent`` bytes: keep
+        the rest for a writer, started now."""
+        self._out += memoryview(data)[sent:]
+        self._queued += frames
+        self._torn = sent > 0
+        self._start_writer()
 
     def _make_room(self, size: int, frames: int) -> bool:
         """Whether ``size`` more bytes in ``frames`` fit once output held
@@ -1534,10 +1540,7 @@ class ChatServer:
             users = _without(list(index), skip)  # in the order of sockets
             for user, count in zip(users, sent, strict=True):
                 if count != size:
-                    user._out += memoryview(payload)[count or 0 :]
-                    user._queued += frames
-                    user._torn = bool(count)
-                    user._start_writer()
+                    user._keep_unsent(payload, count or 0, frames)
         # The senders' own copies (their acknowledgements) last: a send wakes
         # the reader at the other end, and the others' deliveries need not
         # wait for that.
