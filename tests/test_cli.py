@@ -291,7 +291,8 @@ async def test_presence_limit_option(launch: Launch) -> None:
 
 
 async def test_split_fanout_at_option(launch: Launch) -> None:
-    # Two others: every message of this room is sent from two threads.
+    # The option reaches the server (two others: the room is split, which
+    # tests/test_fanout.py checks thread by thread), and 0 and 1 are read.
     _server, port = await start_server(launch, "--no-db", "--split-fanout-at", "2")
     alice = await start_client(launch, port, "alice")
     bob = await start_client(launch, port, "bob")

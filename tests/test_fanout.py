@@ -54,23 +54,34 @@ async def lazy_member(
 class CountingOs:
     """Stands in for chatkit._server's ``_SEND``, the socket ``send`` of
     every direct write: counts writes per descriptor, and the room-wide
-    writes of the fast path (ChatServer._write_room_now). With
-    ``refuse_first``, the first write to that descriptor fails as if its
-    buffer were full (``refused`` counts it)."""
+    writes of the fast path (ChatServer._write_room_now), and records per
+    send the sending thread and whether KeyboardInterrupt was held off
+    (``sends``). With ``refuse_first``, the first write to that descriptor
+    fails as if its buffer were full (``refused`` counts it)."""
 
     def __init__(self, refuse_first: int | None = None) -> None:
         self.writes: Counter[int] = Counter()
         self.room_writes = 0
         self.refuse_first = refuse_first
         self.refused = 0
+        self.sends: list[tuple[int, int, bool]] = []  # (fd, thread, protected)
 
     def send(self, sock: socket.socket, data: bytes) -> int:
         fd = sock.fileno()
+        thread = threading.get_ident()
+        protected = thread != threading.main_thread().ident or (
+            trio.lowlevel.currently_ki_protected()
+        )
+        self.sends.append((fd, thread, protected))
         if fd == self.refuse_first and not self.refused:
             self.refused += 1
             raise BlockingIOError
         self.writes[fd] += 1
         return sock.send(data)
+
+    def threads(self) -> set[int]:
+        """The threads that sent."""
+        return {thread for _, thread, _ in self.sends}
 
     def writes_to(self, server: chatkit.ChatServer, *names: str) -> list[int]:
         """The direct writes counted to each of these users."""
@@ -97,13 +108,18 @@ def fd_of(server: chatkit.ChatServer, name: str) -> int:
 
 @asynccontextmanager
 async def counted_room(
-    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch, *, refuse: str | None = None
+    open_raw: OpenRaw,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    refuse: str | None = None,
+    names: tuple[str, ...] = ("alice", "bob", "carol"),
+    **options: Any,
 ) -> AsyncIterator[tuple[chatkit.ChatServer, CountingOs, list[RawClient]]]:
-    """A server without a rate limit, alice, bob and carol in its lobby, and
-    its direct writes counted from then on; with ``refuse``, that user's
-    first write is refused as if the socket were full."""
-    async with chatkit.open_server(rate_limit=None) as server:
-        users = await crowd(open_raw, server.port, "alice", "bob", "carol")
+    """A server without a rate limit (and with ``options``), ``names`` in
+    its lobby, and its direct writes counted from then on; with ``refuse``,
+    that user's first write is refused as if the socket were full."""
+    async with chatkit.open_server(rate_limit=None, **options) as server:
+        users = await crowd(open_raw, server.port, *names)
         refuse_first = None if refuse is None else fd_of(server, refuse)
         counting = CountingOs(refuse_first=refuse_first)
         counting.install(monkeypatch)
@@ -476,30 +492,6 @@ async def test_an_idle_connection_holds_no_writer_task(open_raw: OpenRaw) -> Non
 # --- split_fanout_at: the fan-out from two threads ----------------------------
 
 
-class ThreadRecordingSend:
-    """Stands in for ``_SEND``: records, per send, the sending thread and
-    whether KeyboardInterrupt was held off; refuses the first write to
-    ``refuse_first`` as if its buffer were full."""
-
-    def __init__(self, refuse_first: int | None = None) -> None:
-        self.sends: list[tuple[int, int, bool]] = []  # (fd, thread, protected)
-        self.refuse_first = refuse_first
-
-    def send(self, sock: socket.socket, data: bytes) -> int:
-        fd = sock.fileno()
-        protected = threading.get_ident() != threading.main_thread().ident or (
-            trio.lowlevel.currently_ki_protected()
-        )
-        self.sends.append((fd, threading.get_ident(), protected))
-        if fd == self.refuse_first:
-            self.refuse_first = None
-            raise BlockingIOError
-        return sock.send(data)
-
-    def threads(self) -> set[int]:
-        return {thread for _, thread, _ in self.sends}
-
-
 @asynccontextmanager
 async def split_room(
     open_raw: OpenRaw,
@@ -507,18 +499,17 @@ async def split_room(
     *,
     split_fanout_at: int | None = 2,
     refuse: str | None = None,
-) -> AsyncIterator[tuple[chatkit.ChatServer, ThreadRecordingSend, list[RawClient]]]:
-    """alice, bob, carol and dave in the lobby of a server splitting
-    fan-outs to ``split_fanout_at`` members, its direct writes recorded."""
-    async with chatkit.open_server(
-        rate_limit=None, split_fanout_at=split_fanout_at
-    ) as server:
-        users = await crowd(open_raw, server.port, "alice", "bob", "carol", "dave")
-        recording = ThreadRecordingSend(
-            refuse_first=None if refuse is None else fd_of(server, refuse)
-        )
-        monkeypatch.setattr(server_module, "_SEND", recording.send)
-        yield server, recording, users
+) -> AsyncIterator[tuple[chatkit.ChatServer, CountingOs, list[RawClient]]]:
+    """:func:`counted_room` with alice, bob, carol and dave, on a server
+    splitting fan-outs to ``split_fanout_at`` others."""
+    async with counted_room(
+        open_raw,
+        monkeypatch,
+        refuse=refuse,
+        names=("alice", "bob", "carol", "dave"),
+        split_fanout_at=split_fanout_at,
+    ) as room:
+        yield room
 
 
 async def test_a_lone_message_to_a_large_room_is_sent_from_two_threads(
@@ -527,7 +518,7 @@ async def test_a_lone_message_to_a_large_room_is_sent_from_two_threads(
     # Three others, split_fanout_at=3: the smallest room that is split.
     async with split_room(open_raw, monkeypatch, split_fanout_at=3) as (
         server,
-        recording,
+        counting,
         users,
     ):
         alice, *others = users
@@ -540,7 +531,7 @@ async def test_a_lone_message_to_a_large_room_is_sent_from_two_threads(
             ]
         # alice's own copies are sent after the join, from the event loop.
         own = fd_of(server, "alice")
-        fan_out = [(fd, thread) for fd, thread, _ in recording.sends if fd != own]
+        fan_out = [(fd, thread) for fd, thread, _ in counting.sends if fd != own]
         loop = threading.get_ident()
         # Every message: bob from the event loop, carol and dave from the
         # other thread (the second half).
@@ -553,7 +544,11 @@ async def test_a_lone_message_to_a_large_room_is_sent_from_two_threads(
         assert helper != loop and by_name["dave"] == {helper}
         # The event loop's thread waits for the other with KeyboardInterrupt
         # held off: it cannot leave the other thread sending on its own.
-        assert all(protected for fd, _, protected in recording.sends if fd != own)
+        assert all(
+            protected
+            for fd, thread, protected in counting.sends
+            if fd != own and thread == loop
+        )
 
 
 def test_the_split_joins_its_thread_whatever_happens(
@@ -580,40 +575,25 @@ def test_the_split_joins_its_thread_whatever_happens(
     [
         (4, ["to three others"]),  # a room too small to split
         (2, ["one", "two"]),  # two messages from one read: a batch, under load
+        (None, ["never split"]),  # would be split with split_fanout_at=2
     ],
 )
 async def test_a_batch_or_a_small_room_is_sent_from_the_event_loop(
     open_raw: OpenRaw,
     monkeypatch: pytest.MonkeyPatch,
-    split_fanout_at: int,
+    split_fanout_at: int | None,
     texts: list[str],
 ) -> None:
     async with split_room(open_raw, monkeypatch, split_fanout_at=split_fanout_at) as (
         _,
-        recording,
+        counting,
         users,
     ):
         alice, *others = users
         await alice.send_bytes(b"".join(say(text) for text in texts))
         for client in others:
             assert [(await client.receive_json())["text"] for _ in texts] == texts
-        assert recording.threads() == {threading.get_ident()}
-
-
-async def test_split_fanout_at_none_never_splits(
-    open_raw: OpenRaw, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert chatkit.ChatServer().split_fanout_at == 256
-    async with split_room(open_raw, monkeypatch, split_fanout_at=None) as (
-        _,
-        recording,
-        users,
-    ):
-        alice, *others = users
-        await alice.send_bytes(say("hi", ref=1))
-        for client in others:
-            assert (await client.receive_json())["text"] == "hi"
-        assert recording.threads() == {threading.get_ident()}
+        assert counting.threads() == {threading.get_ident()}
 
 
 @pytest.mark.parametrize("refuse", ["bob", "dave"])  # each half
@@ -622,7 +602,7 @@ async def test_a_full_socket_in_either_half_keeps_its_copy(
 ) -> None:
     async with split_room(open_raw, monkeypatch, refuse=refuse) as (
         _,
-        recording,
+        counting,
         users,
     ):
         alice, *others = users
@@ -632,8 +612,8 @@ async def test_a_full_socket_in_either_half_keeps_its_copy(
         for client in others:
             assert (await client.receive_json())["text"] == "one"
             assert (await client.receive_json())["text"] == "two"
-        assert recording.refuse_first is None  # it was refused
-        assert len(recording.threads()) == 2
+        assert counting.refused == 1
+        assert len(counting.threads()) == 2
 
 
 async def test_with_no_thread_to_be_had_the_event_loop_sends_all(
@@ -642,18 +622,19 @@ async def test_with_no_thread_to_be_had_the_event_loop_sends_all(
     def no_thread(*args: object, **kwargs: object) -> None:
         raise RuntimeError("can't start new thread")
 
-    async with split_room(open_raw, monkeypatch) as (_, recording, users):
+    async with split_room(open_raw, monkeypatch) as (_, counting, users):
         monkeypatch.setattr(trio.lowlevel, "start_thread_soon", no_thread)
         alice, *others = users
         await alice.send_bytes(say("hi", ref=1))
         for client in others:
             assert (await client.receive_json())["text"] == "hi"
-        assert recording.threads() == {threading.get_ident()}
-        assert len(recording.sends) == 4  # three others, then alice
+        assert counting.threads() == {threading.get_ident()}
+        assert len(counting.sends) == 4  # three others, then alice
 
 
 @pytest.mark.parametrize("at", [1, 0, -5])
 def test_split_fanout_at_is_checked(at: int) -> None:
+    assert chatkit.ChatServer().split_fanout_at == 256
     with pytest.raises(ValueError, match="split_fanout_at must be at least 2"):
         chatkit.ChatServer(split_fanout_at=at)
 
