@@ -43,7 +43,7 @@ CONNECT_CONCURRENCY = 50
 Event = dict[str, Any]
 
 
-class ConnectionLost(Exception):
+class Interrupted(Exception):
     """The bot's connection ended while it was waiting for an answer."""
 
 
@@ -95,7 +95,7 @@ class Bot:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise ConnectionLost(self.name) from None
+                raise Interrupted(self.name) from None
 
     async def request(self, **fields: Any) -> Event:
         """Send a request with a fresh ``ref``; return the answer with it."""
@@ -109,7 +109,7 @@ class Bot:
         finally:
             del self.waiting[ref]
         if slot[1] is None:
-            raise ConnectionLost(self.name)
+            raise Interrupted(self.name)
         reply: Event = slot[1]
         return reply
 

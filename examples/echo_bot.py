@@ -50,7 +50,7 @@ class Echo:
         echo = f"{message.sender}{SAID}{message.text}"
         try:
             await client.say(echo, room=message.room)
-        except chatkit.ChatError as exc:
+        except chatkit.RequestError as exc:
             # Refused (a server plugin vetoed it) or the connection is gone;
             # the bot carries on either way.
             print(f"could not echo in {message.room}: {exc}", flush=True)
@@ -73,7 +73,7 @@ async def run_bot(host: str, port: int, name: str) -> str:
     """
     echo = Echo()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with chatkit.connect(
+        async with chatkit.open_client(
             host, port, name=name, plugins=[echo], event_buffer=None
         ) as bot:
             print(f"{bot.name} is listening on {host}:{port}", flush=True)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         reason = trio.run(run_bot, args.host, args.port, args.name)
-    except (OSError, chatkit.ChatError) as exc:
+    except (OSError, chatkit.RequestError) as exc:
         print(f"echo bot: {exc}", file=sys.stderr)
         return 1
     print(f"stopped: {reason}", flush=True)

@@ -20,8 +20,8 @@ async def main() -> None:
     async with chatkit.open_server(port=0, plugins=[Shout()]) as server:
         print(f"Server started on 127.0.0.1:{server.port}")
         async with (
-            chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
-            chatkit.connect("127.0.0.1", server.port, name="bob") as bob,
+            chatkit.open_client("127.0.0.1", server.port, name="alice") as alice,
+            chatkit.open_client("127.0.0.1", server.port, name="bob") as bob,
         ):
             await alice.say("hello, bob")
             await bob.say("hi alice, welcome!")

@@ -1245,7 +1245,7 @@ class SharedToken:
     @chatkit.hookimpl
     def chatkit_authenticate(self, token: str | None) -> None:
         if token != self.token:
-            raise chatkit.Reject("bad token")
+            raise chatkit.Veto("bad token")
 
 
 def authenticator(kind: str, secret: str, path: Path) -> tuple[object, str]:

@@ -268,7 +268,7 @@ def test_token_auth_compares_bytes_in_constant_time(
 ) -> None:
     plugin = auth.TokenAuth("sésame")
     plugin.chatkit_authenticate(token="sésame")
-    with pytest.raises(chatkit.Reject, match=r"^invalid token$"):
+    with pytest.raises(chatkit.Veto, match=r"^invalid token$"):
         plugin.chatkit_authenticate(token="sesame")
     assert compare_calls == [
         ("sésame".encode(), "sésame".encode()),
@@ -277,7 +277,7 @@ def test_token_auth_compares_bytes_in_constant_time(
 
 
 def test_token_auth_refuses_a_missing_token() -> None:
-    with pytest.raises(chatkit.Reject, match=r"^invalid token$"):
+    with pytest.raises(chatkit.Veto, match=r"^invalid token$"):
         auth.TokenAuth("x").chatkit_authenticate(token=None)
 
 
@@ -333,7 +333,7 @@ def test_password_refusals_share_one_reason(password_file: Path) -> None:
     plugin = auth.PasswordFileAuth(password_file)
     reasons = []
     for name, token in [("alice", "x"), ("mallory", "wonderland"), ("bob", None)]:
-        with pytest.raises(chatkit.Reject) as refused:
+        with pytest.raises(chatkit.Veto) as refused:
             plugin.chatkit_authenticate(name=name, token=token)
         reasons.append(refused.value.reason)
     assert reasons == [auth.INVALID_LOGIN] * 3

@@ -497,7 +497,7 @@ async def test_the_client_reconnects_across_a_server_crash(launch: Launch) -> No
     async with trio.open_nursery() as nursery:
         port, crash = await crashable_server(nursery, history=history)
         alice = await start_client(launch, port, "alice")
-        async with chatkit.connect("127.0.0.1", port, name="bob") as bob:
+        async with chatkit.open_client("127.0.0.1", port, name="bob") as bob:
             await bob.say("before the crash")
             await alice.expect(r"^bob: before the crash$")
         # Cancelling serve drops every connection at once, no `shutdown`.
@@ -510,7 +510,7 @@ async def test_the_client_reconnects_across_a_server_crash(launch: Launch) -> No
             port=port, history=history, plugins=[hold], hook_timeout=30
         )
         await nursery.start(second.serve)
-        async with chatkit.connect("127.0.0.1", port, name="bob") as bob:
+        async with chatkit.open_client("127.0.0.1", port, name="bob") as bob:
             await bob.say("while you were away")
             hold.opened.set()  # let alice back in
             await alice.expect(r"^bob: while you were away$")
@@ -590,7 +590,7 @@ async def test_a_client_that_gives_up_reconnecting_exits_1(launch: Launch) -> No
 
 async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:
     async with chatkit.open_server() as server:
-        async with chatkit.connect("127.0.0.1", server.port, name="bob") as bob:
+        async with chatkit.open_client("127.0.0.1", server.port, name="bob") as bob:
             ids = [(await bob.say(f"m{n}")).id for n in range(1, 6)]
         client = await launch("client", "--port", str(server.port), "--name", "s")
         await client.send(
@@ -629,7 +629,7 @@ async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:
 async def test_history_numbers_are_ascii_digits(server: chatkit.ChatServer) -> None:
     # str.isdigit() also accepts "²", which int() refuses: a usage error (or
     # a room name), never a crash of the shell.
-    async with chatkit.connect("127.0.0.1", server.port, name="alice") as alice:
+    async with chatkit.open_client("127.0.0.1", server.port, name="alice") as alice:
         printed: list[str] = []
         shell = ChatShell(alice, printed.append)
         with trio.fail_after(5):
@@ -645,7 +645,7 @@ def test_the_shell_describes_reconnecting() -> None:
     printed: list[str] = []
     client = chatkit.ChatClient(name="alice")  # never entered: only read from
     shell = ChatShell(client, printed.append)
-    assert shell.describe(chatkit.ConnectionLost(reason="connection lost")) is None
+    assert shell.describe(chatkit.Interrupted(reason="connection lost")) is None
     assert shell.describe(chatkit.Reconnecting(attempt=1, delay=0.42)) == (
         "*** connection lost (connection lost), reconnecting in 0.4s..."
     )

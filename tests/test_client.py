@@ -15,7 +15,7 @@ from tests.helpers import TIMEOUT, unref
 
 
 def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.ChatClient:
-    return chatkit.connect("127.0.0.1", server.port, name=name, **kwargs)
+    return chatkit.open_client("127.0.0.1", server.port, name=name, **kwargs)
 
 
 async def next_event(client: chatkit.ChatClient) -> chatkit.Event:
@@ -155,10 +155,10 @@ async def serve_oddly(stream: trio.abc.Stream) -> None:
     """A server that logs one client in, answers ``history`` with an invalid
     line that has the request's ref, and ``ping`` with a 2000-byte message
     before the pong and a short one after it."""
-    proto = chatkit.ServerConnection()
+    proto = chatkit.protocol.ServerConnection()
 
     async def next_request() -> Any:
-        while (request := proto.next_event()) is chatkit.NEED_DATA:
+        while (request := proto.next_event()) is chatkit.protocol.NEED_DATA:
             proto.receive_data(await stream.receive_some(65536))
         return request
 
@@ -168,12 +168,12 @@ async def serve_oddly(stream: trio.abc.Stream) -> None:
     )
     while True:
         request = await next_request()
-        if isinstance(request, chatkit.History):
+        if isinstance(request, chatkit.protocol.History):
             await stream.send_all(
                 b'{"type":"history","room":"lobby","messages":"none","ref":%d}\n'
                 % request.ref
             )
-        elif isinstance(request, chatkit.Ping):
+        elif isinstance(request, chatkit.protocol.Ping):
             for text in ["x" * 2000, "short"]:
                 message = chatkit.Message(
                     id=len(text), ts=1.0, room="lobby", sender="bob", text=text
@@ -195,7 +195,7 @@ async def test_a_bad_answer_fails_its_request_and_long_lines_are_dropped(
             return client_end
 
         monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
-        async with chatkit.connect(name="alice", max_line_length=1000) as alice:
+        async with chatkit.open_client(name="alice", max_line_length=1000) as alice:
             with trio.fail_after(TIMEOUT):
                 # Answered, with an error, rather than never.
                 with pytest.raises(chatkit.BadRequest, match="bad answer"):
@@ -228,10 +228,10 @@ class StallingServer:
             await self._serve(stream, number)
 
     async def _serve(self, stream: trio.abc.Stream, number: int) -> None:
-        proto = chatkit.ServerConnection()
+        proto = chatkit.protocol.ServerConnection()
         received = b""
         while True:
-            while (request := proto.next_event()) is chatkit.NEED_DATA:
+            while (request := proto.next_event()) is chatkit.protocol.NEED_DATA:
                 data = await stream.receive_some(10 if number == 1 else 65536)
                 received += data
                 if number == 1 and b'"say"' in received:
@@ -244,15 +244,15 @@ class StallingServer:
                     return
                 proto.receive_data(data)
             match request:
-                case chatkit.Hello(name=name):
+                case chatkit.protocol.Hello(name=name):
                     welcome = chatkit.Welcome(
                         name=name, protocol=1, server="fake", rooms=("lobby",)
                     )
                     await stream.send_all(proto.send(welcome))
-                case chatkit.History(room=room, ref=ref):
+                case chatkit.protocol.History(room=room, ref=ref):
                     reply = chatkit.HistoryReply(room=room, messages=(), ref=ref)
                     await stream.send_all(proto.send(reply))
-                case chatkit.Say(room=room, text=text, ref=ref):
+                case chatkit.protocol.Say(room=room, text=text, ref=ref):
                     message = chatkit.Message(
                         id=1, ts=1.0, room=room, sender=name, text=text, ref=ref
                     )
@@ -275,7 +275,7 @@ async def test_a_request_cancelled_mid_line_costs_the_connection(
 
         monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
         policy = chatkit.Reconnect(initial_delay=0.01, jitter=0) if reconnect else None
-        async with chatkit.connect(name="alice", reconnect=policy) as alice:
+        async with chatkit.open_client(name="alice", reconnect=policy) as alice:
             with trio.fail_after(TIMEOUT):
                 async with trio.open_nursery() as requests:
                     requests.start_soon(alice.say, "x" * 100)
@@ -401,7 +401,7 @@ async def test_a_kicked_client_sees_why_and_its_events_end(
     server: chatkit.ChatServer, alice: chatkit.ChatClient
 ) -> None:
     assert server.kick("alice", "spam")
-    assert await next_event(alice) == chatkit.Error(code="kicked", message="spam")
+    assert await next_event(alice) == chatkit.ErrorReply(code="kicked", message="spam")
     with trio.fail_after(TIMEOUT), pytest.raises(StopAsyncIteration):
         await alice.__anext__()
     assert alice.closed
@@ -432,7 +432,7 @@ async def test_a_taken_name_fails_to_connect(
             pytest.fail("connected with a taken name")  # pragma: no cover
     assert info.value.code == "name_taken"
     assert info.value.message == "ALICE is taken"
-    assert isinstance(info.value, chatkit.ChatError)
+    assert isinstance(info.value, chatkit.RequestError)
     assert str(info.value) == "name_taken: ALICE is taken"
     assert await alice.who() == ("alice",)
 
@@ -447,7 +447,7 @@ async def test_a_bad_name_fails_to_connect(server: chatkit.ChatServer) -> None:
 async def test_request_errors_raise_chat_error_subclasses(
     alice: chatkit.ChatClient, bob: chatkit.ChatClient
 ) -> None:
-    cases: list[tuple[Any, type[chatkit.ChatError], str]] = [
+    cases: list[tuple[Any, type[chatkit.RequestError], str]] = [
         (lambda: alice.nick("no spaces"), chatkit.BadName, "bad_name"),
         (lambda: alice.nick("BOB"), chatkit.NameTaken, "name_taken"),
         (lambda: alice.join("bad room!"), chatkit.BadName, "bad_name"),
@@ -488,12 +488,12 @@ class NoShouting:
     @chatkit.hookimpl
     def chatkit_message(self, text: str) -> None:
         if text.isupper():
-            raise chatkit.Reject("please don't shout")
+            raise chatkit.Veto("please don't shout")
 
     @chatkit.hookimpl
     def chatkit_dm(self, text: str) -> None:
         if text.isupper():
-            raise chatkit.Reject("not even privately")
+            raise chatkit.Veto("not even privately")
 
 
 async def test_a_rejecting_server_plugin_raises_rejected() -> None:
@@ -521,7 +521,7 @@ class Gatekeeper:
     @chatkit.hookimpl
     def chatkit_authenticate(self, token: str | None) -> None:
         if token != "open sesame":
-            raise chatkit.Reject("members only")
+            raise chatkit.Veto("members only")
 
 
 async def test_a_refusing_authenticate_plugin_raises_unauthorized() -> None:
@@ -648,7 +648,7 @@ async def test_aclose_cancelled_midway_leaves_no_task_behind(
     # leaving the `async with` would hang.
     with trio.fail_after(5):
         async with (
-            chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
+            chatkit.open_client("127.0.0.1", server.port, name="alice") as alice,
             trio.open_nursery() as nursery,
         ):
 

@@ -82,7 +82,7 @@ async def test_a_message_reaches_every_member_on_every_node_once_in_one_order(
     async with cluster(redis, 3) as nodes, AsyncExitStack() as stack:
         clients = [
             await stack.enter_async_context(
-                chatkit.connect(port=nodes[n % 3].port, name=f"user{n}")
+                chatkit.open_client(port=nodes[n % 3].port, name=f"user{n}")
             )
             for n in range(6)
         ]
@@ -125,17 +125,17 @@ async def test_a_message_reaches_every_member_on_every_node_once_in_one_order(
 
 async def test_a_name_is_unique_across_nodes(redis: RedisServer) -> None:
     async with cluster(redis, 2) as (a, b):
-        async with chatkit.connect(port=a.port, name="alice"):
+        async with chatkit.open_client(port=a.port, name="alice"):
             with pytest.raises(chatkit.NameTaken):
-                async with chatkit.connect(port=b.port, name="ALICE"):
+                async with chatkit.open_client(port=b.port, name="ALICE"):
                     pass
-            async with chatkit.connect(port=b.port, name="bob") as bob:
+            async with chatkit.open_client(port=b.port, name="bob") as bob:
                 with pytest.raises(chatkit.NameTaken):
                     await bob.nick("Alice")
                 await bob.nick("robert")  # a free name is fine
                 assert await bob.who() == ("alice", "robert")
         # alice left node a: her name is free on node b at once.
-        async with chatkit.connect(port=b.port, name="alice") as alice:
+        async with chatkit.open_client(port=b.port, name="alice") as alice:
             assert alice.name == "alice"
 
 
@@ -144,7 +144,9 @@ async def test_who_rooms_and_history_answer_for_the_whole_cluster(
 ) -> None:
     async with cluster(redis, 3) as nodes, AsyncExitStack() as stack:
         alice, bob, carol = [
-            await stack.enter_async_context(chatkit.connect(port=node.port, name=name))
+            await stack.enter_async_context(
+                chatkit.open_client(port=node.port, name=name)
+            )
             for node, name in zip(nodes, ["alice", "bob", "carol"], strict=True)
         ]
         await alice.join("dev")
@@ -168,8 +170,8 @@ async def test_who_rooms_and_history_answer_for_the_whole_cluster(
 async def test_direct_messages_cross_nodes(redis: RedisServer) -> None:
     async with (
         cluster(redis, 2) as (a, b),
-        chatkit.connect(port=a.port, name="alice") as alice,
-        chatkit.connect(port=b.port, name="bob") as bob,
+        chatkit.open_client(port=a.port, name="alice") as alice,
+        chatkit.open_client(port=b.port, name="bob") as bob,
     ):
         sent = await alice.dm("bob", "psst")
         assert sent.sender == "alice" and sent.to == "bob"
@@ -201,8 +203,8 @@ async def test_hooks_fire_once_on_the_node_where_the_event_originated(
     recorders = [Recorder(), Recorder()]
     async with (
         cluster(redis, 2, plugins=lambda n: [recorders[n]]) as (a, b),
-        chatkit.connect(port=a.port, name="alice") as alice,
-        chatkit.connect(port=b.port, name="bob") as bob,
+        chatkit.open_client(port=a.port, name="alice") as alice,
+        chatkit.open_client(port=b.port, name="bob") as bob,
     ):
         await alice.say("from a")
         await bob.say("from b")
@@ -223,9 +225,9 @@ async def test_a_killed_node_releases_its_names_within_the_expiry(
         launch, "--redis", redis.url, "--name-ttl", "1", "--no-interactive"
     )
     async with cluster(redis, 1) as (survivor,):
-        async with chatkit.connect(port=port, name="alice"):
+        async with chatkit.open_client(port=port, name="alice"):
             with pytest.raises(chatkit.NameTaken):
-                async with chatkit.connect(port=survivor.port, name="alice"):
+                async with chatkit.open_client(port=survivor.port, name="alice"):
                     pass
             node.process.send_signal(signal.SIGKILL)
             await node.wait()
@@ -233,7 +235,7 @@ async def test_a_killed_node_releases_its_names_within_the_expiry(
         with trio.fail_after(3):
             while True:
                 try:
-                    async with chatkit.connect(
+                    async with chatkit.open_client(
                         port=survivor.port, name="alice"
                     ) as alice:
                         assert await alice.who() == ("alice",)
@@ -253,8 +255,8 @@ async def test_nodes_survive_a_redis_restart_and_lose_nothing_after_it(
         backplanes = [a.backplane, b.backplane]
         assert all(bp is not None for bp in backplanes)
         async with (
-            chatkit.connect(port=a.port, name="alice") as alice,
-            chatkit.connect(port=b.port, name="bob") as bob,
+            chatkit.open_client(port=a.port, name="alice") as alice,
+            chatkit.open_client(port=b.port, name="bob") as bob,
         ):
             before = unref(await alice.say("before"))
             assert await messages(bob, 1) == [before]
@@ -269,7 +271,7 @@ async def test_nodes_survive_a_redis_restart_and_lose_nothing_after_it(
             assert alone.text == "while redis is down"
             # ...but cannot check a new name against the cluster.
             with pytest.raises(chatkit.Unavailable):
-                async with chatkit.connect(port=a.port, name="carol"):
+                async with chatkit.open_client(port=a.port, name="carol"):
                     pass
 
             await redis.start()  # empty: no persistence
@@ -325,13 +327,13 @@ async def test_a_name_taken_over_in_redis_disconnects_its_local_holder(
     import coredis
 
     async with cluster(redis, 1, name_ttl=0.3) as (node,):
-        async with chatkit.connect(port=node.port, name="Alice") as alice:
+        async with chatkit.open_client(port=node.port, name="Alice") as alice:
             client = coredis.Redis.from_url(redis.url)
             async with client:
                 await client.set("chatkit:name:alice", "another-node", px=10_000)
             with trio.fail_after(TIMEOUT):
                 events = [event async for event in alice]
-            kicked = [e for e in events if isinstance(e, chatkit.Error)]
+            kicked = [e for e in events if isinstance(e, chatkit.ErrorReply)]
             assert [e.code for e in kicked] == ["kicked"]
             assert "in use elsewhere" in kicked[0].message
         assert node.get_user("alice") is None
@@ -475,8 +477,8 @@ async def test_a_user_who_goes_while_its_node_rejoins_is_not_left_listed(
                     await go.wait()
 
         monkeypatch.setattr(backplanes[0]._redis, "pipeline", pipeline)
-        async with chatkit.connect(port=b.port, name="alice") as alice:
-            async with chatkit.connect(port=a.port, name="bob") as bob:
+        async with chatkit.open_client(port=b.port, name="alice") as alice:
+            async with chatkit.open_client(port=a.port, name="bob") as bob:
                 await bob.join("dev")
                 await bob.join("ops")
                 await answers(lambda: alice.who("dev"), ("bob",))
@@ -497,7 +499,7 @@ async def test_a_user_who_goes_while_its_node_rejoins_is_not_left_listed(
             await answers(alice.rooms, {"lobby": 1})
             assert await alice.who() == ("alice",)
             # bob's name is free at once, not after name_ttl.
-            async with chatkit.connect(port=b.port, name="bob") as bob:
+            async with chatkit.open_client(port=b.port, name="bob") as bob:
                 assert await bob.who() == ("alice", "bob")
 
 
@@ -511,8 +513,8 @@ async def test_ids_around_a_partition_are_as_documented(redis: RedisServer) -> N
         redis_proxy(redis.port) as proxy,
         chatkit.open_server(backplane=RedisBackplane(proxy.url, **fast)) as a,
         chatkit.open_server(backplane=RedisBackplane(redis.url, **fast)) as b,
-        chatkit.connect(port=a.port, name="alice") as alice,
-        chatkit.connect(port=b.port, name="bob") as bob,
+        chatkit.open_client(port=a.port, name="alice") as alice,
+        chatkit.open_client(port=b.port, name="bob") as bob,
     ):
         cut_off = a.backplane
 

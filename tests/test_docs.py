@@ -61,7 +61,7 @@ async def test_readme_plugin_example_works() -> None:
     assert isinstance(plugin_class, type)
     async with (
         chatkit.open_server(plugins=[plugin_class()]) as server,
-        chatkit.connect("127.0.0.1", server.port, name="alice") as alice,
+        chatkit.open_client("127.0.0.1", server.port, name="alice") as alice,
     ):
         with pytest.raises(chatkit.Rejected, match="please don't shout"):
             await alice.say("HELLO")

@@ -268,8 +268,8 @@ async def test_the_server_cli_loads_both_plugins(tmp_path: Path) -> None:
             pass
         port = int(match[1])
         async with (
-            chatkit.connect("127.0.0.1", port, name="alice") as alice,
-            chatkit.connect("127.0.0.1", port, name="bob") as bob,
+            chatkit.open_client("127.0.0.1", port, name="alice") as alice,
+            chatkit.open_client("127.0.0.1", port, name="bob") as bob,
         ):
             said = await alice.say("darn it")
             assert said.text == "d**n it"
@@ -370,7 +370,9 @@ async def test_embed_in_app_serves_posts_and_stops_on_a_signal(
         first = await app.readline()
         match = re.fullmatch(r"Server started on 127\.0\.0\.1:(\d+)", first)
         assert match, first
-        async with chatkit.connect("127.0.0.1", int(match[1]), name="alice") as alice:
+        async with chatkit.open_client(
+            "127.0.0.1", int(match[1]), name="alice"
+        ) as alice:
             # The app's heartbeat reaches the lobby, and sees alice...
             while not (await next_server_post(alice)).endswith(
                 ": 1 user online, 0 messages so far"

@@ -405,7 +405,7 @@ class Gatekeeper:
     @chatkit.hookimpl
     def chatkit_authenticate(self, token: str | None) -> None:
         if token != self.token:
-            raise chatkit.Reject("members only")
+            raise chatkit.Veto("members only")
 
 
 class AsyncGatekeeper(Gatekeeper):
@@ -413,7 +413,7 @@ class AsyncGatekeeper(Gatekeeper):
     async def chatkit_authenticate(self, token: str | None) -> None:
         await trio.lowlevel.checkpoint()
         if token != self.token:
-            raise chatkit.Reject("members only")
+            raise chatkit.Veto("members only")
 
 
 @pytest.mark.parametrize("gatekeeper", [Gatekeeper, AsyncGatekeeper])
@@ -872,12 +872,12 @@ class NoLinks:
     @chatkit.hookimpl
     def chatkit_message(self, text: str) -> None:
         if "http" in text:
-            raise chatkit.Reject("no links, please")
+            raise chatkit.Veto("no links, please")
 
     @chatkit.hookimpl
     def chatkit_dm(self, text: str) -> None:
         if "http" in text:
-            raise chatkit.Reject("no private links either")
+            raise chatkit.Veto("no private links either")
 
 
 class AsyncNoLinks:
@@ -885,13 +885,13 @@ class AsyncNoLinks:
     async def chatkit_message(self, text: str) -> None:
         await trio.lowlevel.checkpoint()
         if "http" in text:
-            raise chatkit.Reject("no links, please")
+            raise chatkit.Veto("no links, please")
 
     @chatkit.hookimpl
     async def chatkit_dm(self, text: str) -> None:
         await trio.lowlevel.checkpoint()
         if "http" in text:
-            raise chatkit.Reject("no private links either")
+            raise chatkit.Veto("no private links either")
 
 
 @pytest.mark.parametrize("no_links", [NoLinks, AsyncNoLinks])
@@ -1403,11 +1403,11 @@ async def test_client_hooks_fire_in_order_with_their_arguments(
     rec = client_recorder
     async with (
         chatkit.open_server() as server,
-        chatkit.connect(
+        chatkit.open_client(
             "127.0.0.1", server.port, name="bot", plugins=[rec], event_buffer=None
         ) as bot,
     ):
-        async with chatkit.connect("127.0.0.1", server.port, name="alice") as alice:
+        async with chatkit.open_client("127.0.0.1", server.port, name="alice") as alice:
             await rec.wait("chatkit_client_joined", 2)
             said = await alice.say("hi bot")
             sent = await alice.dm("bot", "psst")
@@ -1576,7 +1576,7 @@ async def test_client_entry_points_have_their_own_group(
     monkeypatch.delenv("CHATKIT_LOAD_PLUGINS", raising=False)
     async with chatkit.open_server(load_entry_points=True) as server:
         assert entry_point_plugins(server) == set()
-        async with chatkit.connect(
+        async with chatkit.open_client(
             "127.0.0.1", server.port, name="alice", load_entry_points=True
         ) as alice:
             pm = alice.plugin_manager
@@ -1592,7 +1592,7 @@ async def test_a_client_closing_itself_reports_so(server: chatkit.ChatServer) ->
         def chatkit_client_disconnected(self, reason: str) -> None:
             reasons.append(reason)
 
-    async with chatkit.connect(
+    async with chatkit.open_client(
         "127.0.0.1", server.port, name="alice", plugins=[Watch()], event_buffer=None
     ) as alice:
         await alice.ping()
@@ -1612,11 +1612,11 @@ class ReconnectRecorder(Recorder):
         self.record("chatkit_client_message", text=message.text)
 
     @chatkit.hookimpl
-    def chatkit_client_connection_lost(
+    def chatkit_client_interrupted(
         self, client: chatkit.ChatClient, reason: str
     ) -> None:
         assert client.reconnecting
-        self.record("chatkit_client_connection_lost", reason=reason)
+        self.record("chatkit_client_interrupted", reason=reason)
 
     @chatkit.hookimpl
     def chatkit_client_reconnecting(
@@ -1646,7 +1646,7 @@ async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
     async with trio.open_nursery() as nursery:
         first = chatkit.ChatServer(port=0, history=history)
         port = await nursery.start(first.serve)
-        async with chatkit.connect(
+        async with chatkit.open_client(
             "127.0.0.1",
             port,
             name="bot",
@@ -1654,7 +1654,7 @@ async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
             event_buffer=None,
             reconnect=policy,
         ):
-            async with chatkit.connect("127.0.0.1", port, name="alice") as alice:
+            async with chatkit.open_client("127.0.0.1", port, name="alice") as alice:
                 await alice.say("before")
                 await rec.wait("chatkit_client_message")
             await first.aclose()
@@ -1663,7 +1663,7 @@ async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
                 port=port, history=history, plugins=[hold], hook_timeout=30
             )
             await nursery.start(second.serve)
-            async with chatkit.connect("127.0.0.1", port, name="alice") as alice:
+            async with chatkit.open_client("127.0.0.1", port, name="alice") as alice:
                 await alice.say("meanwhile")
                 hold.opened.set()
                 await rec.wait("chatkit_client_reconnected")
@@ -1680,7 +1680,7 @@ async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
         ("chatkit_client_connected", {"name": "bot"}),
         ("chatkit_client_message", {"text": "before"}),
         (
-            "chatkit_client_connection_lost",
+            "chatkit_client_interrupted",
             {"reason": "server shutting down: server shutting down"},
         ),
         ("chatkit_client_reconnecting", first_try),
@@ -1703,7 +1703,7 @@ async def test_nick_can_be_vetoed_and_fails_closed(
         async def chatkit_nick(self, user: chatkit.User, new: str) -> None:
             calls.append((user.name, new))
             if new.startswith("admin"):
-                raise chatkit.Reject("that name is reserved")
+                raise chatkit.Veto("that name is reserved")
             if new == "boom":
                 raise RuntimeError("bug in the plugin")
 

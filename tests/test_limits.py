@@ -26,10 +26,10 @@ async def test_tls_round_trip(
 ) -> None:
     async with (
         chatkit.open_server(ssl_context=server_tls) as server,
-        chatkit.connect(
+        chatkit.open_client(
             "127.0.0.1", server.port, name="alice", ssl_context=client_tls
         ) as alice,
-        chatkit.connect(
+        chatkit.open_client(
             "127.0.0.1", server.port, name="bob", ssl_context=client_tls
         ) as bob,
     ):
@@ -57,7 +57,7 @@ async def test_idle_timeout_closes_silent_connections_but_not_pinging_clients(
 ) -> None:
     async with chatkit.open_server(idle_timeout=0.3) as server:
         silent = await login(open_raw, server.port, "silent")
-        async with chatkit.connect(
+        async with chatkit.open_client(
             "127.0.0.1", server.port, name="chatty", keepalive=0.1
         ) as chatty:
             with trio.fail_after(3):

@@ -12,40 +12,51 @@ from typing import Any, NamedTuple
 import pytest
 
 from chatkit import (
-    CLOSED,
-    NEED_DATA,
-    PROTOCOL_VERSION,
     BadName,
     BadRequest,
+    Kicked,
+    NameTaken,
+    NoSuchUser,
+    NotInRoom,
+    NotReady,
+    RateLimited,
+    Rejected,
+    RequestError,
+    ServerFull,
+    TimedOut,
+    TooLarge,
+    TooManyRooms,
+    TooSlow,
+    Unauthorized,
+    Unavailable,
+)
+from chatkit.protocol import (
+    DEFAULT_MAX_LINE_LENGTH,
+    EOF,
+    NEED_DATA,
+    PROTOCOL_VERSION,
     Bye,
-    ChatError,
     ClientConnection,
     DirectMessage,
     Dm,
-    Error,
     ErrorCode,
+    ErrorReply,
     Event,
     Hello,
     History,
     HistoryReply,
     Join,
     Joined,
-    Kicked,
     Leave,
     Left,
+    LineFramer,
     LocalProtocolError,
     Message,
     Mode,
-    NameTaken,
     Nick,
-    NoSuchUser,
-    NotInRoom,
-    NotReady,
     Ping,
     Pong,
     ProtocolError,
-    RateLimited,
-    Rejected,
     RemoteProtocolError,
     Renamed,
     RoomInfo,
@@ -53,24 +64,13 @@ from chatkit import (
     RoomsReply,
     Say,
     ServerConnection,
-    ServerFull,
     Shutdown,
-    TimedOut,
-    TooLarge,
-    TooManyRooms,
-    TooSlow,
-    Unauthorized,
-    Unavailable,
+    Status,
     Welcome,
     Who,
     WhoReply,
     encode_json,
     encode_line,
-)
-from chatkit._protocol import (
-    DEFAULT_MAX_LINE_LENGTH,
-    LineFramer,
-    Status,
     is_valid_name,
     is_valid_room,
 )
@@ -237,8 +237,8 @@ def test_framer_drops_an_incomplete_line_at_eof() -> None:
     framer.receive_data(b"complete\nincomplete")
     framer.receive_data(b"")
     assert framer.eof
-    assert lines(framer) == [b"complete", CLOSED]
-    assert framer.next_line() is CLOSED
+    assert lines(framer) == [b"complete", EOF]
+    assert framer.next_line() is EOF
 
 
 def test_framer_closed_after_eof() -> None:
@@ -246,10 +246,10 @@ def test_framer_closed_after_eof() -> None:
     assert not framer.eof
     assert framer.next_line() is NEED_DATA
     framer.receive_data(b"")
-    assert framer.next_line() is CLOSED
+    assert framer.next_line() is EOF
     # A second EOF is harmless.
     framer.receive_data(b"")
-    assert framer.next_line() is CLOSED
+    assert framer.next_line() is EOF
 
 
 def test_framer_data_after_eof_is_a_local_error() -> None:
@@ -340,7 +340,7 @@ def test_oversized_first_line_picks_the_mode_from_its_first_byte(
     assert feed(conn, b"x" * 60) == [Err(ErrorCode.TOO_LARGE), NEED_DATA]
     assert mode_of(conn) is mode
     # The error frame is answered in that mode.
-    error = conn.send(Error(code="too_large", message="too long"))
+    error = conn.send(ErrorReply(code="too_large", message="too long"))
     if mode is Mode.JSON:
         assert json.loads(error) == {
             "type": "error",
@@ -373,15 +373,15 @@ def test_server_connection_closed_after_eof() -> None:
     conn = json_server()
     conn.receive_data(b'{"type":"ping","ref":1}\n{"type":"pi')
     conn.receive_data(b"")
-    assert drain(conn) == [Ping(ref=1), CLOSED]
-    assert conn.next_event() is CLOSED
+    assert drain(conn) == [Ping(ref=1), EOF]
+    assert conn.next_event() is EOF
     with pytest.raises(LocalProtocolError):
         conn.receive_data(b"x")
 
 
 def test_server_connection_closed_before_any_line() -> None:
     conn = ServerConnection()
-    assert feed(conn, b"") == [CLOSED]
+    assert feed(conn, b"") == [EOF]
     assert mode_of(conn) is Mode.UNKNOWN
 
 
@@ -488,7 +488,7 @@ def test_requests_are_not_ready_until_the_server_sends_welcome() -> None:
         NEED_DATA,
     ]
     # The server refused the name: the client may try again.
-    conn.send(Error(code="name_taken", message="alice is taken"))
+    conn.send(ErrorReply(code="name_taken", message="alice is taken"))
     assert not conn.ready
     line = b'{"type":"hello","name":"alicia","protocol":1}\n'
     assert feed(conn, line) == [Hello(name="alicia", protocol=1), NEED_DATA]
@@ -725,7 +725,7 @@ def test_line_mode_names_are_retried_until_welcome() -> None:
         NEED_DATA,
     ]
     # Each refusal goes back as a line, and the next line is another name.
-    assert conn.send(Error(code="name_taken", message="alice2 is taken")) == (
+    assert conn.send(ErrorReply(code="name_taken", message="alice2 is taken")) == (
         b"error (name_taken): alice2 is taken\n"
     )
     assert feed(conn, b"exit\n") == [Hello(name="exit"), NEED_DATA]
@@ -934,11 +934,11 @@ SERVER_EVENTS: list[tuple[Event, dict[str, Any]]] = [
     (Pong(), {"type": "pong"}),
     (Pong(ref="p1"), {"type": "pong", "ref": "p1"}),
     (
-        Error(code="not_in_room", message="you are not in dev"),
+        ErrorReply(code="not_in_room", message="you are not in dev"),
         {"type": "error", "code": "not_in_room", "message": "you are not in dev"},
     ),
     (
-        Error(code="bad_request", message="nope", ref=5),
+        ErrorReply(code="bad_request", message="nope", ref=5),
         {"type": "error", "code": "bad_request", "message": "nope", "ref": 5},
     ),
     (Shutdown(reason="maintenance"), {"type": "shutdown", "reason": "maintenance"}),
@@ -971,7 +971,7 @@ def test_json_mode_uses_from_not_sender() -> None:
 def test_json_mode_omits_ref_when_none() -> None:
     assert b"ref" not in encode_json(Pong())
     assert b"ref" not in encode_json(MSG)
-    assert b"ref" not in encode_json(Error(code="x", message="y"))
+    assert b"ref" not in encode_json(ErrorReply(code="x", message="y"))
 
 
 def test_json_mode_escapes_newlines_in_text() -> None:
@@ -983,7 +983,7 @@ def test_json_mode_escapes_newlines_in_text() -> None:
 
 def test_send_before_the_mode_is_known_is_json() -> None:
     conn = ServerConnection()
-    assert conn.send(Error(code="too_large", message="x")) == (
+    assert conn.send(ErrorReply(code="too_large", message="x")) == (
         b'{"type":"error","code":"too_large","message":"x"}\n'
     )
 
@@ -1018,7 +1018,7 @@ def test_sending_welcome_completes_the_handshake() -> None:
         ),
         (Renamed(old="bob", new="robert"), b"bob is now known as robert.\n"),
         (
-            Error(code="name_taken", message="bob is taken"),
+            ErrorReply(code="name_taken", message="bob is taken"),
             b"error (name_taken): bob is taken\n",
         ),
         (Shutdown(reason="bye now"), b"Server is shutting down: bye now\n"),
@@ -1082,7 +1082,7 @@ def test_line_mode_strips_control_characters_from_user_text(
 def test_line_mode_strips_control_characters_from_reasons() -> None:
     conn = line_server()
     assert conn.send(Shutdown(reason="a\nb")) == b"Server is shutting down: a b\n"
-    assert conn.send(Error(code="rejected", message="no\r\nway")) == (
+    assert conn.send(ErrorReply(code="rejected", message="no\r\nway")) == (
         b"error (rejected): no  way\n"
     )
 
@@ -1150,7 +1150,7 @@ def test_client_connection_max_line_length_and_eof() -> None:
     ]
     client.receive_data(b'"}\n{"type":"pong"}\n{"type":')
     client.receive_data(b"")
-    assert drain(client) == [Pong(), CLOSED]
+    assert drain(client) == [Pong(), EOF]
     with pytest.raises(LocalProtocolError):
         client.receive_data(b"late")
 
@@ -1263,7 +1263,7 @@ def test_back_to_back_session() -> None:
         (Ping(ref=8), Pong(ref=8)),
         (
             Say(text="x", room="dev", ref=9),
-            Error(code="not_in_room", message="no", ref=9),
+            ErrorReply(code="not_in_room", message="no", ref=9),
         ),
     ]:
         assert pair.request(request) == [request, NEED_DATA]
@@ -1275,9 +1275,9 @@ def test_back_to_back_session() -> None:
         NEED_DATA,
     ]
     pair.server.receive_data(b"")
-    assert pair.server.next_event() is CLOSED
+    assert pair.server.next_event() is EOF
     pair.client.receive_data(b"")
-    assert pair.client.next_event() is CLOSED
+    assert pair.client.next_event() is EOF
 
 
 def test_back_to_back_shutdown_and_errors() -> None:
@@ -1285,11 +1285,15 @@ def test_back_to_back_shutdown_and_errors() -> None:
     # Not ready: the server answers the error and the client decodes it.
     early = pair.request(Ping(ref="early"))
     assert early == [Err(ErrorCode.NOT_READY, "early"), NEED_DATA]
-    error = Error(code=ErrorCode.NOT_READY, message="send hello first", ref="early")
+    error = ErrorReply(
+        code=ErrorCode.NOT_READY, message="send hello first", ref="early"
+    )
     [decoded, _] = pair.reply(error)
-    assert decoded == Error(code="not_ready", message="send hello first", ref="early")
-    assert isinstance(decoded, Error)
-    assert isinstance(ChatError.from_code(decoded.code, decoded.message), NotReady)
+    assert decoded == ErrorReply(
+        code="not_ready", message="send hello first", ref="early"
+    )
+    assert isinstance(decoded, ErrorReply)
+    assert isinstance(RequestError.from_code(decoded.code, decoded.message), NotReady)
 
     assert pair.request(Hello(name="alice", protocol=1)) == [
         Hello(name="alice", protocol=1),
@@ -1301,7 +1305,7 @@ def test_back_to_back_shutdown_and_errors() -> None:
 
 # --- errors and names -----------------------------------------------------------------
 
-CHAT_ERRORS: dict[ErrorCode, type[ChatError]] = {
+CHAT_ERRORS: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.BAD_REQUEST: BadRequest,
     ErrorCode.TOO_LARGE: TooLarge,
     ErrorCode.NAME_TAKEN: NameTaken,
@@ -1344,17 +1348,17 @@ def test_error_codes_include_every_protocol_code() -> None:
 
 @pytest.mark.parametrize("code", list(ErrorCode), ids=str)
 def test_chat_error_from_code(code: ErrorCode) -> None:
-    error = ChatError.from_code(code.value, "explained")
+    error = RequestError.from_code(code.value, "explained")
     assert type(error) is CHAT_ERRORS[code]
     assert error.code == code
     assert error.message == "explained"
     assert str(error) == f"{code.value}: explained"
-    assert isinstance(error, ChatError)
+    assert isinstance(error, RequestError)
 
 
 def test_chat_error_from_an_unknown_code() -> None:
-    error = ChatError.from_code("brand_new", "from the future")
-    assert type(error) is ChatError
+    error = RequestError.from_code("brand_new", "from the future")
+    assert type(error) is RequestError
     assert error.code == "brand_new"
     assert str(error) == "brand_new: from the future"
 
@@ -1368,7 +1372,7 @@ def test_remote_protocol_error_carries_code_and_ref() -> None:
         "too long",
     )
     assert isinstance(exc, ProtocolError)
-    assert not issubclass(RemoteProtocolError, ChatError)
+    assert not issubclass(RemoteProtocolError, RequestError)
 
 
 NAME_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"

@@ -18,15 +18,15 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatkit import (
-    CLOSED,
+from chatkit.protocol import (
+    EOF,
     NEED_DATA,
     Bye,
     ClientConnection,
     DirectMessage,
     Dm,
-    Error,
     ErrorCode,
+    ErrorReply,
     Event,
     Hello,
     History,
@@ -35,6 +35,7 @@ from chatkit import (
     Joined,
     Leave,
     Left,
+    LineFramer,
     Message,
     Nick,
     Ping,
@@ -47,13 +48,13 @@ from chatkit import (
     Say,
     ServerConnection,
     Shutdown,
+    Status,
     Welcome,
     Who,
     WhoReply,
     encode_json,
     encode_line,
 )
-from chatkit._protocol import LineFramer, Status
 
 MAX = 300  # a small line limit, so overlong lines are cheap to generate
 WELCOME = Welcome(name="alice", protocol=1, server="fuzz", rooms=("lobby",))
@@ -133,7 +134,7 @@ server_events: st.SearchStrategy[Event] = st.one_of(
         ref=refs,
     ),
     st.builds(Pong, ref=refs),
-    st.builds(Error, code=st.sampled_from(sorted(CODES)), message=texts, ref=refs),
+    st.builds(ErrorReply, code=st.sampled_from(sorted(CODES)), message=texts, ref=refs),
     st.builds(Shutdown, reason=texts),
 )
 
@@ -293,8 +294,8 @@ def run_server(chunks: list[bytes], *, welcome: bool = True) -> list[Outcome]:
         conn.receive_data(chunk)
         assert drain(next_event, out, limit) is NEED_DATA
     conn.receive_data(b"")
-    assert drain(next_event, out, limit) is CLOSED
-    assert conn.next_event() is CLOSED
+    assert drain(next_event, out, limit) is EOF
+    assert conn.next_event() is EOF
     return out
 
 
@@ -306,7 +307,7 @@ def run_client(chunks: list[bytes]) -> list[Outcome]:
         conn.receive_data(chunk)
         assert drain(conn.next_event, out, limit) is NEED_DATA
     conn.receive_data(b"")
-    assert drain(conn.next_event, out, limit) is CLOSED
+    assert drain(conn.next_event, out, limit) is EOF
     return out
 
 
@@ -372,7 +373,7 @@ def test_framer_returns_every_line_of_arbitrary_bytes(
         assert drain(framer.next_line, got, len(raw) + 10) is NEED_DATA
         assert framer.buffered <= MAX + 1 + len(chunk)
     framer.receive_data(b"")
-    assert drain(framer.next_line, got, len(raw) + 10) is CLOSED
+    assert drain(framer.next_line, got, len(raw) + 10) is EOF
     # Every complete line, or one too_large for it; the incomplete tail
     # after the last newline is dropped (reported once if already too long).
     *complete, tail = raw.split(b"\n")

@@ -205,12 +205,12 @@ class Proxy:
 
 def connect(port: int, name: str, **kwargs: Any) -> chatkit.ChatClient:
     kwargs.setdefault("reconnect", FAST)
-    return chatkit.connect("127.0.0.1", port, name=name, **kwargs)
+    return chatkit.open_client("127.0.0.1", port, name=name, **kwargs)
 
 
 def plain(port: int, name: str) -> chatkit.ChatClient:
     """A client that does not reconnect (the others in the room)."""
-    return chatkit.connect("127.0.0.1", port, name=name)
+    return chatkit.open_client("127.0.0.1", port, name=name)
 
 
 def unique_in_order(messages: Sequence[chatkit.Message]) -> None:
@@ -280,7 +280,7 @@ async def test_a_client_resumes_across_a_server_restart(
 
                 await first.aclose()  # a planned restart: `shutdown` first
                 await inbox.expect(chatkit.Shutdown)
-                lost = await inbox.expect(chatkit.ConnectionLost)
+                lost = await inbox.expect(chatkit.Interrupted)
                 assert lost.reason == "server shutting down: server shutting down"
                 await inbox.expect(chatkit.Reconnecting, attempt=1, error=None)
                 assert alice.reconnecting and not alice.connected
@@ -445,7 +445,7 @@ async def test_a_client_resumes_after_the_network_drops_it() -> None:
         proxy.cut()
         # (A close with unread data is a reset: "connection lost".)
         hung_up = {"server closed the connection", "connection lost"}
-        lost = await inbox.expect(chatkit.ConnectionLost)
+        lost = await inbox.expect(chatkit.Interrupted)
         assert lost.reason in hung_up
         await wait_until(lambda: server.get_user("alice") is None)
         await bob.say("while away")
@@ -474,7 +474,7 @@ async def test_a_silent_network_is_noticed_and_the_name_waited_for() -> None:
     options = {"reconnect": policy, "keepalive": 0.1}
     async with alice_behind_proxy(client=options) as (server, proxy, _, inbox, bob):
         proxy.freeze()
-        lost = await inbox.expect(chatkit.ConnectionLost)
+        lost = await inbox.expect(chatkit.Interrupted)
         assert lost.reason == "no answer from the server in 0.2s"
         await bob.say("you will not hear this live")
         refused = await inbox.expect(chatkit.Reconnecting, attempt=2)
@@ -677,7 +677,7 @@ async def test_a_left_lobby_stays_left_when_a_resume_is_cut_short(
         await drop_alice(server, proxy)
         proxy.up = True
         await inbox.expect(chatkit.Reconnected)
-        assert len(inbox.of(chatkit.ConnectionLost)) == 2
+        assert len(inbox.of(chatkit.Interrupted)) == 2
         assert alice.joined_rooms == {"dev"}
         assert "alice" not in server.rooms["lobby"]
         await bob.say("in dev", room="dev")
@@ -701,7 +701,7 @@ async def test_requests_wait_for_the_connection_or_time_out() -> None:
                 reading(alice, nursery) as inbox,
             ):
                 await first.aclose()
-                await inbox.expect(chatkit.ConnectionLost)
+                await inbox.expect(chatkit.Interrupted)
                 with pytest.raises(chatkit.ConnectionClosed, match="reconnecting"):
                     await alice.say("too early")
                 assert alice.reconnecting  # still trying
@@ -757,23 +757,23 @@ class ShortLived:
             nursery.cancel_scope.cancel()
 
     async def _answer(self, stream: trio.abc.Stream, number: int) -> None:
-        proto, name = chatkit.ServerConnection(), ""
+        proto, name = chatkit.protocol.ServerConnection(), ""
         while True:
-            while (request := proto.next_event()) is chatkit.NEED_DATA:
+            while (request := proto.next_event()) is chatkit.protocol.NEED_DATA:
                 proto.receive_data(await stream.receive_some(65536))
             match request:
-                case chatkit.Hello(name=name):
+                case chatkit.protocol.Hello(name=name):
                     reply: chatkit.Event = chatkit.Welcome(
                         name=name, protocol=1, server="fake", rooms=("lobby",)
                     )
-                case chatkit.History(room=room, ref=ref):
+                case chatkit.protocol.History(room=room, ref=ref):
                     reply = chatkit.HistoryReply(room=room, messages=(), ref=ref)
-                case chatkit.Join(room=room, ref=ref):
+                case chatkit.protocol.Join(room=room, ref=ref):
                     reply = chatkit.Joined(room=room, name=name, ref=ref)
                 case _:
                     return
             await stream.send_all(proto.send(reply))
-            if number == 2 and isinstance(request, chatkit.Join):
+            if number == 2 and isinstance(request, chatkit.protocol.Join):
                 return  # the re-join answered, the connection ends
 
 
@@ -871,7 +871,7 @@ async def test_closing_the_client_while_it_catches_up_stops_it() -> None:
                         await bob.say(f"missed {n}")
                 # (With nobody reading, the client would not even get as far
                 # as the first attempt: its own events wait in the buffer.)
-                for kind in (chatkit.Shutdown, chatkit.ConnectionLost):
+                for kind in (chatkit.Shutdown, chatkit.Interrupted):
                     assert isinstance(await alice.__anext__(), kind)
                 assert await alice.__anext__() == chatkit.Reconnecting(
                     attempt=1, delay=ANY, error=None
@@ -896,7 +896,7 @@ async def test_a_kicked_client_does_not_reconnect() -> None:
         async with trio.open_nursery() as nursery, reading(alice, nursery) as inbox:
             server.kick("alice", "behave")
             await inbox.wait_end()
-        assert inbox.events[-1] == chatkit.Error(code="kicked", message="behave")
+        assert inbox.events[-1] == chatkit.ErrorReply(code="kicked", message="behave")
         assert inbox.of(chatkit.ClientEvent) == []
         assert alice.closed
         assert alice.close_reason == "kicked: behave"
@@ -907,12 +907,12 @@ async def test_a_kicked_client_does_not_reconnect() -> None:
 
 async def fake_server(stream: trio.abc.Stream) -> None:
     """Log one client in by hand, answer its lobby probe, then hang up."""
-    proto = chatkit.ServerConnection()
+    proto = chatkit.protocol.ServerConnection()
 
     async def next_request() -> Any:
         while True:
             request = proto.next_event()
-            if request is not chatkit.NEED_DATA:
+            if request is not chatkit.protocol.NEED_DATA:
                 return request
             proto.receive_data(await stream.receive_some(65536))
 
@@ -922,7 +922,7 @@ async def fake_server(stream: trio.abc.Stream) -> None:
     )
     await stream.send_all(proto.send(welcome))
     probe = await next_request()
-    assert isinstance(probe, chatkit.History)
+    assert isinstance(probe, chatkit.protocol.History)
     reply = chatkit.HistoryReply(room="lobby", messages=(), ref=probe.ref)
     await stream.send_all(proto.send(reply))
     await stream.aclose()
@@ -961,7 +961,7 @@ async def test_backoff_delays_are_the_policys_and_bounded(
         async with connect(0, "alice", reconnect=policy()) as alice:
             events = []
             async for event in alice:
-                if isinstance(event, chatkit.ConnectionLost):
+                if isinstance(event, chatkit.Interrupted):
                     lost_at[0] = trio.current_time()
                 events.append(event)
 

@@ -142,7 +142,7 @@ async def chat_on(path: Path, *names: str) -> AsyncIterator[list[chatkit.ChatCli
     ):
         yield [
             await stack.enter_async_context(
-                chatkit.connect("127.0.0.1", server.port, name=name)
+                chatkit.open_client("127.0.0.1", server.port, name=name)
             )
             for name in names
         ]

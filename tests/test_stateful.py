@@ -142,14 +142,14 @@ def ev(type: str, **fields: Any) -> Event:
     return {"type": type, **fields}
 
 
-class ConnectionLost(AssertionError):
+class Interrupted(AssertionError):
     """The server closed, reset or stopped answering a connection."""
 
 
 class Conn:
     """A blocking JSON-mode connection to ``server`` that reads whole lines.
 
-    Any I/O failure is raised as one ConnectionLost from one place, without
+    Any I/O failure is raised as one Interrupted from one place, without
     the OSError as context: whether the server's socket says EOF or RST
     may vary between runs, and hypothesis would take that for a flaky test.
     """
@@ -168,7 +168,7 @@ class Conn:
             self._lost(problem)
 
     def _lost(self, problem: str) -> NoReturn:
-        raise ConnectionLost(f"{problem} ({self.server.status()})")
+        raise Interrupted(f"{problem} ({self.server.status()})")
 
     def send(self, **fields: Any) -> None:
         self.send_bytes(json.dumps(fields).encode() + b"\n")
@@ -323,7 +323,7 @@ class ServerProcess:
             return False
         try:
             conn = Conn(self)
-        except ConnectionLost:
+        except Interrupted:
             return False
         try:
             conn.send(type="hello", name=PROBE, protocol=1)
@@ -333,7 +333,7 @@ class ServerProcess:
             events = conn.sync("clean-sync")
             conn.send(type="bye")
             conn.read_to_eof()  # our name is free once the server closes
-        except (ConnectionLost, ValueError):
+        except (Interrupted, ValueError):
             return False
         finally:
             conn.close()
@@ -822,7 +822,7 @@ class ChatMachine(RuleBasedStateMachine):
             try:
                 client.conn.send(type="bye")
                 client.conn.read_to_eof()
-            except ConnectionLost:
+            except Interrupted:
                 pass  # the next example checks the server is clean anyway
             finally:
                 client.conn.close()

@@ -25,7 +25,7 @@ import chatkit
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "chatkit"
 MODULES = sorted(SRC.glob("*.py"))
-SANS_IO = ("_events.py", "_exceptions.py", "_protocol.py")
+SANS_IO = ("_events.py", "_exceptions.py", "protocol.py")
 
 
 def module_id(path: Path) -> str:
@@ -421,7 +421,7 @@ BLOCKER = textwrap.dedent(
     package.__path__ = [{src!r}]
     sys.modules["chatkit"] = package
 
-    protocol = importlib.import_module("chatkit._protocol")
+    protocol = importlib.import_module("chatkit.protocol")
     importlib.import_module("chatkit._events")
     importlib.import_module("chatkit._exceptions")
 

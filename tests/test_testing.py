@@ -95,7 +95,7 @@ async def test_open_chat_without_clients_is_just_a_server() -> None:
     async with open_chat() as chat:
         assert chat.clients == {}
         assert chat.server.users == ()
-        async with chatkit.connect(chat.host, chat.port, name="zoe") as zoe:
+        async with chatkit.open_client(chat.host, chat.port, name="zoe") as zoe:
             assert await zoe.who() == ("zoe",)
 
 
@@ -150,7 +150,7 @@ class Gatekeeper:
     @chatkit.hookimpl
     def chatkit_authenticate(self, name: str, token: str | None) -> None:
         if token != "open sesame":
-            raise chatkit.Reject(f"{name} is not a member")
+            raise chatkit.Veto(f"{name} is not a member")
 
 
 async def test_a_refused_login_raises_the_servers_answer_and_closes_the_chat() -> None:
@@ -282,7 +282,7 @@ async def test_expect_fails_at_once_when_the_connection_ends() -> None:
         assert str(info.value) == (
             "alice was waiting for Message(), but its connection ended"
             " (kicked: spam); pending:\n"
-            "  Error(code='kicked', message='spam', ref=None)"
+            "  ErrorReply(code='kicked', message='spam', ref=None)"
         )
 
 
@@ -330,7 +330,7 @@ async def test_a_bot_without_an_event_buffer_is_connected_but_not_recorded() -> 
         with pytest.raises(ValueError, match="keeps no events"):
             chat.pending("echo")
         with pytest.raises(ValueError, match="not a client of this chat"):
-            async with chatkit.connect(chat.host, chat.port, name="zoe") as zoe:
+            async with chatkit.open_client(chat.host, chat.port, name="zoe") as zoe:
                 chat.pending(zoe)
     assert bot.closed
 

@@ -6,7 +6,7 @@ implement client hooks, a hook task. The reader decodes server events and
 routes each one:
 
 * a reply to one of our requests (matched by ``ref``) wakes the caller, who
-  gets the answer or a :class:`~chatkit.ChatError`;
+  gets the answer or a :class:`~chatkit.RequestError`;
 * everything else, including the echoes of our own messages, joins and
   renames, goes to ``async for event in client`` and to the client hooks.
 
@@ -44,7 +44,7 @@ from ._events import (
     ClientRequest,
     DirectMessage,
     Dm,
-    Error,
+    ErrorReply,
     Hello,
     History,
     HistoryReply,
@@ -69,28 +69,28 @@ from ._events import (
 from ._exceptions import (
     BadName,
     BadRequest,
-    ChatError,
     ConnectionClosed,
     ErrorCode,
     NameTaken,
     RateLimited,
     Rejected,
     RemoteProtocolError,
+    RequestError,
     TooLarge,
     Unauthorized,
 )
 from ._hooks import CLIENT_ENTRY_POINT_GROUP, HookDispatcher, make_plugin_manager
-from ._protocol import CLOSED, DEFAULT_MAX_LINE_LENGTH, NEED_DATA, ClientConnection
 from ._reconnect import (
     ClientEvent,
-    ConnectionLost,
+    Interrupted,
     Reconnect,
     Reconnected,
     Reconnecting,
 )
 from .hookspecs import ClientSpec
+from .protocol import DEFAULT_MAX_LINE_LENGTH, EOF, NEED_DATA, ClientConnection
 
-__all__ = ["DEFAULT_PORT", "ChatClient", "connect"]
+__all__ = ["DEFAULT_PORT", "ChatClient", "open_client"]
 
 log = logging.getLogger("chatkit.client")
 
@@ -107,7 +107,7 @@ _CLOSING_CODES: Final = frozenset(
 # The client hook of each ClientEvent; the event's fields are its arguments.
 _CLIENT_EVENT_HOOKS: Final = MappingProxyType(
     {
-        ConnectionLost: "chatkit_client_connection_lost",
+        Interrupted: "chatkit_client_interrupted",
         Reconnecting: "chatkit_client_reconnecting",
         Reconnected: "chatkit_client_reconnected",
     }
@@ -115,7 +115,7 @@ _CLIENT_EVENT_HOOKS: Final = MappingProxyType(
 
 _RECEIVE_SIZE: Final = 64 * 1024
 # Events that only answer a request (no news for ``async for``).
-_ANSWERS: Final = (Error, WhoReply, RoomsReply, HistoryReply, Pong)
+_ANSWERS: Final = (ErrorReply, WhoReply, RoomsReply, HistoryReply, Pong)
 # The longest line accepted from the server by default: far above what a
 # server sends (its history replies are bounded, at a few MiB).
 _MAX_SERVER_LINE_LENGTH: Final = 16 * 1024 * 1024
@@ -132,7 +132,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.result: ServerEvent | ChatError | None = None
+        self.result: ServerEvent | RequestError | None = None
 
 
 class _Resume:
@@ -181,7 +181,7 @@ class _Resume:
 class ChatClient:
     """A connection to a chat server, as an async context manager::
 
-        async with chatkit.connect("127.0.0.1", 12345, name="alice") as client:
+        async with chatkit.open_client("127.0.0.1", 12345, name="alice") as client:
             await client.say("hi")
             async for event in client:
                 print(event)
@@ -474,8 +474,8 @@ class ChatClient:
                     rooms.discard(LOBBY)
                 self.joined_rooms.update(rooms)
                 return event
-            if isinstance(event, Error):
-                raise ChatError.from_code(event.code, event.message)
+            if isinstance(event, ErrorReply):
+                raise RequestError.from_code(event.code, event.message)
             if isinstance(event, Shutdown):
                 raise ConnectionClosed(f"server shutting down: {event.reason}")
             # Anything else before welcome is not for us; ignore it.
@@ -490,7 +490,7 @@ class ChatClient:
                 log.warning("bad line from server: %s", exc)
                 self._fail_answered(exc)
                 continue
-            if event is CLOSED:
+            if event is EOF:
                 raise ConnectionClosed("server closed the connection")
             if event is not NEED_DATA:
                 return event
@@ -507,7 +507,7 @@ class ChatClient:
         """A bad line that carries the ref of a request answers it: with an
         error, rather than never."""
         message = f"bad answer from the server: {exc.message}"
-        self._answer(exc.ref, ChatError.from_code(exc.code, message))
+        self._answer(exc.ref, RequestError.from_code(exc.code, message))
 
     def _answer(self, ref: object, result: Any) -> bool:
         """Hand ``result`` to the request of ``ref``; False if none waits."""
@@ -606,7 +606,7 @@ class ChatClient:
         with trio.CancelScope() as self._reconnect_scope:
             if self._closing:
                 return False
-            await self._deliver(ConnectionLost(reason=lost))
+            await self._deliver(Interrupted(reason=lost))
             while policy.max_attempts is None or failures < policy.max_attempts:
                 delay = policy.delay(failures + 1)
                 if (
@@ -630,7 +630,7 @@ class ChatClient:
                     break
                 except ConnectionClosed as exc:  # e.g. a shutdown under way
                     failures, name_taken, error = failures + 1, 0, exc.message
-                except ChatError as exc:  # server_full, rate_limited...
+                except RequestError as exc:  # server_full, rate_limited...
                     failures, name_taken, error = failures + 1, 0, str(exc)
                 except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
                     failures, name_taken, error = failures + 1, 0, _describe(exc)
@@ -677,7 +677,7 @@ class ChatClient:
             await self._resume_request(request, **fields)
         except ConnectionClosed:
             raise
-        except ChatError as exc:
+        except RequestError as exc:
             log.warning("could not %s: %s", what, exc)
             return False
         return True
@@ -706,7 +706,7 @@ class ChatClient:
             missed = await self._read_room(resume, room)
         except ConnectionClosed:
             raise
-        except ChatError as exc:
+        except RequestError as exc:
             # Perhaps the program left the room meanwhile. What was held
             # arrived while we were in it: it goes out all the same.
             log.info("stopped catching up %s: %s", room, exc)
@@ -785,7 +785,7 @@ class ChatClient:
         Without an answer within ``connect_timeout``, the lobby has no mark.
         """
         ref = self._next_ref()
-        with suppress(ChatError), trio.move_on_after(self._connect_timeout):
+        with suppress(RequestError), trio.move_on_after(self._connect_timeout):
             await self._send(History(room=LOBBY, limit=1, ref=ref))
             while True:
                 event = await self._next_event()
@@ -840,8 +840,8 @@ class ChatClient:
         ref = getattr(event, "ref", None)
         if self._answer(
             ref,
-            ChatError.from_code(event.code, event.message)
-            if isinstance(event, Error)
+            RequestError.from_code(event.code, event.message)
+            if isinstance(event, ErrorReply)
             else event,
         ):
             if isinstance(event, _ANSWERS):
@@ -888,7 +888,7 @@ class ChatClient:
                 self.name = new
             case Shutdown(reason=reason):
                 self._lost(f"server shutting down: {reason}", "shutdown")
-            case Error(code=code, message=message) if code in _CLOSING_CODES:
+            case ErrorReply(code=code, message=message) if code in _CLOSING_CODES:
                 self._lost(f"{code}: {message}", code)
 
     def __aiter__(self) -> Self:
@@ -1061,7 +1061,7 @@ class ChatClient:
             await pending.done.wait()
         finally:
             self._pending.pop(ref, None)
-        if isinstance(pending.result, ChatError):
+        if isinstance(pending.result, RequestError):
             raise pending.result
         return pending.result
 
@@ -1102,7 +1102,7 @@ class ChatClient:
         await self._request(Join(room=room, ref=self._next_ref()))
         if self.reconnect is not None:
             # Where the room's news starts, should we have to resume it.
-            with suppress(ChatError):
+            with suppress(RequestError):
                 await self._mark_room(room)
 
     async def leave(self, room: str) -> None:
@@ -1179,10 +1179,10 @@ def _describe(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def connect(
+def open_client(
     host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, name: str, **kwargs: Any
 ) -> ChatClient:
-    """Return a :class:`ChatClient` to use as ``async with connect(...) as c``.
+    """Return a :class:`ChatClient` to use as ``async with open_client(...) as c``.
 
     Takes :class:`ChatClient`'s keyword arguments.
     """

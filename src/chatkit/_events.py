@@ -29,7 +29,7 @@ __all__ = [
     "ClientRequest",
     "DirectMessage",
     "Dm",
-    "Error",
+    "ErrorReply",
     "Event",
     "Hello",
     "History",
@@ -269,7 +269,7 @@ class Pong(Event, tag="pong", frozen=True):
     ref: Ref = None
 
 
-class Error(Event, tag="error", frozen=True):
+class ErrorReply(Event, tag="error", frozen=True):
     """The server refused a request (or is closing the connection).
 
     ``code`` is one of :class:`chatkit.ErrorCode`; ``ref`` echoes the
@@ -298,6 +298,6 @@ ServerEvent: TypeAlias = (
     | RoomsReply
     | HistoryReply
     | Pong
-    | Error
+    | ErrorReply
     | Shutdown
 )

@@ -1,14 +1,20 @@
-"""chatkit's error vocabulary.
+"""chatkit's error vocabulary: everything chatkit raises is a :class:`ChatkitError`.
 
-Two families, kept apart on purpose (as in h11):
+::
 
-* :class:`ProtocolError` and its subclasses are raised by the sans-IO protocol
-  layer. :class:`RemoteProtocolError` means the *peer* sent something bad and
-  carries the wire ``error`` code to answer with; :class:`LocalProtocolError`
-  means *we* misused the protocol object (a bug in the caller).
-* :class:`ChatError` and its subclasses are what :class:`chatkit.ChatClient`
-  raises when the server refuses a request; one subclass per wire error code.
-  :class:`ConnectionClosed` means the connection ended while we needed it.
+    ChatkitError
+    ├── ProtocolError            the sans-IO layer (chatkit.protocol)
+    │   ├── RemoteProtocolError  the peer sent something bad (carries the code)
+    │   └── LocalProtocolError   we misused a protocol object (a bug)
+    ├── RequestError             a ChatClient request failed
+    │   ├── BadRequest, NameTaken, ... one per wire error code
+    │   └── ConnectionClosed     the connection ended while it was needed
+    └── StartupError             a ChatServer cannot start
+        ├── HistoryStoreError    (chatkit.history)
+        └── BackplaneError       (chatkit.cluster)
+
+:class:`Veto` stands apart: it is not an error but a plugin's way of saying
+no, raised by hook implementations and caught by chatkit.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from types import MappingProxyType
 __all__ = [
     "BadName",
     "BadRequest",
-    "ChatError",
+    "ChatkitError",
     "ConnectionClosed",
     "ErrorCode",
     "Kicked",
@@ -30,9 +36,9 @@ __all__ = [
     "NotReady",
     "ProtocolError",
     "RateLimited",
-    "Reject",
     "Rejected",
     "RemoteProtocolError",
+    "RequestError",
     "ServerFull",
     "StartupError",
     "TimedOut",
@@ -41,6 +47,7 @@ __all__ = [
     "TooSlow",
     "Unauthorized",
     "Unavailable",
+    "Veto",
 ]
 
 
@@ -67,7 +74,11 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_ROOMS = "too_many_rooms"
 
 
-class ProtocolError(Exception):
+class ChatkitError(Exception):
+    """The root of every exception chatkit raises."""
+
+
+class ProtocolError(ChatkitError):
     """Base class of errors raised by the sans-IO protocol layer."""
 
 
@@ -95,9 +106,11 @@ class LocalProtocolError(ProtocolError):
     """This side misused the protocol object (a bug in the calling code)."""
 
 
-class Reject(Exception):
+class Veto(Exception):
     """Raised by a plugin's hook implementation to veto what the hook is about.
 
+    A control-flow signal for plugins, not an error: chatkit catches it and
+    never raises it to an application (so it is not a :class:`ChatkitError`).
     From ``chatkit_authenticate`` it refuses the user (``error unauthorized``);
     from ``chatkit_message`` / ``chatkit_dm`` it refuses the message
     (``error rejected``, to the sender only). The reason is sent to the user.
@@ -108,14 +121,16 @@ class Reject(Exception):
         self.reason = reason
 
 
-class StartupError(Exception):
+class StartupError(ChatkitError):
     """A :class:`~chatkit.ChatServer` cannot start: its history store or
     its cluster backplane is unusable. Raised by ``serve()`` before it
     listens; the server CLI prints it on one line and exits with status 1."""
 
 
-class ChatError(Exception):
-    """The server answered a request with an ``error``.
+class RequestError(ChatkitError):
+    """A request failed: the server answered it with an ``error`` (a
+    subclass per wire code), or the connection ended first
+    (:class:`ConnectionClosed`).
 
     Attributes:
         code: the wire error code (an :class:`ErrorCode` value where known).
@@ -134,119 +149,120 @@ class ChatError(Exception):
         return f"{self.code}: {self.message}"
 
     @staticmethod
-    def from_code(code: str, message: str) -> ChatError:
-        """Build the :class:`ChatError` subclass that matches ``code``."""
+    def from_code(code: str, message: str) -> RequestError:
+        """Build the :class:`RequestError` subclass that matches ``code``."""
         cls = _BY_CODE.get(code)
         if cls is None:
-            return ChatError(message, code)
+            return RequestError(message, code)
         return cls(message)
 
 
-class BadRequest(ChatError):
+class BadRequest(RequestError):
     """``bad_request``: the request was malformed."""
 
     code = ErrorCode.BAD_REQUEST
 
 
-class TooLarge(ChatError):
+class TooLarge(RequestError):
     """``too_large``: the line exceeded the server's limit."""
 
     code = ErrorCode.TOO_LARGE
 
 
-class NameTaken(ChatError):
+class NameTaken(RequestError):
     """``name_taken``: another user has that name (case-insensitively)."""
 
     code = ErrorCode.NAME_TAKEN
 
 
-class BadName(ChatError):
+class BadName(RequestError):
     """``bad_name``: not a valid user or room name."""
 
     code = ErrorCode.BAD_NAME
 
 
-class NotInRoom(ChatError):
+class NotInRoom(RequestError):
     """``not_in_room``: the request needs membership of a room."""
 
     code = ErrorCode.NOT_IN_ROOM
 
 
-class NoSuchUser(ChatError):
+class NoSuchUser(RequestError):
     """``no_such_user``: nobody of that name is connected."""
 
     code = ErrorCode.NO_SUCH_USER
 
 
-class RateLimited(ChatError):
+class RateLimited(RequestError):
     """``rate_limited``: slow down."""
 
     code = ErrorCode.RATE_LIMITED
 
 
-class Unauthorized(ChatError):
+class Unauthorized(RequestError):
     """``unauthorized``: authentication refused."""
 
     code = ErrorCode.UNAUTHORIZED
 
 
-class ServerFull(ChatError):
+class ServerFull(RequestError):
     """``server_full``: the server accepts no more connections."""
 
     code = ErrorCode.SERVER_FULL
 
 
-class Rejected(ChatError):
+class Rejected(RequestError):
     """``rejected``: a server plugin refused the request."""
 
     code = ErrorCode.REJECTED
 
 
-class NotReady(ChatError):
+class NotReady(RequestError):
     """``not_ready``: the request came before ``hello`` was accepted."""
 
     code = ErrorCode.NOT_READY
 
 
-class TooSlow(ChatError):
+class TooSlow(RequestError):
     """``too_slow``: this client did not read fast enough and was dropped."""
 
     code = ErrorCode.TOO_SLOW
 
 
-class Kicked(ChatError):
+class Kicked(RequestError):
     """``kicked``: the server removed this client."""
 
     code = ErrorCode.KICKED
 
 
-class TimedOut(ChatError):
+class TimedOut(RequestError):
     """``timeout``: no handshake, or no traffic, in time; the server closes."""
 
     code = ErrorCode.TIMEOUT
 
 
-class TooManyRooms(ChatError):
+class TooManyRooms(RequestError):
     """``too_many_rooms``: joining would exceed the server's per-user limit."""
 
     code = ErrorCode.TOO_MANY_ROOMS
 
 
-class Unavailable(ChatError):
+class Unavailable(RequestError):
     """``unavailable``: the server cannot do that right now (a cluster node
     that lost its backplane refuses new names); try again later."""
 
     code = ErrorCode.UNAVAILABLE
 
 
-class ConnectionClosed(ChatError):
-    """The connection to the server ended while a request needed it."""
+class ConnectionClosed(RequestError):
+    """The connection to the server ended while a request needed it (not an
+    answer from the server: :attr:`code` is ``connection_closed``)."""
 
     code = "connection_closed"
 
 
 # Read-only: no module-level mutable state.
-_BY_CODE: MappingProxyType[str, type[ChatError]] = MappingProxyType(
+_BY_CODE: MappingProxyType[str, type[RequestError]] = MappingProxyType(
     {
         cls.code: cls
         for cls in (

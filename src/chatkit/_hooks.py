@@ -6,7 +6,7 @@ at an un-run coroutine, and one raising implementation skips the rest. Here
 each implementation is called in pluggy's order (``reversed(get_hookimpls())``,
 which honours ``tryfirst``/``trylast``), awaited if it returns an awaitable,
 bounded by a timeout, and isolated: an exception is logged with the plugin's
-name and the next implementation runs. :class:`~chatkit.Reject` is the only
+name and the next implementation runs. :class:`~chatkit.Veto` is the only
 exception that escapes, and only from the veto/rewrite calls.
 """
 
@@ -22,7 +22,7 @@ import pluggy
 import trio
 
 from . import hookspecs
-from ._exceptions import Reject
+from ._exceptions import Veto
 
 __all__ = ["ENTRY_POINT_GROUP", "HookDispatcher", "make_plugin_manager"]
 
@@ -162,16 +162,16 @@ class HookDispatcher:
         for impl in self._impls(name):
             try:
                 await self._call(name, impl, kwargs)
-            except Reject:
+            except Veto:
                 self._log.warning(
-                    "plugin %r raised Reject from %s, which cannot veto; ignored",
+                    "plugin %r raised Veto from %s, which cannot veto; ignored",
                     impl.plugin_name,
                     name,
                 )
 
     async def veto(self, name: str, /, **kwargs: Any) -> None:
         """Call every implementation of ``name`` until one raises
-        :class:`~chatkit.Reject`, which propagates.
+        :class:`~chatkit.Veto`, which propagates.
 
         Fails closed: an implementation that raises something else or times
         out counts as a refusal (a broken authenticator must not let
@@ -180,13 +180,13 @@ class HookDispatcher:
         for impl in self._impls(name):
             if await self._call(name, impl, kwargs) is _FAILED:
                 # The log names the plugin; the peer learns nothing internal.
-                raise Reject("refused: the server could not check this request")
+                raise Veto("refused: the server could not check this request")
 
     async def rewrite(self, name: str, key: str, /, **kwargs: Any) -> Any:
         """Thread ``kwargs[key]`` through every implementation of ``name``.
 
         Each implementation sees the value the previous one returned (``None``
-        means unchanged). :class:`~chatkit.Reject` propagates. Returns the
+        means unchanged). :class:`~chatkit.Veto` propagates. Returns the
         final value.
         """
         for impl in self._impls(name):
@@ -230,7 +230,7 @@ class HookDispatcher:
                     )
                     return _FAILED
             return result
-        except Reject:
+        except Veto:
             raise
         except Exception:
             # Isolation is the point: a plugin's bug must not reach the user

@@ -13,14 +13,14 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["ClientEvent", "ConnectionLost", "Reconnect", "Reconnected", "Reconnecting"]
+__all__ = ["ClientEvent", "Interrupted", "Reconnect", "Reconnected", "Reconnecting"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Reconnect:
     """How a :class:`~chatkit.ChatClient` gets its connection back.
 
-    Pass one as ``connect(..., reconnect=Reconnect(...))`` (``reconnect=True``
+    Pass one as ``open_client(..., reconnect=Reconnect(...))`` (``reconnect=True``
     takes these defaults). After losing an established connection the
     client waits :meth:`delay` seconds before each attempt: the delay
     starts at ``initial_delay``, grows by ``multiplier`` each attempt up to
@@ -110,7 +110,7 @@ class ClientEvent:
 
 
 @dataclass(frozen=True)
-class ConnectionLost(ClientEvent):
+class Interrupted(ClientEvent):
     """The connection ended and the client is going to reconnect.
 
     Requests in flight raised :class:`~chatkit.ConnectionClosed` (a ``say``

@@ -63,7 +63,7 @@ from ._events import (
     ClientRequest,
     DirectMessage,
     Dm,
-    Error,
+    ErrorReply,
     Hello,
     History,
     HistoryReply,
@@ -86,11 +86,13 @@ from ._events import (
     Who,
     WhoReply,
 )
-from ._exceptions import ErrorCode, Reject, RemoteProtocolError
+from ._exceptions import ErrorCode, RemoteProtocolError, Veto
 from ._hooks import HookDispatcher, make_plugin_manager
-from ._protocol import (
-    CLOSED,
+from .history import HistoryStore, MemoryHistory
+from .hookspecs import ServerSpec
+from .protocol import (
     DEFAULT_MAX_LINE_LENGTH,
+    EOF,
     NEED_DATA,
     Mode,
     ServerConnection,
@@ -100,8 +102,6 @@ from ._protocol import (
     is_valid_name,
     is_valid_room,
 )
-from .history import HistoryStore, MemoryHistory
-from .hookspecs import ServerSpec
 
 if TYPE_CHECKING:
     from outcome import Outcome
@@ -349,7 +349,7 @@ class User:
 
     def _overflow(self) -> None:
         log.warning("%s is not reading fast enough; disconnecting", self)
-        error = Error(
+        error = ErrorReply(
             code=ErrorCode.TOO_SLOW,
             message="you are not reading fast enough; disconnecting",
         )
@@ -946,7 +946,7 @@ class ChatServer:
         user = self.get_user(name)
         if user is None:
             return False
-        error = Error(code=ErrorCode.KICKED, message=reason)
+        error = ErrorReply(code=ErrorCode.KICKED, message=reason)
         user._close(LeaveReason.KICKED, user._proto.send(error))
         return True
 
@@ -1007,7 +1007,7 @@ class ChatServer:
         log.warning("refused a connection: %s", text)
         with trio.move_on_after(self.close_timeout):
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(encode_json(Error(code=code, message=text)))
+                await stream.send_all(encode_json(ErrorReply(code=code, message=text)))
         await trio.aclose_forcefully(stream)
 
     def _time_out(self, user: User) -> None:
@@ -1016,7 +1016,7 @@ class ChatServer:
         else:
             text = f"nothing received for {self.idle_timeout}s"
         log.info("%s timed out: %s", user, text)
-        error = Error(code=ErrorCode.TIMEOUT, message=text)
+        error = ErrorReply(code=ErrorCode.TIMEOUT, message=text)
         user._close(LeaveReason.TIMEOUT, user._proto.send(error))
 
     def _admit(self, user: User) -> bool:
@@ -1124,7 +1124,7 @@ class ChatServer:
                     request = exc  # a bad line costs a token like any request
                 if request is NEED_DATA:
                     break
-                if request is CLOSED:
+                if request is EOF:
                     return LeaveReason.DISCONNECT
                 assert not isinstance(request, Status)
                 # One read can hold thousands of lines: let the other
@@ -1219,7 +1219,7 @@ class ChatServer:
     def _error(
         self, user: User, code: ErrorCode, message: str, ref: str | int | None
     ) -> None:
-        user._send(Error(code=code, message=message, ref=ref))
+        user._send(ErrorReply(code=code, message=message, ref=ref))
 
     async def _on_hello(self, user: User, hello: Hello) -> LeaveReason | None:
         name = hello.name
@@ -1236,7 +1236,7 @@ class ChatServer:
                 token=hello.token,
                 address=user.address,
             )
-        except Reject as exc:
+        except Veto as exc:
             log.info("refused %s from %s: %s", name, user.address, exc.reason)
             self._error(user, ErrorCode.UNAUTHORIZED, exc.reason, hello.ref)
             return LeaveReason.DISCONNECT
@@ -1347,7 +1347,7 @@ class ChatServer:
                     room=room.name,
                     text=text,
                 )
-            except Reject as exc:
+            except Veto as exc:
                 self._error(user, ErrorCode.REJECTED, exc.reason, say.ref)
                 return
             # The user may have left the room while the hooks ran.
@@ -1612,7 +1612,7 @@ class ChatServer:
                     recipient=recipient,
                     text=text,
                 )
-            except Reject as exc:
+            except Veto as exc:
                 self._error(user, ErrorCode.REJECTED, exc.reason, dm.ref)
                 return
             if isinstance(recipient, User) and recipient._detached:
@@ -1725,7 +1725,7 @@ class ChatServer:
         if self._hooks.has("chatkit_nick"):
             try:
                 await self._hooks.veto("chatkit_nick", server=self, user=user, new=new)
-            except Reject as exc:
+            except Veto as exc:
                 self._error(user, ErrorCode.REJECTED, exc.reason, nick.ref)
                 return
             # The hooks may have awaited: check the name again.

@@ -39,9 +39,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
-from ._exceptions import Reject
-from ._protocol import is_valid_name
+from ._exceptions import Veto
 from .hookspecs import hookimpl
+from .protocol import is_valid_name
 
 if TYPE_CHECKING:
     from ._server import User
@@ -242,12 +242,12 @@ class TokenAuth:
     def chatkit_authenticate(self, token: str | None) -> None:
         """Refuse with :data:`INVALID_TOKEN` unless ``token`` is the secret."""
         if token is None:
-            raise Reject(INVALID_TOKEN)
+            raise Veto(INVALID_TOKEN)
         # Compared as bytes: compare_digest's time depends on the lengths of
         # the inputs (worthless to learn for a long random token), never on
         # where they differ.
         if not hmac.compare_digest(token.encode("utf-8"), self._token):
-            raise Reject(INVALID_TOKEN)
+            raise Veto(INVALID_TOKEN)
 
 
 class PasswordFileAuth:
@@ -318,7 +318,7 @@ class PasswordFileAuth:
         """Refuse with :data:`INVALID_LOGIN` unless ``token`` is ``name``'s
         password."""
         if not self.check(name, token):
-            raise Reject(INVALID_LOGIN)
+            raise Veto(INVALID_LOGIN)
 
     @hookimpl(tryfirst=True)
     def chatkit_nick(self, user: User, new: str) -> None:
@@ -326,7 +326,7 @@ class PasswordFileAuth:
         the file is an identity, taken only by logging in with its
         password."""
         if new.casefold() != user.name.casefold() and new.casefold() in self._entries:
-            raise Reject(f"{new} is a registered name")
+            raise Veto(f"{new} is a registered name")
 
 
 # --- the password file -------------------------------------------------------

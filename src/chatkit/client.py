@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ._client import DEFAULT_PORT, ChatClient, _describe, connect
+from ._client import DEFAULT_PORT, ChatClient, _describe, open_client
 from ._console import Console
 from ._events import (
     LOBBY,
     DirectMessage,
-    Error,
+    ErrorReply,
     Joined,
     Left,
     Message,
@@ -33,10 +33,10 @@ from ._events import (
     ServerEvent,
     Shutdown,
 )
-from ._exceptions import BadName, ChatError, ConnectionClosed, NameTaken
+from ._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
 from ._reconnect import (
     ClientEvent,
-    ConnectionLost,
+    Interrupted,
     Reconnect,
     Reconnected,
     Reconnecting,
@@ -132,7 +132,7 @@ class ChatShell:
         """The text shown for ``event`` (``None`` to show nothing)."""
         me = self.client.name
         match event:
-            case ConnectionLost(reason=reason):
+            case Interrupted(reason=reason):
                 self._lost = reason
                 return None  # said with the first Reconnecting
             case Reconnecting(attempt=1, delay=delay):
@@ -168,7 +168,7 @@ class ChatShell:
                 if new == me:
                     return f"You are now known as {new}."
                 return f"{old} is now known as {new}."
-            case Error(message=message, code=code):
+            case ErrorReply(message=message, code=code):
                 return f"Error: {message} ({code})"
             case Shutdown(reason=reason):
                 return f"Server is shutting down: {reason}"
@@ -193,7 +193,7 @@ class ChatShell:
                 await self._command(text)
             else:
                 await self.client.say(line, room=self.room)
-        except ChatError as exc:
+        except RequestError as exc:
             # Lost for good ends the chat; lost for a while is an error.
             if isinstance(exc, ConnectionClosed) and not self.client.reconnecting:
                 raise
@@ -361,7 +361,7 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
                 return 0
             name = name.strip()
         try:
-            async with connect(
+            async with open_client(
                 args.host,
                 args.port,
                 name=name,
@@ -375,7 +375,7 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
             if args.name is not None:
                 return 1
             name = None  # ask again, as for a fresh start
-        except ChatError as exc:
+        except RequestError as exc:
             console.print(f"Error: {exc.message} ({exc.code})")
             return 1
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:

@@ -25,7 +25,7 @@ Rules that hold for every hook:
   back. Hook wrappers are not supported.
 * An implementation that raises is logged with its plugin's name and
   skipped; the other implementations, the user and the server carry on.
-  The one deliberate exception is :class:`chatkit.Reject` from a hook that
+  The one deliberate exception is :class:`chatkit.Veto` from a hook that
   says it can veto.
 
 Server hooks are the methods of :class:`ServerSpec`; client hooks (for bots)
@@ -78,7 +78,7 @@ class ServerSpec:
     ) -> None:
         """A client asks to log in as ``name`` (valid and free).
 
-        Can veto: raise :class:`chatkit.Reject` with a reason to refuse; the
+        Can veto: raise :class:`chatkit.Veto` with a reason to refuse; the
         client gets ``error unauthorized`` with that reason and is
         disconnected. ``token`` is the ``hello`` message's token (``None`` in
         line mode). Returning normally lets the user in unless another
@@ -113,7 +113,7 @@ class ServerSpec:
         """``user`` asks to be renamed to ``new`` (valid and free); runs
         before the rename.
 
-        Can veto: raise :class:`chatkit.Reject`; the user gets ``error
+        Can veto: raise :class:`chatkit.Veto`; the user gets ``error
         rejected`` with the reason and keeps the old name. Fails closed: an
         implementation that raises anything else, or times out, refuses too.
         """
@@ -132,7 +132,7 @@ class ServerSpec:
 
         Can rewrite: return a new ``str`` and later plugins and the room see
         that instead; return ``None`` to leave it unchanged. Can veto: raise
-        :class:`chatkit.Reject`; the sender alone gets ``error rejected``
+        :class:`chatkit.Veto`; the sender alone gets ``error rejected``
         and nobody sees the message.
         """
 
@@ -196,7 +196,7 @@ class ClientSpec:
         last."""
 
     @hookspec
-    def chatkit_client_connection_lost(self, client: ChatClient, reason: str) -> None:
+    def chatkit_client_interrupted(self, client: ChatClient, reason: str) -> None:
         """The connection ended and the client (connected with
         ``reconnect=``) is going to reconnect; ``reason`` says how it ended.
 

@@ -192,7 +192,7 @@ class Chat:
             ValueError: a client of this chat is already called ``name``.
             TypeError: ``client_options`` has ``host``, ``port`` or ``name``.
             RuntimeError: the chat is closing.
-            ChatError: the server refused the login (for example
+            RequestError: the server refused the login (for example
                 :class:`~chatkit.Unauthorized` from a plugin, or
                 :class:`~chatkit.NameTaken`).
             trio.TooSlowError: connecting took longer than ``connect_timeout``.
@@ -234,7 +234,7 @@ class Chat:
                 return
             try:
                 async for event in client:
-                    # A reconnecting client's own events (ConnectionLost...)
+                    # A reconnecting client's own events (Interrupted...)
                     # are not recorded: expect() deals in protocol events.
                     if isinstance(event, Event):
                         inbox.add(event)
@@ -463,7 +463,7 @@ async def open_chat(
 
     Raises:
         TypeError: ``host`` or ``port`` was given.
-        ChatError: a client's login was refused (the chat is closed again).
+        RequestError: a client's login was refused (the chat is closed again).
     """
     for option in ("host", "port"):
         if option in server_options:

@@ -1,4 +1,4 @@
-"""The sans-IO core of chatkit wire protocol v1: bytes in, events out.
+"""chatkit wire protocol v1, sans-IO: bytes in, events out.
 
 Nothing here does I/O or imports trio (a test enforces it), in the manner of
 h11. An I/O layer feeds received bytes to :meth:`ServerConnection.receive_data`
@@ -7,11 +7,16 @@ h11. An I/O layer feeds received bytes to :meth:`ServerConnection.receive_data`
 writes what :meth:`~ServerConnection.send` returns.
 
 Bad input never breaks a connection: :meth:`~ServerConnection.next_event`
-raises :class:`~chatkit.RemoteProtocolError` carrying the wire error code for
-the one offending line, and the next call carries on with the next line.
+raises :class:`RemoteProtocolError` carrying the wire error code for the one
+offending line, and the next call carries on with the next line.
 
 For fan-out, :func:`encode_json` and :func:`encode_line` encode an event once
 so the same bytes can be appended to every recipient's buffer.
+
+This module is public as ``chatkit.protocol``: with it, anything (a test, a
+bot in another framework, a proxy) can speak the protocol. It also exports
+the request events (what a client sends: :class:`Hello`, :class:`Say`, ...)
+and, for convenience, the server events that :mod:`chatkit` exports too.
 """
 
 from __future__ import annotations
@@ -22,35 +27,84 @@ from typing import Final, TypeVar
 
 import msgspec
 
-from ._events import (
-    PROTOCOL_VERSION,
-    Bye,
-    ClientRequest,
-    DirectMessage,
-    Error,
-    Event,
-    Hello,
-    Joined,
-    Left,
-    Message,
-    Ref,
-    Renamed,
-    Say,
-    ServerEvent,
-    Shutdown,
-    Welcome,
-)
-from ._exceptions import ErrorCode, LocalProtocolError, RemoteProtocolError
+from ._events import LOBBY as LOBBY
+from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._events import Bye as Bye
+from ._events import ClientRequest as ClientRequest
+from ._events import DirectMessage as DirectMessage
+from ._events import Dm as Dm
+from ._events import ErrorReply as ErrorReply
+from ._events import Event as Event
+from ._events import Hello as Hello
+from ._events import History as History
+from ._events import HistoryReply as HistoryReply
+from ._events import Join as Join
+from ._events import Joined as Joined
+from ._events import Leave as Leave
+from ._events import Left as Left
+from ._events import Message as Message
+from ._events import Nick as Nick
+from ._events import Ping as Ping
+from ._events import Pong as Pong
+from ._events import Ref as Ref
+from ._events import Renamed as Renamed
+from ._events import RoomInfo as RoomInfo
+from ._events import Rooms as Rooms
+from ._events import RoomsReply as RoomsReply
+from ._events import Say as Say
+from ._events import ServerEvent as ServerEvent
+from ._events import Shutdown as Shutdown
+from ._events import Welcome as Welcome
+from ._events import Who as Who
+from ._events import WhoReply as WhoReply
+from ._exceptions import ErrorCode as ErrorCode
+from ._exceptions import LocalProtocolError as LocalProtocolError
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import RemoteProtocolError as RemoteProtocolError
 
 __all__ = [
-    "CLOSED",
     "DEFAULT_MAX_LINE_LENGTH",
+    "EOF",
+    "LOBBY",
     "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "Bye",
     "ClientConnection",
+    "ClientRequest",
+    "DirectMessage",
+    "Dm",
+    "ErrorCode",
+    "ErrorReply",
+    "Event",
+    "Hello",
+    "History",
+    "HistoryReply",
+    "Join",
+    "Joined",
+    "Leave",
+    "Left",
     "LineFramer",
+    "LocalProtocolError",
+    "Message",
     "Mode",
+    "Nick",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "Ref",
+    "RemoteProtocolError",
+    "Renamed",
+    "RoomInfo",
+    "Rooms",
+    "RoomsReply",
+    "Say",
     "ServerConnection",
+    "ServerEvent",
+    "Shutdown",
     "Status",
+    "Welcome",
+    "Who",
+    "WhoReply",
     "encode_json",
     "encode_line",
     "is_valid_name",
@@ -84,12 +138,12 @@ class Status(enum.Enum):
 
     NEED_DATA = "NEED_DATA"
     """Every complete line was consumed: feed more bytes."""
-    CLOSED = "CLOSED"
+    EOF = "EOF"
     """The peer sent end of file and every complete line was consumed."""
 
 
 NEED_DATA: Final = Status.NEED_DATA
-CLOSED: Final = Status.CLOSED
+EOF: Final = Status.EOF
 
 
 class Mode(enum.Enum):
@@ -168,7 +222,7 @@ class LineFramer:
                     del buf[: self._start]
                     self._start = 0
                     self._scanned = len(buf)
-                return CLOSED if self._eof else NEED_DATA
+                return EOF if self._eof else NEED_DATA
             start = self._start
             self._start = self._scanned = end + 1
             if self._discarding:
@@ -265,7 +319,7 @@ def encode_line(event: Event) -> bytes:
             line = f"{name} has left the chat."
         case Renamed(old=old, new=new):
             line = f"{old} is now known as {new}."
-        case Error(code=code, message=message):
+        case ErrorReply(code=code, message=message):
             line = f"error ({code}): {_clean(message)}"
         case Shutdown(reason=reason):
             line = f"Server is shutting down: {_clean(reason)}"
@@ -297,7 +351,7 @@ class ServerConnection:
         self._framer.receive_data(data)
 
     def next_event(self) -> ClientRequest | Status:
-        """Return the next request, :data:`NEED_DATA` or :data:`CLOSED`.
+        """Return the next request, :data:`NEED_DATA` or :data:`EOF`.
 
         Raises:
             RemoteProtocolError: one line was bad; its ``code`` says how.
@@ -385,7 +439,7 @@ class ClientConnection:
         self._framer.receive_data(data)
 
     def next_event(self) -> ServerEvent | Status:
-        """Return the next server event, :data:`NEED_DATA` or :data:`CLOSED`.
+        """Return the next server event, :data:`NEED_DATA` or :data:`EOF`.
 
         Raises:
             RemoteProtocolError: the server sent a bad line (skipped).
