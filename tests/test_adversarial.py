@@ -268,7 +268,7 @@ async def watch(
 
 
 def connections(server: chatkit.ChatServer) -> int:
-    return len(server._connections)
+    return server.connections
 
 
 async def read_until_closed(client: RawClient, within: float = 5.0) -> list[bytes]:
@@ -385,7 +385,12 @@ async def test_binary_garbage_gets_one_bad_request_per_line(open_raw: OpenRaw) -
     lines = garbage.count(b"\n") + 1  # the last one is ended below
     # ~1,000 bad lines at once: past any rate limit (a garbage flood is
     # rate limited like any other: see test_a_garbage_flooder_...).
-    async with chatkit.open_server(rate_limit=None) as server, watch(server) as by:
+    async with (
+        chatkit.open_server(
+            limits=chatkit.Limits(rate_limit=None),
+        ) as server,
+        watch(server) as by,
+    ):
         mallory = await login(open_raw, server.port, "mallory")
         with trio.fail_after(5):
             await mallory.send_bytes(garbage + b'\n{"type":"ping","ref":"after"}\n')
@@ -467,7 +472,9 @@ async def test_deeply_nested_json_is_bad_request(open_raw: OpenRaw) -> None:
     ]
     # A limit above the payloads, so they are parsed, not just discarded.
     async with (
-        chatkit.open_server(max_line_length=1 << 20) as server,
+        chatkit.open_server(
+            limits=chatkit.Limits(max_line_length=1 << 20),
+        ) as server,
         watch(server),
     ):
         mallory = await login(open_raw, server.port, "mallory")
@@ -491,7 +498,12 @@ async def test_ten_thousand_frames_in_one_packet_are_all_answered_in_order(
 ) -> None:
     count = 10_000
     # Rate limiting off: this is about framing and fairness, not abuse.
-    async with chatkit.open_server(rate_limit=None) as server, watch(server) as by:
+    async with (
+        chatkit.open_server(
+            limits=chatkit.Limits(rate_limit=None),
+        ) as server,
+        watch(server) as by,
+    ):
         mallory = await login(open_raw, server.port, "mallory")
         await mallory.send_json(type="join", room="den")
         await mallory.expect("joined", room="den")
@@ -566,7 +578,9 @@ async def test_slowloris_handshakes_are_closed_after_the_handshake_timeout() -> 
     kinds = ["silent", "json", "line", "retry"]
     results: dict[str, list[tuple[float, list[bytes]]]] = {k: [] for k in kinds}
     async with (
-        chatkit.open_server(handshake_timeout=SHORT_TIMEOUT) as server,
+        chatkit.open_server(
+            limits=chatkit.Limits(handshake_timeout=SHORT_TIMEOUT),
+        ) as server,
         watch(server) as by,
     ):
 
@@ -614,7 +628,9 @@ async def test_an_idle_connection_is_reaped_after_the_idle_timeout(
     open_raw: OpenRaw,
 ) -> None:
     async with (
-        chatkit.open_server(idle_timeout=SHORT_TIMEOUT) as server,
+        chatkit.open_server(
+            limits=chatkit.Limits(idle_timeout=SHORT_TIMEOUT),
+        ) as server,
         watch(server) as by,  # chatting, so never idle
     ):
         mallory = await login(open_raw, server.port, "mallory")
@@ -636,7 +652,9 @@ async def test_a_reader_that_never_reads_is_dropped_as_too_slow(
 ) -> None:
     async with (
         chatkit.open_server(
-            max_queued_bytes=32 * 1024, close_timeout=0.5, rate_limit=None
+            limits=chatkit.Limits(
+                max_queued_bytes=32 * 1024, close_timeout=0.5, rate_limit=None
+            ),
         ) as server,
         watch(server) as by,
     ):
@@ -740,7 +758,9 @@ FLOODS: Final = {
 async def test_a_flood_does_not_slow_the_others_down(open_raw: OpenRaw) -> None:
     flood = "say"
     async with (
-        chatkit.open_server(rate_limit=FLOOD_TEST_RATE, flood_limit=10**9) as server,
+        chatkit.open_server(
+            limits=chatkit.Limits(rate_limit=FLOOD_TEST_RATE, flood_limit=10**9),
+        ) as server,
         watch(server, chatting=False) as by,
     ):
 
@@ -785,7 +805,7 @@ async def test_a_flood_does_not_slow_the_others_down(open_raw: OpenRaw) -> None:
     # Bystanders heard only what the bucket let through.
     assert flooder.limited > 1000
     duration = SAMPLES * SAMPLE_INTERVAL + sum(loaded) + 1.0
-    assert len(flood_heard) <= server.rate_burst + FLOOD_TEST_RATE * duration
+    assert len(flood_heard) <= server.limits.rate_burst + FLOOD_TEST_RATE * duration
 
 
 @pytest.mark.parametrize("mode", ["json", "line"])
@@ -793,7 +813,7 @@ async def test_a_flooder_is_rate_limited_then_disconnected(
     open_raw: OpenRaw, mode: str
 ) -> None:
     async with chatkit.open_server() as server, watch(server) as by:
-        burst, limit = server.rate_burst, server.flood_limit
+        burst, limit = server.limits.rate_burst, server.limits.flood_limit
         if mode == "json":
             mallory = await login(open_raw, server.port, "mallory")
             batch = b"".join(
@@ -846,7 +866,9 @@ async def test_a_flooders_last_message_reaches_a_quiet_room(
     # No bystanders chatting: nobody else's read ends a batch. The flooder's
     # batch is paused (refused lines pause it) when it is cut off, and what
     # it held back must still be written.
-    async with chatkit.open_server(rate_burst=2, flood_limit=20) as server:
+    async with chatkit.open_server(
+        limits=chatkit.Limits(rate_burst=2, flood_limit=20),
+    ) as server:
         bob = await login(open_raw, server.port, "bob")
         mallory = await login(open_raw, server.port, "mallory")
         await bob.expect("joined", name="mallory")
@@ -949,7 +971,8 @@ async def test_a_thousand_connect_disconnect_cycles_leak_nothing() -> None:
     timeout = 0.5
     async with (
         chatkit.open_server(
-            history_size=1, handshake_timeout=timeout, close_timeout=timeout
+            history=chatkit.MemoryHistory(1),
+            limits=chatkit.Limits(handshake_timeout=timeout, close_timeout=timeout),
         ) as server,
         watch(server, keep_events=False) as by,
     ):
@@ -988,7 +1011,6 @@ async def test_a_thousand_connect_disconnect_cycles_leak_nothing() -> None:
         assert connections(server) == 2
         assert [u.name for u in server.users] == ["alice", "bob"]
         assert server.rooms == {"lobby": ("alice", "bob"), "quiet": ("alice", "bob")}
-        assert len(server._names) == 2
         # The bystanders' objects, no more (trio's accept loop keeps the last
         # accepted stream, closed, in a local variable).
         assert live(chatkit.User) == 2
@@ -1031,7 +1053,12 @@ async def test_a_thousand_connect_disconnect_cycles_leak_nothing() -> None:
 async def test_connections_beyond_max_connections_are_refused_server_full(
     open_raw: OpenRaw,
 ) -> None:
-    async with chatkit.open_server(max_connections=4) as server, watch(server):
+    async with (
+        chatkit.open_server(
+            limits=chatkit.Limits(max_connections=4),
+        ) as server,
+        watch(server),
+    ):
         idle = [await open_raw(server.port) for _ in range(2)]
         await wait_until(lambda: connections(server) == 4)
         with trio.fail_after(5):
@@ -1049,7 +1076,12 @@ async def test_connections_beyond_max_connections_are_refused_server_full(
 
 
 async def test_joining_too_many_rooms_is_refused(open_raw: OpenRaw) -> None:
-    async with chatkit.open_server(max_rooms_per_user=3) as server, watch(server):
+    async with (
+        chatkit.open_server(
+            limits=chatkit.Limits(max_rooms_per_user=3),
+        ) as server,
+        watch(server),
+    ):
         mallory = await login(open_raw, server.port, "mallory")
         for room in ("a", "b"):
             await mallory.send_json(type="join", room=room, ref=room)
@@ -1071,7 +1103,7 @@ async def test_a_message_too_long_is_too_large_and_not_delivered(
     open_raw: OpenRaw,
 ) -> None:
     async with chatkit.open_server() as server, watch(server) as by:
-        limit = server.max_message_length
+        limit = server.limits.max_message_length
         mallory = await login(open_raw, server.port, "mallory")
         for i, text in enumerate(["x" * (limit + 1), "é" * (limit + 1)]):
             await mallory.send_json(type="say", text=text, ref=i)
@@ -1188,7 +1220,8 @@ async def test_a_hanging_plugin_is_bounded_and_stalls_nobody_else(
     timeout = SHORT_TIMEOUT
     async with (
         chatkit.open_server(
-            plugins=[Hang(say="mallory", login="intruder")], hook_timeout=timeout
+            plugins=[Hang(say="mallory", login="intruder")],
+            limits=chatkit.Limits(hook_timeout=timeout),
         ) as server,
         watch(server) as by,
     ):
@@ -1325,7 +1358,8 @@ async def test_tls_with_the_wrong_ca_is_rejected_and_others_are_served(
     wrong = ssl.create_default_context()  # trusts another CA
     trustme.CA().configure_trust(wrong)
     async with chatkit.open_server(
-        ssl_context=server_tls, handshake_timeout=SHORT_TIMEOUT
+        ssl_context=server_tls,
+        limits=chatkit.Limits(handshake_timeout=SHORT_TIMEOUT),
     ) as server:
 
         async def connect() -> RawClient:
@@ -1366,7 +1400,9 @@ async def test_tls_with_the_wrong_ca_is_rejected_and_others_are_served(
 async def test_shutdown_under_load_delivers_everything_acknowledged() -> None:
     senders = [f"s{i}" for i in range(4)]
     listeners = ["l0", "l1"]
-    server = chatkit.ChatServer(rate_limit=None)
+    server = chatkit.ChatServer(
+        limits=chatkit.Limits(rate_limit=None),
+    )
     received: dict[str, bytearray] = {}
     acked: dict[str, list[str]] = {name: [] for name in senders}
     clients: list[RawClient] = []

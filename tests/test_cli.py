@@ -290,29 +290,6 @@ async def test_presence_limit_option(launch: Launch) -> None:
     assert not [line for line in alice.output if "bob has joined" in line]
 
 
-async def test_split_fanout_at_option(launch: Launch) -> None:
-    # The option reaches the server (two others: the room is split, which
-    # tests/test_fanout.py checks thread by thread), and 0 and 1 are read.
-    _server, port = await start_server(launch, "--no-db", "--split-fanout-at", "2")
-    alice = await start_client(launch, port, "alice")
-    bob = await start_client(launch, port, "bob")
-    carol = await start_client(launch, port, "carol")
-    await carol.send("hi\n")
-    await alice.expect(r"^carol: hi$")
-    await bob.expect(r"^carol: hi$")
-    # 0: never split (accepted, not a threshold of 0).
-    _never, never_port = await start_server(launch, "--no-db", "--split-fanout-at", "0")
-    dave = await start_client(launch, never_port, "dave")
-    erin = await start_client(launch, never_port, "erin")
-    await erin.send("hi\n")
-    await dave.expect(r"^erin: hi$")
-    bad = await launch("server", "--no-db", "--port", "0", "--split-fanout-at", "1")
-    assert await bad.wait() == 2
-    assert any(
-        "split_fanout_at must be at least 2, not 1" in line for line in await bad.rest()
-    )
-
-
 async def test_server_plugin_option(launch: Launch) -> None:
     _server, port = await start_server(
         launch, "--plugin", "examples.profanity_filter:ProfanityFilter"
@@ -507,7 +484,10 @@ async def test_the_client_reconnects_across_a_server_crash(launch: Launch) -> No
             r" reconnecting in \d+\.\ds\.\.\.$"
         )
         second = chatkit.ChatServer(
-            port=port, history=history, plugins=[hold], hook_timeout=30
+            port=port,
+            history=history,
+            plugins=[hold],
+            limits=chatkit.Limits(hook_timeout=30),
         )
         await nursery.start(second.serve)
         async with chatkit.open_client("127.0.0.1", port, name="bob") as bob:

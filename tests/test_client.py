@@ -141,10 +141,12 @@ async def test_a_history_reply_longer_than_the_servers_line_limit_arrives() -> N
     # A page of long messages, each within the server's limits, is a line
     # well over 64 KiB (the server's limit for the lines it reads).
     async with (
-        chatkit.open_server(rate_limit=None) as server,
+        chatkit.open_server(
+            limits=chatkit.Limits(rate_limit=None),
+        ) as server,
         connect(server, "alice") as alice,
     ):
-        longest = server.max_message_length
+        longest = server.limits.max_message_length
         texts = ["x" * longest, "\U0001f600" * longest]  # 4 and 16 KiB
         said = [unref(await alice.say(texts[n % 2])) for n in range(20)]
         with trio.fail_after(TIMEOUT):
@@ -471,7 +473,9 @@ async def test_request_errors_raise_chat_error_subclasses(
 async def test_a_request_over_the_servers_line_limit_raises_too_large() -> None:
     # The server cannot parse such a line, so its `too_large` has no ref: the
     # request would never be answered. The client refuses it itself.
-    async with chatkit.open_server(max_line_length=2000) as server:
+    async with chatkit.open_server(
+        limits=chatkit.Limits(max_line_length=2000),
+    ) as server:
         async with connect(server, "alice", server_max_line_length=2000) as alice:
             with trio.fail_after(TIMEOUT):
                 with pytest.raises(chatkit.TooLarge) as info:
@@ -573,7 +577,10 @@ async def test_a_request_in_flight_when_the_server_goes_raises_connection_closed
 ):
     stall = Stall()
     async with (
-        chatkit.open_server(plugins=[stall], hook_timeout=60) as server,
+        chatkit.open_server(
+            plugins=[stall],
+            limits=chatkit.Limits(hook_timeout=60),
+        ) as server,
         connect(server, "alice") as alice,
     ):
         outcome: list[BaseException] = []

@@ -310,7 +310,7 @@ async def test_a_server_whose_redis_is_unreachable_does_not_start() -> None:
 def test_the_cli_keeps_history_in_redis_with_redis(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from chatkit.server import main
+    from chatkit.server.__main__ import main
 
     for extra in (["--db", "x.sqlite3"], ["--no-db"], ["--history-max-age", "60"]):
         with pytest.raises(SystemExit) as exited:

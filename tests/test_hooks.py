@@ -1043,7 +1043,8 @@ async def test_a_hanging_hook_is_cancelled_after_hook_timeout(
 ) -> None:
     seen: list[str] = []
     async with chatkit.open_server(
-        plugins=[Hang(), Tag("t", seen)], hook_timeout=0.2
+        plugins=[Hang(), Tag("t", seen)],
+        limits=chatkit.Limits(hook_timeout=0.2),
     ) as server:
         alice, bob = await crowd(open_raw, server.port, "alice", "bob")
         start = trio.current_time()
@@ -1660,7 +1661,10 @@ async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
             await first.aclose()
             await rec.wait("chatkit_client_reconnecting")
             second = chatkit.ChatServer(
-                port=port, history=history, plugins=[hold], hook_timeout=30
+                port=port,
+                history=history,
+                plugins=[hold],
+                limits=chatkit.Limits(hook_timeout=30),
             )
             await nursery.start(second.serve)
             async with chatkit.open_client("127.0.0.1", port, name="alice") as alice:

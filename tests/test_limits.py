@@ -16,7 +16,7 @@ import trustme
 
 import chatkit
 from tests.conftest import OpenRaw, login
-from tests.helpers import next_event
+from tests.helpers import next_event, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,8 @@ async def test_plain_client_cannot_talk_to_a_tls_server(
     server_tls: ssl.SSLContext, open_raw: OpenRaw
 ) -> None:
     async with chatkit.open_server(
-        ssl_context=server_tls, handshake_timeout=1
+        ssl_context=server_tls,
+        limits=chatkit.Limits(handshake_timeout=1),
     ) as server:
         raw = await open_raw(server.port)
         await raw.send_json(type="hello", name="alice", protocol=1)
@@ -55,7 +56,9 @@ async def test_plain_client_cannot_talk_to_a_tls_server(
 async def test_idle_timeout_closes_silent_connections_but_not_pinging_clients(
     open_raw: OpenRaw,
 ) -> None:
-    async with chatkit.open_server(idle_timeout=0.3) as server:
+    async with chatkit.open_server(
+        limits=chatkit.Limits(idle_timeout=0.3),
+    ) as server:
         silent = await login(open_raw, server.port, "silent")
         async with chatkit.open_client(
             "127.0.0.1", server.port, name="chatty", keepalive=0.1
@@ -69,7 +72,9 @@ async def test_idle_timeout_closes_silent_connections_but_not_pinging_clients(
 
 
 async def test_the_handshake_deadline_stops_at_hello(open_raw: OpenRaw) -> None:
-    async with chatkit.open_server(handshake_timeout=0.3) as server:
+    async with chatkit.open_server(
+        limits=chatkit.Limits(handshake_timeout=0.3),
+    ) as server:
         alice = await login(open_raw, server.port, "alice")
         await trio.sleep(0.6)
         await alice.send_json(type="ping", ref=1)
@@ -77,7 +82,9 @@ async def test_the_handshake_deadline_stops_at_hello(open_raw: OpenRaw) -> None:
 
 
 async def test_rate_limit_refills(open_raw: OpenRaw) -> None:
-    async with chatkit.open_server(rate_limit=20, rate_burst=5) as server:
+    async with chatkit.open_server(
+        limits=chatkit.Limits(rate_limit=20, rate_burst=5),
+    ) as server:
         alice = await login(open_raw, server.port, "alice")  # hello: 1 token
         await alice.send_bytes(
             b"".join(b'{"type":"ping","ref":%d}\n' % i for i in range(5))
@@ -95,13 +102,32 @@ async def test_rate_limit_refills(open_raw: OpenRaw) -> None:
         assert await alice.receive_json() == {"type": "pong", "ref": 5}
 
 
-async def test_tcp_keepalive_is_on_for_every_connection(open_raw: OpenRaw) -> None:
-    async with chatkit.open_server() as server:
-        await login(open_raw, server.port, "alice")
-        (user,) = server.users
-        sock = user._stream.socket  # type: ignore[attr-defined]
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+async def test_tcp_keepalive_is_on_for_every_connection() -> None:
+    # What the TCP transport makes of every accepted connection (the
+    # listener closes it once the handler returns).
+    seen: list[tuple[str, int, int]] = []
+
+    async def handler(link: chatkit.server.Link) -> None:
+        assert isinstance(link, chatkit.server.TcpLink)
+        sock = link.sock
+        assert sock is not None
+        seen.append(
+            (
+                link.address,
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            )
+        )
+
+    transport = chatkit.server.TcpTransport("127.0.0.1", 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(transport.serve, handler, nursery)
+        client = await trio.open_tcp_stream("127.0.0.1", transport.port)
+        await wait_until(lambda: bool(seen))
+        nursery.cancel_scope.cancel()
+    local = client.socket.getsockname()
+    await client.aclose()
+    assert seen == [(f"127.0.0.1:{local[1]}", 1, 60)]
 
 
 @pytest.fixture

@@ -77,6 +77,8 @@ texts = st.text(st.characters(codec="utf-8"), max_size=12)
 short = st.text(st.characters(codec="utf-8"), min_size=1, max_size=8)
 refs = st.none() | st.integers(-(2**53), 2**53) | st.text(max_size=6)
 ints = st.integers(-(2**53), 2**53)
+# Ids and counts in a request: 0 to 2**63 - 1 (MAX_INT).
+counts = st.integers(0, 2**63 - 1)
 floats = st.floats(allow_nan=False, allow_infinity=False)
 
 requests: st.SearchStrategy[Event] = st.one_of(
@@ -91,9 +93,9 @@ requests: st.SearchStrategy[Event] = st.one_of(
     st.builds(
         History,
         room=short,
-        limit=st.none() | st.integers(0, 10**6),
-        before=st.none() | ints,
-        after=st.none() | ints,
+        limit=st.none() | counts,
+        before=st.none() | counts,
+        after=st.none() | counts,
         ref=refs,
     ),
     st.builds(Ping, ref=refs),
@@ -153,6 +155,9 @@ BAD_JSON_LINES = [
     b'{"type":"say"}',
     b'{"type":"say","text":5}',
     b'{"type":"history","room":"r","limit":-1}',
+    b'{"type":"history","room":"r","after":-1}',
+    b'{"type":"history","room":"r","before":9223372036854775808}',
+    b'{"type":"ping","ref":9223372036854775808}',
     b'{"type":"ping","ref":1.5}',
     b'{"type":"say","text":"\xff"}',
     b'{"type":"say","text":"x","y":"\xc3"}',

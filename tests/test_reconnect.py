@@ -289,7 +289,10 @@ async def test_a_client_resumes_across_a_server_restart(
                 # The same port, the same store: ids go on. alice is held at
                 # the door while bob says what she will have missed.
                 second = chatkit.ChatServer(
-                    port=port, history=store(), plugins=[gate], hook_timeout=30
+                    port=port,
+                    history=store(),
+                    plugins=[gate],
+                    limits=chatkit.Limits(hook_timeout=30),
                 )
                 await nursery.start(second.serve)
                 async with plain(port, "bob") as bob:
@@ -352,7 +355,11 @@ async def test_a_restart_that_lost_history_is_detected() -> None:
                 await first.aclose()
                 await inbox.expect(chatkit.Reconnecting)
 
-                second = chatkit.ChatServer(port=port, plugins=[gate], hook_timeout=30)
+                second = chatkit.ChatServer(
+                    port=port,
+                    plugins=[gate],
+                    limits=chatkit.Limits(hook_timeout=30),
+                )
                 await nursery.start(second.serve)
                 async with plain(port, "bob") as bob:
                     said = await bob.say("after the restart")
@@ -610,22 +617,49 @@ async def test_live_messages_after_an_overflow_are_not_lost(
 
 async def test_a_rate_limit_during_the_resume_is_waited_out() -> None:
     # Re-joining and catching up several rooms asks many requests at once;
-    # a strict server refuses some, and the client asks again later.
+    # a strict server refuses some, and the client asks again later. alice
+    # comes back to a restarted server (the same port and history) that
+    # allows two requests at once, then ten a second.
     rooms = ["r1", "r2", "r3"]
-    async with alice_behind_proxy() as (server, proxy, alice, inbox, bob):
-        for room in rooms:
-            await alice.join(room)
-            await bob.join(room)
-        await drop_alice(server, proxy)
-        for room in ["lobby", *rooms]:
-            await bob.say(f"missed in {room}", room=room)
-        server.rate_limit, server.rate_burst = 10.0, 2  # from now on
-        proxy.up = True
-        assert (await inbox.expect(chatkit.Reconnected)).missed == 4
-        assert alice.joined_rooms == {"lobby", *rooms}
-        assert sorted(inbox.messages()) == sorted(
-            (room, f"missed in {room}") for room in ["lobby", *rooms]
-        )
+    store = chatkit.MemoryHistory()
+    strict = chatkit.Limits(rate_limit=10.0, rate_burst=2)
+    with trio.fail_after(TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            first = chatkit.ChatServer(port=0, history=store)
+            port = await nursery.start(first.serve)
+            async with (
+                connect(port, "alice") as alice,
+                reading(alice, nursery) as inbox,
+            ):
+                async with plain(port, "bob") as bob:
+                    for room in rooms:
+                        await alice.join(room)
+                        await bob.join(room)
+                    for room in ["lobby", *rooms]:
+                        await bob.say(f"seen in {room}", room=room)
+                        await inbox.expect(chatkit.Message, text=f"seen in {room}")
+                    await first.aclose()
+                    await inbox.expect(chatkit.Reconnecting)
+                # What she will have missed, said on another server that
+                # shares the history.
+                async with (
+                    chatkit.open_server(history=store) as between,
+                    plain(between.port, "bob") as bob,
+                ):
+                    for room in rooms:
+                        await bob.join(room)
+                    for room in ["lobby", *rooms]:
+                        await bob.say(f"missed in {room}", room=room)
+                second = chatkit.ChatServer(port=port, history=store, limits=strict)
+                await nursery.start(second.serve)
+                assert (await inbox.expect(chatkit.Reconnected)).missed == 4
+                assert alice.joined_rooms == {"lobby", *rooms}
+                assert sorted(inbox.messages()) == sorted(
+                    (room, f"{when} in {room}")
+                    for room in ["lobby", *rooms]
+                    for when in ("seen", "missed")
+                )
+            await second.aclose()
 
 
 async def test_leaving_a_room_while_it_catches_up() -> None:
@@ -707,7 +741,10 @@ async def test_requests_wait_for_the_connection_or_time_out() -> None:
                 assert alice.reconnecting  # still trying
 
                 second = chatkit.ChatServer(
-                    port=port, history=history, plugins=[gate], hook_timeout=30
+                    port=port,
+                    history=history,
+                    plugins=[gate],
+                    limits=chatkit.Limits(hook_timeout=30),
                 )
                 await nursery.start(second.serve)
                 said: list[chatkit.Message] = []
@@ -863,7 +900,10 @@ async def test_closing_the_client_while_it_catches_up_stops_it() -> None:
                 assert isinstance(await alice.__anext__(), chatkit.Joined)
                 await first.aclose()
                 second = chatkit.ChatServer(
-                    port=port, history=history, plugins=[gate], hook_timeout=30
+                    port=port,
+                    history=history,
+                    plugins=[gate],
+                    limits=chatkit.Limits(hook_timeout=30),
                 )
                 await nursery.start(second.serve)
                 async with plain(port, "bob") as bob:

@@ -25,7 +25,10 @@ MESSAGE_KEYS = {"type", "id", "ts", "room", "from", "text"}
 @pytest.fixture
 async def small_server() -> AsyncIterator[chatkit.ChatServer]:
     """A server with a tiny history ring and a tiny line limit."""
-    async with chatkit.open_server(history_size=3, max_line_length=100) as server:
+    async with chatkit.open_server(
+        history=chatkit.MemoryHistory(3),
+        limits=chatkit.Limits(max_line_length=100),
+    ) as server:
         yield server
 
 
@@ -714,7 +717,8 @@ async def test_a_history_page_of_long_messages_is_cut_to_fit(
     # Default bounds: 100 messages of 4096 emoji (16 KiB each) would be a
     # 1.6 MiB reply, more than the asker's 1 MiB buffer. The page is cut
     # (newest kept; oldest with after), and paging by id gets everything.
-    async with chatkit.open_server() as server:
+    store = chatkit.MemoryHistory()
+    async with chatkit.open_server(history=store) as server:
         (bob,) = await crowd(open_raw, server.port, "bob")
         texts = [f"{i:03d}" + "\U0001f600" * 4093 for i in range(100)]
         for text in texts:
@@ -729,21 +733,15 @@ async def test_a_history_page_of_long_messages_is_cut_to_fit(
         assert [m["text"] for page in pages for m in page] == texts
         oldest = await history(bob, "lobby", after=0)
         assert [m["text"] for m in oldest] == texts[: len(oldest)]
-        # A budget (half of 40,000) that holds one message of the page.
-        server.max_queued_bytes = 40_000
-        assert [m["text"] for m in await history(bob, "lobby")] == texts[-1:]
-
-
-def test_a_history_page_holds_at_least_one_message() -> None:
-    from chatkit._server import _fit
-
-    messages = [
-        chatkit.Message(id=i, ts=0.0, room="lobby", sender="a", text="x" * 100)
-        for i in range(1, 4)
-    ]
-    assert _fit(messages, 1, oldest=True) == messages[:1]
-    assert _fit(messages, 1, oldest=False) == messages[-1:]
-    assert _fit(messages, 10_000, oldest=False) == messages
+    # A budget (half of 40,000) that holds one message of the page, and one
+    # (half of 30,000) that holds none: a page still has one.
+    for bound in (40_000, 30_000):
+        limits = chatkit.Limits(max_queued_bytes=bound)
+        async with chatkit.open_server(history=store, limits=limits) as small:
+            (carol,) = await crowd(open_raw, small.port, "carol")
+            assert [m["text"] for m in await history(carol, "lobby")] == texts[-1:]
+            oldest = await history(carol, "lobby", after=0)
+            assert [m["text"] for m in oldest] == texts[:1]
 
 
 async def test_history_is_a_ring_bounded_by_history_size(

@@ -75,9 +75,14 @@ async def test_a_server_closed_before_it_started_cannot_start() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"history_size": 0},
-        {"history_size": -5},
         {"max_line_length": 0},
+        {"max_connections": -5},
+        {"presence_limit": -1},
+        {"rate_limit": 0},
+        {"rate_burst": 1.5},
+        {"idle_timeout": float("nan")},
+        {"max_queued_bytes": True},
+        {"max_queued_bytes": "1"},
         {"max_queued_bytes": 0},
         {"max_queued_messages": 0},
         {"hook_timeout": 0},
@@ -87,21 +92,25 @@ async def test_a_server_closed_before_it_started_cannot_start() -> None:
     ],
 )
 def test_bad_limits_are_rejected(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        chatkit.ChatServer(**kwargs)
+    (field,) = kwargs
+    with pytest.raises(ValueError, match=field):
+        chatkit.Limits(**kwargs)
+    with pytest.raises(ValueError, match=field):
+        chatkit.Limits().replace(**kwargs)
 
 
 def test_limits_of_one_are_accepted() -> None:
     server = chatkit.ChatServer(
-        history_size=1,
-        max_line_length=1,
-        max_queued_bytes=1,
-        max_queued_messages=1,
-        hook_timeout=0.01,
-        close_timeout=0.01,
+        limits=chatkit.Limits(
+            max_line_length=1,
+            max_queued_bytes=1,
+            max_queued_messages=1,
+            hook_timeout=0.01,
+            close_timeout=0.01,
+        ),
     )
-    assert server.history_size == 1
-    assert server.max_queued_bytes == 1
+    assert server.limits.max_queued_bytes == 1
+    assert chatkit.Limits(presence_limit=0, rate_limit=None).presence_limit == 0
 
 
 # --- graceful shutdown -------------------------------------------------------
@@ -188,7 +197,9 @@ async def test_everything_accepted_before_aclose_is_delivered_first(
     open_raw: OpenRaw,
 ) -> None:
     count = 300
-    server = chatkit.ChatServer(rate_limit=None)  # a burst of 300 on purpose
+    server = chatkit.ChatServer(
+        limits=chatkit.Limits(rate_limit=None),
+    )  # a burst of 300 on purpose
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
         alice = await login(open_raw, port, "alice")
@@ -262,7 +273,9 @@ async def test_connections_during_shutdown_are_closed(open_raw: OpenRaw) -> None
 async def test_aclose_is_bounded_when_a_client_never_reads(
     open_raw: OpenRaw,
 ) -> None:
-    server = chatkit.ChatServer(close_timeout=0.3)
+    server = chatkit.ChatServer(
+        limits=chatkit.Limits(close_timeout=0.3),
+    )
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.serve)
         stuck = await open_small_window(port)
@@ -332,7 +345,8 @@ async def test_slow_leave_hooks_do_not_hold_up_the_shutdown(
     # Three leave hooks of 5 s each would take 15 s: aclose is bounded by
     # close_timeout plus a second, a cancellation by close_timeout.
     server = chatkit.ChatServer(
-        plugins=[Lingering()], hook_timeout=5.0, close_timeout=0.2
+        plugins=[Lingering()],
+        limits=chatkit.Limits(hook_timeout=5.0, close_timeout=0.2),
     )
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -452,7 +466,7 @@ async def slow_server() -> AsyncIterator[chatkit.ChatServer]:
     # single-threaded test), with room to spare; the slow reader overflows
     # it after a few rounds.
     async with chatkit.open_server(
-        max_queued_bytes=64 * 1024, close_timeout=0.5
+        limits=chatkit.Limits(max_queued_bytes=64 * 1024, close_timeout=0.5),
     ) as server:
         yield server
 

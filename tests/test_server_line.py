@@ -231,7 +231,9 @@ async def test_invalid_utf8_in_line_mode_is_an_error_line(
 
 @pytest.fixture
 async def small_server() -> AsyncIterator[chatkit.ChatServer]:
-    async with chatkit.open_server(max_line_length=50) as server:
+    async with chatkit.open_server(
+        limits=chatkit.Limits(max_line_length=50),
+    ) as server:
         yield server
 
 

@@ -1,9 +1,9 @@
-"""The engineering rules of STYLE.md and issue 2, enforced on the source tree.
+"""The engineering rules of STYLE.md and issues 2 and 17, enforced on the
+source tree.
 
-No threads (except chatkit.sqlite's awaited worker threads and the fan-out's
-fork-join in chatkit._server), no module-level
-mutable state, a protocol layer that never touches trio or sockets, and a
-public API that is complete and documented.
+No threads (except chatkit.sqlite's awaited worker threads), no
+module-level mutable state, a protocol layer that never touches trio or
+sockets, and a public API that is complete and documented.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import chatkit
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "chatkit"
-MODULES = sorted(SRC.glob("*.py"))
+MODULES = sorted(SRC.rglob("*.py"))
 SANS_IO = ("_events.py", "_exceptions.py", "protocol.py")
 
 
 def module_id(path: Path) -> str:
-    return path.name
+    return path.relative_to(SRC).as_posix()
 
 
 def parse(path: Path) -> ast.Module:
@@ -58,8 +58,8 @@ def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
 
 def test_the_source_tree_is_where_we_look() -> None:
     # Guards the scans below against silently scanning nothing.
-    names = {path.name for path in MODULES}
-    assert {"__init__.py", *SANS_IO, "_server.py", "_client.py"} <= names
+    names = {module_id(path) for path in MODULES}
+    assert {"__init__.py", *SANS_IO, "server/_server.py", "server/_fanout.py"} <= names
     assert Path(chatkit.__file__).resolve().parent == SRC
 
 
@@ -68,61 +68,24 @@ def test_the_source_tree_is_where_we_look() -> None:
 THREAD_MODULES = ("threading", "_thread", "concurrent.futures", "multiprocessing")
 
 
-# The other exception: a large room's fan-out at light load
-# (chatkit._server._send_each_split) hands half of its sockets to a thread of
-# trio's thread cache (trio.lowlevel.start_thread_soon) and waits for it on a
-# threading.Lock before the call returns. That thread only calls
-# socket.send, never back into trio, and does not outlive the call.
-MAY_JOIN_A_THREAD = "_server.py"
-FORK_JOIN = "_send_each_split"
-
-
 @pytest.mark.parametrize("path", MODULES, ids=module_id)
 def test_no_module_imports_threading(path: Path) -> None:
     offending = [
         (line, name)
         for line, name in imported_modules(parse(path))
         if any(name == bad or name.startswith(bad + ".") for bad in THREAD_MODULES)
-        and not (path.name == MAY_JOIN_A_THREAD and name == "threading")
     ]
     assert offending == []
 
 
-def test_the_fork_join_is_the_only_thread_in_the_server() -> None:
-    tree = parse(SRC / MAY_JOIN_A_THREAD)
-    functions = {
-        node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
-    }
-
-    def attribute_uses(node: ast.AST, *names: str) -> list[str]:
-        return [
-            ast.unparse(sub)
-            for sub in ast.walk(node)
-            if isinstance(sub, ast.Attribute) and sub.attr in names
-        ]
-
-    # threading gives the join's lock and nothing else, and it and the
-    # thread cache are used in the fork-join alone.
-    from_threading = {
-        ast.unparse(node)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute)
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "threading"
-    }
-    assert from_threading == {"threading.Lock"}
-    uses = sorted(attribute_uses(tree, "start_thread_soon", "Lock", "Thread"))
-    assert uses == ["threading.Lock", "trio.lowlevel.start_thread_soon"]
-    assert (
-        sorted(attribute_uses(functions[FORK_JOIN], "start_thread_soon", "Lock"))
-        == uses
-    )
-    # KeyboardInterrupt cannot cut the join short.
-    decorators = [ast.unparse(d) for d in functions[FORK_JOIN].decorator_list]
-    assert decorators == ["trio.lowlevel.enable_ki_protection"]
+def test_no_module_starts_a_thread_through_trio() -> None:
     for path in MODULES:
-        if path.name != MAY_JOIN_A_THREAD:
-            assert attribute_uses(parse(path), "start_thread_soon") == [], path.name
+        uses = [
+            node.attr
+            for node in ast.walk(parse(path))
+            if isinstance(node, ast.Attribute) and node.attr == "start_thread_soon"
+        ]
+        assert uses == [], module_id(path)
 
 
 # The one exception: sqlite3 has no non-blocking interface, so chatkit.sqlite
@@ -136,7 +99,7 @@ MAY_USE_WORKER_THREADS = frozenset({"sqlite.py"})
 def test_no_module_hands_work_to_threads(path: Path) -> None:
     # trio.to_thread / trio.from_thread would bring threads in through trio.
     banned = ("to_thread", "from_thread")
-    if path.name in MAY_USE_WORKER_THREADS:
+    if module_id(path) in MAY_USE_WORKER_THREADS:
         banned = ("from_thread",)
     tree = parse(path)
     offending = [
@@ -154,7 +117,7 @@ def test_no_module_hands_work_to_threads(path: Path) -> None:
 
 def test_worker_threads_stay_in_their_module() -> None:
     uses = [
-        path.name
+        module_id(path)
         for path in MODULES
         if any(
             isinstance(node, ast.Attribute) and node.attr == "to_thread"
@@ -206,6 +169,8 @@ IMMUTABLE_FACTORIES = frozenset(
         "pluggy.HookimplMarker",
         "pluggy.HookspecMarker",
         "TypeVar",
+        # chatkit.protocol's wire formats: NamedTuples (immutable).
+        "WireFormat",
         "typing.TypeVar",
         "ParamSpec",
         "NewType",
@@ -492,7 +457,8 @@ def test_every_module_has_a_docstring_and_valid_all(path: Path) -> None:
     assert ast.get_docstring(tree)
     if path.name == "__init__.py":
         return
-    module = importlib.import_module(f"chatkit.{path.stem}")
+    dotted = module_id(path).removesuffix(".py").replace("/", ".")
+    module = importlib.import_module(f"chatkit.{dotted}")
     exported = getattr(module, "__all__", [])
     assert [name for name in exported if not hasattr(module, name)] == []
 

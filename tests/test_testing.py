@@ -298,7 +298,7 @@ async def test_expect_refuses_fields_the_type_does_not_have() -> None:
 
 
 async def test_a_failure_message_shows_the_last_events_only() -> None:
-    async with open_chat(clients=["alice"], history_size=100) as chat:
+    async with open_chat(clients=["alice"], history=chatkit.MemoryHistory(100)) as chat:
         said = [await chat["alice"].say(f"m{n}") for n in range(25)]
         with pytest.raises(AssertionError) as info:
             await chat.expect("alice", chatkit.Left, within=0.05)

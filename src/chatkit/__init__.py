@@ -47,21 +47,22 @@ from ._exceptions import TooSlow as TooSlow
 from ._exceptions import Unauthorized as Unauthorized
 from ._exceptions import Unavailable as Unavailable
 from ._exceptions import Veto as Veto
+from ._hooks import hookimpl as hookimpl
 from ._reconnect import ClientEvent as ClientEvent
 from ._reconnect import Interrupted as Interrupted
 from ._reconnect import Reconnect as Reconnect
 from ._reconnect import Reconnected as Reconnected
 from ._reconnect import Reconnecting as Reconnecting
-from ._server import SERVER_SENDER as SERVER_SENDER
-from ._server import ChatServer as ChatServer
-from ._server import LeaveReason as LeaveReason
-from ._server import RemoteUser as RemoteUser
-from ._server import User as User
-from ._server import open_server as open_server
 from .history import HistoryStore as HistoryStore
 from .history import HistoryStoreError as HistoryStoreError
 from .history import MemoryHistory as MemoryHistory
-from .hookspecs import hookimpl as hookimpl
+from .server import SERVER_SENDER as SERVER_SENDER
+from .server import ChatServer as ChatServer
+from .server import LeaveReason as LeaveReason
+from .server import Limits as Limits
+from .server import RemoteUser as RemoteUser
+from .server import User as User
+from .server import open_server as open_server
 from .sqlite import SqliteHistory as SqliteHistory
 
 __version__ = "0.2.0.dev0"
@@ -90,6 +91,7 @@ __all__ = [
     "Kicked",
     "LeaveReason",
     "Left",
+    "Limits",
     "MemoryHistory",
     "Message",
     "NameTaken",

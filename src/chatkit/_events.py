@@ -24,9 +24,11 @@ import msgspec
 
 __all__ = [
     "LOBBY",
+    "MAX_INT",
     "PROTOCOL_VERSION",
     "Bye",
     "ClientRequest",
+    "Count",
     "DirectMessage",
     "Dm",
     "ErrorReply",
@@ -61,10 +63,17 @@ LOBBY: Final = "lobby"
 
 PROTOCOL_VERSION = 1
 
-#: A client-chosen correlation value, echoed back by the server.
-Ref: TypeAlias = str | int | None
+#: The largest message id, ``limit`` or ``ref`` a request may carry: ids are
+#: 64-bit signed integers (SQLite's INTEGER), so anything above is refused by
+#: the protocol layer (``bad_request``) before it reaches a store.
+MAX_INT: Final = 2**63 - 1
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+#: A message id or a count in a request: 0 to :data:`MAX_INT`.
+Count: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+
+#: A client-chosen correlation value, echoed back by the server: a string or
+#: a 64-bit signed integer.
+Ref: TypeAlias = str | Annotated[int, msgspec.Meta(ge=-MAX_INT - 1, le=MAX_INT)] | None
 
 
 # ``omit_defaults``: optional fields (``ref``, ``reason``, ...) are left out of
@@ -87,7 +96,7 @@ class Hello(Event, tag="hello", frozen=True):
 
     name: str
     # Optional on decode (lenient to minimal clients); chatkit always sends it.
-    protocol: int | None = None
+    protocol: Count | None = None
     token: str | None = None
     ref: Ref = None
 
@@ -146,13 +155,14 @@ class History(Event, tag="history", frozen=True):
     """Ask for recent messages of ``room``, oldest first.
 
     ``limit`` caps how many; ``before`` / ``after`` (message ids, an
-    extension to v1) page backwards or catch up.
+    extension to v1) page backwards or catch up. Each is an integer from 0
+    to :data:`MAX_INT`; anything else is a ``bad_request``.
     """
 
     room: str
-    limit: NonNegative | None = None
-    before: int | None = None
-    after: int | None = None
+    limit: Count | None = None
+    before: Count | None = None
+    after: Count | None = None
     ref: Ref = None
 
 

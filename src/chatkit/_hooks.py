@@ -15,16 +15,30 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import pluggy
 import trio
 
-from . import hookspecs
 from ._exceptions import Veto
 
-__all__ = ["ENTRY_POINT_GROUP", "HookDispatcher", "make_plugin_manager"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PROJECT_NAME",
+    "HookDispatcher",
+    "hookimpl",
+    "hookspec",
+    "make_plugin_manager",
+]
+
+PROJECT_NAME: Final = "chatkit"
+
+#: Marks a hook implementation: ``@chatkit.hookimpl`` or
+#: ``@chatkit.hookimpl(tryfirst=True)``.
+hookimpl: Final = pluggy.HookimplMarker(PROJECT_NAME)
+#: Marks a hook specification (chatkit's own use).
+hookspec: Final = pluggy.HookspecMarker(PROJECT_NAME)
 
 #: Entry-point group of server plugins.
 ENTRY_POINT_GROUP: Final = "chatkit"
@@ -57,7 +71,7 @@ def make_plugin_manager(
             not exist (a misspelling) or with arguments the spec lacks.
         TypeError: a plugin uses a hook wrapper, which chatkit cannot await.
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(spec)
     if load_entry_points:
         _load_entry_points(
@@ -132,9 +146,8 @@ class HookDispatcher:
         pm: the plugin manager.
         timeout: seconds each awaited implementation may take.
         logger: where plugin failures are logged.
-        before_await: called (synchronously) right before an implementation's
-            awaitable is awaited, i.e. before the calling task may yield. The
-            server uses it to publish output it was holding back for a batch.
+        bound: arguments every hook gets without the caller naming them
+            (the server binds ``server=``).
     """
 
     def __init__(
@@ -143,12 +156,12 @@ class HookDispatcher:
         *,
         timeout: float,
         logger: logging.Logger,
-        before_await: Callable[[], None] | None = None,
+        bound: Mapping[str, Any] | None = None,
     ) -> None:
         self.pm = pm
         self.timeout = timeout
         self._log = logger
-        self._before_await = before_await
+        self._bound = dict(bound or {})
 
     def has(self, name: str) -> bool:
         """True if any plugin implements hook ``name`` (cheap: lets hot paths
@@ -215,10 +228,11 @@ class HookDispatcher:
         self, name: str, impl: pluggy.HookImpl, kwargs: Mapping[str, Any]
     ) -> Any:
         try:
-            result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            bound = self._bound
+            result = impl.function(
+                *[kwargs[arg] if arg in kwargs else bound[arg] for arg in impl.argnames]
+            )
             if inspect.isawaitable(result):
-                if self._before_await is not None:
-                    self._before_await()
                 with trio.move_on_after(self.timeout) as scope:
                     result = await result
                 if scope.cancelled_caught:

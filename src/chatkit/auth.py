@@ -44,7 +44,7 @@ from .hookspecs import hookimpl
 from .protocol import is_valid_name
 
 if TYPE_CHECKING:
-    from ._server import User
+    from .server import User
 
 __all__ = [
     "HASH_BYTES",

@@ -59,18 +59,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "chatkit.cluster needs the 'redis' extra: pip install 'chatkit[redis]'"
     ) from exc
 
-from ._envelope import (
+from ._events import LOBBY, DirectMessage, Message
+from ._exceptions import StartupError
+from .backplane import (
     MESSAGE,
     Envelope,
     Publication,
     decode_envelope,
     encode_envelope,
 )
-from ._events import LOBBY, DirectMessage, Message
-from ._exceptions import StartupError
 
 if TYPE_CHECKING:
-    from ._server import ChatServer
+    from .backplane import ClusterPort
 
 __all__ = ["BackplaneError", "RedisBackplane", "RedisHistory"]
 
@@ -225,6 +225,13 @@ class RedisHistory:
     def append(self, message: Message) -> None:
         """Nothing to do: the publishing script stored the message."""
 
+    def note_id(self, id: int) -> None:
+        """Nothing to do: ids come from Redis's counter."""
+
+    async def flush(self) -> None:
+        """Nothing to do: a message is in Redis before it comes back from
+        the stream, which is when it is delivered."""
+
     async def recent(self, room: str, limit: int) -> Sequence[Message]:
         """The newest ``limit`` messages of ``room``, oldest first."""
         return await self._range(room, "+inf", "-inf", limit, newest=True)
@@ -344,7 +351,7 @@ class RedisBackplane:
             self._floor,
             self._renew,
         )
-        self._server: ChatServer | None = None
+        self._server: ClusterPort | None = None
         # The outbox: commands for the writer task, sent in order, pipelined.
         # Each is (build, on_result): build queues the command on a pipeline.
         self._outbox: list[_Entry] = []
@@ -384,9 +391,10 @@ class RedisBackplane:
     # --- lifetime ---------------------------------------------------------
 
     @asynccontextmanager
-    async def attach(self, server: ChatServer) -> AsyncIterator[None]:
+    async def attach(self, server: ClusterPort) -> AsyncIterator[None]:
         """Join the cluster for the duration of an ``async with`` block
-        (:meth:`ChatServer.serve` does it): check Redis, then read events
+        (:meth:`~chatkit.ChatServer.serve` does it, handing its
+        :class:`~chatkit.backplane.ClusterPort`): check Redis, then read events
         and renew claims in tasks of its own nursery.
 
         Raises:
@@ -433,16 +441,16 @@ class RedisBackplane:
             last = await redis.xrevrange(self._key("events"), count=1)
             self._last_entry = last[0].identifier if last else b"0-0"
             counter = await redis.get(self._key("last_id"))
-            server._last_id = max(server._last_id, int(counter or 0))
+            server.see_id(int(counter or 0))
         # Scripts are loaded on every (re)connection: a Redis that restarted
         # has forgotten them.
         for script in self._scripts:
             await redis.script_load(script.script)
-        users = list(server._users)
-        rooms = {LOBBY}.union(*(user._rooms for user in users))
+        users = server.memberships()
+        rooms = {LOBBY}.union(*(user_rooms for _, user_rooms in users))
         listed = _memberships(users)
         async with redis.pipeline(transaction=False) as pipe:
-            renewed = self._renewal(pipe, [user.name for user in users])
+            renewed = self._renewal(pipe, [name for name, _ in users])
             if not first:
                 # Who left while Redis was away is still listed: start over.
                 self._call(
@@ -451,24 +459,24 @@ class RedisBackplane:
                     [self._key("rooms")],
                     [self._key("members:"), self.node_id],
                 )
-            for user in users:
-                for room in user._rooms:
-                    pipe.hset(self._key("members:", room), {user.name: self.node_id})
+            for name, user_rooms in users:
+                for room in user_rooms:
+                    pipe.hset(self._key("members:", room), {name: self.node_id})
             pipe.sadd(self._key("rooms"), list(rooms))
             # A Redis that restarted empty must not hand out ids already used.
-            self._call(self._floor, pipe, [self._key("last_id")], [server._last_id])
+            self._call(self._floor, pipe, [self._key("last_id")], [server.last_id])
         self.available = True
         # member() and release() did nothing while this awaited: whoever
         # left, joined or went since ``users`` was taken is set right now.
-        now = _memberships(server._users)
+        now = _memberships(server.memberships())
         for room, name in listed - now:
             self.member(room, name, present=False)
         for room, name in now - listed:
             self.member(room, name, present=True)
-        present = {user.name.casefold() for user in server._users}
-        for user in users:
-            if user.name.casefold() not in present:
-                self.release(user.name)
+        present = {name.casefold() for name, _ in server.memberships()}
+        for name, _ in users:
+            if name.casefold() not in present:
+                self.release(name)
         for name in self._lost_names(await renewed):
             log.warning("%s was claimed by another node during the outage", name)
             server.kick(name, f"the name {name} was taken during an outage")
@@ -492,7 +500,7 @@ class RedisBackplane:
         server = self._server
         assert server is not None
         lost = {name.decode() for name in held_elsewhere}
-        return [user.name for user in server._users if user.name.casefold() in lost]
+        return [name for name, _ in server.memberships() if name.casefold() in lost]
 
     async def _run(self) -> None:
         """Serve the cluster; on losing Redis, carry on alone and reconnect."""
@@ -543,7 +551,7 @@ class RedisBackplane:
             on_result(_LOST)
         waiting, self._waiting = self._waiting, {}
         for publication in waiting.values():
-            event = server._cluster_fallback(publication)
+            event = server.deliver_here(publication)
             publication.result = event
             publication.done.set()
             if event is not None:
@@ -562,7 +570,7 @@ class RedisBackplane:
             await trio.lowlevel.checkpoint_if_cancelled()
             event = self._hooks_due.popleft()
             with trio.CancelScope(shield=True):
-                await server._cluster_delivered(event)
+                await server.delivered(event)
 
     # --- the writer -------------------------------------------------------
 
@@ -608,7 +616,7 @@ class RedisBackplane:
         server = self._server
         assert server is not None
         head: list[str | bytes | int | float] = [
-            server._last_id,  # every id this node has seen stays behind
+            server.last_id,  # every id this node has seen stays behind
             self.events_maxlen,
             self.history_size,
             self._key("history:"),
@@ -659,28 +667,24 @@ class RedisBackplane:
                 continue
             self._last_entry = entries[-1].identifier
             after: list[tuple[Any, Publication | None]] = []
-            server._begin_batch()
-            try:
-                for entry in entries:
-                    fields = entry.field_values
-                    try:
-                        id = int(fields[b"i"])
-                        env = decode_envelope(fields[b"e"])
-                    except (KeyError, ValueError, msgspec.DecodeError):
-                        log.error("bad entry %r in %s", entry.identifier, key)
+            for entry in entries:
+                fields = entry.field_values
+                try:
+                    id = int(fields[b"i"])
+                    env = decode_envelope(fields[b"e"])
+                except (KeyError, ValueError, msgspec.DecodeError):
+                    log.error("bad entry %r in %s", entry.identifier, key)
+                    continue
+                mine = env.node == self.node_id
+                publication = None
+                if mine:
+                    publication = self._waiting.pop(env.seq, None)
+                    if publication is None:
+                        # Delivered locally when Redis was lost (_lost).
                         continue
-                    mine = env.node == self.node_id
-                    publication = None
-                    if mine:
-                        publication = self._waiting.pop(env.seq, None)
-                        if publication is None:
-                            # Delivered locally when Redis was lost (_lost).
-                            continue
-                    event = server._cluster_event(id, env, mine, publication)
-                    if mine and event is not None:
-                        after.append((event, publication))
-            finally:
-                server._end_batch()
+                event = server.deliver(id, env, publication)
+                if mine and event is not None:
+                    after.append((event, publication))
             # Every publication is answered before any hook is awaited.
             for event, publication in after:
                 if publication is not None:
@@ -697,12 +701,12 @@ class RedisBackplane:
         assert server is not None
         while True:
             await trio.sleep(self.name_ttl / 3)
-            names = [user.name for user in server._users]
+            names = [name for name, _ in server.memberships()]
             async with self._redis.pipeline(transaction=False) as pipe:
                 renewed = self._renewal(pipe, names)
             held_elsewhere = await renewed
             for name in names:
-                if server.get_user(name) is None:
+                if not server.has_user(name):
                     self.release(name)  # renamed or gone while we renewed it
             for name in self._lost_names(held_elsewhere):
                 log.warning("%s is claimed by another node; disconnecting", name)
@@ -792,9 +796,12 @@ def _ignore(result: Any) -> None:
     pass
 
 
-def _memberships(users: Iterable[Any]) -> set[tuple[str, str]]:
-    """The (room, name) of every room each of ``users`` is in."""
-    return {(room, user.name) for user in users for room in user._rooms}
+def _memberships(
+    users: Iterable[tuple[str, Iterable[str]]],
+) -> set[tuple[str, str]]:
+    """The (room, name) of every room each of ``users`` (names and rooms)
+    is in."""
+    return {(room, name) for name, rooms in users for room in rooms}
 
 
 class _Publish:

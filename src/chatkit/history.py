@@ -1,10 +1,12 @@
 """Where a :class:`~chatkit.ChatServer` keeps room history: the storage seam.
 
-A server records every room message it delivers with
-:meth:`HistoryStore.append` and answers ``history`` requests from
+A server records every room message with :meth:`HistoryStore.append`, and
+awaits :meth:`HistoryStore.flush` before anyone sees it: **stored before
+seen**. A message its sender got back (its acknowledgement) is in the store,
+so a crash right after loses nothing. ``history`` requests are answered from
 :meth:`HistoryStore.recent`, :meth:`HistoryStore.before` and
 :meth:`HistoryStore.after`. :class:`MemoryHistory` (a ring buffer per room,
-lost on restart) is the library's default; :class:`chatkit.sqlite.SqliteHistory`
+lost on restart) is the library's default; :class:`chatkit.SqliteHistory`
 keeps history across restarts and is the server CLI's default.
 
 Writing a store::
@@ -14,20 +16,19 @@ Writing a store::
         async def open(self) -> AsyncIterator[int]:
             ...                      # connect; start tasks in a nursery here
             yield highest_stored_id  # 0 if empty: new ids continue after it
-            ...                      # flush and close
+            ...                      # write what is left and close
 
-        def append(self, message: Message) -> None: ...      # must not block
+        def append(self, message: Message) -> None: ...   # queue it; no I/O
+        def note_id(self, id: int) -> None: ...           # likewise
+        async def flush(self) -> None: ...    # make everything queued durable
         async def recent(self, room, limit): ...
         async def before(self, room, id, limit): ...
         async def after(self, room, id, limit): ...
 
-Every query returns messages oldest first, and must see every message
-appended before it was called, written to disk yet or not.
-
-A store that keeps ids across restarts may also have ``note_id(id)``
-(synchronous, non-blocking): the server then calls it with each id it
-hands out without a message to append (a direct message's), so that the
-value ``open`` yields next time is above those too.
+The server appends the messages of a whole read round, then awaits one
+``flush`` for all of them (group commit), so a store should write what is
+queued in one transaction. Every query returns messages oldest first, and
+must see every message appended before it was called, flushed yet or not.
 """
 
 from __future__ import annotations
@@ -66,7 +67,34 @@ class HistoryStore(Protocol):
         ...
 
     def append(self, message: Message) -> None:
-        """Record ``message``; synchronous and fast (it is on the hot path)."""
+        """Record ``message``; synchronous and fast (it is on the hot path):
+        a store that writes elsewhere queues it for :meth:`flush`.
+
+        Raising refuses the message: its sender gets ``error unavailable``
+        and nobody sees it.
+        """
+        ...
+
+    def note_id(self, id: int) -> None:
+        """Remember that ``id`` was handed out without a message to append
+        (a direct message's), so that the value :meth:`open` yields next time
+        is above it; synchronous, durable at the next :meth:`flush`. A store
+        that does not keep ids across restarts does nothing."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once everything appended (and noted) before the call is
+        stored as durably as this store stores anything.
+
+        The server awaits it before anyone sees those messages. It is called
+        by one task at a time.
+
+        Raises:
+            HistoryStoreError: they could not be stored; the store has let
+                them go (the next call is about later ones only). The server
+                then shows them to nobody, and their senders get ``error
+                unavailable``.
+        """
         ...
 
     async def recent(self, room: str, limit: int) -> Sequence[Message]:
@@ -103,6 +131,12 @@ class MemoryHistory:
     async def open(self) -> AsyncIterator[int]:
         """Nothing to open: yields the highest id held (0 when new)."""
         yield max((q[-1].id for q in self._rooms.values() if q), default=0)
+
+    def note_id(self, id: int) -> None:
+        """Nothing to do: ids are not kept across restarts."""
+
+    async def flush(self) -> None:
+        """Nothing to do: an appended message is already kept (in memory)."""
 
     def append(self, message: Message) -> None:
         """Keep ``message``, dropping its room's oldest past ``size``."""

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Final, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Final, NamedTuple, TypeVar
 
 import msgspec
 
 from ._events import LOBBY as LOBBY
+from ._events import MAX_INT as MAX_INT
 from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._events import Bye as Bye
 from ._events import ClientRequest as ClientRequest
@@ -65,9 +67,12 @@ from ._exceptions import RemoteProtocolError as RemoteProtocolError
 __all__ = [
     "DEFAULT_MAX_LINE_LENGTH",
     "EOF",
+    "JSON_LINES",
     "LOBBY",
+    "MAX_INT",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "TEXT_LINES",
     "Bye",
     "ClientConnection",
     "ClientRequest",
@@ -105,6 +110,7 @@ __all__ = [
     "Welcome",
     "Who",
     "WhoReply",
+    "WireFormat",
     "encode_json",
     "encode_line",
     "is_valid_name",
@@ -328,6 +334,35 @@ def encode_line(event: Event) -> bytes:
     return (line + "\n").encode()
 
 
+class WireFormat(NamedTuple):
+    """How one kind of connection carries server events: one encoder, used
+    once per event whoever receives it (a broadcast is encoded once per
+    format present in a room, never once per recipient).
+
+    Attributes:
+        name: what :attr:`chatkit.User.mode` says (``"json"``, ``"line"``).
+        encode: the event as the bytes of one frame (``b""``: the format
+            has no such frame).
+        echo: whether a sender gets its own room messages back (JSON mode:
+            yes, as the acknowledgement; line mode: no, as in the original
+            chat program).
+    """
+
+    name: str
+    encode: Callable[[Event], bytes]
+    echo: bool
+
+    def encode_all(self, events: Iterable[Event]) -> bytes:
+        """Several events, one after the other, as one piece of bytes."""
+        return b"".join(map(self.encode, events))
+
+
+#: JSON mode: one JSON object per line (protocol v1's main format).
+JSON_LINES: Final = WireFormat("json", encode_json, echo=True)
+#: Line mode: the original chat program's plain text lines.
+TEXT_LINES: Final = WireFormat("line", encode_line, echo=False)
+
+
 class ServerConnection:
     """The server's side of one connection.
 
@@ -418,14 +453,24 @@ class ServerConnection:
             return Bye()
         return Say(text=text)
 
+    @property
+    def wire(self) -> WireFormat:
+        """The format of what this connection is sent: :data:`TEXT_LINES` in
+        line mode, else :data:`JSON_LINES` (until the first line, errors are
+        answered in JSON)."""
+        return TEXT_LINES if self.mode is Mode.LINE else JSON_LINES
+
+    def accept(self) -> None:
+        """The handshake is complete: from now on requests other than
+        ``hello`` are let through (sending :class:`Welcome` does this too)."""
+        self.ready = True
+
     def send(self, event: ServerEvent) -> bytes:
         """Encode ``event`` for this connection; sending Welcome completes the
         handshake."""
         if isinstance(event, Welcome):
             self.ready = True
-        if self.mode is Mode.LINE:
-            return encode_line(event)
-        return encode_json(event)
+        return self.wire.encode(event)
 
 
 class ClientConnection:

@@ -5,14 +5,15 @@ across them. It is the server CLI's default store (``--db``); embed it with
 ``ChatServer(history=SqliteHistory("chat.sqlite3"))``.
 
 How it works: :meth:`SqliteHistory.append` only queues the message in
-memory. A single writer task writes what is queued in batches, one
-transaction (one commit) per batch, in trio's worker threads so that the
-event loop never waits for the disk. Queries read from the database in a
-worker thread too, and add the queued messages not yet committed, so that
-they see everything appended. The database is in WAL mode with
-``synchronous=NORMAL``: a commit is not flushed to disk on its own, which
-survives a crash of the server but not of the machine (a power cut may lose
-the last commits).
+memory; :meth:`SqliteHistory.flush`, which the server awaits before anyone
+sees the messages of a read round, writes everything queued in one
+transaction (one commit), in a trio worker thread so that the event loop
+never waits for the disk. Queries read from the database in a worker thread
+too, and add the queued messages not yet committed, so that they see
+everything appended. The database is in WAL mode with
+``synchronous=NORMAL``: a commit is in the operating system's hands before
+any client sees its messages, which survives a crash (``kill -9``) of the
+server but not of the machine (a power cut may lose the last commits).
 
 This is the one module of chatkit that uses threads (``sqlite3`` has no
 non-blocking interface): each connection is used by one thread at a time,
@@ -28,7 +29,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from itertools import chain
 from typing import Any
 
@@ -71,30 +72,20 @@ _PRUNE_ROOM = """
 # The unary plus keeps SQLite off the ts index here: (room, id) is the one.
 _COLUMNS = "SELECT id, ts, sender, text FROM messages WHERE room = ? AND +ts >= ?"
 
-# A failed write is tried again after a pause that doubles up to the max.
-_RETRY_MIN = 0.5
-_RETRY_MAX = 30.0
-
 
 class SqliteHistory:
     """Every room's history in a SQLite database file, kept across restarts.
 
-    Appending is cheap and never waits for the disk: messages are queued and
-    committed by one writer task, in batches: it waits ``batch_delay``
-    after the first queued message so that a burst shares one commit, and
-    writes at most ``max_batch`` per commit. A crash of the server process
-    can therefore lose the messages of the last ``batch_delay`` seconds or
-    so; a graceful stop writes everything. After such a crash the ids
-    skip ``max_pending + max_batch`` ahead, so that the id of a lost
-    message, which clients may have seen, is never given again (unless
-    the disk failed until the crash and messages were dropped meanwhile).
-    Ids of direct messages, which are not stored, are kept too
-    (:meth:`note_id`).
+    Appending is cheap and never waits for the disk: messages are queued,
+    and :meth:`flush` commits everything queued in one transaction. The
+    server flushes before anyone sees a message (its sender included), so a
+    message that was acknowledged is on disk: a crash of the server process
+    loses none of them. A graceful stop writes anything left.
 
-    Retention is applied when the store opens and after a commit at most
-    every ``prune_interval`` seconds (to the rooms written since), so a room
-    may briefly hold a few more than ``max_messages_per_room``; messages
-    older than ``max_age`` are never returned, deleted or not yet.
+    Retention is applied when the store opens and every ``prune_interval``
+    seconds (to the rooms written since), so a room may briefly hold a few
+    more than ``max_messages_per_room``; messages older than ``max_age`` are
+    never returned, deleted or not yet.
 
     Errors:
 
@@ -102,12 +93,12 @@ class SqliteHistory:
       (a directory, a missing directory, a corrupt or read-only file): the
       server does not start; :meth:`open` raises
       :class:`~chatkit.HistoryStoreError`, naming the path.
-    - A write fails while serving (disk full, I/O error): the error is
-      logged and the messages stay queued, visible to queries, and are
-      tried again after a pause (0.5 s, doubling up to 30 s). If the queue
-      grows past ``max_pending``, its oldest messages are dropped, each
-      counted in :attr:`dropped`, and an error is logged: memory stays
-      bounded while the disk is broken. Chat itself carries on.
+    - A write fails while serving (disk full, I/O error): :meth:`flush`
+      logs it and raises :class:`~chatkit.HistoryStoreError`; the messages
+      of that commit are let go (the server shows them to nobody and tells
+      their senders ``error unavailable``), and the next flush tries with
+      the next messages. Memory stays bounded, chat carries on, and nothing
+      anyone saw is missing from the file.
     - A read fails: the error is logged and the query answers with the
       messages not yet written only.
 
@@ -121,11 +112,8 @@ class SqliteHistory:
             next to it while it is open.
         max_messages_per_room: messages kept per room; ``None``: no limit.
         max_age: seconds a message is kept; ``None``: no limit.
-        batch_delay: seconds the writer waits for more messages before a
-            commit, unless ``max_batch`` are already queued.
-        max_batch: most messages written in one commit.
-        max_pending: most messages queued while writes fail.
-        prune_interval: least seconds between two retention passes.
+        prune_interval: seconds between two retention passes; ``0``: after
+            every commit.
 
     Raises:
         ValueError: an argument is out of range, or ``path`` is
@@ -138,9 +126,6 @@ class SqliteHistory:
         *,
         max_messages_per_room: int | None = 10_000,
         max_age: float | None = None,
-        batch_delay: float = 0.05,
-        max_batch: int = 1000,
-        max_pending: int = 100_000,
         prune_interval: float = 10.0,
     ) -> None:
         self.path = os.fspath(path)
@@ -151,43 +136,36 @@ class SqliteHistory:
             raise ValueError("max_messages_per_room must be at least 1 (or None)")
         if max_age is not None and max_age <= 0:
             raise ValueError("max_age must be positive (or None)")
-        if max_batch < 1 or max_pending < max_batch:
-            raise ValueError("max_batch must be at least 1, max_pending at least that")
-        if batch_delay < 0 or prune_interval < 0:
-            raise ValueError("batch_delay and prune_interval cannot be negative")
+        if prune_interval < 0:
+            raise ValueError("prune_interval cannot be negative")
         self.max_messages_per_room = max_messages_per_room
         self.max_age = max_age
-        self.batch_delay = batch_delay
-        self.max_batch = max_batch
-        self.max_pending = max_pending
         self.prune_interval = prune_interval
         self.commits = 0
-        """Batches committed since this object was made (one commit each)."""
+        """Transactions committed since this object was made (one a flush)."""
         self.written = 0
         """Messages committed since this object was made."""
-        self.dropped = 0
-        """Messages dropped unwritten because ``max_pending`` were queued."""
+        self.failed = 0
+        """Messages a flush could not write (and let go)."""
         self.pruned = 0
         """Messages deleted by retention since this object was made."""
         # Queued messages, oldest first, and the batch being written: both
         # are seen by queries until committed.
         self._pending: collections.deque[Message] = collections.deque()
         self._writing: tuple[Message, ...] = ()
-        # The highest id handed out (messages, dropped ones included, and
-        # ids noted by note_id), and the highest one recorded as last_id:
-        # no id is given again after a restart.
+        # The highest id handed out (messages, and ids noted by note_id),
+        # and the highest one recorded as last_id: no id is given again
+        # after a restart.
         self._highest = 0
         self._recorded = 0
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._lock_fd = -1  # PATH.lock, locked while open (see _lock)
         # The reader is shared by every query; one thread at a time uses it.
-        # The writer is used by the writer task alone, one call at a time.
+        # The writer is used by one flush or retention pass at a time.
         self._read_limiter = trio.CapacityLimiter(1)
-        self._wakeup = trio.Event()
-        self._dropping = False  # an error was logged for the current drops
+        self._write_lock = trio.Lock()
         self._touched: set[str] = set()  # rooms written since the last prune
-        self._next_prune = 0.0
         self._open = False
 
     @property
@@ -206,8 +184,9 @@ class SqliteHistory:
 
         Creates the file and its schema if needed, applies retention and
         yields the highest message id ever stored (``0`` for a new file).
-        Runs the writer task until the block ends, then writes every queued
-        message (even when cancelled) and closes the database.
+        Applies retention in a task of its own until the block ends, then
+        writes every queued message (even when cancelled) and closes the
+        database.
 
         Raises:
             HistoryStoreError: the database cannot be opened or used, or is
@@ -223,11 +202,10 @@ class SqliteHistory:
             self._open = False
             raise
         self._highest = self._recorded = last_id
-        self._next_prune = trio.current_time() + self.prune_interval
         body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._retention_loop)
                 try:
                     yield last_id
                 except BaseException as exc:
@@ -240,7 +218,8 @@ class SqliteHistory:
         finally:
             with trio.CancelScope(shield=True):
                 try:
-                    await self._flush()
+                    with suppress(HistoryStoreError):
+                        await self.flush()
                 finally:
                     await self._close()
                     self._open = False
@@ -248,30 +227,56 @@ class SqliteHistory:
             raise body_error
 
     def append(self, message: Message) -> None:
-        """Queue ``message`` for the writer; never blocks."""
+        """Queue ``message`` for the next :meth:`flush`; never blocks."""
         if message.id > self._highest:
             self._highest = message.id
-        if len(self._pending) >= self.max_pending:
-            self._pending.popleft()
-            self.dropped += 1
-            if not self._dropping:
-                self._dropping = True
-                log.error(
-                    "history database %s: %d messages queued, dropping the oldest "
-                    "unwritten (until a write succeeds)",
-                    self.path,
-                    len(self._pending) + 1,
-                )
         self._pending.append(message)
-        self._wakeup.set()
 
     def note_id(self, id: int) -> None:
         """Record that ``id`` was handed out without a message to store (a
-        direct message's): written with the next commit, within
-        ``batch_delay``, so that it is not given again after a restart."""
+        direct message's): written with the next :meth:`flush`, so that it
+        is not given again after a restart."""
         if id > self._highest:
             self._highest = id
-            self._wakeup.set()
+
+    async def flush(self) -> None:
+        """Commit everything queued (and the highest id handed out) in one
+        transaction, in a worker thread.
+
+        Raises:
+            HistoryStoreError: the write failed (logged); those messages are
+                let go.
+        """
+        async with self._write_lock:
+            if not self._pending and not self._unrecorded:
+                return
+            if self._writer is None:
+                raise HistoryStoreError(f"history database {self.path} is not open")
+            batch = self._writing = tuple(self._pending)
+            self._pending.clear()
+            highest = self._highest
+            try:
+                # Not cancellable once the thread runs: the commit's outcome
+                # is always known here.
+                rooms = await trio.to_thread.run_sync(self._insert, batch, highest)
+            except (sqlite3.Error, OSError) as exc:
+                self.failed += len(batch)
+                log.exception(
+                    "history database %s: cannot write %d messages",
+                    self.path,
+                    len(batch),
+                )
+                raise HistoryStoreError(
+                    f"history database {self.path}: cannot write: {exc}"
+                ) from exc
+            finally:
+                self._writing = ()
+            self._recorded = max(self._recorded, highest)
+            self.commits += 1
+            self.written += len(batch)
+            self._touched |= rooms
+            if self.prune_interval == 0:
+                await self._prune_touched()
 
     async def recent(self, room: str, limit: int) -> Sequence[Message]:
         """The newest ``limit`` messages of ``room``, oldest first."""
@@ -352,59 +357,6 @@ class SqliteHistory:
 
     # --- writing ------------------------------------------------------------
 
-    async def _write_loop(self) -> None:
-        retry = _RETRY_MIN
-        while True:
-            if not self._pending and not self._unrecorded:
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-            if len(self._pending) < self.max_batch:
-                await trio.sleep(self.batch_delay)  # a burst shares a commit
-            if await self._write_batch():
-                retry = _RETRY_MIN
-                if trio.current_time() >= self._next_prune:
-                    await self._prune_touched()
-            else:
-                await trio.sleep(retry)
-                retry = min(2 * retry, _RETRY_MAX)
-
-    async def _write_batch(self) -> bool:
-        """Commit the oldest ``max_batch`` queued messages; False (logged,
-        and the messages back in the queue) if that failed."""
-        batch = tuple(
-            self._pending.popleft()
-            for _ in range(min(len(self._pending), self.max_batch))
-        )
-        if not batch and not self._unrecorded:
-            return True
-        self._writing = batch
-        rooms: set[str] | None = None
-        highest = self._highest
-        try:
-            # Not cancellable once the thread runs: the commit's outcome is
-            # always known here.
-            rooms = await trio.to_thread.run_sync(self._insert, batch, highest)
-        except (sqlite3.Error, OSError):
-            log.exception(
-                "history database %s: cannot write %d messages (will retry)",
-                self.path,
-                len(batch),
-            )
-        finally:
-            self._writing = ()
-            if rooms is None:  # failed, or cancelled before the thread ran
-                self._pending.extendleft(reversed(batch))
-        if rooms is None:
-            return False
-        self._recorded = max(self._recorded, highest)
-        self.commits += 1
-        self.written += len(batch)
-        self._touched |= rooms
-        if self._dropping:
-            self._dropping = False
-            log.warning("history database %s: writing again", self.path)
-        return True
-
     def _insert(self, batch: Sequence[Message], highest: int) -> set[str]:
         # In a worker thread; the writer connection is the writer task's.
         # ``highest``: the highest id handed out, recorded with the batch.
@@ -422,27 +374,23 @@ class SqliteHistory:
             raise
         return {m.room for m in batch}
 
-    async def _flush(self) -> None:
-        """Write everything queued, once; called when closing."""
-        while (self._pending or self._unrecorded) and self._writer is not None:
-            if not await self._write_batch():
-                log.error(
-                    "history database %s: %d messages could not be written",
-                    self.path,
-                    len(self._pending),
-                )
-                return
-
     # --- retention ----------------------------------------------------------
 
+    async def _retention_loop(self) -> None:
+        while self.prune_interval:
+            await trio.sleep(self.prune_interval)
+            if self._touched:
+                async with self._write_lock:
+                    await self._prune_touched()
+
     async def _prune_touched(self) -> None:
+        # Under the write lock.
         rooms, self._touched = self._touched, set()
         try:
             self.pruned += await trio.to_thread.run_sync(self._prune, rooms)
         except sqlite3.Error:
             log.exception("history database %s: retention failed", self.path)
             self._touched |= rooms  # for the next pass
-        self._next_prune = trio.current_time() + self.prune_interval
 
     def _prune(self, rooms: Iterable[str] | None) -> int:
         """Delete what retention does not keep, in ``rooms`` (``None``: all
@@ -560,27 +508,10 @@ class SqliteHistory:
                 "SELECT max(coalesce((SELECT max(id) FROM messages), 0), value) "
                 "FROM meta WHERE key = 'last_id'"
             ).fetchone()
-            crashed = writer.execute(
-                "SELECT 1 FROM meta WHERE key = 'running'"
-            ).fetchone()
-            if crashed:
-                # Messages still queued at the crash were lost, ids and all;
-                # clients may have seen those ids, so none is given again.
-                skip = self.max_pending + self.max_batch
-                log.warning(
-                    "history database %s was not closed cleanly: the last "
-                    "messages before the stop may be lost; ids skip %d ahead",
-                    self.path,
-                    skip,
-                )
-                last_id += skip
-            writer.execute(_SET_LAST_ID, (last_id,))
             # Also a write now, so that a read-only file fails here, not
-            # mid-chat.
-            writer.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('running', ?)",
-                (time.time(),),
-            )
+            # mid-chat. ('running' was 0.1's crash marker.)
+            writer.execute("DELETE FROM meta WHERE key = 'running'")
+            writer.execute(_SET_LAST_ID, (last_id,))
             self.pruned += self._prune(None)
             writer.execute("COMMIT")
         except BaseException:
@@ -590,13 +521,6 @@ class SqliteHistory:
         return int(last_id)
 
     async def _close(self) -> None:
-        if self._writer is not None and not self.pending and not self._unrecorded:
-            try:
-                await trio.to_thread.run_sync(
-                    self._writer.execute, "DELETE FROM meta WHERE key = 'running'"
-                )
-            except sqlite3.Error:
-                log.exception("history database %s: cannot mark it closed", self.path)
         reader, writer = self._reader, self._writer
         self._reader = self._writer = None
         # The reader after any query still running on it.

@@ -43,7 +43,7 @@ import trio
 
 from ._client import ChatClient
 from ._events import LOBBY, Event, Joined
-from ._server import ChatServer
+from .server import ChatServer
 
 __all__ = ["DEFAULT_TIMEOUT", "LOOPBACK", "Chat", "ChatFactory", "open_chat"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import signal
 import ssl
 import sys
 from collections.abc import Sequence
@@ -22,14 +21,16 @@ from typing import Any
 import pluggy
 import trio
 
-from ._console import StdinReader
-from ._exceptions import StartupError
+from .._console import StdinReader
+from .._exceptions import StartupError
+from ..auth import PasswordFileAuth, TokenAuth
+from ..history import HistoryStore, MemoryHistory
+from ..sqlite import SqliteHistory
+from ._limits import Limits
+from ._run import serve_until_stopped_by
 from ._server import ChatServer
-from .auth import PasswordFileAuth, TokenAuth
-from .history import HistoryStore, MemoryHistory
-from .sqlite import SqliteHistory
 
-__all__ = ["build_parser", "load_plugin", "main", "serve_until_stopped"]
+__all__ = ["build_parser", "load_plugin", "main"]
 
 DEFAULT_PORT = 12345
 DEFAULT_DB = "chatkit.sqlite3"
@@ -135,15 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N" if kind is int else "SECONDS" if "timeout" in flag else "RATE",
             help=f"{text} (default: %(default)s)",
         )
-    parser.add_argument_group("performance (see docs/performance.md)").add_argument(
-        "--split-fanout-at",
-        type=int,
-        default=256,
-        metavar="N",
-        help="a message sent at light load to this many other members of a room "
-        "or more is sent from two threads, half each; 0: never "
-        "(default: %(default)s)",
-    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
         "--certfile", metavar="PEM", help="serve TLS with this certificate chain"
@@ -193,7 +185,7 @@ def _backplane(args: argparse.Namespace) -> Any:
     if args.history is not None:
         options["history_size"] = args.history
     try:
-        from .cluster import RedisBackplane
+        from ..cluster import RedisBackplane
     except ImportError as exc:
         raise ValueError(str(exc)) from None
     try:
@@ -276,60 +268,6 @@ def load_plugin(spec: str) -> object:
     return plugin() if isinstance(plugin, type) else plugin
 
 
-async def serve_until_stopped(
-    server: ChatServer,
-    *,
-    interactive: bool,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run ``server`` until Enter (if ``interactive``), SIGINT or SIGTERM,
-    then shut it down gracefully."""
-    stdin = StdinReader() if interactive else None
-    await _serve_until_stopped(server, stdin, task_status=task_status)
-
-
-async def _serve_until_stopped(
-    server: ChatServer,
-    stdin: StdinReader | None,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """:func:`serve_until_stopped`, watching ``stdin`` for Enter (if not
-    ``None``)."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-
-            async def serve_then_stop_watchers(
-                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-            ) -> None:
-                await server.serve(task_status=task_status)
-                nursery.cancel_scope.cancel()  # serve returned: stop watching
-
-            port = await nursery.start(serve_then_stop_watchers)
-            print(f"Server started on {server.host}:{port}", flush=True)
-            task_status.started(port)
-
-            async def stop_on_signal() -> None:
-                async for signum in signals:
-                    log.debug("received %s", signal.Signals(signum).name)
-                    break
-                await server.aclose()
-
-            async def stop_on_enter(reader: StdinReader) -> None:
-                while True:
-                    data = await reader.read()
-                    # Enter stops, and so does end of input (Ctrl-D).
-                    if not data or b"\n" in data:
-                        break
-                await server.aclose()
-
-            nursery.start_soon(stop_on_signal)
-            if stdin is not None:
-                print("Press Enter to stop the server.", flush=True)
-                nursery.start_soon(stop_on_enter, stdin)
-    print("Server has shut down.", flush=True)
-
-
 def _first(group: BaseExceptionGroup[Any]) -> BaseException:
     """The first leaf exception of a (nested) exception group."""
     error: BaseException = group
@@ -356,16 +294,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             plugins=plugins,
             load_entry_points=not args.no_entry_points,
             history=_history_store(args),
-            max_connections=args.max_connections,
-            max_rooms_per_user=args.max_rooms_per_user,
-            max_message_length=args.max_message_length,
-            max_line_length=args.max_line_length,
-            rate_limit=args.rate_limit or None,
-            rate_burst=args.rate_burst,
-            handshake_timeout=args.handshake_timeout,
-            idle_timeout=args.idle_timeout or None,
-            presence_limit=None if args.presence_limit == -1 else args.presence_limit,
-            split_fanout_at=args.split_fanout_at or None,
+            limits=Limits(
+                max_connections=args.max_connections,
+                max_rooms_per_user=args.max_rooms_per_user,
+                max_message_length=args.max_message_length,
+                max_line_length=args.max_line_length,
+                rate_limit=args.rate_limit or None,
+                rate_burst=args.rate_burst,
+                handshake_timeout=args.handshake_timeout,
+                idle_timeout=args.idle_timeout or None,
+                presence_limit=(
+                    None if args.presence_limit == -1 else args.presence_limit
+                ),
+            ),
             ssl_context=_tls_context(args.certfile, args.keyfile),
             backplane=_backplane(args),
         )
@@ -385,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def run() -> None:
         nonlocal listening
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(_serve_until_stopped, server, stdin))
+            await nursery.start(partial(serve_until_stopped_by, server, stdin))
             listening = True
 
     status = 0

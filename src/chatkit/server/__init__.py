@@ -1,0 +1,48 @@
+"""The chat server: :class:`ChatServer` and what it is made of.
+
+``python -m chatkit.server`` runs it from the command line (see
+``chatkit/server/__main__.py``). The parts, each in a module of its own and
+importing only the ones listed after it:
+
+* ``_server``: :class:`ChatServer`, the facade (lifecycle, public API) and
+  ``ServerSpec``, the hooks it calls;
+* ``_rules``: what each request does, and what leaving does;
+* ``_session``: one connection's reading (handshake, timeouts, rate limit);
+* ``_fanout``: every output, in batches, stored before seen;
+* ``_rooms``: who is in which room;
+* ``_outbox``: one connection's bounded buffer and its writes;
+* ``_transport``: how connections arrive (TCP, TLS);
+* ``_limits``: :class:`Limits`.
+"""
+
+from ._limits import Limits as Limits
+from ._outbox import Stats as Stats
+from ._run import serve_until_stopped as serve_until_stopped
+from ._server import ChatServer as ChatServer
+from ._server import ServerSpec as ServerSpec
+from ._server import open_server as open_server
+from ._session import SERVER_SENDER as SERVER_SENDER
+from ._session import LeaveReason as LeaveReason
+from ._session import RemoteUser as RemoteUser
+from ._session import User as User
+from ._transport import Link as Link
+from ._transport import TcpLink as TcpLink
+from ._transport import TcpTransport as TcpTransport
+from ._transport import Transport as Transport
+
+__all__ = [
+    "SERVER_SENDER",
+    "ChatServer",
+    "LeaveReason",
+    "Limits",
+    "Link",
+    "RemoteUser",
+    "ServerSpec",
+    "Stats",
+    "TcpLink",
+    "TcpTransport",
+    "Transport",
+    "User",
+    "open_server",
+    "serve_until_stopped",
+]

@@ -1,0 +1,568 @@
+"""The fan-out: every event the server sends goes through one :class:`Fanout`.
+
+Handlers say what to send (:meth:`Fanout.publish` to a room,
+:meth:`Fanout.send` to one connection, :meth:`Fanout.send_each`,
+:meth:`Fanout.close`); the fan-out collects it, in order, into the open
+*batch*, and one task of its own (:meth:`Fanout.run`) releases the batches,
+oldest first::
+
+    handlers --publish/send--> open batch --(sealed)--> run():
+        await store.flush()          if the batch carries messages
+        release: encode once per wire format, append to each outbox,
+                 then one write per outbox (or the room fast path)
+
+* **Stored before seen.** A batch that carries a room message or a direct
+  message is released only once the history store has flushed it, so that
+  no one, its sender included, sees a message that a crash could lose. The
+  messages of one read round share one flush (group commit). If the store
+  cannot store them, they are shown to nobody and their senders get ``error
+  unavailable``.
+* **One write per connection per batch.** Consecutive broadcasts to one
+  room are kept as *runs* (by sender) and reach each member in one append.
+  A batch that is a single room's broadcasts, all of whose members are idle
+  on plain sockets, is written by one C-level loop over the room's cached
+  socket list (the room fast path) instead of through the buffers.
+* **Handlers never see batches.** Nothing they await holds output back: the
+  batches belong to the fan-out's task, not to a reader.
+* **Bounded.** A batch is sealed once it holds a quarter of a connection's
+  buffer bounds (it cannot overflow anyone's outbox by itself), and readers
+  wait (:meth:`Fanout.wait_ready`) while sealed batches queue up behind a
+  slow store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
+
+import msgspec
+import trio
+
+from .._events import DirectMessage, ErrorReply, Joined, Left, Message, ServerEvent
+from .._exceptions import ErrorCode
+from ..protocol import JSON_LINES, WireFormat, encode_json
+from ._transport import SEND
+
+if TYPE_CHECKING:
+    import socket
+
+    from ..history import HistoryStore
+    from ._limits import Limits
+    from ._outbox import Outbox, Stats
+    from ._rooms import Member, Room
+
+__all__ = ["Fanout"]
+
+log = logging.getLogger("chatkit.server")
+
+# A batch is sealed past this share of a connection's buffer bounds.
+_SEAL_SHARE: Final = 4
+_T = TypeVar("_T")
+
+RoomEvent: TypeAlias = Message | Joined | Left
+
+
+class _Run:
+    """Consecutive broadcasts to one room from one origin."""
+
+    __slots__ = ("data", "events", "origin", "own", "refs")
+
+    def __init__(self, origin: Member | None) -> None:
+        self.origin = origin
+        self.events: list[RoomEvent] = []
+        self.refs: list[Any] = []  # each event's ref, for the origin's copy
+        self.data = bytearray()  # JSON, for every member but origin
+        self.own = bytearray()  # JSON, origin's copies (with refs)
+
+
+class _Broadcast:
+    """Consecutive broadcasts to one room. ``members`` is None while the
+    room's membership is the one they were published to; a change of
+    membership before the release freezes it (see :meth:`Fanout._freeze`)."""
+
+    __slots__ = ("frames", "members", "room", "runs", "size")
+
+    def __init__(self, room: Room) -> None:
+        self.room = room
+        self.runs: list[_Run] = []
+        self.members: list[Member] | None = None
+        self.frames = 0
+        self.size = 0  # JSON bytes, for the sealing bounds
+
+
+class _Direct:
+    """Consecutive events for one connection."""
+
+    __slots__ = ("events", "outbox")
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.events: list[ServerEvent] = []
+
+
+class _Each:
+    """One event for several members, each once (a rename)."""
+
+    __slots__ = ("event", "members")
+
+    def __init__(self, members: list[Member], event: ServerEvent) -> None:
+        self.members = members
+        self.event = event
+
+
+class _Close:
+    """A connection's last output."""
+
+    __slots__ = ("discard", "farewell", "outbox")
+
+    def __init__(self, outbox: Outbox, farewell: ServerEvent | None, discard: bool):
+        self.outbox = outbox
+        self.farewell = farewell
+        self.discard = discard
+
+
+_Item: TypeAlias = _Broadcast | _Direct | _Each | _Close
+
+
+class _Batch:
+    __slots__ = ("frames", "items", "seq", "size", "stored")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.items: list[_Item] = []
+        self.stored = False  # carries messages: flush the store first
+        self.frames = 0
+        self.size = 0
+
+
+class Fanout:
+    """Collects a server's output in batches and releases them (see the
+    module's docs).
+
+    Args:
+        store: flushed before a batch with messages is released.
+        limits: the connections' buffer bounds.
+        stats: the server's counters.
+    """
+
+    def __init__(self, store: HistoryStore, limits: Limits, stats: Stats) -> None:
+        self._store = store
+        self._limits = limits
+        self._stats = stats
+        self.busy: set[Any] = set()
+        """The members whose outbox is not idle (see :class:`Outbox`)."""
+        self._queue: deque[_Batch] = deque()
+        self._open: _Batch | None = None  # output goes here; the queue's tail
+        self._seq = 0  # the newest batch's
+        self._released = 0  # the newest released batch's
+        self._refused: set[int] = set()  # batches whose messages were refused
+        self._wake = trio.Event()
+        self._moved = trio.lowlevel.ParkingLot()  # a batch was released
+        # Rooms with broadcasts not released yet: a change of membership
+        # freezes those first.
+        self._pending: dict[Room, list[_Broadcast]] = {}
+
+    # --- what handlers call -----------------------------------------------
+
+    def publish(
+        self,
+        room: Room,
+        event: RoomEvent,
+        *,
+        origin: Member | None = None,
+        ref: Any = None,
+    ) -> None:
+        """Send ``event`` to every member of ``room``: encoded once per
+        wire format; ``origin`` (a member: the sender) gets its copy with
+        ``ref``, or none in a format without echo."""
+        batch = self._batch()
+        items = batch.items
+        item = items[-1] if items else None
+        if (
+            not isinstance(item, _Broadcast)
+            or item.room is not room
+            or item.members is not None  # frozen: for the members it had
+        ):
+            item = _Broadcast(room)
+            items.append(item)
+            self._pending.setdefault(room, []).append(item)
+        runs = item.runs
+        if not runs or runs[-1].origin is not origin:
+            runs.append(_Run(origin))
+        run = runs[-1]
+        data = encode_json(event)
+        run.events.append(event)
+        run.refs.append(ref)
+        run.data += data
+        run.own += (
+            data
+            if ref is None or origin is None
+            else encode_json(msgspec.structs.replace(event, ref=ref))
+        )
+        item.frames += 1
+        item.size += len(data)
+        if isinstance(event, Message):
+            batch.stored = True
+        self._grew(batch, 1, len(data))
+
+    def send(self, outbox: Outbox, event: ServerEvent) -> None:
+        """Send ``event`` to one connection."""
+        batch = self._batch()
+        items = batch.items
+        item = items[-1] if items else None
+        if not isinstance(item, _Direct) or item.outbox is not outbox:
+            item = _Direct(outbox)
+            items.append(item)
+        item.events.append(event)
+        if isinstance(event, DirectMessage):
+            batch.stored = True
+        self._grew(batch, 1, 256)
+
+    def send_each(self, members: Iterable[Member], event: ServerEvent) -> None:
+        """Send ``event`` to each of ``members`` (encoded once per format)."""
+        members = list(members)
+        if members:
+            batch = self._batch()
+            batch.items.append(_Each(members, event))
+            self._grew(batch, 1, 256)
+
+    def close(
+        self,
+        outbox: Outbox,
+        farewell: ServerEvent | None = None,
+        *,
+        discard: bool = False,
+    ) -> None:
+        """End the connection's output, after what was sent to it before:
+        ``farewell`` last (``discard``: instead of what is still pending)."""
+        if discard:
+            # Now, not in turn: it is what the client is too slow to read.
+            outbox.finish(_encode(outbox.wire, farewell), discard=True)
+            return
+        self._batch().items.append(_Close(outbox, farewell, discard))
+
+    def moving(self, room: Room) -> None:
+        """``room``'s membership is about to change: what was broadcast to
+        it and is not released yet goes to its members as they are now."""
+        items = self._pending.pop(room, None)
+        if items:
+            members = list(room.members)
+            for item in items:
+                if item.members is None:
+                    item.members = members
+
+    def mark(self) -> int:
+        """A mark for everything sent so far (see :meth:`settled`)."""
+        return self._seq
+
+    async def settled(self, mark: int) -> bool:
+        """Wait until everything sent before ``mark`` was released; False
+        if messages among it were refused by the store."""
+        while self._released < mark:
+            await self._moved.park()
+        return mark not in self._refused
+
+    @property
+    def backlogged(self) -> bool:
+        """Sealed batches queue up (see :meth:`wait_ready`)."""
+        return len(self._queue) > 2
+
+    async def wait_ready(self) -> None:
+        """Wait while sealed batches queue up (a slow store): readers call
+        it before reading more."""
+        # One batch released (or storing), one open, one sealed waiting.
+        while len(self._queue) > 2:
+            await self._moved.park()
+
+    # --- the task that releases -------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Release batches as they come, until cancelled."""
+        task_status.started()
+        while True:
+            if not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            batch = self._queue[0]
+            if batch is self._open:
+                self._open = None  # sealed: new output opens a new batch
+            if batch.stored:
+                await self._store_first(batch)
+            self._queue.popleft()
+            self._release(batch)
+            self._released = batch.seq
+            self._moved.unpark_all()
+
+    async def _store_first(self, batch: _Batch) -> None:
+        self._stats.store_flushes += 1
+        try:
+            await self._store.flush()
+        except Exception:
+            log.exception(
+                "the history store could not store messages; they are shown to "
+                "nobody and their senders get error unavailable"
+            )
+            self._refuse(batch)
+
+    # --- batches ----------------------------------------------------------
+
+    def _batch(self) -> _Batch:
+        batch = self._open
+        if batch is None:
+            self._seq += 1
+            batch = self._open = _Batch(self._seq)
+            self._queue.append(batch)
+            self._wake.set()
+        return batch
+
+    def _grew(self, batch: _Batch, frames: int, size: int) -> None:
+        batch.frames += frames
+        batch.size += size
+        limits = self._limits
+        if (
+            batch.size > limits.max_queued_bytes // _SEAL_SHARE
+            or batch.frames > limits.max_queued_messages // _SEAL_SHARE
+        ):
+            self._open = None  # sealed: the next output opens a new batch
+
+    def _release(self, batch: _Batch) -> None:
+        """Hand ``batch`` to the outboxes: one append per connection per
+        item, then one write per connection."""
+        self._stats.batches += 1
+        items = batch.items
+        for item in items:
+            if isinstance(item, _Broadcast):
+                self._done_with(item)
+        if (
+            len(items) == 1
+            and isinstance(items[0], _Broadcast)
+            and self._write_room_now(items[0])
+        ):
+            return
+        dirty: dict[Outbox, None] = {}
+        for item in items:
+            if isinstance(item, _Broadcast):
+                _deliver(item, dirty)
+            elif isinstance(item, _Direct):
+                outbox = item.outbox
+                outbox.append(outbox.wire.encode_all(item.events), len(item.events))
+                dirty[outbox] = None
+            elif isinstance(item, _Each):
+                _deliver_each(item, dirty)
+            else:
+                outbox = item.outbox
+                outbox.finish(_encode(outbox.wire, item.farewell))
+        for outbox in dirty:
+            outbox.flush()
+
+    def _done_with(self, item: _Broadcast) -> None:
+        if item.members is not None:
+            return  # frozen: no longer pending on its room (see moving)
+        pending = self._pending[item.room]
+        pending.remove(item)  # the first of them: batches go in order
+        if not pending:
+            del self._pending[item.room]
+
+    def _write_room_now(self, item: _Broadcast) -> bool:
+        """Write ``item`` straight to every member's socket, if every member
+        is idle on a plain socket (the usual case at light load); False,
+        having done nothing, otherwise. Each origin among the members gets
+        its own copy, with its refs, last.
+
+        A member has output pending only if it is busy (a writer runs), so
+        the check looks at the few busy ones, not at every member. The
+        writes are one C-level loop (``map``), not a Python statement per
+        member: at light load this is the whole cost of a message (see
+        docs/performance.md). What a socket does not take goes to that
+        member's outbox and writer.
+        """
+        room = item.room
+        members = room.members
+        busy = self.busy
+        limits = self._limits
+        if (
+            item.members is not None
+            or not room.plain
+            or item.frames > limits.max_queued_messages
+            or (busy and any(map(members.__contains__, busy)))
+        ):
+            return False
+        runs = item.runs
+        groups = room.groups()
+        payloads = [_payload(wire, runs) for wire, _, _ in groups]
+        if any(len(payload) > limits.max_queued_bytes for payload in payloads):
+            return False
+        origins = [
+            origin
+            for origin in dict.fromkeys(run.origin for run in runs)
+            if origin is not None and origin in members
+        ]
+        stats = self._stats
+        stats.room_sends += 1
+        frames = item.frames
+        for (_, sockets, index), payload in zip(groups, payloads, strict=True):
+            skip = sorted(
+                (index[origin] for origin in origins if origin in index), reverse=True
+            )
+            targets = _without(sockets, skip) if skip else sockets
+            sent = _send_each(targets, payload)
+            stats.sends += len(sent)
+            size = len(payload)
+            if sent.count(size) != len(sent):
+                others = _without(list(index), skip)  # in the order of sockets
+                for member, count in zip(others, sent, strict=True):
+                    if count != size:
+                        member.outbox.keep_unsent(payload, count or 0, frames)
+        # The senders' own copies (their acknowledgements) last: a send wakes
+        # the reader at the other end, and the others' deliveries need not
+        # wait for that.
+        for origin in origins:
+            data, count = _own_copy(origin, runs)
+            if count:
+                origin.outbox.deliver(data, count)
+        return True
+
+    def _refuse(self, batch: _Batch) -> None:
+        """The store did not take ``batch``'s messages: take them out, and
+        tell each sender who gave a ref (``error unavailable``)."""
+        self._refused.add(batch.seq)
+        error = ErrorReply(
+            code=ErrorCode.UNAVAILABLE,
+            message="your message could not be stored; it was not delivered",
+        )
+        refusals: list[_Item] = []
+        for item in batch.items:
+            if isinstance(item, _Broadcast):
+                for run in item.runs:
+                    kept = [
+                        (event, ref)
+                        for event, ref in zip(run.events, run.refs, strict=True)
+                        if not isinstance(event, Message)
+                    ]
+                    if run.origin is not None:
+                        for event, ref in zip(run.events, run.refs, strict=True):
+                            if isinstance(event, Message):
+                                refusal = _Direct(run.origin.outbox)
+                                refusal.events.append(
+                                    msgspec.structs.replace(error, ref=ref)
+                                )
+                                refusals.append(refusal)
+                    run.events = [event for event, _ in kept]
+                    run.refs = [ref for _, ref in kept]
+                    run.data = bytearray(b"".join(map(encode_json, run.events)))
+                    run.own = bytearray(b"".join(_with_ref(e, r) for e, r in kept))
+                item.frames = sum(len(run.events) for run in item.runs)
+            elif isinstance(item, _Direct):
+                item.events = [
+                    msgspec.structs.replace(error, ref=event.ref)
+                    if isinstance(event, DirectMessage)
+                    else event
+                    for event in item.events
+                    if not isinstance(event, DirectMessage) or event.ref is not None
+                ]
+        batch.items.extend(refusals)
+
+
+def _encode(wire: WireFormat, event: ServerEvent | None) -> bytes:
+    return b"" if event is None else wire.encode(event)
+
+
+def _with_ref(event: RoomEvent, ref: Any) -> bytes:
+    if ref is None:
+        return encode_json(event)
+    return encode_json(msgspec.structs.replace(event, ref=ref))
+
+
+def _payload(wire: WireFormat, runs: Sequence[_Run]) -> bytes:
+    """What every member but the origins gets of ``runs``, in ``wire``."""
+    if wire is JSON_LINES:
+        return b"".join(run.data for run in runs)
+    return wire.encode_all(event for run in runs for event in run.events)
+
+
+def _own_copy(origin: Member, runs: Sequence[_Run]) -> tuple[bytes, int]:
+    """What ``origin`` gets of ``runs`` (some of them its own), and how many
+    frames: with echo, everything, its own messages with their refs;
+    without, only the others'."""
+    wire = origin.outbox.wire
+    if not wire.echo:
+        events = [e for run in runs if run.origin is not origin for e in run.events]
+        return wire.encode_all(events), len(events)
+    count = sum(len(run.events) for run in runs)
+    if wire is JSON_LINES:
+        return b"".join(
+            run.own if run.origin is origin else run.data for run in runs
+        ), count
+    own = (
+        msgspec.structs.replace(event, ref=ref)
+        if ref is not None and run.origin is origin
+        else event
+        for run in runs
+        for event, ref in zip(run.events, run.refs, strict=True)
+    )
+    return wire.encode_all(own), count
+
+
+def _deliver(item: _Broadcast, dirty: dict[Outbox, None]) -> None:
+    """Append ``item`` to each member's outbox: bytes encoded once per wire
+    format (each origin its own copy)."""
+    runs = item.runs
+    origins = {run.origin for run in runs}
+    frames = item.frames
+    payloads: dict[WireFormat, bytes] = {}
+    members = item.room.members if item.members is None else item.members
+    for member in members:
+        outbox = member.outbox
+        if member in origins:
+            data, count = _own_copy(member, runs)
+            if count:
+                outbox.append(data, count)
+        else:
+            wire = outbox.wire
+            payload = payloads.get(wire)
+            if payload is None:
+                payload = payloads[wire] = _payload(wire, runs)
+            outbox.append(payload, frames)
+        dirty[outbox] = None
+
+
+def _deliver_each(item: _Each, dirty: dict[Outbox, None]) -> None:
+    payloads: dict[WireFormat, bytes] = {}
+    for member in item.members:
+        outbox = member.outbox
+        wire = outbox.wire
+        data = payloads.get(wire)
+        if data is None:
+            data = payloads[wire] = wire.encode(item.event)
+        outbox.append(data)
+        dirty[outbox] = None
+
+
+def _without(items: list[_T], positions: Sequence[int]) -> list[_T]:
+    """A copy of ``items`` without the items at ``positions`` (descending)."""
+    kept = items.copy()
+    for position in positions:
+        del kept[position]
+    return kept
+
+
+def _send_each(sockets: Sequence[socket.socket], payload: bytes) -> list[int | None]:
+    """``send(payload)`` on each of ``sockets``, as one C-level loop: what
+    each socket took, or None where the send raised (its buffer was full, or
+    it failed: its writer, handed the rest, reports that)."""
+    # list.extend keeps what map produced before an exception, and map has
+    # taken the socket that raised from the iterator: the next round goes on
+    # after it.
+    sent: list[int | None] = []
+    rest = iter(sockets)
+    while True:
+        try:
+            sent.extend(map(SEND, rest, repeat(payload)))
+            return sent
+        except OSError:  # BlockingIOError: its buffer is full
+            sent.append(None)

@@ -1,0 +1,278 @@
+"""One connection's outgoing bytes: the :class:`Outbox`.
+
+Every byte the server sends a connection goes through its outbox: a bounded
+buffer that is written straight to the socket, without blocking, whenever
+the socket takes it, and by a writer task (started on demand, in the
+connection's nursery) for what it does not. The fan-out appends to it and
+flushes it once per batch; the room fast path (see ``_fanout``) writes to
+the sockets of idle outboxes directly and hands back what a socket refused.
+
+Overflow policy: a client that lets its outbox pass ``max_queued_bytes`` or
+``max_queued_messages`` is too slow; its owner is told (and closes it with
+``error too_slow``), and nobody else ever waits for it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ..protocol import JSON_LINES, WireFormat
+
+if TYPE_CHECKING:
+    from ._limits import Limits
+    from ._transport import Link
+
+__all__ = ["Outbox", "Stats"]
+
+
+class Stats:
+    """Counters of a server's output, for monitoring and tests
+    (:attr:`chatkit.ChatServer.stats`)."""
+
+    __slots__ = ("batches", "room_sends", "sends", "store_flushes")
+
+    def __init__(self) -> None:
+        self.sends = 0
+        """Writes to a socket or stream (direct sends, and the writer tasks'
+        ``send_all`` rounds), the room fast path's included."""
+        self.room_sends = 0
+        """Fan-outs done by the room fast path: one C-level loop of sends
+        over a room's sockets."""
+        self.batches = 0
+        """Batches of output released (each one write per connection)."""
+        self.store_flushes = 0
+        """History flushes awaited before a batch was released."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)}" for name in self.__slots__)
+        return f"Stats({fields})"
+
+
+class Owner(Protocol):
+    """Who an outbox tells about trouble (its connection's session)."""
+
+    def overflowed(self) -> None:
+        """The client is too slow: the outbox would pass its bounds."""
+        ...
+
+    def broken(self) -> None:
+        """Writing failed: the peer is gone."""
+        ...
+
+
+class Outbox:
+    """A connection's bounded outgoing buffer and its writes.
+
+    Args:
+        link: the connection.
+        owner: told when the buffer overflows or a write fails.
+        limits: ``max_queued_bytes`` and ``max_queued_messages`` bound it.
+        busy: the server's set of connections (owners) whose outbox is not
+            idle (a writer task runs, or output ended); this one adds and
+            removes its owner, so that a room's fan-out learns whether all
+            its members are idle by looking at the few busy ones.
+        stats: the server's counters.
+    """
+
+    __slots__ = (
+        "_buf",
+        "_busy",
+        "_done",
+        "_ended",
+        "_frames",
+        "_limits",
+        "_link",
+        "_nursery",
+        "_owner",
+        "_stats",
+        "_torn",
+        "_writing",
+        "wire",
+    )
+
+    def __init__(
+        self,
+        link: Link,
+        owner: Owner,
+        limits: Limits,
+        busy: set[Any],
+        stats: Stats,
+    ) -> None:
+        self._link = link
+        self._owner = owner
+        self._limits = limits
+        self._busy = busy
+        self._stats = stats
+        self.wire: WireFormat = JSON_LINES
+        """How this connection's output is encoded (set once its mode is
+        known)."""
+        self._buf = bytearray()
+        self._frames = 0  # frames in _buf
+        # True once a write stopped partway through _buf: its head may be
+        # the rest of a frame on the wire, which discarding the buffer
+        # (finish) keeps, or the line would be torn.
+        self._torn = False
+        # Where the writer task is started on demand: the connection's.
+        self._nursery: trio.Nursery | None = None
+        # True while a writer task exists: it alone writes then.
+        self._writing = False
+        # finish() was called, or a write failed: nothing more is taken, and
+        # only a running writer writes.
+        self._ended = False
+        self._done: trio.Event | None = None  # set when the last byte is out
+
+    @property
+    def sock(self) -> object | None:
+        """The socket the room fast path may write to (see :class:`Link`)."""
+        return self._link.sock
+
+    @property
+    def ended(self) -> bool:
+        """True once the connection's last output was given (:meth:`finish`)."""
+        return self._ended
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Write from now on, starting writer tasks in ``nursery``."""
+        self._nursery = nursery
+
+    # --- taking output ----------------------------------------------------
+
+    def append(self, data: bytes, frames: int = 1) -> None:
+        """Add ``frames`` encoded frames, to be written at the next
+        :meth:`flush`; past the bounds, tell the owner (too slow)."""
+        if self._ended or not data:
+            return
+        limits = self._limits
+        if (
+            len(self._buf) + len(data) > limits.max_queued_bytes
+            or self._frames + frames > limits.max_queued_messages
+        ) and not self._make_room(len(data), frames):
+            self._owner.overflowed()
+            return
+        self._buf += data
+        self._frames += frames
+
+    def deliver(self, data: bytes, frames: int = 1) -> None:
+        """:meth:`append` and :meth:`flush`; with nothing pending, the bytes
+        go straight to the socket without a copy into the buffer."""
+        if self._buf or self._writing or self._ended:
+            self.append(data, frames)
+            self.flush()
+            return
+        sent = self._link.try_send(data)
+        self._stats.sends += 1
+        if sent < len(data):
+            self.keep_unsent(data, sent, frames)
+
+    def keep_unsent(self, data: bytes, sent: int, frames: int) -> None:
+        """After a direct write of ``data`` (``frames`` frames, nothing
+        pending before it) of which the socket took ``sent`` bytes: keep the
+        rest, for a writer started now."""
+        if self._ended:
+            return
+        self._buf += memoryview(data)[sent:]
+        self._frames += frames
+        self._torn = sent > 0
+        self._start_writer()
+
+    def flush(self) -> None:
+        """Write what is pending without blocking, if no writer task runs;
+        start one for what the socket does not take (and to report an
+        error)."""
+        buf = self._buf
+        if not buf or self._writing or self._ended:
+            return
+        sent = self._link.try_send(buf)
+        self._stats.sends += 1
+        if sent == len(buf):
+            buf.clear()
+            self._frames = 0
+            self._torn = False
+            return
+        if sent:
+            self._torn = True
+            del buf[:sent]
+        self._start_writer()
+
+    def finish(self, farewell: bytes = b"", *, discard: bool = False) -> None:
+        """The connection's last output: what is pending (unless
+        ``discard``), then ``farewell``; nothing is taken after this."""
+        if self._ended:
+            return
+        if discard:
+            if self._torn:  # keep the rest of the frame on the wire
+                del self._buf[self._buf.index(b"\n") + 1 :]
+            else:
+                self._buf = bytearray()
+        self._buf += farewell
+        self._ended = True
+        self._busy.add(self._owner)
+        if self._buf:
+            self._start_writer()
+
+    async def wait_written(self) -> None:
+        """Wait until the writer task (if any) has written everything."""
+        if self._writing:
+            if self._done is None:
+                self._done = trio.Event()
+            await self._done.wait()
+
+    # --- writing ----------------------------------------------------------
+
+    def _make_room(self, size: int, frames: int) -> bool:
+        """Whether ``size`` more bytes in ``frames`` fit once what is pending
+        is written now: output held for a batch is the server's doing, not
+        the client's, so the socket takes it first (what the kernel refuses
+        counts towards the bounds)."""
+        if not self._buf or self._writing:
+            return False
+        self.flush()
+        limits = self._limits
+        return (
+            len(self._buf) + size <= limits.max_queued_bytes
+            and self._frames + frames <= limits.max_queued_messages
+        )
+
+    def _start_writer(self) -> None:
+        if self._writing or self._nursery is None:
+            return
+        self._writing = True
+        self._busy.add(self._owner)
+        try:
+            self._nursery.start_soon(self._write_loop)
+        except RuntimeError:
+            # The connection's nursery has closed: the connection is over.
+            self._buf = bytearray()
+
+    async def _write_loop(self) -> None:
+        # Sends everything pending, in one send_all per round (so writes
+        # coalesce under load), and ends when none is left.
+        link = self._link
+        try:
+            while self._buf:
+                data, self._buf, self._frames = self._buf, bytearray(), 0
+                self._torn = False
+                self._stats.sends += 1
+                await link.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The peer went away: no write may follow a failed send_all.
+            self._buf = bytearray()
+            self._ended = True
+            self._owner.broken()
+        except BaseException:
+            self._ended = True  # cancelled mid-write: the link is unusable
+            raise
+        finally:
+            self._writing = False
+            if not self._ended:
+                self._busy.discard(self._owner)
+            if self._done is not None:
+                self._done.set()
+
+    def release(self) -> None:
+        """The connection is over: nothing more is written."""
+        self._ended = True
+        self._busy.discard(self._owner)
+        self._buf = bytearray()

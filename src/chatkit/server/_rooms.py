@@ -1,0 +1,151 @@
+"""Rooms: who is in which room, in join order, and when presence is told."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
+
+from .._events import LOBBY
+
+if TYPE_CHECKING:
+    from ..protocol import WireFormat
+    from ._outbox import Outbox
+
+__all__ = ["Group", "Member", "Room", "Rooms"]
+
+
+class Member(Protocol):
+    """What a room needs of a member (a connection's session)."""
+
+    @property
+    def name(self) -> str:
+        """The member's name."""
+        ...
+
+    @property
+    def outbox(self) -> Outbox:
+        """Where the member's output goes."""
+        ...
+
+
+#: The members of a room that share a wire format: their plain sockets, and
+#: each member's position among them (see :meth:`Room.groups`).
+Group = tuple["WireFormat", list[socket.socket], dict[Member, int]]
+
+
+class Room:
+    """One room: its members in join order."""
+
+    __slots__ = ("_groups", "_sockets", "members", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: dict[Member, None] = {}  # an ordered set
+        # The members with a plain socket, for the room fast path.
+        self._sockets: dict[Member, socket.socket] = {}
+        self._groups: list[Group] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Room {self.name!r}, {len(self.members)} members>"
+
+    def add(self, member: Member) -> None:
+        """Make ``member`` the newest member."""
+        self.members[member] = None
+        sock = member.outbox.sock
+        if isinstance(sock, socket.socket):
+            self._sockets[member] = sock
+        self._groups = None
+
+    def remove(self, member: Member) -> None:
+        """Make ``member`` no longer a member."""
+        del self.members[member]
+        self._sockets.pop(member, None)
+        self._groups = None
+
+    @property
+    def plain(self) -> bool:
+        """Every member can be written to on a plain socket."""
+        return len(self._sockets) == len(self.members)
+
+    def groups(self) -> list[Group]:
+        """The members' plain sockets, one list per wire format, and each
+        member's position in its list; kept until the membership changes,
+        and never changed in place (a fan-out in progress keeps its own). A
+        broadcast then reads no member and scans for no sender (building
+        these per message held the first delivery back: see
+        docs/performance.md)."""
+        groups = self._groups
+        if groups is None:
+            by_wire: dict[WireFormat, tuple[list[socket.socket], dict[Member, int]]]
+            by_wire = {}
+            for member, sock in self._sockets.items():
+                sockets, index = by_wire.setdefault(member.outbox.wire, ([], {}))
+                index[member] = len(sockets)
+                sockets.append(sock)
+            groups = self._groups = [
+                (wire, sockets, index) for wire, (sockets, index) in by_wire.items()
+            ]
+        return groups
+
+
+class Rooms:
+    """Every room of a server; ``lobby`` always exists.
+
+    Args:
+        presence_limit: see :attr:`chatkit.Limits.presence_limit`.
+        before_change: called with a room whose membership is about to
+            change (the fan-out keeps what was sent to it before for the
+            members it had then).
+    """
+
+    def __init__(
+        self, presence_limit: int | None, before_change: Callable[[Room], None]
+    ) -> None:
+        self.presence_limit = presence_limit
+        self._before_change = before_change
+        self._rooms = {LOBBY: Room(LOBBY)}
+
+    def __iter__(self) -> Iterator[Room]:
+        return iter(list(self._rooms.values()))
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def get(self, name: str) -> Room | None:
+        """The room called ``name``, if it exists."""
+        return self._rooms.get(name)
+
+    def __getitem__(self, name: str) -> Room:
+        return self._rooms[name]
+
+    def open(self, name: str) -> Room:
+        """The room called ``name``, created if needed."""
+        room = self._rooms.get(name)
+        if room is None:
+            room = self._rooms[name] = Room(name)
+        return room
+
+    def add(self, room: Room, member: Member) -> bool:
+        """Add ``member`` to ``room``; whether the others are told."""
+        self._before_change(room)
+        room.add(member)
+        limit = self.presence_limit
+        return limit is None or len(room.members) <= limit
+
+    def remove(self, room: Room, member: Member) -> bool:
+        """Take ``member`` out of ``room`` (an empty room other than the
+        lobby goes); whether the others are told."""
+        self._before_change(room)
+        room.remove(member)
+        if not room.members and room.name != LOBBY:
+            del self._rooms[room.name]
+        limit = self.presence_limit
+        # The room had len + 1 members: told only if that is in the limit.
+        return limit is None or len(room.members) < limit
+
+    def each_member(self, rooms: list[Room], but: Member | None = None) -> list[Member]:
+        """The members of ``rooms``, each once, except ``but``."""
+        seen = dict.fromkeys(member for room in rooms for member in room.members)
+        seen.pop(but, None)  # type: ignore[arg-type]
+        return list(seen)

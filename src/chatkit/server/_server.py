@@ -1,0 +1,458 @@
+"""The :class:`ChatServer`: a chat server's lifecycle and public API.
+
+Shape of a running server::
+
+    serve()                           (the caller's nursery owns it)
+      history store (open)            its tasks, if any
+      core nursery
+        Fanout.run                    releases output, oldest batch first
+        backplane (attached)          its tasks, if any
+        connections nursery           one task per connection:
+          Session.run                   its nursery: reader + writer on demand
+        accept nursery
+          transport.serve             TCP (and TLS): hands links to _handle
+
+A request travels ``Session`` (read, rate limit) -> ``ChatRules`` (the chat
+rules, hooks, the store) -> ``Fanout`` (batches, stored before seen) ->
+each connection's ``Outbox``; docs/architecture.md draws it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import trio
+
+from .._events import DirectMessage, ErrorReply, Message, Shutdown
+from .._exceptions import ErrorCode
+from .._hooks import HookDispatcher, hookspec, make_plugin_manager
+from ..backplane import Backplane
+from ..history import HistoryStore, HistoryStoreError, MemoryHistory
+from ..protocol import encode_json
+from ._fanout import Fanout
+from ._limits import Limits
+from ._outbox import Stats
+from ._rooms import Rooms
+from ._rules import ChatRules
+from ._session import SERVER_SENDER, LeaveReason, RemoteUser, Session, User
+from ._transport import Link, TcpTransport
+
+__all__ = ["ChatServer", "ServerSpec", "open_server"]
+
+log = logging.getLogger("chatkit.server")
+
+
+class ChatServer:
+    """A chat server speaking chatkit protocol v1 (JSON and line mode).
+
+    Run it in a nursery you own; stop it with :meth:`aclose`::
+
+        server = ChatServer(port=0, plugins=[MyPlugin()])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            print("listening on", server.port)
+            ...
+            await server.aclose()
+
+    Args:
+        host: address to listen on.
+        port: TCP port; ``0`` picks a free one (read it from :attr:`port`).
+        plugins: plugin objects or modules, called in this order.
+        load_entry_points: also load plugins from the ``chatkit`` entry-point
+            group, filtered by ``CHATKIT_LOAD_PLUGINS``.
+        history: where room messages are kept, and ``history`` answered from
+            (see :mod:`chatkit.history`); by default a
+            :class:`~chatkit.MemoryHistory` of 100 messages per room (the
+            cluster's shared history with a ``backplane``).
+        limits: what each client may do, and the timeouts
+            (:class:`~chatkit.Limits`; its defaults if not given).
+        server_name: the ``server`` field of ``welcome``.
+        ssl_context: serve TLS with this context (see :mod:`ssl`).
+        backplane: join a cluster of servers through it (see
+            :mod:`chatkit.backplane` and :mod:`chatkit.cluster`).
+
+    Raises:
+        pluggy.PluginValidationError: a plugin implements an unknown hook.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        plugins: Iterable[object] = (),
+        load_entry_points: bool = False,
+        history: HistoryStore | None = None,
+        limits: Limits | None = None,
+        server_name: str = "chatkit",
+        ssl_context: ssl.SSLContext | None = None,
+        backplane: Backplane | None = None,
+    ) -> None:
+        self.host = host
+        """The address the server listens on."""
+        self.limits = Limits() if limits is None else limits
+        """The server's limits and timeouts."""
+        self.backplane = backplane
+        """The cluster backplane, if this server is one node of several."""
+        if history is None:
+            history = backplane.history if backplane is not None else MemoryHistory()
+        self.history: HistoryStore = history
+        """The server's history store."""
+        self.stats = Stats()
+        """Counters of the server's output (writes, batches, flushes)."""
+        self.plugin_manager = make_plugin_manager(
+            ServerSpec, plugins, load_entry_points=load_entry_points
+        )
+        self._hooks = HookDispatcher(
+            self.plugin_manager,
+            timeout=self.limits.hook_timeout,
+            logger=log,
+            bound={"server": self},
+        )
+        self._fanout = Fanout(history, self.limits, self.stats)
+        self._rules = ChatRules(
+            self._fanout,
+            Rooms(self.limits.presence_limit, self._fanout.moving),
+            history,
+            self._hooks,
+            self.limits,
+            server_name,
+            backplane,
+        )
+        self._transport = TcpTransport(host, port, ssl_context)
+        self._connections: set[Session] = set()
+        self._started = False
+        self._closing = False
+        self._accept_scope = trio.CancelScope()
+        self._connections_scope = trio.CancelScope()
+        self._stopped = trio.Event()
+
+    # --- public API -------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port; once :meth:`serve` has started, the bound one."""
+        return self._transport.port
+
+    @property
+    def connections(self) -> int:
+        """Connections open now, logged in or not."""
+        return len(self._connections)
+
+    @property
+    def users(self) -> tuple[User, ...]:
+        """Logged-in users, in login order."""
+        return tuple(session.user for session in self._rules.users)
+
+    @property
+    def rooms(self) -> Mapping[str, tuple[str, ...]]:
+        """Each room's members' names."""
+        return {
+            room.name: tuple(member.name for member in room.members)
+            for room in self._rules.rooms
+        }
+
+    def get_user(self, name: str) -> User | None:
+        """The logged-in user called ``name`` (case-insensitively), if any."""
+        session = self._rules.get(name)
+        return None if session is None else session.user
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen and serve until :meth:`aclose` (or cancellation).
+
+        Use as ``await nursery.start(server.serve)``, which returns the bound
+        port once the server listens. Returns after a graceful shutdown,
+        when every connection task has ended. Cancelling it instead stops
+        everything at once (connections are closed without ``shutdown``).
+
+        Raises:
+            RuntimeError: the server was already started, or closed.
+            OSError: the address could not be bound.
+            chatkit.StartupError: the history store cannot be opened
+                (:class:`~chatkit.HistoryStoreError`), or the backplane
+                cannot reach its cluster.
+        """
+        # A server closed before it started would otherwise serve with no
+        # way to stop it gracefully (aclose would return at once).
+        if self._started or self._closing:
+            raise RuntimeError("this ChatServer was already started or closed")
+        self._started = True
+        try:
+            async with self.history.open() as last_id:
+                # Ids keep increasing across restarts.
+                self._rules.see_id(last_id)
+                await _in_nursery_of(self._fanout.run, self._serve, task_status)
+        finally:
+            self._closing = True
+            self._stopped.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[int]) -> None:
+        if self.backplane is None:
+            await self._listen(task_status)
+            return
+        async with self.backplane.attach(self._rules):
+            await self._listen(task_status)
+
+    async def _listen(self, task_status: trio.TaskStatus[int]) -> None:
+        with self._connections_scope:
+            async with trio.open_nursery() as connections:
+                with self._accept_scope:
+                    async with trio.open_nursery() as accept:
+                        await accept.start(
+                            self._transport.serve, self._handle, connections
+                        )
+                        await self._hooks.notify("chatkit_server_started")
+                        task_status.started(self.port)
+        # Connections wind down in the connections nursery (aclose told
+        # them to; its deadline bounds them).
+
+    async def aclose(self, reason: str = "server shutting down") -> None:
+        """Shut down gracefully; idempotent.
+
+        Stops accepting, fires ``chatkit_server_stopping``, sends every
+        client what is pending and then ``shutdown``, and waits (at most
+        ``close_timeout`` plus a second) for every connection task to end
+        and :meth:`serve` to return.
+        """
+        if not self._started:
+            self._closing = True
+            self._stopped.set()
+            return
+        if self._closing:
+            await self._stopped.wait()
+            return
+        self._closing = True
+        await self._hooks.notify("chatkit_server_stopping")
+        self._accept_scope.cancel()
+        self._rules.closing = True  # no leave notices while everyone goes
+        shutdown = Shutdown(reason=reason)
+        for session in list(self._connections):
+            session.close(LeaveReason.SHUTDOWN, shutdown)
+        close_timeout = self.limits.close_timeout
+        self._connections_scope.deadline = trio.current_time() + close_timeout + 1
+        await self._stopped.wait()
+
+    async def post(
+        self, room: str, text: str, *, sender: str = SERVER_SENDER
+    ) -> Message:
+        """Say ``text`` in ``room`` on the server's own behalf; returns once
+        it was stored and handed to every member.
+
+        Delivered like a user's message (history, ids, the
+        ``chatkit_message_delivered`` hook) but not passed through
+        ``chatkit_message``: the program is trusted.
+
+        Raises:
+            KeyError: no such room.
+            chatkit.HistoryStoreError: the history store refused it.
+        """
+        if self._rules.rooms.get(room) is None:
+            raise KeyError(room)
+        message = await self._rules.post(room, text, sender)
+        if message is None:
+            raise HistoryStoreError(f"the history store refused a message to {room}")
+        return message
+
+    def kick(self, name: str, reason: str = "kicked") -> bool:
+        """Disconnect user ``name`` with ``error kicked``; True if found."""
+        return self._rules.kick(name, reason)
+
+    # --- connections ------------------------------------------------------
+
+    async def _handle(self, link: Link) -> None:
+        limits = self.limits
+        if len(self._connections) >= limits.max_connections:
+            await _refuse(link, ErrorCode.SERVER_FULL, "the server is full", limits)
+            return
+        session = Session(link, self._fanout, limits, self.stats)
+        log.info("New connection from %s", link.peer)
+        self._connections.add(session)
+        rules = self._rules
+        try:
+            if self._closing:
+                session.close(LeaveReason.SHUTDOWN)
+            await session.run(rules)
+        except Exception:
+            # A bug while serving one connection must not take the server
+            # (and everyone else) down with it.
+            log.exception("internal error on connection %s", session)
+        finally:
+            self._connections.discard(session)
+            rules.detach(session)
+            session.outbox.release()
+            # The leave hooks and a graceful close run shielded, but within
+            # the shutdown's bound (aclose's deadline) and, when the server
+            # is cancelled, close_timeout: a slow plugin cannot hold it up.
+            limit = self._connections_scope.deadline
+            if trio.current_effective_deadline() == -math.inf:  # cancelled
+                limit = min(limit, trio.current_time() + limits.close_timeout)
+            with trio.CancelScope(shield=True):
+                with trio.CancelScope(deadline=limit):
+                    await rules.after_detach(session)
+                    with trio.move_on_after(limits.close_timeout):
+                        await link.aclose()
+                await link.abort()
+
+
+async def _refuse(link: Link, code: ErrorCode, text: str, limits: Limits) -> None:
+    """Tell a connection we will not serve it, then close it (bounded)."""
+    log.warning("refused a connection: %s", text)
+    with trio.move_on_after(limits.close_timeout):
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await link.send_all(encode_json(ErrorReply(code=code, message=text)))
+    await link.abort()
+
+
+async def _in_nursery_of(
+    background: Any, body: Any, task_status: trio.TaskStatus[int]
+) -> None:
+    """Run ``body(task_status)`` with ``background`` running beside it in a
+    nursery (started first, cancelled once ``body`` returns). An exception
+    from ``body`` propagates unchanged, not grouped (an OSError from the
+    listen must stay an OSError)."""
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(background)
+        try:
+            await body(task_status)
+        except BaseException as exc:
+            body_error = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error
+
+
+@asynccontextmanager
+async def open_server(
+    host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+) -> AsyncIterator[ChatServer]:
+    """Run a :class:`ChatServer` for the duration of an ``async with`` block.
+
+    Takes :class:`ChatServer`'s arguments; the server is listening on entry
+    (read ``server.port``) and shut down gracefully on exit. An exception
+    raised in the block propagates unchanged (not wrapped in an
+    ``ExceptionGroup`` by the server's nursery).
+    """
+    server = ChatServer(host, port, **kwargs)
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        try:
+            yield server
+        except BaseException as exc:
+            # Re-raised below, outside the nursery, so it is not grouped.
+            body_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.aclose()
+    if body_error is not None:
+        raise body_error
+
+
+class ServerSpec:
+    """Hooks a :class:`chatkit.ChatServer` calls."""
+
+    @hookspec
+    def chatkit_server_started(self, server: ChatServer) -> None:
+        """The server is listening; ``server.port`` is the bound port.
+
+        Fires once, before ``nursery.start(server.serve)`` returns.
+        """
+
+    @hookspec
+    def chatkit_server_stopping(self, server: ChatServer) -> None:
+        """Graceful shutdown began (``server.aclose()``).
+
+        Fires once, before clients are sent ``shutdown``: a plugin can still
+        post a last message with ``server.post(...)``.
+        """
+
+    @hookspec
+    def chatkit_authenticate(
+        self, server: ChatServer, name: str, token: str | None, address: str
+    ) -> None:
+        """A client asks to log in as ``name`` (valid and free).
+
+        Can veto: raise :class:`chatkit.Veto` with a reason to refuse; the
+        client gets ``error unauthorized`` with that reason and is
+        disconnected. ``token`` is the ``hello`` message's token (``None`` in
+        line mode). Returning normally lets the user in unless another
+        plugin refuses. Fails closed: an implementation that raises anything
+        else, or times out, refuses the user too.
+        """
+
+    @hookspec
+    def chatkit_user_connected(self, server: ChatServer, user: User) -> None:
+        """``user`` completed the handshake (and has joined ``lobby``)."""
+
+    @hookspec
+    def chatkit_user_disconnected(
+        self, server: ChatServer, user: User, reason: LeaveReason
+    ) -> None:
+        """``user`` is gone; ``reason`` says why (``bye``, ``exit``,
+        ``disconnect``, ``kicked``, ``shutdown``, ``too_slow``)."""
+
+    @hookspec
+    def chatkit_user_joined(self, server: ChatServer, user: User, room: str) -> None:
+        """``user`` joined ``room`` (``lobby`` included, right after login)."""
+
+    @hookspec
+    def chatkit_user_left(
+        self, server: ChatServer, user: User, room: str, reason: LeaveReason
+    ) -> None:
+        """``user`` left ``room``; ``reason`` is ``leave`` for a ``leave``
+        request, or why the user left the server."""
+
+    @hookspec
+    def chatkit_nick(self, server: ChatServer, user: User, new: str) -> None:
+        """``user`` asks to be renamed to ``new`` (valid and free); runs
+        before the rename.
+
+        Can veto: raise :class:`chatkit.Veto`; the user gets ``error
+        rejected`` with the reason and keeps the old name. Fails closed: an
+        implementation that raises anything else, or times out, refuses too.
+        """
+
+    @hookspec
+    def chatkit_user_renamed(
+        self, server: ChatServer, user: User, old: str, new: str
+    ) -> None:
+        """``user`` changed name from ``old`` to ``new`` (``user.name == new``)."""
+
+    @hookspec
+    def chatkit_message(
+        self, server: ChatServer, user: User, room: str, text: str
+    ) -> str | None:
+        """``user`` says ``text`` in ``room``; runs before delivery.
+
+        Can rewrite: return a new ``str`` and later plugins and the room see
+        that instead; return ``None`` to leave it unchanged. Can veto: raise
+        :class:`chatkit.Veto`; the sender alone gets ``error rejected``
+        and nobody sees the message.
+        """
+
+    @hookspec
+    def chatkit_dm(
+        self, server: ChatServer, user: User, recipient: User | RemoteUser, text: str
+    ) -> str | None:
+        """``user`` sends ``text`` privately to ``recipient``; runs before
+        delivery. Rewrite and veto work as in :meth:`chatkit_message`.
+        In a cluster, a recipient on another node is a
+        :class:`~chatkit.RemoteUser` (a name only)."""
+
+    @hookspec
+    def chatkit_message_delivered(self, server: ChatServer, message: Message) -> None:
+        """``message`` (final text, with ``id`` and ``ts``) was handed to every
+        member of its room. Also fires for :meth:`ChatServer.post`."""
+
+    @hookspec
+    def chatkit_dm_delivered(self, server: ChatServer, message: DirectMessage) -> None:
+        """A private ``message`` was handed to its recipient."""

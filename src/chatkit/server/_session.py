@@ -1,0 +1,374 @@
+"""One connection to the server: the :class:`Session` that reads it, and the
+:class:`User` that plugins see of it."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from typing import TYPE_CHECKING, Final, Protocol
+
+import trio
+
+from .._events import ClientRequest, ErrorReply, ServerEvent
+from .._exceptions import ErrorCode, RemoteProtocolError
+from ..protocol import EOF, NEED_DATA, Mode, ServerConnection, Status
+from ._outbox import Outbox
+
+if TYPE_CHECKING:
+    from ._fanout import Fanout
+    from ._limits import Limits
+    from ._outbox import Stats
+    from ._transport import Link
+
+__all__ = ["SERVER_SENDER", "Handler", "LeaveReason", "RemoteUser", "Session", "User"]
+
+log = logging.getLogger("chatkit.server")
+
+#: Default ``from`` of messages the server itself posts; ``*`` is not allowed
+#: in user names, so it cannot be impersonated.
+SERVER_SENDER: Final = "*server*"
+
+# Lines handled from one read before the reader lets others run: refused
+# lines are cheap, admitted requests fan out.
+_PAUSE_EVERY_REFUSED: Final = 8
+_PAUSE_EVERY_ADMITTED: Final = 128
+
+
+class LeaveReason(enum.StrEnum):
+    """Why a user left a room or the server (the ``reason`` of ``left``)."""
+
+    LEAVE = "leave"
+    """A ``leave`` request (one room)."""
+    BYE = "bye"
+    """A JSON-mode ``bye``."""
+    EXIT = "exit"
+    """A line-mode ``exit``."""
+    DISCONNECT = "disconnect"
+    """The connection closed or broke without a goodbye."""
+    KICKED = "kicked"
+    """:meth:`ChatServer.kick`."""
+    SHUTDOWN = "shutdown"
+    """The server shut down."""
+    TOO_SLOW = "too_slow"
+    """The client's outgoing buffer overflowed."""
+    FLOOD = "flood"
+    """The client kept sending past its rate limit."""
+    TIMEOUT = "timeout"
+    """No handshake, or no traffic, within the server's timeout."""
+
+
+class Handler(Protocol):
+    """What a session hands its requests to (the chat rules)."""
+
+    async def handle(
+        self, session: Session, request: ClientRequest
+    ) -> LeaveReason | None:
+        """Act on ``request``; a reason when the connection must end."""
+        ...
+
+    async def stopped(self, session: Session) -> None:
+        """The session stopped reading for good (it is closing)."""
+        ...
+
+
+class User:
+    """One connection to a :class:`~chatkit.ChatServer`, as the server and
+    its plugins see it. Plugins get these in hook arguments; they are
+    read-only views, and the same object for the connection's lifetime.
+
+    Attributes:
+        address: the peer's ``host:port``.
+    """
+
+    __slots__ = ("_session", "address")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.address = session.address
+
+    @property
+    def name(self) -> str:
+        """The user's current name (``""`` before the handshake completes)."""
+        return self._session.name
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        """The rooms the user is in."""
+        return frozenset(self._session.rooms)
+
+    @property
+    def mode(self) -> str:
+        """``"json"`` or ``"line"`` (``"unknown"`` before the first line)."""
+        return self._session.mode
+
+    def __repr__(self) -> str:
+        return f"<User {self.name!r} {self.address}>"
+
+
+class RemoteUser:
+    """A user connected to another node of the cluster (see
+    :mod:`chatkit.cluster`): the ``recipient`` of ``chatkit_dm`` when the
+    recipient is not on this node. It has a name and nothing else here."""
+
+    address = ""
+    mode = "remote"
+    rooms: frozenset[str] = frozenset()
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The user's name."""
+        return self._name
+
+    def __repr__(self) -> str:
+        return f"<RemoteUser {self._name!r}>"
+
+
+class Session:
+    """One connection: reads it (handshake timeout, then idle timeout, rate
+    limit), hands each request to a :class:`Handler`, and closes it (its
+    last output written within ``close_timeout``).
+
+    Everything it sends goes through the fan-out, in order.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_fanout",
+        "_limits",
+        "_link",
+        "_mark",
+        "_proto",
+        "_reader_scope",
+        "_refilled_at",
+        "_scope",
+        "_tokens",
+        "_violations",
+        "address",
+        "left_rooms",
+        "name",
+        "outbox",
+        "reason",
+        "rooms",
+        "user",
+    )
+
+    def __init__(
+        self, link: Link, fanout: Fanout, limits: Limits, stats: Stats
+    ) -> None:
+        self._link = link
+        self._fanout = fanout
+        self._limits = limits
+        self.address = link.address
+        self._proto = ServerConnection(max_line_length=limits.max_line_length)
+        self.outbox = Outbox(link, self, limits, fanout.busy, stats)
+        self.name = ""
+        """The user's name once logged in (``""`` before)."""
+        self.rooms: dict[str, None] = {}  # an ordered set of room names
+        self.left_rooms: list[str] = []  # the rooms it was in when it went
+        self.user = User(self)
+        self.reason: LeaveReason | None = None
+        """Why the connection ends, once it does."""
+        self._closed = False
+        self._mark = 0  # the fan-out's mark of this session's last output
+        self._reader_scope = trio.CancelScope()
+        self._scope = trio.CancelScope()
+        # Token bucket (see _admit).
+        self._tokens = float(limits.rate_burst)
+        self._refilled_at = trio.current_time()
+        self._violations = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.name!r} {self.address}>"
+
+    @property
+    def mode(self) -> str:
+        """``"json"``, ``"line"`` or ``"unknown"`` (before the first line)."""
+        return self._proto.mode.value
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    # --- output -----------------------------------------------------------
+
+    def send(self, event: ServerEvent) -> None:
+        """Send ``event`` to this connection (after what was sent before)."""
+        self._fanout.send(self.outbox, event)
+
+    def error(self, code: ErrorCode, message: str, ref: str | int | None) -> None:
+        """Send an ``error``."""
+        self._fanout.send(self.outbox, ErrorReply(code=code, message=message, ref=ref))
+
+    def close(
+        self,
+        reason: LeaveReason,
+        farewell: ServerEvent | None = None,
+        *,
+        discard: bool = False,
+    ) -> None:
+        """Stop reading, and end the output with ``farewell`` after what is
+        pending (``discard``: instead of it); the connection then gets
+        ``close_timeout`` to write that. Synchronous; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.reason = reason
+        self._fanout.close(self.outbox, farewell, discard=discard)
+        self._mark = self._fanout.mark()
+        self._reader_scope.cancel()
+        self._scope.deadline = min(
+            self._scope.deadline, trio.current_time() + self._limits.close_timeout
+        )
+
+    def overflowed(self) -> None:
+        """The outbox overflowed: the client does not read fast enough."""
+        log.warning("%s is not reading fast enough; disconnecting", self)
+        error = ErrorReply(
+            code=ErrorCode.TOO_SLOW,
+            message="you are not reading fast enough; disconnecting",
+        )
+        self.close(LeaveReason.TOO_SLOW, error, discard=True)
+
+    def broken(self) -> None:
+        """Writing failed: the peer is gone."""
+        self.close(LeaveReason.DISCONNECT)
+
+    # --- the handshake ----------------------------------------------------
+
+    def accept(self, name: str) -> None:
+        """The handshake is done: ``name`` is the user's; from now on only
+        the idle timeout applies."""
+        self.name = name
+        self._proto.accept()
+        idle = self._limits.idle_timeout
+        self._reader_scope.deadline = (
+            trio.current_time() + idle if idle is not None else math.inf
+        )
+
+    # --- reading ----------------------------------------------------------
+
+    async def run(self, handler: Handler) -> None:
+        """Serve the connection until it ends: read and handle requests,
+        then tell ``handler`` it stopped, then write the last output (all
+        within ``close_timeout`` once closing began).
+
+        Raises whatever ``handler`` raises (a bug: the caller logs it).
+        """
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                self.outbox.start(nursery)
+                self._reader_scope.deadline = (
+                    trio.current_time() + self._limits.handshake_timeout
+                )
+                with self._reader_scope:
+                    reason = await self._read(handler)
+                    self.close(reason)
+                if self._reader_scope.cancelled_caught and not self._closed:
+                    self._time_out()
+                await handler.stopped(self)
+                await self._fanout.settled(self._mark)
+
+    def _time_out(self) -> None:
+        limits = self._limits
+        if not self.name:
+            text = f"no hello within {limits.handshake_timeout}s"
+        else:
+            text = f"nothing received for {limits.idle_timeout}s"
+        log.info("%s timed out: %s", self, text)
+        self.close(
+            LeaveReason.TIMEOUT, ErrorReply(code=ErrorCode.TIMEOUT, message=text)
+        )
+
+    async def _read(self, handler: Handler) -> LeaveReason:
+        proto = self._proto
+        link = self._link
+        scope = self._reader_scope
+        fanout = self._fanout
+        limits = self._limits
+        while True:
+            if fanout.backlogged:
+                await fanout.wait_ready()
+            data = await link.receive_some()
+            if self.name:
+                idle = limits.idle_timeout
+                if idle is not None:
+                    scope.deadline = trio.current_time() + idle
+                elif scope.deadline != math.inf:  # the setter costs: not per read
+                    scope.deadline = math.inf
+            proto.receive_data(data)
+            # Every request decoded from one read is handled before the next
+            # read, so that its output is one batch.
+            handled = refused = 0
+            unknown = proto.mode is Mode.UNKNOWN
+            while True:
+                if self._closed:
+                    # Closed mid-read (kicked by a plugin, too slow): the
+                    # requests still buffered must not be acted on.
+                    return self.reason or LeaveReason.DISCONNECT
+                try:
+                    request: ClientRequest | Status | RemoteProtocolError = (
+                        proto.next_event()
+                    )
+                except RemoteProtocolError as exc:
+                    request = exc  # a bad line costs a token like any request
+                if unknown and proto.mode is not Mode.UNKNOWN:
+                    # The first line chose the mode: output takes its format.
+                    self.outbox.wire = link.wire(proto.mode)
+                    unknown = False
+                if request is NEED_DATA:
+                    break
+                if request is EOF:
+                    return LeaveReason.DISCONNECT
+                assert not isinstance(request, Status)
+                # One read can hold thousands of lines: let the other
+                # connections run now and then. Refused lines (a flood) come
+                # cheap and fast, so they pause often; admitted requests
+                # pause rarely, as each pause can end the batch early.
+                if not self._admit():
+                    refused += 1
+                    if refused % _PAUSE_EVERY_REFUSED == 0:
+                        await trio.lowlevel.checkpoint()
+                    if self._violations >= limits.flood_limit:
+                        self.error(
+                            ErrorCode.RATE_LIMITED,
+                            "too many requests; disconnecting",
+                            request.ref,
+                        )
+                        return LeaveReason.FLOOD
+                    self.error(ErrorCode.RATE_LIMITED, "slow down", request.ref)
+                    continue
+                if isinstance(request, RemoteProtocolError):
+                    self.error(request.code, request.message, request.ref)
+                    refused += 1
+                    if refused % _PAUSE_EVERY_REFUSED == 0:
+                        await trio.lowlevel.checkpoint()
+                    continue
+                handled += 1
+                if handled % _PAUSE_EVERY_ADMITTED == 0:
+                    await trio.lowlevel.checkpoint()
+                reason = await handler.handle(self, request)
+                if reason is not None:
+                    return reason
+
+    def _admit(self) -> bool:
+        """Take a token from the bucket; False if it is empty."""
+        limits = self._limits
+        rate = limits.rate_limit
+        if rate is None:
+            return True
+        now = trio.current_time()
+        self._tokens = min(
+            limits.rate_burst, self._tokens + (now - self._refilled_at) * rate
+        )
+        self._refilled_at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self._violations = 0
+            return True
+        self._violations += 1
+        return False
