@@ -2,13 +2,8 @@
 
 Like ``python -m chatkit.server`` (it prints ``Server started on HOST:PORT``
 and stops gracefully on SIGTERM), with what a benchmark needs: the file
-limit raised to the hard limit, rate limiting off, no connection cap below
-the benchmark's, and ``--variant`` to switch the fan-out optimisations off
-for before/after figures from the same run:
-
-- ``writer``: every output goes through the connection's writer task;
-- ``direct``: + direct writes from the producing task when the writer idles;
-- ``full``: + one write per recipient per read (the default).
+limit raised to the hard limit, rate limiting off and no connection cap
+below the benchmark's.
 
 ``--redis URL`` makes it one node of a cluster (a
 :class:`chatkit.cluster.RedisBackplane` on that Redis, default settings),
@@ -29,18 +24,11 @@ from loadgen import raise_file_limit
 from chatkit import ChatServer
 from chatkit.server import serve_until_stopped
 
-VARIANTS = {
-    "writer": (False, False),
-    "direct": (True, False),
-    "full": (True, True),
-}
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="full")
     parser.add_argument(
         "--presence-limit",
         type=int,
@@ -72,7 +60,6 @@ def main() -> None:
         args.port,
         **{k: v for k, v in options.items() if k in accepted},  # type: ignore[arg-type]
     )
-    server._direct_writes, server._batch_reads = VARIANTS[args.variant]
     trio.run(partial(serve_until_stopped, server, interactive=False))
 
 

@@ -7,13 +7,13 @@ One command measures every server in one run, on loopback only:
     python benchmarks/fanout.py --help          # every knob
 
 Each server under test runs in its own process on a free 127.0.0.1 port:
-chatkit in JSON mode (benchmarks/chatkit_server.py, rate limiting off; the
-``chatkit-writer`` and ``chatkit-direct`` rows are the same code with the
-fan-out optimisations switched off, for before/after ratios from the same
-run), the thread-per-client baseline written like the original program
-(benchmarks/threaded_server.py) and ngircd, Debian's C IRC server, with a
-generated configuration (flood penalties off), driven over IRC. The load
-generator (benchmarks/loadgen.py) runs in ``--workers`` processes.
+chatkit in JSON mode (benchmarks/chatkit_server.py, rate limiting off;
+``chatkit-before`` is the same runner on the source of ``--before-rev``, for
+before/after ratios from the same run), the thread-per-client baseline
+written like the original program (benchmarks/threaded_server.py) and
+ngircd, Debian's C IRC server, with a generated configuration (flood
+penalties off), driven over IRC. The load generator (benchmarks/loadgen.py)
+runs in ``--workers`` processes.
 
 For each server and each N: N clients register in one room (timed, presence
 notices included), the server's RSS per idle connection is measured, then
@@ -68,8 +68,6 @@ ALL_SERVERS = [
     "threaded",
     "ngircd",
     "chatkit-before",
-    "chatkit-writer",
-    "chatkit-direct",
     "chatkit",
 ]
 #: Not in the default run: the baseline with TCP_NODELAY, as chatkit has it,
@@ -124,10 +122,10 @@ NGIRCD_CONF = """\
 """
 
 
-def chatkit_command(args: argparse.Namespace, variant: str = "full") -> list[str]:
+def chatkit_command(args: argparse.Namespace) -> list[str]:
     """benchmarks/chatkit_server.py on a port of its choosing."""
     cmd = [sys.executable, str(HERE / "chatkit_server.py"), "--port", "0"]
-    cmd += ["--variant", variant, "--presence-limit", str(args.presence_limit)]
+    cmd += ["--presence-limit", str(args.presence_limit)]
     return cmd
 
 
@@ -171,10 +169,7 @@ class Server:
             conf = self.tmp / "ngircd.conf"
             conf.write_text(NGIRCD_CONF.format(port=port))
             return [binary, "--nodaemon", "--config", str(conf)], port
-        variant = {"chatkit": "full", "chatkit-before": "full"}.get(
-            self.name, self.name.removeprefix("chatkit-")
-        )
-        return chatkit_command(args, variant), None
+        return chatkit_command(args), None
 
     def environment(self, args: argparse.Namespace) -> dict[str, str] | None:
         """A chatkit server runs the source next to this benchmark, not
