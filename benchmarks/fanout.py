@@ -74,9 +74,10 @@ ALL_SERVERS = [
 #: and the baseline's protocol served by a minimal trio server (the floor
 #: for chatkit's single event-loop thread: benchmarks/trio_minimal_server.py).
 EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal"]
-#: The chatkit before issue 5's fan-out work (a writer task per connection,
-#: woken per message), measured from git for before/after figures.
-BEFORE_REV = "81bce0d"
+#: The chatkit before issue 17's rebuild of the server core, measured from
+#: git for before/after figures (``81bce0d`` was the one before issue 5's
+#: fan-out work).
+BEFORE_REV = "33f5bcf"
 #: The smoke run (CI) covers every server implementation in this directory.
 SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "trio-minimal"]
 
