@@ -8,6 +8,11 @@ below the benchmark's.
 ``--redis URL`` makes it one node of a cluster (a
 :class:`chatkit.cluster.RedisBackplane` on that Redis, default settings),
 as ``python -m chatkit.server --redis`` does.
+
+It serves chatkit's source from before issue 17's server core (``fanout.py
+--before-rev``) as well as after: the limits go to
+``ChatServer(limits=chatkit.Limits(...))`` where ``chatkit.Limits`` exists,
+else to ``ChatServer`` as keyword arguments.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import trio
 from loadgen import raise_file_limit
 
+import chatkit
 from chatkit import ChatServer
 from chatkit.server import serve_until_stopped
 
@@ -33,7 +39,7 @@ def main() -> None:
         "--presence-limit",
         type=int,
         default=1000,
-        help="ChatServer(presence_limit=...); -1 for None",
+        help="presence_limit of the server's limits; -1 for None",
     )
     parser.add_argument(
         "--redis",
@@ -44,22 +50,22 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     limit = raise_file_limit()
-    options: dict[str, Any] = {
+    limits: dict[str, Any] = {
         "rate_limit": None,
         "max_connections": max(1, limit - 100),
         "presence_limit": None if args.presence_limit < 0 else args.presence_limit,
     }
+    options: dict[str, Any] = {}
     if args.redis is not None:
         from chatkit.cluster import RedisBackplane
 
         options["backplane"] = RedisBackplane(args.redis)
-    # An older chatkit (``fanout.py --before-rev``) may lack some options.
-    accepted = inspect.signature(ChatServer).parameters
-    server = ChatServer(
-        args.host,
-        args.port,
-        **{k: v for k, v in options.items() if k in accepted},  # type: ignore[arg-type]
-    )
+    if hasattr(chatkit, "Limits"):  # issue 17's server core
+        options["limits"] = chatkit.Limits(**limits)
+    else:  # before it; a chatkit older than 33f5bcf may lack some limits
+        accepted = inspect.signature(ChatServer).parameters
+        options.update({k: v for k, v in limits.items() if k in accepted})
+    server = ChatServer(args.host, args.port, **options)
     trio.run(partial(serve_until_stopped, server, interactive=False))
 
 
