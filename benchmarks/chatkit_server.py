@@ -5,7 +5,9 @@ and stops gracefully on SIGTERM), with what a benchmark needs: the file
 limit raised to the hard limit, rate limiting off and no connection cap
 below the benchmark's.
 
-``--redis URL`` makes it one node of a cluster (a
+History is the library's default (in memory) unless ``--db PATH`` gives
+the server a :class:`chatkit.SqliteHistory` on that file (default
+arguments). ``--redis URL`` makes it one node of a cluster (a
 :class:`chatkit.cluster.RedisBackplane` on that Redis, default settings),
 as ``python -m chatkit.server --redis`` does.
 
@@ -42,6 +44,12 @@ def main() -> None:
         help="presence_limit of the server's limits; -1 for None",
     )
     parser.add_argument(
+        "--db",
+        metavar="PATH",
+        default=None,
+        help="keep history in chatkit.SqliteHistory(PATH) (default: in memory)",
+    )
+    parser.add_argument(
         "--redis",
         metavar="URL",
         default=None,
@@ -56,6 +64,8 @@ def main() -> None:
         "presence_limit": None if args.presence_limit < 0 else args.presence_limit,
     }
     options: dict[str, Any] = {}
+    if args.db is not None:
+        options["history"] = chatkit.SqliteHistory(args.db)
     if args.redis is not None:
         from chatkit.cluster import RedisBackplane
 

@@ -3,15 +3,16 @@
 One command measures every server in one run, on loopback only:
 
     python benchmarks/fanout.py                 # the full run (minutes)
-    python benchmarks/fanout.py --smoke         # ~10 s, tiny N: CI's check
+    python benchmarks/fanout.py --smoke         # ~15 s, tiny N: CI's check
     python benchmarks/fanout.py --help          # every knob
 
 Each server under test runs in its own process on a free 127.0.0.1 port:
 chatkit in JSON mode (benchmarks/chatkit_server.py, rate limiting off;
 ``chatkit-before`` is the same runner on the source of ``--before-rev``, for
-before/after ratios from the same run), the thread-per-client baseline
-written like the original program (benchmarks/threaded_server.py) and
-ngircd, Debian's C IRC server, with a generated configuration (flood
+before/after ratios from the same run; the ``-sqlite`` rows keep history in
+a ``chatkit.SqliteHistory``, the others in memory), the thread-per-client
+baseline written like the original program (benchmarks/threaded_server.py)
+and ngircd, Debian's C IRC server, with a generated configuration (flood
 penalties off), driven over IRC. The load generator (benchmarks/loadgen.py)
 runs in ``--workers`` processes.
 
@@ -67,8 +68,10 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 ALL_SERVERS = [
     "threaded",
     "ngircd",
-    "chatkit-before",
     "chatkit",
+    "chatkit-before",
+    "chatkit-sqlite",
+    "chatkit-before-sqlite",
 ]
 #: Not in the default run: the baseline with TCP_NODELAY, as chatkit has it,
 #: and the baseline's protocol served by a minimal trio server (the floor
@@ -79,7 +82,7 @@ EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal"]
 #: fan-out work).
 BEFORE_REV = "33f5bcf"
 #: The smoke run (CI) covers every server implementation in this directory.
-SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "trio-minimal"]
+SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "chatkit-sqlite", "trio-minimal"]
 
 
 class BenchError(Exception):
@@ -139,6 +142,8 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     log: Path = field(default_factory=Path)
+    #: The ``-sqlite`` rows' database directory, fresh for each start.
+    db_dir: Path | None = None
 
     @property
     def dialect(self) -> str:
@@ -170,16 +175,19 @@ class Server:
             conf = self.tmp / "ngircd.conf"
             conf.write_text(NGIRCD_CONF.format(port=port))
             return [binary, "--nodaemon", "--config", str(conf)], port
-        return chatkit_command(args), None
+        cmd = chatkit_command(args)
+        if self.db_dir is not None:
+            cmd += ["--db", str(self.db_dir / "history.sqlite3")]
+        return cmd, None
 
     def environment(self, args: argparse.Namespace) -> dict[str, str] | None:
         """A chatkit server runs the source next to this benchmark, not
         whichever chatkit is installed (a benchmark run from a second
-        checkout measures that checkout); chatkit-before, the source as of
-        ``--before-rev``."""
+        checkout measures that checkout); chatkit-before(-sqlite), the
+        source as of ``--before-rev``."""
         if self.dialect != "chatkit":
             return None
-        if self.name != "chatkit-before":
+        if not self.name.startswith("chatkit-before"):
             src = HERE.parent / "src"
             if not (src / "chatkit").is_dir():  # benchmarks/ copied on its own
                 return None
@@ -202,6 +210,8 @@ class Server:
         return {**os.environ, "PYTHONPATH": str(tree / "src")}
 
     def start(self, args: argparse.Namespace) -> None:
+        if self.name.endswith("-sqlite"):
+            self.db_dir = Path(tempfile.mkdtemp(prefix="db-", dir=self.tmp))
         cmd, port = self.command(args)
         self.log = self.tmp / f"{self.name}.log"
         env = self.environment(args)
@@ -254,7 +264,15 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; SIGKILL at once if the graceful
-        stop fails (its error is re-raised)."""
+        stop fails (its error is re-raised). The database goes too."""
+        try:
+            self.stop_process()
+        finally:
+            if self.db_dir is not None:
+                shutil.rmtree(self.db_dir, ignore_errors=True)
+                self.db_dir = None
+
+    def stop_process(self) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
@@ -771,7 +789,7 @@ def add_run_arguments(
     parser: argparse.ArgumentParser,
     json_help: str = "write results",
     smoke_help: str = "tiny and quick (CI): threaded, ngircd, chatkit, "
-    "trio-minimal; N=10; no scale run",
+    "chatkit-sqlite, trio-minimal; N=10; no scale run",
     profile_help: str = "comma-separated servers to py-spy in one extra "
     "throughput phase (e.g. chatkit)",
 ) -> None:
