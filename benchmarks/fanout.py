@@ -83,6 +83,15 @@ EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal"]
 BEFORE_REV = "33f5bcf"
 #: The smoke run (CI) covers every server implementation in this directory.
 SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "chatkit-sqlite", "trio-minimal"]
+#: Issue 17's performance targets: chatkit against chatkit-before, with
+#: history in memory (``off``) and in SQLite (``on``).
+TARGET_PAIRS = (
+    ("off", "chatkit", "chatkit-before"),
+    ("on", "chatkit-sqlite", "chatkit-before-sqlite"),
+)
+MIN_DELIVERIES_RATIO = 0.95
+MAX_P99_RATIO = 1.05
+MAX_RSS_KIB = 6.0
 
 
 class BenchError(Exception):
@@ -526,6 +535,8 @@ def measure(
     one message to all instead)."""
     server = Server(name, tmp)
     result: dict[str, Any] = {"server": name, "clients": n, "senders": args.senders}
+    if name.startswith("chatkit-before"):
+        result["revision"] = args.before_rev
     gen: Generator | None = None
     try:
         server.start(args)
@@ -651,6 +662,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {fmt(r.get('register_s'), '.3f')} | {loss} |"
         )
     rows.extend(round_summary(results))
+    rows.extend(targets(results))
     for r in results:
         probe = r.get("probe")
         if probe:
@@ -706,6 +718,91 @@ def round_summary(results: list[dict[str, Any]]) -> list[str]:
             f"| {spread(into.get('p99_ms'))} |"
         )
     return rows
+
+
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 17's targets, per history setting and N: chatkit's deliveries/s
+    and p99 at the latency load as ratios to chatkit-before's of the same
+    round (with ``--rounds``, their medians), and its RSS per idle
+    connection (the median over the rounds). Only chatkit-before results
+    that name their revision count (not those of reports older than the
+    targets)."""
+    before = {key(r): r for r in results if "revision" in r}
+    rows = []
+    for history, new, old in TARGET_PAIRS:
+        for n in sorted({r["clients"] for r in results if r["server"] == new}):
+            pairs = [
+                (r, before[key(r, old)])
+                for r in results
+                if key(r)[:2] == (new, n) and key(r, old) in before
+            ]
+            if not pairs:
+                continue
+            rss = [r["rss_per_connection_kib"] for r, _ in pairs]
+            cells = [
+                history,
+                str(n),
+                str(len(pairs)),
+                *check(
+                    median_ratio(pairs, "throughput", "deliveries_per_s"),
+                    ".3f",
+                    at_least=MIN_DELIVERIES_RATIO,
+                ),
+                *check(
+                    median_ratio(pairs, "latency", "p99_ms"),
+                    ".3f",
+                    at_most=MAX_P99_RATIO,
+                ),
+                *check(statistics.median(rss), ".1f", at_most=MAX_RSS_KIB),
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    revisions = ", ".join(sorted({r["revision"] for r in before.values()}))
+    rates = sorted(
+        r["latency"]["offered_deliveries_per_s"]
+        for r in before.values()
+        if "latency" in r
+    )
+    rate = f"{rates[0]:,.0f}" if rates else "-"
+    return [
+        f"\nIssue 17 targets: chatkit against chatkit-before ({revisions}) of the"
+        " same round, history in memory (off) and in SQLite (on); p99 at"
+        f" {rate} deliveries/s offered; over several rounds, the medians\n",
+        f"| history | N | rounds | deliveries/s vs before | >= {MIN_DELIVERIES_RATIO}"
+        f" | p99 vs before | <= {MAX_P99_RATIO} | RSS per idle connection (KiB)"
+        f" | <= {MAX_RSS_KIB:g} |",
+        "|---|---:|---:|---:|---|---:|---|---:|---|",
+        *rows,
+    ]
+
+
+def median_ratio(
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]], mode: str, figure: str
+) -> float | None:
+    """The median over ``pairs`` (result, reference) of the figure's ratio."""
+    ratios = []
+    for r, reference in pairs:
+        value = r.get(mode, {}).get(figure)
+        base = reference.get(mode, {}).get(figure)
+        if value is not None and base:
+            ratios.append(value / base)
+    return statistics.median(ratios) if ratios else None
+
+
+def check(
+    value: float | None,
+    spec: str,
+    at_least: float | None = None,
+    at_most: float | None = None,
+) -> list[str]:
+    """The value and whether it meets its target: ``met`` or ``not met``."""
+    if value is None:
+        return ["-", "-"]
+    met = (at_least is None or value >= at_least) and (
+        at_most is None or value <= at_most
+    )
+    return [format(value, spec), "met" if met else "not met"]
 
 
 def source_commit() -> str:

@@ -11,7 +11,9 @@ optimisation steps (``chatkit-before`` → ``chatkit-writer`` →
 reports from before issue 17, whose runs had those rows), the profiles and
 the 10,000-client probe: whatever of these the run measured.
 With ``--rounds``, every ratio is to the same round's baseline, and the
-medians over the rounds follow (fanout.py's ``round_summary``).
+medians over the rounds follow (fanout.py's ``round_summary``). Issue 17's
+targets (fanout.py's ``targets``: chatkit against chatkit-before, history
+in memory and in SQLite) come after them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fanout import fmt as num  # noqa: E402
-from fanout import key, ratio, round_summary  # noqa: E402
+from fanout import key, ratio, round_summary, targets  # noqa: E402
 
 PERCENTILES = ("p50", "p90", "p99", "max")
 #: The rows of issue 5's optimisation steps; fanout.py has not measured the
@@ -210,6 +212,7 @@ class Report:
             ("Connections", self.connections()),
             ("Saturated latency (throughput mode)", self.saturated()),
             ("Over the rounds", "\n".join(round_summary(self.results)).strip()),
+            ("Issue 17 targets", "\n".join(targets(self.results)).strip()),
             ("What each step bought", self.steps()),
             ("Profiles", self.profiles()),
             ("Scale", self.probes()),
