@@ -64,8 +64,9 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench_smoke(session: nox.Session) -> None:
-    """A ~5-second run of the fan-out benchmark (tiny N) so that it cannot
-    rot: chatkit, the threaded baseline and ngircd, every delivery counted.
+    """A ~15-second run of the fan-out benchmark (tiny N) so that it cannot
+    rot: the threaded baseline, ngircd, chatkit (history in memory and in
+    SQLite) and trio-minimal, every delivery counted.
 
     Fails (never skips) when ngircd is missing: scripts/install-test-deps.sh
     installs it. Its JSON report goes through benchmarks/tables.py too.

@@ -2,17 +2,19 @@
 
 Like ``python -m chatkit.server`` (it prints ``Server started on HOST:PORT``
 and stops gracefully on SIGTERM), with what a benchmark needs: the file
-limit raised to the hard limit, rate limiting off, no connection cap below
-the benchmark's, and ``--variant`` to switch the fan-out optimisations off
-for before/after figures from the same run:
+limit raised to the hard limit, rate limiting off and no connection cap
+below the benchmark's.
 
-- ``writer``: every output goes through the connection's writer task;
-- ``direct``: + direct writes from the producing task when the writer idles;
-- ``full``: + one write per recipient per read (the default).
-
-``--redis URL`` makes it one node of a cluster (a
+History is the library's default (in memory) unless ``--db PATH`` gives
+the server a :class:`chatkit.SqliteHistory` on that file (default
+arguments). ``--redis URL`` makes it one node of a cluster (a
 :class:`chatkit.cluster.RedisBackplane` on that Redis, default settings),
 as ``python -m chatkit.server --redis`` does.
+
+It serves chatkit's source from before issue 17's server core (``fanout.py
+--before-rev``) as well as after: the limits go to
+``ChatServer(limits=chatkit.Limits(...))`` where ``chatkit.Limits`` exists,
+else to ``ChatServer`` as keyword arguments.
 """
 
 from __future__ import annotations
@@ -26,26 +28,26 @@ from typing import Any
 import trio
 from loadgen import raise_file_limit
 
+import chatkit
 from chatkit import ChatServer
 from chatkit.server import serve_until_stopped
-
-VARIANTS = {
-    "writer": (False, False),
-    "direct": (True, False),
-    "full": (True, True),
-}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="full")
     parser.add_argument(
         "--presence-limit",
         type=int,
         default=1000,
-        help="ChatServer(presence_limit=...); -1 for None",
+        help="presence_limit of the server's limits; -1 for None",
+    )
+    parser.add_argument(
+        "--db",
+        metavar="PATH",
+        default=None,
+        help="keep history in chatkit.SqliteHistory(PATH) (default: in memory)",
     )
     parser.add_argument(
         "--redis",
@@ -56,23 +58,24 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     limit = raise_file_limit()
-    options: dict[str, Any] = {
+    limits: dict[str, Any] = {
         "rate_limit": None,
         "max_connections": max(1, limit - 100),
         "presence_limit": None if args.presence_limit < 0 else args.presence_limit,
     }
+    options: dict[str, Any] = {}
+    if args.db is not None:
+        options["history"] = chatkit.SqliteHistory(args.db)
     if args.redis is not None:
         from chatkit.cluster import RedisBackplane
 
         options["backplane"] = RedisBackplane(args.redis)
-    # An older chatkit (``fanout.py --before-rev``) may lack some options.
-    accepted = inspect.signature(ChatServer).parameters
-    server = ChatServer(
-        args.host,
-        args.port,
-        **{k: v for k, v in options.items() if k in accepted},  # type: ignore[arg-type]
-    )
-    server._direct_writes, server._batch_reads = VARIANTS[args.variant]
+    if hasattr(chatkit, "Limits"):  # issue 17's server core
+        options["limits"] = chatkit.Limits(**limits)
+    else:  # before it; a chatkit older than 33f5bcf may lack some limits
+        accepted = inspect.signature(ChatServer).parameters
+        options.update({k: v for k, v in limits.items() if k in accepted})
+    server = ChatServer(args.host, args.port, **options)
     trio.run(partial(serve_until_stopped, server, interactive=False))
 
 

@@ -3,17 +3,18 @@
 One command measures every server in one run, on loopback only:
 
     python benchmarks/fanout.py                 # the full run (minutes)
-    python benchmarks/fanout.py --smoke         # ~10 s, tiny N: CI's check
+    python benchmarks/fanout.py --smoke         # ~15 s, tiny N: CI's check
     python benchmarks/fanout.py --help          # every knob
 
 Each server under test runs in its own process on a free 127.0.0.1 port:
-chatkit in JSON mode (benchmarks/chatkit_server.py, rate limiting off; the
-``chatkit-writer`` and ``chatkit-direct`` rows are the same code with the
-fan-out optimisations switched off, for before/after ratios from the same
-run), the thread-per-client baseline written like the original program
-(benchmarks/threaded_server.py) and ngircd, Debian's C IRC server, with a
-generated configuration (flood penalties off), driven over IRC. The load
-generator (benchmarks/loadgen.py) runs in ``--workers`` processes.
+chatkit in JSON mode (benchmarks/chatkit_server.py, rate limiting off;
+``chatkit-before`` is the same runner on the source of ``--before-rev``, for
+before/after ratios from the same run; the ``-sqlite`` rows keep history in
+a ``chatkit.SqliteHistory``, the others in memory), the thread-per-client
+baseline written like the original program (benchmarks/threaded_server.py)
+and ngircd, Debian's C IRC server, with a generated configuration (flood
+penalties off), driven over IRC. The load generator (benchmarks/loadgen.py)
+runs in ``--workers`` processes.
 
 For each server and each N: N clients register in one room (timed, presence
 notices included), the server's RSS per idle connection is measured, then
@@ -67,20 +68,30 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 ALL_SERVERS = [
     "threaded",
     "ngircd",
-    "chatkit-before",
-    "chatkit-writer",
-    "chatkit-direct",
     "chatkit",
+    "chatkit-before",
+    "chatkit-sqlite",
+    "chatkit-before-sqlite",
 ]
 #: Not in the default run: the baseline with TCP_NODELAY, as chatkit has it,
 #: and the baseline's protocol served by a minimal trio server (the floor
 #: for chatkit's single event-loop thread: benchmarks/trio_minimal_server.py).
 EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal"]
-#: The chatkit before issue 5's fan-out work (a writer task per connection,
-#: woken per message), measured from git for before/after figures.
-BEFORE_REV = "81bce0d"
+#: The chatkit before issue 17's rebuild of the server core, measured from
+#: git for before/after figures (``81bce0d`` was the one before issue 5's
+#: fan-out work).
+BEFORE_REV = "33f5bcf"
 #: The smoke run (CI) covers every server implementation in this directory.
-SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "trio-minimal"]
+SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "chatkit-sqlite", "trio-minimal"]
+#: Issue 17's performance targets: chatkit against chatkit-before, with
+#: history in memory (``off``) and in SQLite (``on``).
+TARGET_PAIRS = (
+    ("off", "chatkit", "chatkit-before"),
+    ("on", "chatkit-sqlite", "chatkit-before-sqlite"),
+)
+MIN_DELIVERIES_RATIO = 0.95
+MAX_P99_RATIO = 1.05
+MAX_RSS_KIB = 6.0
 
 
 class BenchError(Exception):
@@ -124,10 +135,10 @@ NGIRCD_CONF = """\
 """
 
 
-def chatkit_command(args: argparse.Namespace, variant: str = "full") -> list[str]:
+def chatkit_command(args: argparse.Namespace) -> list[str]:
     """benchmarks/chatkit_server.py on a port of its choosing."""
     cmd = [sys.executable, str(HERE / "chatkit_server.py"), "--port", "0"]
-    cmd += ["--variant", variant, "--presence-limit", str(args.presence_limit)]
+    cmd += ["--presence-limit", str(args.presence_limit)]
     return cmd
 
 
@@ -140,6 +151,8 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     log: Path = field(default_factory=Path)
+    #: The ``-sqlite`` rows' database directory, fresh for each start.
+    db_dir: Path | None = None
 
     @property
     def dialect(self) -> str:
@@ -171,19 +184,19 @@ class Server:
             conf = self.tmp / "ngircd.conf"
             conf.write_text(NGIRCD_CONF.format(port=port))
             return [binary, "--nodaemon", "--config", str(conf)], port
-        variant = {"chatkit": "full", "chatkit-before": "full"}.get(
-            self.name, self.name.removeprefix("chatkit-")
-        )
-        return chatkit_command(args, variant), None
+        cmd = chatkit_command(args)
+        if self.db_dir is not None:
+            cmd += ["--db", str(self.db_dir / "history.sqlite3")]
+        return cmd, None
 
     def environment(self, args: argparse.Namespace) -> dict[str, str] | None:
         """A chatkit server runs the source next to this benchmark, not
         whichever chatkit is installed (a benchmark run from a second
-        checkout measures that checkout); chatkit-before, the source as of
-        ``--before-rev``."""
+        checkout measures that checkout); chatkit-before(-sqlite), the
+        source as of ``--before-rev``."""
         if self.dialect != "chatkit":
             return None
-        if self.name != "chatkit-before":
+        if not self.name.startswith("chatkit-before"):
             src = HERE.parent / "src"
             if not (src / "chatkit").is_dir():  # benchmarks/ copied on its own
                 return None
@@ -206,6 +219,8 @@ class Server:
         return {**os.environ, "PYTHONPATH": str(tree / "src")}
 
     def start(self, args: argparse.Namespace) -> None:
+        if self.name.endswith("-sqlite"):
+            self.db_dir = Path(tempfile.mkdtemp(prefix="db-", dir=self.tmp))
         cmd, port = self.command(args)
         self.log = self.tmp / f"{self.name}.log"
         env = self.environment(args)
@@ -258,7 +273,15 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; SIGKILL at once if the graceful
-        stop fails (its error is re-raised)."""
+        stop fails (its error is re-raised). The database goes too."""
+        try:
+            self.stop_process()
+        finally:
+            if self.db_dir is not None:
+                shutil.rmtree(self.db_dir, ignore_errors=True)
+                self.db_dir = None
+
+    def stop_process(self) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
@@ -512,6 +535,8 @@ def measure(
     one message to all instead)."""
     server = Server(name, tmp)
     result: dict[str, Any] = {"server": name, "clients": n, "senders": args.senders}
+    if name.startswith("chatkit-before"):
+        result["revision"] = args.before_rev
     gen: Generator | None = None
     try:
         server.start(args)
@@ -637,6 +662,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {fmt(r.get('register_s'), '.3f')} | {loss} |"
         )
     rows.extend(round_summary(results))
+    rows.extend(targets(results))
     for r in results:
         probe = r.get("probe")
         if probe:
@@ -692,6 +718,91 @@ def round_summary(results: list[dict[str, Any]]) -> list[str]:
             f"| {spread(into.get('p99_ms'))} |"
         )
     return rows
+
+
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 17's targets, per history setting and N: chatkit's deliveries/s
+    and p99 at the latency load as ratios to chatkit-before's of the same
+    round (with ``--rounds``, their medians), and its RSS per idle
+    connection (the median over the rounds). Only chatkit-before results
+    that name their revision count (not those of reports older than the
+    targets)."""
+    before = {key(r): r for r in results if "revision" in r}
+    rows = []
+    for history, new, old in TARGET_PAIRS:
+        for n in sorted({r["clients"] for r in results if r["server"] == new}):
+            pairs = [
+                (r, before[key(r, old)])
+                for r in results
+                if key(r)[:2] == (new, n) and key(r, old) in before
+            ]
+            if not pairs:
+                continue
+            rss = [r["rss_per_connection_kib"] for r, _ in pairs]
+            cells = [
+                history,
+                str(n),
+                str(len(pairs)),
+                *check(
+                    median_ratio(pairs, "throughput", "deliveries_per_s"),
+                    ".3f",
+                    at_least=MIN_DELIVERIES_RATIO,
+                ),
+                *check(
+                    median_ratio(pairs, "latency", "p99_ms"),
+                    ".3f",
+                    at_most=MAX_P99_RATIO,
+                ),
+                *check(statistics.median(rss), ".1f", at_most=MAX_RSS_KIB),
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    revisions = ", ".join(sorted({r["revision"] for r in before.values()}))
+    rates = sorted(
+        r["latency"]["offered_deliveries_per_s"]
+        for r in before.values()
+        if "latency" in r
+    )
+    rate = f"{rates[0]:,.0f}" if rates else "-"
+    return [
+        f"\nIssue 17 targets: chatkit against chatkit-before ({revisions}) of the"
+        " same round, history in memory (off) and in SQLite (on); p99 at"
+        f" {rate} deliveries/s offered; over several rounds, the medians\n",
+        f"| history | N | rounds | deliveries/s vs before | >= {MIN_DELIVERIES_RATIO}"
+        f" | p99 vs before | <= {MAX_P99_RATIO} | RSS per idle connection (KiB)"
+        f" | <= {MAX_RSS_KIB:g} |",
+        "|---|---:|---:|---:|---|---:|---|---:|---|",
+        *rows,
+    ]
+
+
+def median_ratio(
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]], mode: str, figure: str
+) -> float | None:
+    """The median over ``pairs`` (result, reference) of the figure's ratio."""
+    ratios = []
+    for r, reference in pairs:
+        value = r.get(mode, {}).get(figure)
+        base = reference.get(mode, {}).get(figure)
+        if value is not None and base:
+            ratios.append(value / base)
+    return statistics.median(ratios) if ratios else None
+
+
+def check(
+    value: float | None,
+    spec: str,
+    at_least: float | None = None,
+    at_most: float | None = None,
+) -> list[str]:
+    """The value and whether it meets its target: ``met`` or ``not met``."""
+    if value is None:
+        return ["-", "-"]
+    met = (at_least is None or value >= at_least) and (
+        at_most is None or value <= at_most
+    )
+    return [format(value, spec), "met" if met else "not met"]
 
 
 def source_commit() -> str:
@@ -775,7 +886,7 @@ def add_run_arguments(
     parser: argparse.ArgumentParser,
     json_help: str = "write results",
     smoke_help: str = "tiny and quick (CI): threaded, ngircd, chatkit, "
-    "trio-minimal; N=10; no scale run",
+    "chatkit-sqlite, trio-minimal; N=10; no scale run",
     profile_help: str = "comma-separated servers to py-spy in one extra "
     "throughput phase (e.g. chatkit)",
 ) -> None:

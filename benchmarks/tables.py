@@ -7,10 +7,13 @@ Prints, in Markdown: the run's command, commit and machine, then the
 throughput, latency, connections and saturated-latency tables (every figure
 also as a ratio to the threaded baseline and to ngircd of the same run), the
 optimisation steps (``chatkit-before`` → ``chatkit-writer`` →
-``chatkit-direct`` → ``chatkit``, each against the previous row), the
-profiles and the 10,000-client probe: whatever of these the run measured.
+``chatkit-direct`` → ``chatkit``, each against the previous row: only in
+reports from before issue 17, whose runs had those rows), the profiles and
+the 10,000-client probe: whatever of these the run measured.
 With ``--rounds``, every ratio is to the same round's baseline, and the
-medians over the rounds follow (fanout.py's ``round_summary``).
+medians over the rounds follow (fanout.py's ``round_summary``). Issue 17's
+targets (fanout.py's ``targets``: chatkit against chatkit-before, history
+in memory and in SQLite) come after them.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fanout import fmt as num  # noqa: E402
-from fanout import key, ratio, round_summary  # noqa: E402
+from fanout import key, ratio, round_summary, targets  # noqa: E402
 
 PERCENTILES = ("p50", "p90", "p99", "max")
+#: The rows of issue 5's optimisation steps; fanout.py has not measured the
+#: middle two since issue 17 removed their switches from chatkit.
 STEPS = ("chatkit-before", "chatkit-writer", "chatkit-direct", "chatkit")
 
 Result = dict[str, Any]
@@ -207,6 +212,7 @@ class Report:
             ("Connections", self.connections()),
             ("Saturated latency (throughput mode)", self.saturated()),
             ("Over the rounds", "\n".join(round_summary(self.results)).strip()),
+            ("Issue 17 targets", "\n".join(targets(self.results)).strip()),
             ("What each step bought", self.steps()),
             ("Profiles", self.profiles()),
             ("Scale", self.probes()),
