@@ -333,6 +333,44 @@ async def test_retention_runs_every_prune_interval(tmp_path: Path) -> None:
         assert rows(path) == [("lobby", 2)]
 
 
+async def test_a_large_retention_backlog_is_pruned_in_small_transactions(
+    tmp_path: Path,
+) -> None:
+    # 4,990 messages over the limit (a burst, then a quiet spell): every one
+    # goes, newest kept, and flushes go on meanwhile.
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, max_messages_per_room=10, prune_interval=0.05)
+    async with store.open():
+        for n in range(1, 5011):
+            store.append(message(n, "busy" if n % 2 else "quiet"))
+        await store.flush()
+        commits = store.commits
+        await wait_until(lambda: store.pruned == 4990)
+        store.append(message(5011, "busy"))
+        await store.flush()
+        assert store.commits == commits + 1
+        assert [m.id for m in await store.recent("busy", 100)][-3:] == [
+            5007,
+            5009,
+            5011,
+        ]
+    assert sorted(rows(path)) == [("busy", 10), ("quiet", 10)]
+    async with store.open() as last_id:
+        assert last_id == 5011
+
+
+async def test_the_last_id_survives_retention_of_every_message(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, max_age=60, prune_interval=0)
+    async with store.open():
+        store.append(message(7, age=3600))
+        await store.flush()  # written, then pruned at once
+        assert store.pruned == 1
+    assert rows(path) == []
+    async with store.open() as last_id:
+        assert last_id == 7
+
+
 async def test_a_full_disk_refuses_that_flush_and_the_next_one_writes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,8 +7,10 @@ across them. It is the server CLI's default store (``--db``); embed it with
 How it works: :meth:`SqliteHistory.append` only queues the message in
 memory; :meth:`SqliteHistory.flush`, which the server awaits before anyone
 sees the messages of a read round, writes everything queued in one
-transaction (one commit), in a trio worker thread so that the event loop
-never waits for the disk. Queries read from the database in a worker thread
+transaction (one commit): a small one on the event loop's thread (an append
+to the WAL file, never a sync of the disk), a large one in a trio worker
+thread. Checkpoints (which sync the disk) and retention run in worker
+threads, in the background. Queries read from the database in a worker thread
 too, and add the queued messages not yet committed, so that they see
 everything appended. The database is in WAL mode with
 ``synchronous=NORMAL``: a commit is in the operating system's hands before
@@ -42,6 +44,11 @@ __all__ = ["SqliteHistory"]
 
 log = logging.getLogger("chatkit.sqlite")
 
+# Seconds between two checkpoints of the WAL (when something was committed).
+_CHECKPOINT_INTERVAL = 1.0
+# Most messages retention deletes in one transaction.
+_PRUNE_CHUNK = 1000
+
 SCHEMA_VERSION = 1
 """The ``PRAGMA user_version`` of a database this module writes."""
 
@@ -56,7 +63,6 @@ _SCHEMA = (
     )
     """,
     "CREATE INDEX messages_room_id ON messages (room, id)",
-    "CREATE INDEX messages_ts ON messages (ts)",
     # The highest id ever written, kept apart from the messages: retention
     # may delete every message, and ids must still not start again at 1.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
@@ -64,9 +70,22 @@ _SCHEMA = (
 )
 _INSERT = "INSERT INTO messages (id, room, ts, sender, text) VALUES (?, ?, ?, ?, ?)"
 _SET_LAST_ID = "UPDATE meta SET value = max(value, ?) WHERE key = 'last_id'"
+_SET_LAST_ID_FROM_MESSAGES = """
+    UPDATE meta SET value = max(value, coalesce((SELECT max(id) FROM messages), 0))
+    WHERE key = 'last_id'
+"""
+# The oldest messages of a room past the newest ?2, at most ?3 of them (-1:
+# all), and likewise those older than a time.
 _PRUNE_ROOM = """
-    DELETE FROM messages WHERE room = ?1 AND id <= (
-        SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
+    DELETE FROM messages WHERE id IN (
+        SELECT id FROM messages WHERE room = ?1 AND id <= (
+            SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
+        ) ORDER BY id LIMIT ?3
+    )
+"""
+_PRUNE_AGE = """
+    DELETE FROM messages WHERE id IN (
+        SELECT id FROM messages WHERE +ts < ?1 ORDER BY id LIMIT ?2
     )
 """
 # The unary plus keeps SQLite off the ts index here: (room, id) is the one.
@@ -114,6 +133,12 @@ class SqliteHistory:
         max_age: seconds a message is kept; ``None``: no limit.
         prune_interval: seconds between two retention passes; ``0``: after
             every commit.
+        inline_commit: a flush of at most this many messages commits on the
+            event loop's thread (about 20 µs: the writer appends to the WAL
+            file and never syncs the disk, checkpoints being made in a
+            worker thread); a larger one, in a worker thread (whose
+            hand-off alone costs more: docs/performance.md). ``0``: always
+            in a worker thread.
 
     Raises:
         ValueError: an argument is out of range, or ``path`` is
@@ -127,6 +152,7 @@ class SqliteHistory:
         max_messages_per_room: int | None = 10_000,
         max_age: float | None = None,
         prune_interval: float = 10.0,
+        inline_commit: int = 64,
     ) -> None:
         self.path = os.fspath(path)
         """The database file."""
@@ -138,6 +164,9 @@ class SqliteHistory:
             raise ValueError("max_age must be positive (or None)")
         if prune_interval < 0:
             raise ValueError("prune_interval cannot be negative")
+        if inline_commit < 0:
+            raise ValueError("inline_commit cannot be negative")
+        self.inline_commit = inline_commit
         self.max_messages_per_room = max_messages_per_room
         self.max_age = max_age
         self.prune_interval = prune_interval
@@ -160,6 +189,11 @@ class SqliteHistory:
         self._recorded = 0
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        # Checkpoints the WAL into the database file in the background: the
+        # writer never does (a checkpoint syncs the disk, and the server
+        # waits for the writer's commits before it shows a message).
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointed_at = 0  # commits then
         self._lock_fd = -1  # PATH.lock, locked while open (see _lock)
         # The reader is shared by every query; one thread at a time uses it.
         # The writer is used by one flush or retention pass at a time.
@@ -206,6 +240,7 @@ class SqliteHistory:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._retention_loop)
+                nursery.start_soon(self._checkpoint_loop)
                 try:
                     yield last_id
                 except BaseException as exc:
@@ -241,42 +276,59 @@ class SqliteHistory:
 
     async def flush(self) -> None:
         """Commit everything queued (and the highest id handed out) in one
-        transaction, in a worker thread.
+        transaction (see ``inline_commit``).
 
         Raises:
             HistoryStoreError: the write failed (logged); those messages are
                 let go.
         """
-        async with self._write_lock:
-            if not self._pending and not self._unrecorded:
-                return
-            if self._writer is None:
-                raise HistoryStoreError(f"history database {self.path} is not open")
-            batch = self._writing = tuple(self._pending)
-            self._pending.clear()
-            highest = self._highest
-            try:
+        if not self._pending and not self._unrecorded:
+            return
+        lock = self._write_lock
+        try:
+            # Not a checkpoint when the lock is free: the server awaits a
+            # flush before every message is shown, and a trip through the
+            # scheduler costs more than a small commit.
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()  # a retention pass holds the writer
+        try:
+            await self._commit()
+        finally:
+            lock.release()
+        if self.prune_interval == 0:
+            await self._prune_touched()
+
+    async def _commit(self) -> None:
+        # Under the write lock.
+        if not self._pending and not self._unrecorded:
+            return
+        if self._writer is None:
+            raise HistoryStoreError(f"history database {self.path} is not open")
+        batch = self._writing = tuple(self._pending)
+        self._pending.clear()
+        highest = self._highest
+        try:
+            if len(batch) <= self.inline_commit:
+                rooms = self._insert(batch, highest)
+            else:
                 # Not cancellable once the thread runs: the commit's outcome
                 # is always known here.
                 rooms = await trio.to_thread.run_sync(self._insert, batch, highest)
-            except (sqlite3.Error, OSError) as exc:
-                self.failed += len(batch)
-                log.exception(
-                    "history database %s: cannot write %d messages",
-                    self.path,
-                    len(batch),
-                )
-                raise HistoryStoreError(
-                    f"history database {self.path}: cannot write: {exc}"
-                ) from exc
-            finally:
-                self._writing = ()
-            self._recorded = max(self._recorded, highest)
-            self.commits += 1
-            self.written += len(batch)
-            self._touched |= rooms
-            if self.prune_interval == 0:
-                await self._prune_touched()
+        except (sqlite3.Error, OSError) as exc:
+            self.failed += len(batch)
+            log.exception(
+                "history database %s: cannot write %d messages", self.path, len(batch)
+            )
+            raise HistoryStoreError(
+                f"history database {self.path}: cannot write: {exc}"
+            ) from exc
+        finally:
+            self._writing = ()
+        self._recorded = max(self._recorded, highest)
+        self.commits += 1
+        self.written += len(batch)
+        self._touched |= rooms
 
     async def recent(self, room: str, limit: int) -> Sequence[Message]:
         """The newest ``limit`` messages of ``room``, oldest first."""
@@ -358,7 +410,7 @@ class SqliteHistory:
     # --- writing ------------------------------------------------------------
 
     def _insert(self, batch: Sequence[Message], highest: int) -> set[str]:
-        # In a worker thread; the writer connection is the writer task's.
+        # Under the write lock, in a worker thread or (a small batch) not.
         # ``highest``: the highest id handed out, recorded with the batch.
         writer = self._connection()
         writer.execute("BEGIN IMMEDIATE")
@@ -366,7 +418,11 @@ class SqliteHistory:
             writer.executemany(
                 _INSERT, [(m.id, m.room, m.ts, m.sender, m.text) for m in batch]
             )
-            writer.execute(_SET_LAST_ID, (highest,))
+            # The messages keep the highest id themselves (see _prune); the
+            # meta row (a page more to write) only for a higher one handed
+            # out without a message (a direct message's).
+            if not batch or highest > max(m.id for m in batch):
+                writer.execute(_SET_LAST_ID, (highest,))
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
@@ -376,42 +432,81 @@ class SqliteHistory:
 
     # --- retention ----------------------------------------------------------
 
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await trio.sleep(_CHECKPOINT_INTERVAL)
+            if self.commits != self._checkpointed_at:
+                self._checkpointed_at = self.commits
+                await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL into the database file, waiting for nobody (PASSIVE:
+        commits go on meanwhile), in a worker thread."""
+        connection = self._checkpointer
+        if connection is None:
+            return
+        try:
+            await trio.to_thread.run_sync(
+                connection.execute, "PRAGMA wal_checkpoint(PASSIVE)"
+            )
+        except sqlite3.Error:
+            log.exception("history database %s: checkpoint failed", self.path)
+
     async def _retention_loop(self) -> None:
         while self.prune_interval:
             await trio.sleep(self.prune_interval)
-            if self._touched:
-                async with self._write_lock:
-                    await self._prune_touched()
+            await self._prune_touched()
 
     async def _prune_touched(self) -> None:
-        # Under the write lock.
+        """Apply retention to the rooms written since the last pass, in
+        transactions of at most ``_PRUNE_CHUNK`` deletions: a flush waits
+        for one of them at most, never for a whole pass."""
         rooms, self._touched = self._touched, set()
+        if not rooms and self.max_age is None:
+            return
         try:
-            self.pruned += await trio.to_thread.run_sync(self._prune, rooms)
+            while True:
+                async with self._write_lock:
+                    deleted = await trio.to_thread.run_sync(
+                        self._prune, rooms, _PRUNE_CHUNK
+                    )
+                self.pruned += deleted
+                if deleted < _PRUNE_CHUNK:
+                    return
         except sqlite3.Error:
             log.exception("history database %s: retention failed", self.path)
             self._touched |= rooms  # for the next pass
 
-    def _prune(self, rooms: Iterable[str] | None) -> int:
+    def _prune(self, rooms: Iterable[str] | None, most: int = -1) -> int:
         """Delete what retention does not keep, in ``rooms`` (``None``: all
-        of them); in a transaction of its own unless one is open."""
+        of them), at most ``most`` messages (``-1``: all); in a transaction
+        of its own unless one is open."""
         writer = self._connection()
         own = not writer.in_transaction
         if own:
             writer.execute("BEGIN IMMEDIATE")
         try:
+            # The newest message may go: its id stays, in the meta row.
+            writer.execute(_SET_LAST_ID_FROM_MESSAGES)
             deleted = 0
             if self.max_age is not None:
                 cutoff = time.time() - self.max_age
-                cursor = writer.execute("DELETE FROM messages WHERE ts < ?", (cutoff,))
+                cursor = writer.execute(_PRUNE_AGE, (cutoff, most))
                 deleted += cursor.rowcount
             if self.max_messages_per_room is not None:
                 if rooms is None:
                     found = writer.execute("SELECT DISTINCT room FROM messages")
                     rooms = [room for (room,) in found.fetchall()]
                 for room in rooms:
+                    if most >= 0 and deleted >= most:
+                        break
                     cursor = writer.execute(
-                        _PRUNE_ROOM, (room, self.max_messages_per_room)
+                        _PRUNE_ROOM,
+                        (
+                            room,
+                            self.max_messages_per_room,
+                            most - deleted if most >= 0 else -1,
+                        ),
                     )
                     deleted += cursor.rowcount
             if own:
@@ -451,6 +546,9 @@ class SqliteHistory:
                 path, isolation_level=None, check_same_thread=False
             )
             self._reader.execute("PRAGMA query_only = ON")
+            self._checkpointer = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
         except (sqlite3.Error, OSError) as exc:
             self._close_connections()
             reason = str(exc)
@@ -476,6 +574,7 @@ class SqliteHistory:
                 f"(journal mode {mode})"
             )
         writer.execute("PRAGMA synchronous = NORMAL")
+        writer.execute("PRAGMA wal_autocheckpoint = 0")  # see _checkpoint_loop
         # A damaged file is refused now rather than failing mid-chat; this
         # reads the whole file (about 0.1 s per 100 MB when cached).
         (check,) = writer.execute("PRAGMA quick_check(1)").fetchone()
@@ -509,8 +608,10 @@ class SqliteHistory:
                 "FROM meta WHERE key = 'last_id'"
             ).fetchone()
             # Also a write now, so that a read-only file fails here, not
-            # mid-chat. ('running' was 0.1's crash marker.)
+            # mid-chat. ('running' was 0.1's crash marker, and no query uses
+            # 0.1's index on ts: it only cost a page per commit.)
             writer.execute("DELETE FROM meta WHERE key = 'running'")
+            writer.execute("DROP INDEX IF EXISTS messages_ts")
             writer.execute(_SET_LAST_ID, (last_id,))
             self.pruned += self._prune(None)
             writer.execute("COMMIT")
@@ -521,10 +622,15 @@ class SqliteHistory:
         return int(last_id)
 
     async def _close(self) -> None:
-        reader, writer = self._reader, self._writer
-        self._reader = self._writer = None
-        # The reader after any query still running on it.
-        for connection, limiter in ((reader, self._read_limiter), (writer, None)):
+        reader, writer, checkpointer = self._reader, self._writer, self._checkpointer
+        self._reader = self._writer = self._checkpointer = None
+        # The reader after any query still running on it; the writer last
+        # (closing the last connection checkpoints the WAL).
+        for connection, limiter in (
+            (reader, self._read_limiter),
+            (checkpointer, None),
+            (writer, None),
+        ):
             if connection is None:
                 continue
             try:
@@ -535,10 +641,10 @@ class SqliteHistory:
 
     def _close_connections(self) -> None:
         # In a worker thread, after a failed open.
-        for connection in (self._reader, self._writer):
+        for connection in (self._reader, self._checkpointer, self._writer):
             if connection is not None:
                 connection.close()
-        self._reader = self._writer = None
+        self._reader = self._writer = self._checkpointer = None
         self._unlock()
 
     def _lock(self) -> None:
