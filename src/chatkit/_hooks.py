@@ -21,10 +21,24 @@ from typing import Any, Final
 import pluggy
 import trio
 
-from . import hookspecs
 from ._exceptions import Veto
 
-__all__ = ["ENTRY_POINT_GROUP", "HookDispatcher", "make_plugin_manager"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PROJECT_NAME",
+    "HookDispatcher",
+    "hookimpl",
+    "hookspec",
+    "make_plugin_manager",
+]
+
+PROJECT_NAME: Final = "chatkit"
+
+#: Marks a hook implementation: ``@chatkit.hookimpl`` or
+#: ``@chatkit.hookimpl(tryfirst=True)``.
+hookimpl: Final = pluggy.HookimplMarker(PROJECT_NAME)
+#: Marks a hook specification (chatkit's own use).
+hookspec: Final = pluggy.HookspecMarker(PROJECT_NAME)
 
 #: Entry-point group of server plugins.
 ENTRY_POINT_GROUP: Final = "chatkit"
@@ -57,7 +71,7 @@ def make_plugin_manager(
             not exist (a misspelling) or with arguments the spec lacks.
         TypeError: a plugin uses a hook wrapper, which chatkit cannot await.
     """
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(spec)
     if load_entry_points:
         _load_entry_points(

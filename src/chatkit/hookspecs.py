@@ -36,7 +36,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import pluggy
+from ._hooks import PROJECT_NAME as PROJECT_NAME
+from ._hooks import hookimpl as hookimpl
+from ._hooks import hookspec as hookspec
 
 if TYPE_CHECKING:
     from ._client import ChatClient
@@ -44,14 +46,6 @@ if TYPE_CHECKING:
     from ._server import ChatServer, LeaveReason, RemoteUser, User
 
 __all__ = ["PROJECT_NAME", "ClientSpec", "ServerSpec", "hookimpl", "hookspec"]
-
-PROJECT_NAME = "chatkit"
-
-#: Marks a hook implementation: ``@chatkit.hookimpl`` or
-#: ``@chatkit.hookimpl(tryfirst=True)``.
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-#: Marks a hook specification (chatkit's own use).
-hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
 
 class ServerSpec:
