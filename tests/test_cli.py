@@ -18,7 +18,7 @@ import trio.testing
 import chatkit
 from chatkit._console import Console
 from chatkit.auth import TokenAuth
-from chatkit.client import ChatShell, build_parser, run_client
+from chatkit.client.__main__ import ChatShell, build_parser, run_client
 from tests.helpers import HoldLogin, RawClient, next_event
 from tests.programs import Launch, start_client, start_server
 

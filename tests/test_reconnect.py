@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 import chatkit
-from chatkit import _client
+from chatkit.client import _client
 from tests.helpers import TIMEOUT, HoldLogin, wait_until
 
 _T = TypeVar("_T")

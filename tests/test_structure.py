@@ -24,12 +24,22 @@ import chatkit
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "chatkit"
-MODULES = sorted(SRC.glob("*.py"))
+MODULES = sorted(SRC.rglob("*.py"))
 SANS_IO = ("_events.py", "_exceptions.py", "protocol.py")
 
 
 def module_id(path: Path) -> str:
-    return path.name
+    """``path`` relative to ``src/chatkit``: ``_server.py``, ``client/_client.py``."""
+    return path.relative_to(SRC).as_posix()
+
+
+def module_name(path: Path) -> str:
+    """The dotted name ``path`` is imported as: ``chatkit.client._client``,
+    ``chatkit.client`` for ``client/__init__.py``."""
+    parts = ["chatkit", *path.relative_to(SRC).with_suffix("").parts]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
 def parse(path: Path) -> ast.Module:
@@ -58,8 +68,9 @@ def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
 
 def test_the_source_tree_is_where_we_look() -> None:
     # Guards the scans below against silently scanning nothing.
-    names = {path.name for path in MODULES}
-    assert {"__init__.py", *SANS_IO, "_server.py", "_client.py"} <= names
+    names = {module_id(path) for path in MODULES}
+    client = {"client/__init__.py", "client/__main__.py", "client/_client.py"}
+    assert {"__init__.py", *SANS_IO, "_server.py", *client} <= names
     assert Path(chatkit.__file__).resolve().parent == SRC
 
 
@@ -83,7 +94,7 @@ def test_no_module_imports_threading(path: Path) -> None:
         (line, name)
         for line, name in imported_modules(parse(path))
         if any(name == bad or name.startswith(bad + ".") for bad in THREAD_MODULES)
-        and not (path.name == MAY_JOIN_A_THREAD and name == "threading")
+        and not (module_id(path) == MAY_JOIN_A_THREAD and name == "threading")
     ]
     assert offending == []
 
@@ -121,8 +132,8 @@ def test_the_fork_join_is_the_only_thread_in_the_server() -> None:
     decorators = [ast.unparse(d) for d in functions[FORK_JOIN].decorator_list]
     assert decorators == ["trio.lowlevel.enable_ki_protection"]
     for path in MODULES:
-        if path.name != MAY_JOIN_A_THREAD:
-            assert attribute_uses(parse(path), "start_thread_soon") == [], path.name
+        if module_id(path) != MAY_JOIN_A_THREAD:
+            assert attribute_uses(parse(path), "start_thread_soon") == [], path
 
 
 # The one exception: sqlite3 has no non-blocking interface, so chatkit.sqlite
@@ -136,7 +147,7 @@ MAY_USE_WORKER_THREADS = frozenset({"sqlite.py"})
 def test_no_module_hands_work_to_threads(path: Path) -> None:
     # trio.to_thread / trio.from_thread would bring threads in through trio.
     banned = ("to_thread", "from_thread")
-    if path.name in MAY_USE_WORKER_THREADS:
+    if module_id(path) in MAY_USE_WORKER_THREADS:
         banned = ("from_thread",)
     tree = parse(path)
     offending = [
@@ -154,7 +165,7 @@ def test_no_module_hands_work_to_threads(path: Path) -> None:
 
 def test_worker_threads_stay_in_their_module() -> None:
     uses = [
-        path.name
+        module_id(path)
         for path in MODULES
         if any(
             isinstance(node, ast.Attribute) and node.attr == "to_thread"
@@ -490,9 +501,9 @@ def test_every_public_class_and_function_has_a_docstring(name: str) -> None:
 def test_every_module_has_a_docstring_and_valid_all(path: Path) -> None:
     tree = parse(path)
     assert ast.get_docstring(tree)
-    if path.name == "__init__.py":
-        return
-    module = importlib.import_module(f"chatkit.{path.stem}")
+    if module_id(path) == "__init__.py":
+        return  # the public API, checked name by name above
+    module = importlib.import_module(module_name(path))
     exported = getattr(module, "__all__", [])
     assert [name for name in exported if not hasattr(module, name)] == []
 

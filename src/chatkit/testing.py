@@ -41,9 +41,9 @@ from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
-from ._client import ChatClient
 from ._events import LOBBY, Event, Joined
 from ._server import ChatServer
+from .client import ChatClient
 
 __all__ = ["DEFAULT_TIMEOUT", "LOOPBACK", "Chat", "ChatFactory", "open_chat"]
 

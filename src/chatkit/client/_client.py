@@ -37,7 +37,7 @@ from typing import Any, Final, Self, TypeAlias
 import msgspec
 import trio
 
-from ._events import (
+from .._events import (
     LOBBY,
     PROTOCOL_VERSION,
     Bye,
@@ -45,6 +45,7 @@ from ._events import (
     DirectMessage,
     Dm,
     ErrorReply,
+    Event,
     Hello,
     History,
     HistoryReply,
@@ -66,7 +67,7 @@ from ._events import (
     Who,
     WhoReply,
 )
-from ._exceptions import (
+from .._exceptions import (
     BadName,
     BadRequest,
     ConnectionClosed,
@@ -79,7 +80,13 @@ from ._exceptions import (
     TooLarge,
     Unauthorized,
 )
-from ._hooks import CLIENT_ENTRY_POINT_GROUP, HookDispatcher, make_plugin_manager
+from .._hooks import (
+    CLIENT_ENTRY_POINT_GROUP,
+    HookDispatcher,
+    hookspec,
+    make_plugin_manager,
+)
+from ..protocol import DEFAULT_MAX_LINE_LENGTH, EOF, NEED_DATA, ClientConnection
 from ._reconnect import (
     ClientEvent,
     Interrupted,
@@ -87,10 +94,8 @@ from ._reconnect import (
     Reconnected,
     Reconnecting,
 )
-from .hookspecs import ClientSpec
-from .protocol import DEFAULT_MAX_LINE_LENGTH, EOF, NEED_DATA, ClientConnection
 
-__all__ = ["DEFAULT_PORT", "ChatClient", "open_client"]
+__all__ = ["DEFAULT_PORT", "ChatClient", "ClientSpec", "open_client"]
 
 log = logging.getLogger("chatkit.client")
 
@@ -176,6 +181,71 @@ class _Resume:
                     self.overflowed.add(room)
                 return True
         return False
+
+
+class ClientSpec:
+    """Hooks a :class:`chatkit.ChatClient` calls, in the order events arrive.
+
+    They run in a task of their own, so an implementation may await the
+    client (``await client.say(...)``, even ``await client.who()``).
+    """
+
+    @hookspec
+    def chatkit_client_connected(self, client: ChatClient, welcome: Welcome) -> None:
+        """The server accepted ``hello``; ``welcome.name`` is our name."""
+
+    @hookspec
+    def chatkit_client_event(self, client: ChatClient, event: Event) -> None:
+        """Any event from the server (fires before the specific hooks)."""
+
+    @hookspec
+    def chatkit_client_message(self, client: ChatClient, message: Message) -> None:
+        """A room message arrived (our own messages too: check
+        ``message.sender == client.name``)."""
+
+    @hookspec
+    def chatkit_client_dm(self, client: ChatClient, message: DirectMessage) -> None:
+        """A private message arrived (or the echo of one we sent)."""
+
+    @hookspec
+    def chatkit_client_joined(self, client: ChatClient, room: str, name: str) -> None:
+        """``name`` (maybe us) joined ``room``."""
+
+    @hookspec
+    def chatkit_client_left(
+        self, client: ChatClient, room: str, name: str, reason: str | None
+    ) -> None:
+        """``name`` (maybe us) left ``room``."""
+
+    @hookspec
+    def chatkit_client_disconnected(self, client: ChatClient, reason: str) -> None:
+        """The client ended (its connection is gone and, with a reconnect
+        policy, no reconnect will follow); ``reason`` says how. Fires once,
+        last."""
+
+    @hookspec
+    def chatkit_client_interrupted(self, client: ChatClient, reason: str) -> None:
+        """The connection ended and the client (connected with
+        ``reconnect=``) is going to reconnect; ``reason`` says how it ended.
+
+        Requests made from now on wait for the new connection (see
+        :attr:`chatkit.Reconnect.request_timeout`).
+        """
+
+    @hookspec
+    def chatkit_client_reconnecting(
+        self, client: ChatClient, attempt: int, delay: float, error: str | None
+    ) -> None:
+        """Reconnect attempt number ``attempt`` starts in ``delay`` seconds;
+        ``error`` says why the previous attempt failed (``None`` before the
+        first)."""
+
+    @hookspec
+    def chatkit_client_reconnected(self, client: ChatClient, missed: int) -> None:
+        """The client is back, under the same name and in the same rooms, and
+        the ``missed`` messages said meanwhile went through the message hooks
+        (and ``async for``) before this one. ``chatkit_client_connected``
+        does not fire again."""
 
 
 class ChatClient:

@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ._client import DEFAULT_PORT, ChatClient, _describe, open_client
-from ._console import Console
-from ._events import (
+from .._console import Console
+from .._events import (
     LOBBY,
     DirectMessage,
     ErrorReply,
@@ -33,7 +32,8 @@ from ._events import (
     ServerEvent,
     Shutdown,
 )
-from ._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
+from .._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
+from ._client import DEFAULT_PORT, ChatClient, _describe, open_client
 from ._reconnect import (
     ClientEvent,
     Interrupted,
