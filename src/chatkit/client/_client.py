@@ -124,10 +124,6 @@ _ANSWERS: Final = (ErrorReply, WhoReply, RoomsReply, HistoryReply, Pong)
 # The longest line accepted from the server by default: far above what a
 # server sends (its history replies are bounded, at a few MiB).
 _MAX_SERVER_LINE_LENGTH: Final = 16 * 1024 * 1024
-# Live messages of a room held back while it catches up. Past this many the
-# newer ones are dropped and fetched again from history afterwards, so a
-# busy room cannot grow the buffer without bound.
-_HOLD_LIMIT: Final = 1000
 # Refusals a reconnect cannot get past by waiting: the client gives up.
 _PERMANENT: Final = (Unauthorized, BadName, BadRequest, Rejected, TooLarge)
 
@@ -144,9 +140,12 @@ class _Resume:
     """A resume under way (``ChatClient._resume``): what the reader keeps
     back or drops until each room has caught up."""
 
-    __slots__ = ("dropping", "holding", "overflowed", "rejoining")
+    __slots__ = ("dropping", "holding", "max_held", "overflowed", "rejoining")
 
-    def __init__(self, wanted: set[str]) -> None:
+    def __init__(self, wanted: set[str], max_held: int) -> None:
+        # Past this many held messages in a room, the newer ones are dropped
+        # and fetched again from history afterwards (Reconnect.max_held).
+        self.max_held = max_held
         # Live messages per room, held back until the room has caught up.
         self.holding = {room: collections.deque[Message]() for room in wanted}
         # Rooms whose held messages overflowed: the rest are in history.
@@ -175,7 +174,7 @@ class _Resume:
                 # Once one is dropped, so are all that follow until the room
                 # is read again from history: a newer one held meanwhile
                 # would move the mark past those dropped.
-                if room not in self.overflowed and len(held) < _HOLD_LIMIT:
+                if room not in self.overflowed and len(held) < self.max_held:
                     held.append(event)
                 else:
                     self.overflowed.add(room)
@@ -605,7 +604,8 @@ class ChatClient:
     async def _serve_connection(self, resume: bool) -> None:
         if resume:
             # Before the reader starts: the lobby's notices may be buffered.
-            self._resuming = _Resume(self._wanted)
+            assert self.reconnect is not None
+            self._resuming = _Resume(self._wanted, self.reconnect.max_held)
         stream = self._stream
         ping_scope = trio.CancelScope()
         try:

@@ -51,6 +51,11 @@ class Reconnect:
         ping_timeout: with keepalive pings on, a connection that answers
             nothing within this many seconds of a ping counts as lost (a
             network gone silent); ``None`` never gives up on it.
+        max_held: while a room catches up after a reconnect, its live
+            messages are held back (to be delivered after the missed ones);
+            past this many, the newer ones are dropped and fetched again
+            from history afterwards, so that a busy room cannot grow the
+            client's memory without bound. ``0`` holds none.
         rng: the source of jitter, returning floats in ``[0, 1)``; pass
             ``random.Random(seed).random`` for repeatable delays.
 
@@ -68,6 +73,7 @@ class Reconnect:
     after_shutdown: bool = True
     request_timeout: float | None = 10.0
     ping_timeout: float | None = 10.0
+    max_held: int = 1000
     rng: Callable[[], float] = random.random
 
     def __post_init__(self) -> None:
@@ -81,6 +87,8 @@ class Reconnect:
             raise ValueError("max_attempts must be at least 1 (or None)")
         if self.max_name_taken < 1:
             raise ValueError("max_name_taken must be at least 1")
+        if self.max_held < 0:
+            raise ValueError("max_held must be at least 0")
         for name in ("give_up_after", "request_timeout", "ping_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
