@@ -174,15 +174,18 @@ class Session:
             self._finish()
 
     async def _serve(self, connection: Connection, rooms: set[str] | None) -> None:
-        resumer = self._resumer
+        """Serve ``connection`` until it ends; ``rooms``: resuming, the rooms
+        to be back in."""
+        resumer = None
         if rooms is not None:
-            assert resumer is not None
-            resumer.begin(rooms)
+            resumer = self._resumer
+            assert resumer is not None  # only a session with a policy resumes
+            resumer.begin(rooms)  # before the reader: notices may be buffered
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read, connection)
                 nursery.start_soon(connection.keep_alive)
-                if resumer is not None and rooms is not None:
+                if resumer is not None:
                     try:
                         await self._resume(resumer, connection)
                     except ConnectionClosed:
