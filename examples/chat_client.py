@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from chatkit.client import main
+from chatkit.client.__main__ import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import msgspec
@@ -169,6 +170,28 @@ class HoldLogin:
     async def chatkit_authenticate(self, name: str) -> None:
         if name == self.name:
             await self.opened.wait()
+
+
+@asynccontextmanager
+async def serving(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    *,
+    receive_buffer: int | None = None,
+) -> AsyncIterator[int]:
+    """A server written by hand: ``handler`` serves each connection to a
+    free loopback port, which this yields (the stream is closed when the
+    handler returns). ``receive_buffer`` fixes the connections' socket
+    receive buffer (``SO_RCVBUF``), so that a large send backs up."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    if receive_buffer is not None:
+        for listener in listeners:  # accepted sockets inherit it
+            listener.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer
+            )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
 
 
 async def open_small_window(port: int) -> RawClient:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
@@ -18,7 +18,7 @@ import trio.testing
 import chatkit
 from chatkit._console import Console
 from chatkit.auth import TokenAuth
-from chatkit.client import ChatShell, build_parser, run_client
+from chatkit.client.__main__ import ChatShell, build_parser, run_client
 from tests.helpers import HoldLogin, RawClient, next_event
 from tests.programs import Launch, start_client, start_server
 
@@ -621,10 +621,17 @@ async def test_history_numbers_are_ascii_digits(server: chatkit.ChatServer) -> N
         assert printed[2] == "Error: you are not in \u00b2 (not_in_room)"
 
 
+class GaveUp:
+    """What ChatShell reads of a client that gave up reconnecting."""
+
+    name = "alice"
+    close_reason = "gave up reconnecting after 2 attempts: Connection refused"
+
+
 def test_the_shell_describes_reconnecting() -> None:
     printed: list[str] = []
-    client = chatkit.ChatClient(name="alice")  # never entered: only read from
-    shell = ChatShell(client, printed.append)
+    client = GaveUp()
+    shell = ChatShell(cast(chatkit.ChatClient, client), printed.append)
     assert shell.describe(chatkit.Interrupted(reason="connection lost")) is None
     assert shell.describe(chatkit.Reconnecting(attempt=1, delay=0.42)) == (
         "*** connection lost (connection lost), reconnecting in 0.4s..."
@@ -632,7 +639,6 @@ def test_the_shell_describes_reconnecting() -> None:
     assert shell.describe(
         chatkit.Reconnecting(attempt=2, delay=1.0, error="Connection refused")
     ) == ("*** reconnect failed (Connection refused), retrying in 1.0s...")
-    client.close_reason = "gave up reconnecting after 2 attempts: Connection refused"
     assert shell.farewell() == f"*** {client.close_reason}"
     for missed, text in [(0, "no missed messages"), (1, "1 missed message")]:
         assert shell.describe(chatkit.Reconnected(missed=missed)) == (

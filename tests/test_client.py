@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import trio.testing
 
 import chatkit
 from chatkit.testing import Chat, open_chat
-from tests.helpers import TIMEOUT, unref
+from tests.helpers import TIMEOUT, serving, unref
 
 
 def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.ChatClient:
@@ -153,7 +154,7 @@ async def test_a_history_reply_longer_than_the_servers_line_limit_arrives() -> N
             assert await alice.history("lobby", 20) == tuple(said)
 
 
-async def serve_oddly(stream: trio.abc.Stream) -> None:
+async def serve_oddly(stream: trio.SocketStream) -> None:
     """A server that logs one client in, answers ``history`` with an invalid
     line that has the request's ref, and ``ping`` with a 2000-byte message
     before the pong and a short one after it."""
@@ -186,50 +187,47 @@ async def serve_oddly(stream: trio.abc.Stream) -> None:
             return
 
 
-async def test_a_bad_answer_fails_its_request_and_long_lines_are_dropped(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    async with trio.open_nursery() as nursery:
+async def test_a_bad_answer_fails_its_request_and_long_lines_are_dropped() -> None:
+    async with (
+        serving(serve_oddly) as port,
+        chatkit.open_client(
+            "127.0.0.1", port, name="alice", max_line_length=1000
+        ) as alice,
+    ):
+        with trio.fail_after(TIMEOUT):
+            # Answered, with an error, rather than never.
+            with pytest.raises(chatkit.BadRequest, match="bad answer"):
+                await alice.history("lobby")
+            # A line over max_line_length is dropped, and only that line.
+            await alice.ping()
+            event = await next_event(alice)
+            assert isinstance(event, chatkit.Message)
+            assert event.text == "short"
 
-        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
-            client_end, server_end = trio.testing.memory_stream_pair()
-            nursery.start_soon(serve_oddly, server_end)
-            return client_end
 
-        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
-        async with chatkit.open_client(name="alice", max_line_length=1000) as alice:
-            with trio.fail_after(TIMEOUT):
-                # Answered, with an error, rather than never.
-                with pytest.raises(chatkit.BadRequest, match="bad answer"):
-                    await alice.history("lobby")
-                # A line over max_line_length is dropped, and only that line.
-                await alice.ping()
-                event = await next_event(alice)
-                assert isinstance(event, chatkit.Message)
-                assert event.text == "short"
+# Far more than the socket buffers between client and StallingServer hold
+# (the server's receive buffer is fixed small; the client's send buffer
+# grows to a few MiB at most): sending it waits for the server to read.
+HUGE = 16 * 1024 * 1024
 
 
 class StallingServer:
-    """Serves each connection by hand over a lockstep stream (a sender
-    waits until every byte is read). The first one stops reading part-way
-    through the first ``say``; the next ones answer normally."""
+    """Serves each connection by hand. The first one stops reading part-way
+    through the first ``say`` (a line of HUGE bytes, so the client's send
+    waits) until ``unstall`` is set, then reads to the end; the next ones
+    answer normally."""
 
     def __init__(self) -> None:
         self.connections = 0
         self.stalled = trio.Event()
+        self.unstall = trio.Event()
         self.first_closed = trio.Event()
 
-    async def open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
-        client_end, server_end = trio.testing.lockstep_stream_pair()
+    async def serve(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        nursery.start_soon(self.serve, server_end, self.connections)
-        return client_end
+        await self._serve(stream, self.connections)
 
-    async def serve(self, stream: trio.abc.Stream, number: int) -> None:
-        async with stream:
-            await self._serve(stream, number)
-
-    async def _serve(self, stream: trio.abc.Stream, number: int) -> None:
+    async def _serve(self, stream: trio.SocketStream, number: int) -> None:
         proto = chatkit.protocol.ServerConnection()
         received = b""
         while True:
@@ -238,10 +236,12 @@ class StallingServer:
                 received += data
                 if number == 1 and b'"say"' in received:
                     # Part of the say line read: the client's send_all waits
-                    # for us to read the rest, which we never do.
+                    # for us to read the rest, which we do only when told.
                     self.stalled.set()
-                    while await stream.receive_some(65536):
-                        pass
+                    await self.unstall.wait()
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        while await stream.receive_some(1024 * 1024):
+                            pass
                     self.first_closed.set()
                     return
                 proto.receive_data(data)
@@ -265,34 +265,36 @@ class StallingServer:
 
 @pytest.mark.parametrize("reconnect", [False, True], ids=["alone", "reconnect"])
 async def test_a_request_cancelled_mid_line_costs_the_connection(
-    monkeypatch: pytest.MonkeyPatch, reconnect: bool
+    reconnect: bool,
 ) -> None:
     # Half a line on the wire would swallow the next request: the connection
     # is given up (and got back, with a reconnect policy) instead.
     server = StallingServer()
-    async with trio.open_nursery() as nursery:
-
-        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
-            return await server.open_stream(nursery)
-
-        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
-        policy = chatkit.Reconnect(initial_delay=0.01, jitter=0) if reconnect else None
-        async with chatkit.open_client(name="alice", reconnect=policy) as alice:
-            with trio.fail_after(TIMEOUT):
-                async with trio.open_nursery() as requests:
-                    requests.start_soon(alice.say, "x" * 100)
-                    await server.stalled.wait()
-                    requests.cancel_scope.cancel()
-                await server.first_closed.wait()
-                if reconnect:
-                    assert (await alice.say("after")).text == "after"
-                    assert server.connections == 2
-                else:
-                    with pytest.raises(chatkit.ConnectionClosed):
-                        await alice.say("after")
-                    assert alice.close_reason == (
-                        "a request was cancelled while being sent"
-                    )
+    policy = chatkit.Reconnect(initial_delay=0.01, jitter=0) if reconnect else None
+    async with (
+        serving(server.serve, receive_buffer=16 * 1024) as port,
+        chatkit.open_client(
+            "127.0.0.1",
+            port,
+            name="alice",
+            reconnect=policy,
+            server_max_line_length=2 * HUGE,
+        ) as alice,
+    ):
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as requests:
+                requests.start_soon(alice.say, "x" * HUGE)
+                await server.stalled.wait()
+                requests.cancel_scope.cancel()
+            server.unstall.set()
+            await server.first_closed.wait()
+            if reconnect:
+                assert (await alice.say("after")).text == "after"
+                assert server.connections == 2
+            else:
+                with pytest.raises(chatkit.ConnectionClosed):
+                    await alice.say("after")
+                assert alice.close_reason == "a request was cancelled while being sent"
 
 
 async def test_ping_returns_the_round_trip_time(alice: chatkit.ChatClient) -> None:

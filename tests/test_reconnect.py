@@ -5,11 +5,12 @@ order."""
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import random
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from unittest.mock import ANY
@@ -19,8 +20,7 @@ import trio
 import trio.testing
 
 import chatkit
-from chatkit import _client
-from tests.helpers import TIMEOUT, HoldLogin, wait_until
+from tests.helpers import TIMEOUT, HoldLogin, serving, wait_until
 
 _T = TypeVar("_T")
 
@@ -72,6 +72,7 @@ def test_full_jitter_spans_zero_to_the_delay() -> None:
         {"give_up_after": 0},
         {"request_timeout": -1},
         {"ping_timeout": 0},
+        {"max_held": -1},
     ],
 )
 def test_a_bad_policy_is_refused(options: dict[str, Any]) -> None:
@@ -145,14 +146,21 @@ async def reading(
 
 
 class _Link:
-    def __init__(self) -> None:
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
         self.scope = trio.CancelScope()
         self.frozen = False
 
-    async def pump(self, source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+    async def pump(
+        self, source: trio.abc.Stream, sink: trio.abc.Stream, *, upstream: bool
+    ) -> None:
         while data := await source.receive_some(65536):
             if self.frozen:
                 await trio.sleep_forever()  # bytes vanish: a network gone quiet
+            trigger = self.proxy.cut_before
+            if upstream and trigger is not None and trigger in data:
+                self.proxy.cut_before = None
+                break  # not forwarded: the link is cut instead
             await sink.send_all(data)
         self.scope.cancel()
 
@@ -167,6 +175,9 @@ class Proxy:
         self.port = 0
         self.up = True
         self.links: list[_Link] = []
+        # The next client bytes that contain this are not forwarded: the
+        # link is cut instead (once).
+        self.cut_before: bytes | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None]) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -179,12 +190,16 @@ class Proxy:
             if not self.up:
                 return
             upstream = await trio.open_tcp_stream("127.0.0.1", self.target)
-            link = _Link()
+            link = _Link(self)
             self.links.append(link)
             with link.scope:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(link.pump, downstream, upstream)
-                    nursery.start_soon(link.pump, upstream, downstream)
+                    nursery.start_soon(
+                        partial(link.pump, downstream, upstream, upstream=True)
+                    )
+                    nursery.start_soon(
+                        partial(link.pump, upstream, downstream, upstream=False)
+                    )
         finally:
             # Shielded: the second close must not be skipped by a Cancelled
             # that the first one re-raises.
@@ -225,24 +240,42 @@ def unique_in_order(messages: Sequence[chatkit.Message]) -> None:
 
 
 async def test_entering_unbuffered_is_prompt_and_marks_the_lobby() -> None:
-    # Entering asks for the lobby's newest message (where its news starts,
-    # for a resume). With event_buffer=0 its answer must not wait behind
-    # our own `joined lobby`, which nobody reads before entering returns.
-    async with chatkit.open_server() as server, plain(server.port, "bob") as bob:
-        said = await bob.say("before")
-        with trio.fail_after(TIMEOUT):
-            async with connect(
-                server.port, "alice", event_buffer=0, connect_timeout=TIMEOUT * 2
-            ) as alice:
-                assert alice._mark_of("lobby") == said.id
-                # What came meanwhile is delivered, in order.
-                assert await alice.__anext__() == chatkit.Joined(
-                    room="lobby", name="alice"
-                )
-                await bob.say("after")
-                event = await alice.__anext__()
-                assert isinstance(event, chatkit.Message)
-                assert event.text == "after"
+    # Entering asks for the lobby's newest message: where the lobby's news
+    # starts, should the client have to resume it. With event_buffer=0 its
+    # answer must not wait behind our own `joined lobby`, which nobody reads
+    # before entering returns.
+    with trio.fail_after(TIMEOUT * 2):
+        async with (
+            trio.open_nursery() as nursery,
+            chatkit.open_server() as server,
+            plain(server.port, "bob") as bob,
+        ):
+            proxy = Proxy(server.port)
+            await nursery.start(proxy.serve)
+            await bob.say("before")
+            with trio.fail_after(TIMEOUT):
+                async with connect(
+                    proxy.port, "alice", event_buffer=0, connect_timeout=TIMEOUT * 2
+                ) as alice:
+                    # What came meanwhile is delivered, in order.
+                    assert await alice.__anext__() == chatkit.Joined(
+                        room="lobby", name="alice"
+                    )
+                    # Dropped before any message of the lobby reached her:
+                    # the resume reads the lobby from its mark on, so what
+                    # was said before she came is not news.
+                    await drop_alice(server, proxy)
+                    await bob.say("missed")
+                    proxy.up = True
+                    messages = []
+                    async for event in alice:
+                        if isinstance(event, chatkit.Message):
+                            messages.append(event.text)
+                        if isinstance(event, chatkit.Reconnected):
+                            assert event.missed == 1
+                            break
+                    assert messages == ["missed"]
+            nursery.cancel_scope.cancel()
 
 
 # --- server restart ----------------------------------------------------------
@@ -548,16 +581,24 @@ class SlowHistory(chatkit.MemoryHistory):
         return page
 
 
-@pytest.mark.parametrize("hold_limit", [1000, 2])
+async def held_back(bob: chatkit.ChatClient, inbox: Inbox) -> None:
+    """Return once alice's reader has seen everything bob said before: his
+    private message comes after it on her connection and is never held."""
+    await bob.dm("alice", "all said")
+    await inbox.expect(chatkit.DirectMessage, text="all said")
+
+
+@pytest.mark.parametrize("max_held", [1000, 2])
 async def test_live_messages_during_catch_up_come_once_and_in_order(
-    hold_limit: int, monkeypatch: pytest.MonkeyPatch
+    max_held: int,
 ) -> None:
     # The live messages arrive after the catch-up's last page was made:
-    # they are held, then delivered after it. With a hold limit of 2, most
+    # they are held, then delivered after it. With max_held=2, most
     # overflow and are fetched again from history.
-    monkeypatch.setattr(_client, "_HOLD_LIMIT", hold_limit)
     slow = SlowHistory()
-    async with alice_behind_proxy(history=slow) as (server, proxy, alice, inbox, bob):
+    policy = dataclasses.replace(FAST, max_held=max_held)
+    scene = alice_behind_proxy(history=slow, client={"reconnect": policy})
+    async with scene as (server, proxy, _, inbox, bob):
         await bob.say("m0")
         await inbox.expect(chatkit.Message, text="m0")
         await drop_alice(server, proxy)
@@ -566,11 +607,10 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
         await slow.let_back(proxy)  # alice is back, catching up
         for n in range(5):
             await bob.say(f"live {n}")
+        await held_back(bob, inbox)
         # Held back until the catch-up is done (or, past the limit,
         # dropped to be fetched again).
-        resume = alice._resuming
-        assert resume is not None  # catching up
-        await wait_until(lambda: len(resume.holding["lobby"]) == min(5, hold_limit))
+        assert [text for _, text in inbox.messages()] == ["m0", "missed 1", "missed 2"]
         slow.release.set()
         await inbox.expect(chatkit.Reconnected)
         await bob.say("last")
@@ -585,29 +625,26 @@ async def test_live_messages_during_catch_up_come_once_and_in_order(
         ]
 
 
-async def test_live_messages_after_an_overflow_are_not_lost(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_live_messages_after_an_overflow_are_not_lost() -> None:
     # Held messages overflow; while the held ones go out to a slow reader,
     # another live one comes. It must not be held (and delivered before
     # those dropped, moving the mark past them): all are fetched again.
-    monkeypatch.setattr(_client, "_HOLD_LIMIT", 3)
     slow = SlowHistory()
-    scene = alice_behind_proxy(history=slow, client={"event_buffer": 1})
+    policy = dataclasses.replace(FAST, max_held=3)
+    scene = alice_behind_proxy(
+        history=slow, client={"reconnect": policy, "event_buffer": 1}
+    )
     async with scene as (server, proxy, alice, inbox, bob):
         await drop_alice(server, proxy)
         await slow.let_back(proxy)  # alice is back, catching up
         for n in range(5):
             await bob.say(f"live {n}")
-        resume = alice._resuming
-        assert resume is not None
-        await wait_until(lambda: resume.overflowed == {"lobby"})  # 3 held
+        await held_back(bob, inbox)  # 3 held, 2 dropped
         inbox.reading = trio.Event()  # the program reads no more, for now
         slow.release.set()
-        assert alice._events_send is not None
-        # The held ones go out until the event buffer is full.
-        await wait_until(lambda: alice._events_send.statistics().tasks_waiting_send)
-        assert not resume.holding["lobby"]
+        # The held ones go out until the event buffer is full and the
+        # catch-up waits for the program.
+        await trio.testing.wait_all_tasks_blocked()
         await bob.say("live 5")
         await alice.ping()  # answered after live 5 reached alice
         inbox.reading.set()
@@ -678,39 +715,29 @@ async def test_leaving_a_room_while_it_catches_up() -> None:
         # order.)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(alice.leave, "zoo")
-            await wait_until(lambda: len(alice._pending) == 2)  # page and leave
+            await trio.testing.wait_all_tasks_blocked()  # the leave is out
             slow.release.set()
             assert (await inbox.expect(chatkit.Reconnected)).missed == 1
         assert inbox.messages() == [("lobby", "missed")]
         assert alice.joined_rooms == {"lobby"}
 
 
-async def test_a_left_lobby_stays_left_when_a_resume_is_cut_short(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_left_lobby_stays_left_when_a_resume_is_cut_short() -> None:
     # The server joins every login to the lobby and the resume leaves it
     # again; a connection lost before that leave must not make the lobby a
     # room to be back in (and to catch up) at the next resume.
-    resume = chatkit.ChatClient._resume
-    links: list[Proxy] = []
-
-    async def lose_the_first(self: chatkit.ChatClient) -> None:
-        if links:
-            await wait_until(lambda: "alice" in server.rooms["lobby"])
-            assert "lobby" not in self.joined_rooms
-            links.pop().cut()  # before the resume even re-joins dev
-        await resume(self)
-
-    monkeypatch.setattr(chatkit.ChatClient, "_resume", lose_the_first)
     async with alice_behind_proxy() as (server, proxy, alice, inbox, bob):
         await alice.join("dev")
         await bob.join("dev")
         await alice.leave("lobby")
         await bob.say("lobby chatter")
-        links.append(proxy)
         await drop_alice(server, proxy)
+        # The link is cut as the resume asks to re-join dev: alice is logged
+        # in (in the server's lobby), not yet out of the lobby again.
+        proxy.cut_before = b'"type":"join"'
         proxy.up = True
         await inbox.expect(chatkit.Reconnected)
+        assert proxy.cut_before is None  # the first resume was cut short
         assert len(inbox.of(chatkit.Interrupted)) == 2
         assert alice.joined_rooms == {"dev"}
         assert "alice" not in server.rooms["lobby"]
@@ -765,24 +792,20 @@ async def test_requests_wait_for_the_connection_or_time_out() -> None:
 
 
 class ShortLived:
-    """A server by hand, over memory streams: connection 1 serves until
-    ``drop`` is set; connection 2 answers the re-join of a room and hangs
-    up; later ones are refused."""
+    """A server by hand: connection 1 serves until ``drop`` is set;
+    connection 2 answers the re-join of a room and hangs up; later ones are
+    hung up on at once."""
 
     def __init__(self) -> None:
         self.connections = 0
         self.drop = trio.Event()
 
-    async def open_stream(self, nursery: trio.Nursery) -> trio.abc.Stream:
+    async def serve(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        if self.connections > 2:
-            raise OSError(errno.ECONNREFUSED, "Connection refused")
-        client_end, server_end = trio.testing.memory_stream_pair()
-        nursery.start_soon(self.serve, server_end, self.connections)
-        return client_end
-
-    async def serve(self, stream: trio.abc.Stream, number: int) -> None:
-        async with stream, trio.open_nursery() as nursery:
+        number = self.connections
+        if number > 2:
+            return
+        async with trio.open_nursery() as nursery:
             if number == 1:
 
                 async def drop() -> None:
@@ -793,7 +816,7 @@ class ShortLived:
             await self._answer(stream, number)
             nursery.cancel_scope.cancel()
 
-    async def _answer(self, stream: trio.abc.Stream, number: int) -> None:
+    async def _answer(self, stream: trio.SocketStream, number: int) -> None:
         proto, name = chatkit.protocol.ServerConnection(), ""
         while True:
             while (request := proto.next_event()) is chatkit.protocol.NEED_DATA:
@@ -814,44 +837,30 @@ class ShortLived:
                 return  # the re-join answered, the connection ends
 
 
-async def test_a_resume_cut_short_leaves_requests_waiting_bounded(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The connection ends right after the resume's re-join is answered, and
-    # the reader sees it before the resume goes on: requests must still wait
-    # for the next connection, and no longer than request_timeout.
+async def test_a_resume_cut_short_leaves_requests_waiting_bounded() -> None:
+    # The connection ends right after the resume's re-join is answered.
+    # Whether the reader sees the end before the resume goes on or after it
+    # (trio's scheduler picks either), requests must then wait for the next
+    # connection, and no longer than request_timeout.
     server = ShortLived()
-    resume_step = chatkit.ChatClient._resume_step
-
-    async def rejoin_then_lose(
-        self: chatkit.ChatClient, *args: Any, **fields: Any
-    ) -> bool:
-        done = await resume_step(self, *args, **fields)
-        await wait_until(lambda: not self.connected)
-        return done
-
     policy = chatkit.Reconnect(
         initial_delay=0.05, max_delay=0.05, jitter=0, request_timeout=0.3
     )
-    async with trio.open_nursery() as nursery:
-
-        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
-            return await server.open_stream(nursery)
-
-        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
-        monkeypatch.setattr(chatkit.ChatClient, "_resume_step", rejoin_then_lose)
-        async with connect(0, "alice", reconnect=policy, keepalive=None) as alice:
-            await alice.join("dev")
-            server.drop.set()
-            await wait_until(lambda: server.connections > 2)
-            assert alice.reconnecting
-            start = trio.current_time()
-            with (
-                trio.fail_after(TIMEOUT),
-                pytest.raises(chatkit.ConnectionClosed, match="reconnecting"),
-            ):
-                await alice.say("hello", room="dev")
-            assert 0.3 <= trio.current_time() - start < 1
+    async with (
+        serving(server.serve) as port,
+        connect(port, "alice", reconnect=policy, keepalive=None) as alice,
+    ):
+        await alice.join("dev")
+        server.drop.set()
+        await wait_until(lambda: server.connections > 2)
+        assert alice.reconnecting
+        start = trio.current_time()
+        with (
+            trio.fail_after(TIMEOUT),
+            pytest.raises(chatkit.ConnectionClosed, match="reconnecting"),
+        ):
+            await alice.say("hello", room="dev")
+        assert 0.3 <= trio.current_time() - start < 1
 
 
 # --- what does not reconnect -------------------------------------------------
@@ -918,10 +927,9 @@ async def test_closing_the_client_while_it_catches_up_stops_it() -> None:
                 )
                 gate.opened.set()  # and from here on, nobody reads
                 await wait_until(lambda: alice.connected)
-                assert alice._events_send is not None
-                await wait_until(
-                    lambda: alice._events_send.statistics().tasks_waiting_send > 0
-                )
+                # Catching up until the event buffer is full: the catch-up
+                # waits for the program.
+                await trio.testing.wait_all_tasks_blocked()
                 await alice.aclose()
             assert alice.closed
             assert alice.close_reason == "closed by the client"
@@ -965,11 +973,27 @@ async def fake_server(stream: trio.abc.Stream) -> None:
     assert isinstance(probe, chatkit.protocol.History)
     reply = chatkit.HistoryReply(room="lobby", messages=(), ref=probe.ref)
     await stream.send_all(proto.send(reply))
-    await stream.aclose()
+
+
+class Unwelcoming:
+    """A server by hand that logs the first client in (``fake_server``) and
+    hangs up on every later connection at once, noting when it came: the
+    client's reconnect attempts."""
+
+    def __init__(self) -> None:
+        self.first = True
+        self.attempts: list[float] = []
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        if self.first:
+            self.first = False
+            await fake_server(stream)
+        else:
+            self.attempts.append(trio.current_time())
 
 
 async def test_backoff_delays_are_the_policys_and_bounded(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     def policy() -> chatkit.Reconnect:
         return chatkit.Reconnect(
@@ -983,65 +1007,46 @@ async def test_backoff_delays_are_the_policys_and_bounded(
 
     reference = policy()  # the same seed: the same jitter
     expected = [reference.delay(n) for n in range(1, 6)]
-    attempts: list[float] = []
-    lost_at: list[float] = []
-
-    async with trio.open_nursery() as nursery:
-
-        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
-            if not attempts and not lost_at:
-                client_end, server_end = trio.testing.memory_stream_pair()
-                nursery.start_soon(fake_server, server_end)
-                lost_at.append(-1.0)
-                return client_end
-            attempts.append(trio.current_time())
-            raise OSError(errno.ECONNREFUSED, "Connection refused")
-
-        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
-        async with connect(0, "alice", reconnect=policy()) as alice:
-            events = []
-            async for event in alice:
-                if isinstance(event, chatkit.Interrupted):
-                    lost_at[0] = trio.current_time()
-                events.append(event)
+    server = Unwelcoming()
+    lost_at = -1.0
+    async with (
+        serving(server.serve) as port,
+        connect(port, "alice", reconnect=policy()) as alice,
+    ):
+        events = []
+        async for event in alice:
+            if isinstance(event, chatkit.Interrupted):
+                lost_at = trio.current_time()
+            events.append(event)
 
     reconnecting = [e for e in events if isinstance(e, chatkit.Reconnecting)]
     assert [e.attempt for e in reconnecting] == [1, 2, 3, 4, 5]
     assert [e.delay for e in reconnecting] == expected
-    assert [e.error for e in reconnecting] == [None] + ["Connection refused"] * 4
+    hung_up = "server closed the connection"
+    assert [e.error for e in reconnecting] == [None] + [hung_up] * 4
     # Each attempt starts exactly its delay after the previous one.
-    starts = [lost_at[0], *attempts[:-1]]
+    attempts = server.attempts
+    starts = [lost_at, *attempts[:-1]]
     waited = [end - start for start, end in zip(starts, attempts, strict=True)]
     assert waited == pytest.approx(expected)
     assert 1 * 0.5 <= expected[0] <= 1 and all(d <= 5 for d in expected)
-    assert alice.close_reason == (
-        "gave up reconnecting after 5 attempts: Connection refused"
-    )
+    assert alice.close_reason == f"gave up reconnecting after 5 attempts: {hung_up}"
 
 
 async def test_give_up_after_bounds_the_whole_outage(
-    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
     policy = chatkit.Reconnect(initial_delay=1, max_delay=4, jitter=0, give_up_after=10)
-    attempts: list[float] = []
-    async with trio.open_nursery() as nursery:
-
-        async def open_stream(self: chatkit.ChatClient) -> trio.abc.Stream:
-            if not attempts:
-                attempts.append(trio.current_time())
-                client_end, server_end = trio.testing.memory_stream_pair()
-                nursery.start_soon(fake_server, server_end)
-                return client_end
-            attempts.append(trio.current_time())
-            raise OSError(errno.ECONNREFUSED, "Connection refused")
-
-        monkeypatch.setattr(chatkit.ChatClient, "_open_stream", open_stream)
-        async with connect(0, "alice", reconnect=policy) as alice:
-            start = trio.current_time()
-            async for _ in alice:
-                pass
+    server = Unwelcoming()
+    async with (
+        serving(server.serve) as port,
+        connect(port, "alice", reconnect=policy) as alice,
+    ):
+        start = trio.current_time()
+        async for _ in alice:
+            pass
     # Delays 1, 2, 4 (at 7 s); the next, 4 more, would end past 10 s.
-    assert [t - start for t in attempts[1:]] == pytest.approx([1, 3, 7])
+    assert [t - start for t in server.attempts] == pytest.approx([1, 3, 7])
     assert alice.close_reason == (
-        "gave up reconnecting after 3 attempts: Connection refused"
+        "gave up reconnecting after 3 attempts: server closed the connection"
     )

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,15 @@ SANS_IO = ("_events.py", "_exceptions.py", "protocol.py")
 
 
 def module_id(path: Path) -> str:
+    """``path`` relative to ``src/chatkit``: ``_server.py``, ``client/_client.py``."""
     return path.relative_to(SRC).as_posix()
+
+
+def module_name(module: str) -> str:
+    """The dotted name of a module id: ``client/_client.py`` is
+    ``chatkit.client._client``, ``client/__init__.py`` ``chatkit.client``."""
+    parts = ["chatkit", *module.removesuffix(".py").split("/")]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def parse(path: Path) -> ast.Module:
@@ -59,7 +68,9 @@ def imported_modules(tree: ast.AST) -> list[tuple[int, str]]:
 def test_the_source_tree_is_where_we_look() -> None:
     # Guards the scans below against silently scanning nothing.
     names = {module_id(path) for path in MODULES}
-    assert {"__init__.py", *SANS_IO, "server/_server.py", "server/_fanout.py"} <= names
+    client = {"client/__init__.py", "client/__main__.py", "client/_client.py"}
+    server = {"server/__init__.py", "server/__main__.py", "server/_server.py"}
+    assert {"__init__.py", *SANS_IO, *server, *client} <= names
     assert Path(chatkit.__file__).resolve().parent == SRC
 
 
@@ -356,7 +367,7 @@ def test_protocol_modules_import_no_io(name: str) -> None:
     assert imports  # the scan sees something
     io = [(line, mod) for line, mod in imports if mod.split(".")[0] in IO_MODULES]
     assert io == []
-    # Relative imports stay inside the sans-IO layer (no ._server, ._client,
+    # Relative imports stay inside the sans-IO layer (no ._server, .client,
     # ._hooks, or the package itself, whose __init__ imports trio).
     local = {
         mod.lstrip(".").split(".")[0]
@@ -413,6 +424,171 @@ def test_protocol_modules_load_with_trio_and_socket_blocked() -> None:
     assert result.stdout == "Hello json\n"
 
 
+# --- no import circles ----------------------------------------------------------
+
+
+def import_graph(sources: Mapping[str, str]) -> dict[str, set[str]]:
+    """Which of chatkit's modules each one imports, by module id.
+
+    ``sources`` maps module ids (paths under ``src/chatkit``, as
+    :func:`module_id` gives them) to their source. Every ``import``
+    counts, wherever it is: in a function, or under ``if TYPE_CHECKING:``
+    (a type-only import is still a dependency). Relative and absolute
+    imports of ``chatkit`` resolve to a module when they name one (``from
+    . import protocol``), else to the package whose ``__init__.py`` they
+    import from (``from .client import ChatClient``). Importing a submodule
+    also runs its packages' ``__init__.py``, but that is not an edge: every
+    module would otherwise be in a circle with ``chatkit/__init__.py``,
+    which imports them all to build the public API.
+    """
+    ids = {module_name(module): module for module in sources}
+    graph: dict[str, set[str]] = {module: set() for module in sources}
+    for module, source in sources.items():
+        package = module_name(module).split(".")
+        if not module.endswith("__init__.py"):
+            package.pop()
+        for node in ast.walk(ast.parse(source)):
+            targets: list[tuple[str, list[str]]] = []
+            if isinstance(node, ast.Import):
+                targets = [(alias.name, []) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - node.level + 1]
+                    name = ".".join([*base, *([node.module] if node.module else [])])
+                else:
+                    name = node.module or ""
+                targets = [(name, [alias.name for alias in node.names])]
+            for name, members in targets:
+                submodules = [ids.get(f"{name}.{member}") for member in members]
+                graph[module].update(sub for sub in submodules if sub is not None)
+                if name in ids and (not members or None in submodules):
+                    graph[module].add(ids[name])  # where the names come from
+    return graph
+
+
+def import_circles(graph: Mapping[str, set[str]]) -> list[list[str]]:
+    """The circles in ``graph``: each group of modules that import each
+    other, directly or not (strongly connected components of two or more
+    modules, or a module importing itself), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1 or module in graph[module]:
+                circles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(circles)
+
+
+CHATKIT_GRAPH = import_graph({module_id(path): path.read_text() for path in MODULES})
+
+
+def test_the_import_graph_is_what_we_think() -> None:
+    # Guards the circle test against a scan that resolves nothing.
+    graph = CHATKIT_GRAPH
+    assert graph["__init__.py"] >= {"client/__init__.py", "_events.py"}
+    assert graph["client/__init__.py"] == {"client/_client.py", "client/_reconnect.py"}
+    assert "client/_client.py" in graph["hookspecs.py"]
+    assert "server/_server.py" in graph["hookspecs.py"]
+    assert "hookspecs.py" not in graph["_hooks.py"]
+    assert graph["server/_rules.py"] >= {"server/_session.py", "backplane.py"}
+
+
+def test_no_import_circle_among_chatkit_modules() -> None:
+    assert import_circles(CHATKIT_GRAPH) == []
+
+
+@pytest.mark.parametrize(
+    ("sources", "circles"),
+    [
+        pytest.param(
+            {
+                "a.py": "from . import b",
+                "b.py": "from typing import TYPE_CHECKING\n"
+                "if TYPE_CHECKING:\n"
+                "    from .a import A\n",
+            },
+            [["a.py", "b.py"]],
+            id="type-only",
+        ),
+        pytest.param(
+            {
+                "pkg/__init__.py": "from ._impl import F",
+                "pkg/_impl.py": "def f():\n    from ..util import g",
+                "util.py": "from .pkg import F",
+            },
+            [["pkg/__init__.py", "pkg/_impl.py", "util.py"]],
+            id="package-init",
+        ),
+        pytest.param(
+            {"a.py": "import chatkit.b", "b.py": "from chatkit.a import x"},
+            [["a.py", "b.py"]],
+            id="absolute",
+        ),
+        pytest.param(
+            {"a.py": "from . import a"},
+            [["a.py"]],
+            id="itself",
+        ),
+        pytest.param(
+            {
+                "__init__.py": "from .pkg import F\nfrom .a import A",
+                "pkg/__init__.py": "from .mod import F",
+                "pkg/mod.py": "from .. import a\nfrom ..a import A",
+                "a.py": "import trio\nfrom .b import B",
+                "b.py": "from typing import TYPE_CHECKING",
+            },
+            [],
+            id="layers",
+        ),
+    ],
+)
+def test_import_circle_detection_works(
+    sources: dict[str, str], circles: list[list[str]]
+) -> None:
+    # The scanner itself must be able to fail, and not cry wolf.
+    assert import_circles(import_graph(sources)) == circles
+
+
+def test_relative_imports_resolve_to_modules_or_packages() -> None:
+    graph = import_graph(
+        {
+            "__init__.py": "from .client import Client\nfrom . import protocol",
+            "protocol.py": "",
+            "client/__init__.py": "from ._impl import Client",
+            "client/_impl.py": "from .. import protocol\nfrom ..protocol import X",
+            "client/__main__.py": "from . import Client\nfrom ._impl import main",
+        }
+    )
+    assert graph == {
+        "__init__.py": {"client/__init__.py", "protocol.py"},
+        "protocol.py": set(),
+        "client/__init__.py": {"client/_impl.py"},
+        "client/_impl.py": {"protocol.py"},
+        "client/__main__.py": {"client/__init__.py", "client/_impl.py"},
+    }
+
+
 # --- the public API -----------------------------------------------------------
 
 
@@ -455,10 +631,9 @@ def test_every_public_class_and_function_has_a_docstring(name: str) -> None:
 def test_every_module_has_a_docstring_and_valid_all(path: Path) -> None:
     tree = parse(path)
     assert ast.get_docstring(tree)
-    if path.name == "__init__.py":
-        return
-    dotted = module_id(path).removesuffix(".py").replace("/", ".")
-    module = importlib.import_module(f"chatkit.{dotted}")
+    if module_id(path) == "__init__.py":
+        return  # the public API, checked name by name above
+    module = importlib.import_module(module_name(module_id(path)))
     exported = getattr(module, "__all__", [])
     assert [name for name in exported if not hasattr(module, name)] == []
 

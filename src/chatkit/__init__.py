@@ -6,9 +6,6 @@ is the sans-IO wire protocol (requests, framing, encoders) and
 :mod:`chatkit.testing` has fixtures for plugin authors' tests.
 """
 
-from ._client import DEFAULT_PORT as DEFAULT_PORT
-from ._client import ChatClient as ChatClient
-from ._client import open_client as open_client
 from ._events import LOBBY as LOBBY
 from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._events import DirectMessage as DirectMessage
@@ -48,11 +45,14 @@ from ._exceptions import Unauthorized as Unauthorized
 from ._exceptions import Unavailable as Unavailable
 from ._exceptions import Veto as Veto
 from ._hooks import hookimpl as hookimpl
-from ._reconnect import ClientEvent as ClientEvent
-from ._reconnect import Interrupted as Interrupted
-from ._reconnect import Reconnect as Reconnect
-from ._reconnect import Reconnected as Reconnected
-from ._reconnect import Reconnecting as Reconnecting
+from .client import DEFAULT_PORT as DEFAULT_PORT
+from .client import ChatClient as ChatClient
+from .client import ClientEvent as ClientEvent
+from .client import Interrupted as Interrupted
+from .client import Reconnect as Reconnect
+from .client import Reconnected as Reconnected
+from .client import Reconnecting as Reconnecting
+from .client import open_client as open_client
 from .history import HistoryStore as HistoryStore
 from .history import HistoryStoreError as HistoryStoreError
 from .history import MemoryHistory as MemoryHistory

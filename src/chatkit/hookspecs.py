@@ -29,85 +29,16 @@ Rules that hold for every hook:
   says it can veto.
 
 Server hooks are the methods of :class:`ServerSpec`; client hooks (for bots)
-those of :class:`ClientSpec`.
+those of :class:`ClientSpec`. Each is defined beside the class that calls
+it (``chatkit.server`` and ``chatkit.client``) and gathered here.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ._hooks import PROJECT_NAME as PROJECT_NAME
 from ._hooks import hookimpl as hookimpl
 from ._hooks import hookspec as hookspec
-from .server import ServerSpec as ServerSpec
-
-if TYPE_CHECKING:
-    from ._client import ChatClient
-    from ._events import DirectMessage, Event, Message, Welcome
+from .client._client import ClientSpec as ClientSpec
+from .server._server import ServerSpec as ServerSpec
 
 __all__ = ["PROJECT_NAME", "ClientSpec", "ServerSpec", "hookimpl", "hookspec"]
-
-
-class ClientSpec:
-    """Hooks a :class:`chatkit.ChatClient` calls, in the order events arrive.
-
-    They run in a task of their own, so an implementation may await the
-    client (``await client.say(...)``, even ``await client.who()``).
-    """
-
-    @hookspec
-    def chatkit_client_connected(self, client: ChatClient, welcome: Welcome) -> None:
-        """The server accepted ``hello``; ``welcome.name`` is our name."""
-
-    @hookspec
-    def chatkit_client_event(self, client: ChatClient, event: Event) -> None:
-        """Any event from the server (fires before the specific hooks)."""
-
-    @hookspec
-    def chatkit_client_message(self, client: ChatClient, message: Message) -> None:
-        """A room message arrived (our own messages too: check
-        ``message.sender == client.name``)."""
-
-    @hookspec
-    def chatkit_client_dm(self, client: ChatClient, message: DirectMessage) -> None:
-        """A private message arrived (or the echo of one we sent)."""
-
-    @hookspec
-    def chatkit_client_joined(self, client: ChatClient, room: str, name: str) -> None:
-        """``name`` (maybe us) joined ``room``."""
-
-    @hookspec
-    def chatkit_client_left(
-        self, client: ChatClient, room: str, name: str, reason: str | None
-    ) -> None:
-        """``name`` (maybe us) left ``room``."""
-
-    @hookspec
-    def chatkit_client_disconnected(self, client: ChatClient, reason: str) -> None:
-        """The client ended (its connection is gone and, with a reconnect
-        policy, no reconnect will follow); ``reason`` says how. Fires once,
-        last."""
-
-    @hookspec
-    def chatkit_client_interrupted(self, client: ChatClient, reason: str) -> None:
-        """The connection ended and the client (connected with
-        ``reconnect=``) is going to reconnect; ``reason`` says how it ended.
-
-        Requests made from now on wait for the new connection (see
-        :attr:`chatkit.Reconnect.request_timeout`).
-        """
-
-    @hookspec
-    def chatkit_client_reconnecting(
-        self, client: ChatClient, attempt: int, delay: float, error: str | None
-    ) -> None:
-        """Reconnect attempt number ``attempt`` starts in ``delay`` seconds;
-        ``error`` says why the previous attempt failed (``None`` before the
-        first)."""
-
-    @hookspec
-    def chatkit_client_reconnected(self, client: ChatClient, missed: int) -> None:
-        """The client is back, under the same name and in the same rooms, and
-        the ``missed`` messages said meanwhile went through the message hooks
-        (and ``async for``) before this one. ``chatkit_client_connected``
-        does not fire again."""

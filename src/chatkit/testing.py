@@ -41,8 +41,8 @@ from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
-from ._client import ChatClient
 from ._events import LOBBY, Event, Joined
+from .client import ChatClient
 from .server import ChatServer
 
 __all__ = ["DEFAULT_TIMEOUT", "LOOPBACK", "Chat", "ChatFactory", "open_chat"]

@@ -1,19 +1,50 @@
-"""Reconnect policy and the client-side events of a reconnecting client.
+"""Getting a lost connection back: the policy, the backoff, the events.
 
-None of this is wire protocol: :class:`ClientEvent` and its subclasses are
-made by :class:`chatkit.ChatClient` itself, to tell the application that
-its connection was lost and resumed, and travel next to the server's events
-in ``async for event in client`` and the client hooks.
+:class:`Reconnect` is the policy; :func:`reconnect` follows it, attempt
+after attempt. None of this is wire protocol: :class:`ClientEvent` and its
+subclasses are made by :class:`chatkit.ChatClient` itself, to tell the
+application that its connection was lost and resumed, and travel next to
+the server's events in ``async for event in client`` and the client hooks.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Final, TypeAlias
 
-__all__ = ["ClientEvent", "Interrupted", "Reconnect", "Reconnected", "Reconnecting"]
+import trio
+
+from .._events import ServerEvent
+from .._exceptions import (
+    BadName,
+    BadRequest,
+    ConnectionClosed,
+    NameTaken,
+    Rejected,
+    RequestError,
+    TooLarge,
+    Unauthorized,
+)
+from ._connection import describe_error
+
+__all__ = [
+    "ClientEvent",
+    "ClientItem",
+    "Interrupted",
+    "Reconnect",
+    "Reconnected",
+    "Reconnecting",
+    "reconnect",
+]
+
+log = logging.getLogger("chatkit.client")
+
+# Refusals a reconnect cannot get past by waiting: the client gives up.
+_PERMANENT: Final = (Unauthorized, BadName, BadRequest, Rejected, TooLarge)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +82,11 @@ class Reconnect:
         ping_timeout: with keepalive pings on, a connection that answers
             nothing within this many seconds of a ping counts as lost (a
             network gone silent); ``None`` never gives up on it.
+        max_held: while a room catches up after a reconnect, its live
+            messages are held back (to be delivered after the missed ones);
+            past this many, the newer ones are dropped and fetched again
+            from history afterwards, so that a busy room cannot grow the
+            client's memory without bound. ``0`` holds none.
         rng: the source of jitter, returning floats in ``[0, 1)``; pass
             ``random.Random(seed).random`` for repeatable delays.
 
@@ -68,6 +104,7 @@ class Reconnect:
     after_shutdown: bool = True
     request_timeout: float | None = 10.0
     ping_timeout: float | None = 10.0
+    max_held: int = 1000
     rng: Callable[[], float] = random.random
 
     def __post_init__(self) -> None:
@@ -81,6 +118,8 @@ class Reconnect:
             raise ValueError("max_attempts must be at least 1 (or None)")
         if self.max_name_taken < 1:
             raise ValueError("max_name_taken must be at least 1")
+        if self.max_held < 0:
+            raise ValueError("max_held must be at least 0")
         for name in ("give_up_after", "request_timeout", "ping_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -142,3 +181,62 @@ class Reconnected(ClientEvent):
 
     missed: int
     """How many messages were fetched from the rooms' history."""
+
+
+#: What ``async for event in client`` yields.
+ClientItem: TypeAlias = ServerEvent | ClientEvent
+
+
+async def reconnect(
+    policy: Reconnect,
+    lost: str,
+    connect: Callable[[], Awaitable[object]],
+    announce: Callable[[ClientEvent], Awaitable[object]],
+) -> str | None:
+    """Get a lost connection back, as ``policy`` says.
+
+    Announces :class:`Interrupted` (``lost`` says why), then, before each
+    attempt, :class:`Reconnecting`; waits the policy's delay and calls
+    ``connect``, until it returns or the policy gives up.
+
+    Returns:
+        ``None`` once ``connect`` returned; otherwise why it gave up.
+    """
+    log.info("connection lost (%s); reconnecting", lost)
+    lost_at = trio.current_time()
+    error: str | None = None
+    failures = name_taken = 0
+    await announce(Interrupted(reason=lost))
+    while policy.max_attempts is None or failures < policy.max_attempts:
+        delay = policy.delay(failures + 1)
+        if (
+            policy.give_up_after is not None
+            and trio.current_time() + delay - lost_at > policy.give_up_after
+        ):
+            break
+        await announce(Reconnecting(attempt=failures + 1, delay=delay, error=error))
+        await trio.sleep(delay)
+        try:
+            await connect()
+        except NameTaken as exc:
+            # Perhaps our old connection, not yet reaped by the server.
+            failures, name_taken, error = failures + 1, name_taken + 1, str(exc)
+            if name_taken >= policy.max_name_taken:
+                break
+        except _PERMANENT as exc:
+            failures, error = failures + 1, str(exc)
+            break
+        except ConnectionClosed as exc:  # e.g. a shutdown under way
+            failures, name_taken, error = failures + 1, 0, exc.message
+        except RequestError as exc:  # server_full, rate_limited...
+            failures, name_taken, error = failures + 1, 0, str(exc)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+            failures, name_taken, error = failures + 1, 0, describe_error(exc)
+        else:
+            return None
+        log.info("reconnect attempt %d failed: %s", failures, error)
+    gave_up = f"gave up reconnecting after {failures} attempts" + (
+        f": {error}" if error else ""
+    )
+    log.warning("%s (connection lost: %s)", gave_up, lost)
+    return gave_up

@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ._client import DEFAULT_PORT, ChatClient, _describe, open_client
-from ._console import Console
-from ._events import (
+from .._console import Console
+from .._events import (
     LOBBY,
     DirectMessage,
     ErrorReply,
@@ -33,7 +32,9 @@ from ._events import (
     ServerEvent,
     Shutdown,
 )
-from ._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
+from .._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
+from ._client import DEFAULT_PORT, ChatClient, open_client
+from ._connection import describe_error
 from ._reconnect import (
     ClientEvent,
     Interrupted,
@@ -382,9 +383,8 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
             # BrokenResourceError: the TLS handshake failed (e.g. wrong CA);
             # TooSlowError: no welcome within the connect timeout (a hung
             # server, or another service on that port).
-            console.print(
-                f"Error: cannot connect to {args.host}:{args.port}: {_describe(exc)}"
-            )
+            where = f"{args.host}:{args.port}"
+            console.print(f"Error: cannot connect to {where}: {describe_error(exc)}")
             return 1
 
 
