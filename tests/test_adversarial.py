@@ -1012,14 +1012,20 @@ async def test_a_thousand_connect_disconnect_cycles_leak_nothing() -> None:
         assert [u.name for u in server.users] == ["alice", "bob"]
         assert server.rooms == {"lobby": ("alice", "bob"), "quiet": ("alice", "bob")}
         # The bystanders' objects, no more (trio's accept loop keeps the last
-        # accepted stream, closed, in a local variable).
+        # accepted link, closed, in a local variable).
         assert live(chatkit.User) == 2
-        open_streams = [
+        open_links = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, chatkit.server.TcpLink) and o.sock is not None
+        ]
+        assert len(open_links) == 2
+        client_sides = [
             o
             for o in gc.get_objects()
             if isinstance(o, trio.SocketStream) and o.socket.fileno() != -1
         ]
-        assert len(open_streams) == 2 + 2  # and their client sides
+        assert len(client_sides) == 2
 
     # Memory allocated by chatkit's own code during the cycles and still
     # held: a User and everything it owns (its cancel scopes, buffers,

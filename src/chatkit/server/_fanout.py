@@ -79,18 +79,26 @@ class _Run:
 
 
 class _Broadcast:
-    """Consecutive broadcasts to one room. ``members`` is None while the
-    room's membership is the one they were published to; a change of
-    membership before the release freezes it (see :meth:`Fanout._freeze`)."""
+    """Consecutive broadcasts to one room, for the members it had when they
+    were published: those who joined since are ``skipped``, those who left
+    since are ``gone`` (and still get them). See :meth:`Fanout.moving`."""
 
-    __slots__ = ("frames", "members", "room", "runs", "size")
+    __slots__ = ("frames", "gone", "room", "runs", "size", "skipped")
 
     def __init__(self, room: Room) -> None:
         self.room = room
         self.runs: list[_Run] = []
-        self.members: list[Member] | None = None
+        self.skipped: set[Member] | None = None
+        self.gone: list[Member] | None = None
         self.frames = 0
         self.size = 0  # JSON bytes, for the sealing bounds
+
+    def members(self) -> list[Member]:
+        """Who gets these: the room's members then."""
+        members = list(self.room.members)
+        if self.skipped:
+            members = [m for m in members if m not in self.skipped]
+        return members + self.gone if self.gone else members
 
 
 class _Direct:
@@ -184,7 +192,8 @@ class Fanout:
         if (
             not isinstance(item, _Broadcast)
             or item.room is not room
-            or item.members is not None  # frozen: for the members it had
+            or item.skipped
+            or item.gone  # for the members it had, not the room's now
         ):
             item = _Broadcast(room)
             items.append(item)
@@ -244,15 +253,22 @@ class Fanout:
             return
         self._batch().items.append(_Close(outbox, farewell, discard))
 
-    def moving(self, room: Room) -> None:
-        """``room``'s membership is about to change: what was broadcast to
-        it and is not released yet goes to its members as they are now."""
-        items = self._pending.pop(room, None)
-        if items:
-            members = list(room.members)
-            for item in items:
-                if item.members is None:
-                    item.members = members
+    def moving(self, room: Room, member: Member, *, joining: bool) -> None:
+        """``member`` joins or leaves ``room``: what was broadcast to the
+        room and is not released yet goes to the members it had (a leaver
+        still gets it, a newcomer does not). Costs a step per such
+        broadcast, nothing per member."""
+        for item in self._pending.get(room, ()):
+            if joining:
+                if item.skipped is None:
+                    item.skipped = set()
+                item.skipped.add(member)
+            elif item.skipped and member in item.skipped:
+                item.skipped.discard(member)  # came and went: never to get it
+            else:
+                if item.gone is None:
+                    item.gone = []
+                item.gone.append(member)
 
     def mark(self) -> int:
         """A mark for everything sent so far (see :meth:`settled`)."""
@@ -297,6 +313,7 @@ class Fanout:
             self._release(batch)
             self._released = batch.seq
             self._moved.unpark_all()
+            del batch  # not held while waiting for the next
 
     async def _store_first(self, batch: _Batch) -> None:
         self._stats.store_flushes += 1
@@ -361,8 +378,6 @@ class Fanout:
             outbox.flush()
 
     def _done_with(self, item: _Broadcast) -> None:
-        if item.members is not None:
-            return  # frozen: no longer pending on its room (see moving)
         pending = self._pending[item.room]
         pending.remove(item)  # the first of them: batches go in order
         if not pending:
@@ -371,8 +386,9 @@ class Fanout:
     def _write_room_now(self, item: _Broadcast) -> bool:
         """Write ``item`` straight to every member's socket, if every member
         is idle on a plain socket (the usual case at light load); False,
-        having done nothing, otherwise. Each origin among the members gets
-        its own copy, with its refs, last.
+        having done nothing, otherwise. Members who joined since are left
+        out, members who left since get theirs through their outbox; each
+        origin gets its own copy, with its refs, last.
 
         A member has output pending only if it is busy (a writer runs), so
         the check looks at the few busy ones, not at every member. The
@@ -386,28 +402,32 @@ class Fanout:
         busy = self.busy
         limits = self._limits
         if (
-            item.members is not None
-            or not room.plain
+            not room.plain
             or item.frames > limits.max_queued_messages
             or (busy and any(map(members.__contains__, busy)))
         ):
             return False
         runs = item.runs
         groups = room.groups()
-        payloads = [_payload(wire, runs) for wire, _, _ in groups]
-        if any(len(payload) > limits.max_queued_bytes for payload in payloads):
+        payloads = {wire: _payload(wire, runs) for wire, _, _ in groups}
+        if any(len(payload) > limits.max_queued_bytes for payload in payloads.values()):
             return False
+        gone = item.gone or ()
         origins = [
             origin
             for origin in dict.fromkeys(run.origin for run in runs)
-            if origin is not None and origin in members
+            if origin is not None and (origin in members or origin in gone)
         ]
+        # Not written here: the origins (their own copies come last) and
+        # who joined since (it is not theirs).
+        apart = [*origins, *item.skipped] if item.skipped else origins
         stats = self._stats
         stats.room_sends += 1
         frames = item.frames
-        for (_, sockets, index), payload in zip(groups, payloads, strict=True):
+        for wire, sockets, index in groups:
+            payload = payloads[wire]
             skip = sorted(
-                (index[origin] for origin in origins if origin in index), reverse=True
+                (index[member] for member in apart if member in index), reverse=True
             )
             targets = _without(sockets, skip) if skip else sockets
             sent = _send_each(targets, payload)
@@ -418,6 +438,11 @@ class Fanout:
                 for member, count in zip(others, sent, strict=True):
                     if count != size:
                         member.outbox.keep_unsent(payload, count or 0, frames)
+        for member in gone:
+            if member not in origins:
+                outbox = member.outbox
+                payload = payloads.get(outbox.wire) or _payload(outbox.wire, runs)
+                outbox.deliver(payload, frames)
         # The senders' own copies (their acknowledgements) last: a send wakes
         # the reader at the other end, and the others' deliveries need not
         # wait for that.
@@ -515,7 +540,7 @@ def _deliver(item: _Broadcast, dirty: dict[Outbox, None]) -> None:
     origins = {run.origin for run in runs}
     frames = item.frames
     payloads: dict[WireFormat, bytes] = {}
-    members = item.room.members if item.members is None else item.members
+    members = item.members() if item.skipped or item.gone else item.room.members
     for member in members:
         outbox = member.outbox
         if member in origins:

@@ -3,7 +3,10 @@
 Every byte the server sends a connection goes through its outbox: a bounded
 buffer that is written straight to the socket, without blocking, whenever
 the socket takes it, and by a writer task (started on demand, in the
-connection's nursery) for what it does not. The fan-out appends to it and
+server's connections nursery, in a cancel scope of its own that the
+connection cancels when it ends) for what it does not. An idle connection
+has no writer task, nor a nursery of its own: it costs memory, and most
+connections are idle most of the time. The fan-out appends to it and
 flushes it once per batch; the room fast path (see ``_fanout``) writes to
 the sockets of idle outboxes directly and hands back what a socket refused.
 
@@ -74,6 +77,7 @@ class Outbox:
             removes its owner, so that a room's fan-out learns whether all
             its members are idle by looking at the few busy ones.
         stats: the server's counters.
+        nursery: where writer tasks run (the server's connections nursery).
     """
 
     __slots__ = (
@@ -86,6 +90,7 @@ class Outbox:
         "_link",
         "_nursery",
         "_owner",
+        "_scope",
         "_stats",
         "_torn",
         "_writing",
@@ -99,6 +104,7 @@ class Outbox:
         limits: Limits,
         busy: set[Any],
         stats: Stats,
+        nursery: trio.Nursery,
     ) -> None:
         self._link = link
         self._owner = owner
@@ -114,10 +120,10 @@ class Outbox:
         # the rest of a frame on the wire, which discarding the buffer
         # (finish) keeps, or the line would be torn.
         self._torn = False
-        # Where the writer task is started on demand: the connection's.
-        self._nursery: trio.Nursery | None = None
+        self._nursery = nursery  # where the writer task is started, on demand
         # True while a writer task exists: it alone writes then.
         self._writing = False
+        self._scope: trio.CancelScope | None = None  # the writer's
         # finish() was called, or a write failed: nothing more is taken, and
         # only a running writer writes.
         self._ended = False
@@ -132,10 +138,6 @@ class Outbox:
     def ended(self) -> bool:
         """True once the connection's last output was given (:meth:`finish`)."""
         return self._ended
-
-    def start(self, nursery: trio.Nursery) -> None:
-        """Write from now on, starting writer tasks in ``nursery``."""
-        self._nursery = nursery
 
     # --- taking output ----------------------------------------------------
 
@@ -236,26 +238,31 @@ class Outbox:
         )
 
     def _start_writer(self) -> None:
-        if self._writing or self._nursery is None:
+        if self._writing:
             return
         self._writing = True
         self._busy.add(self._owner)
+        self._scope = trio.CancelScope()
         try:
-            self._nursery.start_soon(self._write_loop)
+            self._nursery.start_soon(self._write_loop, self._scope)
         except RuntimeError:
-            # The connection's nursery has closed: the connection is over.
+            # The server's nursery has closed: the server is over.
+            self._writing = False
             self._buf = bytearray()
 
-    async def _write_loop(self) -> None:
+    async def _write_loop(self, scope: trio.CancelScope) -> None:
         # Sends everything pending, in one send_all per round (so writes
         # coalesce under load), and ends when none is left.
         link = self._link
         try:
-            while self._buf:
-                data, self._buf, self._frames = self._buf, bytearray(), 0
-                self._torn = False
-                self._stats.sends += 1
-                await link.send_all(data)
+            with scope:
+                while self._buf:
+                    data, self._buf, self._frames = self._buf, bytearray(), 0
+                    self._torn = False
+                    self._stats.sends += 1
+                    await link.send_all(data)
+            if scope.cancelled_caught:
+                self._ended = True  # cut short: the link is unusable
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The peer went away: no write may follow a failed send_all.
             self._buf = bytearray()
@@ -266,13 +273,17 @@ class Outbox:
             raise
         finally:
             self._writing = False
+            self._scope = None
             if not self._ended:
                 self._busy.discard(self._owner)
             if self._done is not None:
                 self._done.set()
 
     def release(self) -> None:
-        """The connection is over: nothing more is written."""
+        """The connection is over: nothing more is written (a writer still
+        at it is cancelled)."""
         self._ended = True
         self._busy.discard(self._owner)
         self._buf = bytearray()
+        if self._scope is not None:
+            self._scope.cancel()

@@ -94,13 +94,15 @@ class Rooms:
 
     Args:
         presence_limit: see :attr:`chatkit.Limits.presence_limit`.
-        before_change: called with a room whose membership is about to
-            change (the fan-out keeps what was sent to it before for the
-            members it had then).
+        before_change: called with a room, a member and ``joining=`` before
+            the member joins or leaves it (the fan-out keeps what was sent
+            to the room before for the members it had then).
     """
 
     def __init__(
-        self, presence_limit: int | None, before_change: Callable[[Room], None]
+        self,
+        presence_limit: int | None,
+        before_change: Callable[..., None],
     ) -> None:
         self.presence_limit = presence_limit
         self._before_change = before_change
@@ -128,7 +130,7 @@ class Rooms:
 
     def add(self, room: Room, member: Member) -> bool:
         """Add ``member`` to ``room``; whether the others are told."""
-        self._before_change(room)
+        self._before_change(room, member, joining=True)
         room.add(member)
         limit = self.presence_limit
         return limit is None or len(room.members) <= limit
@@ -136,7 +138,7 @@ class Rooms:
     def remove(self, room: Room, member: Member) -> bool:
         """Take ``member`` out of ``room`` (an empty room other than the
         lobby goes); whether the others are told."""
-        self._before_change(room)
+        self._before_change(room, member, joining=False)
         room.remove(member)
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]

@@ -9,6 +9,7 @@ cluster) holds nobody's output back.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -102,6 +103,11 @@ class ChatRules:
         """The server is shutting down: no presence notices for leavers."""
         self.names: dict[str, Session] = {}  # casefolded name -> session
         self.users: dict[Session, None] = {}  # logged in, in login order
+        self.connections: set[Session] = set()
+        """Every connection, logged in or not."""
+        self.gone_by = math.inf
+        """When leavers' hooks and goodbyes must be done (the shutdown's
+        deadline, once it began)."""
 
     def next_id(self) -> int:
         """A new message id."""
@@ -132,9 +138,9 @@ class ChatRules:
         """How long closing may take (the limits')."""
         return self.limits.close_timeout
 
-    def memberships(self) -> list[tuple[str, list[str]]]:
+    def memberships(self) -> list[tuple[str, tuple[str, ...]]]:
         """Each local user's name and rooms, in login order."""
-        return [(session.name, list(session.rooms)) for session in self.users]
+        return [(session.name, session.rooms) for session in self.users]
 
     def has_user(self, name: str) -> bool:
         """Whether a local user is called ``name``."""
@@ -176,11 +182,25 @@ class ChatRules:
                 return LeaveReason.EXIT if session.mode == "line" else LeaveReason.BYE
         return None
 
+    def opened(self, session: Session) -> None:
+        """A connection came (closed at once if the server is shutting
+        down)."""
+        self.connections.add(session)
+        if self.closing:
+            session.close(LeaveReason.SHUTDOWN)
+
     async def stopped(self, session: Session) -> None:
         """The session stopped reading: what it said goes out first (in a
         cluster), then it leaves its rooms."""
         await self.settle(session)
         self.detach(session)
+
+    async def gone(self, session: Session) -> None:
+        """The connection is over (whatever happened): it leaves everything,
+        then the leave hooks run."""
+        self.connections.discard(session)
+        self.detach(session)
+        await self.after_detach(session)
 
     # --- hello --------------------------------------------------------------
 
@@ -476,7 +496,7 @@ class ChatRules:
 
     def _add_member(self, session: Session, room: Room, ref: Any) -> None:
         announce = self.rooms.add(room, session)
-        session.rooms[room.name] = None
+        session.rooms += (room.name,)
         bp = self.backplane
         if bp is not None:
             bp.member(room.name, session.name, present=True)
@@ -514,7 +534,7 @@ class ChatRules:
         self, session: Session, room: Room, reason: LeaveReason, *, notify: bool = True
     ) -> None:
         announce = self.rooms.remove(room, session) and notify
-        del session.rooms[room.name]
+        session.rooms = tuple(name for name in session.rooms if name != room.name)
         bp = self.backplane
         if bp is not None:
             bp.member(room.name, session.name, present=False)
@@ -559,7 +579,7 @@ class ChatRules:
             for room_name in session.rooms:
                 bp.member(room_name, old, present=False)
                 bp.member(room_name, new, present=True)
-            self._publish(RENAMED, old=old, sender=new, rooms=tuple(session.rooms))
+            self._publish(RENAMED, old=old, sender=new, rooms=session.rooms)
         log.info("%s is now known as %s.", old, new)
         await self.hooks.notify(
             "chatkit_user_renamed", user=session.user, old=old, new=new
@@ -624,7 +644,7 @@ class ChatRules:
         if not session.name or self.names.get(session.name.casefold()) is not session:
             return
         reason = session.reason or LeaveReason.DISCONNECT
-        session.left_rooms = list(session.rooms)
+        session.left_rooms = session.rooms
         for name in session.left_rooms:
             self._remove_member(
                 session, self.rooms[name], reason, notify=not self.closing

@@ -7,8 +7,9 @@ Shape of a running server::
       core nursery
         Fanout.run                    releases output, oldest batch first
         backplane (attached)          its tasks, if any
-        connections nursery           one task per connection:
-          Session.run                   its nursery: reader + writer on demand
+        connections nursery
+          Session.run                 one task per connection: its reader
+          Outbox._write_loop          a connection's writer, only while needed
         accept nursery
           transport.serve             TCP (and TLS): hands links to _handle
 
@@ -20,9 +21,8 @@ each connection's ``Outbox``; docs/architecture.md draws it.
 from __future__ import annotations
 
 import logging
-import math
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -125,7 +125,7 @@ class ChatServer:
             backplane,
         )
         self._transport = TcpTransport(host, port, ssl_context)
-        self._connections: set[Session] = set()
+        self._nursery: trio.Nursery | None = None  # the connections'
         self._started = False
         self._closing = False
         self._accept_scope = trio.CancelScope()
@@ -142,7 +142,7 @@ class ChatServer:
     @property
     def connections(self) -> int:
         """Connections open now, logged in or not."""
-        return len(self._connections)
+        return len(self._rules.connections)
 
     @property
     def users(self) -> tuple[User, ...]:
@@ -203,6 +203,7 @@ class ChatServer:
     async def _listen(self, task_status: trio.TaskStatus[int]) -> None:
         with self._connections_scope:
             async with trio.open_nursery() as connections:
+                self._nursery = connections
                 with self._accept_scope:
                     async with trio.open_nursery() as accept:
                         await accept.start(
@@ -229,14 +230,17 @@ class ChatServer:
             await self._stopped.wait()
             return
         self._closing = True
+        # From now on a new connection is closed at once, and nobody's
+        # leaving is announced while everyone goes.
+        self._rules.closing = True
         await self._hooks.notify("chatkit_server_stopping")
         self._accept_scope.cancel()
-        self._rules.closing = True  # no leave notices while everyone goes
         shutdown = Shutdown(reason=reason)
-        for session in list(self._connections):
+        for session in list(self._rules.connections):
             session.close(LeaveReason.SHUTDOWN, shutdown)
         close_timeout = self.limits.close_timeout
-        self._connections_scope.deadline = trio.current_time() + close_timeout + 1
+        deadline = trio.current_time() + close_timeout + 1
+        self._connections_scope.deadline = self._rules.gone_by = deadline
         await self._stopped.wait()
 
     async def post(
@@ -266,39 +270,15 @@ class ChatServer:
 
     # --- connections ------------------------------------------------------
 
-    async def _handle(self, link: Link) -> None:
+    def _handle(self, link: Link) -> Awaitable[None]:
+        # The transport awaits what this returns: the connection's task is
+        # Session.run itself (a frame less per idle connection).
         limits = self.limits
-        if len(self._connections) >= limits.max_connections:
-            await _refuse(link, ErrorCode.SERVER_FULL, "the server is full", limits)
-            return
-        session = Session(link, self._fanout, limits, self.stats)
-        log.info("New connection from %s", link.peer)
-        self._connections.add(session)
-        rules = self._rules
-        try:
-            if self._closing:
-                session.close(LeaveReason.SHUTDOWN)
-            await session.run(rules)
-        except Exception:
-            # A bug while serving one connection must not take the server
-            # (and everyone else) down with it.
-            log.exception("internal error on connection %s", session)
-        finally:
-            self._connections.discard(session)
-            rules.detach(session)
-            session.outbox.release()
-            # The leave hooks and a graceful close run shielded, but within
-            # the shutdown's bound (aclose's deadline) and, when the server
-            # is cancelled, close_timeout: a slow plugin cannot hold it up.
-            limit = self._connections_scope.deadline
-            if trio.current_effective_deadline() == -math.inf:  # cancelled
-                limit = min(limit, trio.current_time() + limits.close_timeout)
-            with trio.CancelScope(shield=True):
-                with trio.CancelScope(deadline=limit):
-                    await rules.after_detach(session)
-                    with trio.move_on_after(limits.close_timeout):
-                        await link.aclose()
-                await link.abort()
+        if len(self._rules.connections) >= limits.max_connections:
+            return _refuse(link, ErrorCode.SERVER_FULL, "the server is full", limits)
+        assert self._nursery is not None
+        session = Session(link, self._fanout, limits, self.stats, self._nursery)
+        return session.run(self._rules)
 
 
 async def _refuse(link: Link, code: ErrorCode, text: str, limits: Limits) -> None:

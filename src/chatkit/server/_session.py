@@ -59,7 +59,15 @@ class LeaveReason(enum.StrEnum):
 
 
 class Handler(Protocol):
-    """What a session hands its requests to (the chat rules)."""
+    """What a session hands its requests to, and tells about its life (the
+    chat rules)."""
+
+    gone_by: float
+    """When a leaving connection's hooks and goodbye must be done by."""
+
+    def opened(self, session: Session) -> None:
+        """A connection came."""
+        ...
 
     async def handle(
         self, session: Session, request: ClientRequest
@@ -69,6 +77,10 @@ class Handler(Protocol):
 
     async def stopped(self, session: Session) -> None:
         """The session stopped reading for good (it is closing)."""
+        ...
+
+    async def gone(self, session: Session) -> None:
+        """The connection is over, whatever happened (shielded, bounded)."""
         ...
 
 
@@ -136,6 +148,7 @@ class Session:
     """
 
     __slots__ = (
+        "_close_by",
         "_closed",
         "_fanout",
         "_limits",
@@ -144,7 +157,6 @@ class Session:
         "_proto",
         "_reader_scope",
         "_refilled_at",
-        "_scope",
         "_tokens",
         "_violations",
         "address",
@@ -157,25 +169,33 @@ class Session:
     )
 
     def __init__(
-        self, link: Link, fanout: Fanout, limits: Limits, stats: Stats
+        self,
+        link: Link,
+        fanout: Fanout,
+        limits: Limits,
+        stats: Stats,
+        nursery: trio.Nursery,
     ) -> None:
         self._link = link
         self._fanout = fanout
         self._limits = limits
         self.address = link.address
         self._proto = ServerConnection(max_line_length=limits.max_line_length)
-        self.outbox = Outbox(link, self, limits, fanout.busy, stats)
+        self.outbox = Outbox(link, self, limits, fanout.busy, stats, nursery)
         self.name = ""
         """The user's name once logged in (``""`` before)."""
-        self.rooms: dict[str, None] = {}  # an ordered set of room names
-        self.left_rooms: list[str] = []  # the rooms it was in when it went
+        self.rooms: tuple[str, ...] = ()  # in join order
+        self.left_rooms: tuple[str, ...] = ()  # the rooms it was in when it went
         self.user = User(self)
         self.reason: LeaveReason | None = None
         """Why the connection ends, once it does."""
         self._closed = False
         self._mark = 0  # the fan-out's mark of this session's last output
+        # The reader's deadline: the handshake timeout, then the idle
+        # timeout (pushed forward on every read). Its one cancel scope is
+        # all an idle connection has (see the outbox for its writer's).
         self._reader_scope = trio.CancelScope()
-        self._scope = trio.CancelScope()
+        self._close_by = math.inf  # closing began: its last output by then
         # Token bucket (see _admit).
         self._tokens = float(limits.rate_burst)
         self._refilled_at = trio.current_time()
@@ -221,9 +241,7 @@ class Session:
         self._fanout.close(self.outbox, farewell, discard=discard)
         self._mark = self._fanout.mark()
         self._reader_scope.cancel()
-        self._scope.deadline = min(
-            self._scope.deadline, trio.current_time() + self._limits.close_timeout
-        )
+        self._close_by = trio.current_time() + self._limits.close_timeout
 
     def overflowed(self) -> None:
         """The outbox overflowed: the client does not read fast enough."""
@@ -253,25 +271,51 @@ class Session:
     # --- reading ----------------------------------------------------------
 
     async def run(self, handler: Handler) -> None:
-        """Serve the connection until it ends: read and handle requests,
-        then tell ``handler`` it stopped, then write the last output (all
-        within ``close_timeout`` once closing began).
+        """The connection's whole life: read and handle requests, tell
+        ``handler`` when reading stopped, wait for the last output to be
+        written (within ``close_timeout`` once closing began; a writer
+        still at it then is cancelled), tell ``handler`` it is gone, and
+        close the link.
 
-        Raises whatever ``handler`` raises (a bug: the caller logs it).
+        The end runs shielded, but within ``handler.gone_by`` and, when the
+        server is cancelled, ``close_timeout``: a slow plugin cannot hold
+        up a shutdown. A bug while serving one connection is logged and
+        ends that connection alone.
         """
-        with self._scope:
-            async with trio.open_nursery() as nursery:
-                self.outbox.start(nursery)
-                self._reader_scope.deadline = (
-                    trio.current_time() + self._limits.handshake_timeout
-                )
-                with self._reader_scope:
-                    reason = await self._read(handler)
-                    self.close(reason)
-                if self._reader_scope.cancelled_caught and not self._closed:
-                    self._time_out()
-                await handler.stopped(self)
-                await self._fanout.settled(self._mark)
+        link = self._link
+        log.info("New connection from %s", link.peer)
+        handler.opened(self)
+        try:
+            await self._serve(handler)
+        except Exception:
+            log.exception("internal error on connection %s", self)
+        finally:
+            self.outbox.release()
+            limit = handler.gone_by
+            close_timeout = self._limits.close_timeout
+            if trio.current_effective_deadline() == -math.inf:  # cancelled
+                limit = min(limit, trio.current_time() + close_timeout)
+            with trio.CancelScope(shield=True):
+                with trio.CancelScope(deadline=limit):
+                    await handler.gone(self)
+                    with trio.move_on_after(close_timeout):
+                        await link.aclose()
+                await link.abort()
+
+    async def _serve(self, handler: Handler) -> None:
+        scope = self._reader_scope
+        scope.deadline = min(
+            scope.deadline, trio.current_time() + self._limits.handshake_timeout
+        )
+        with scope:
+            reason = await self._read(handler)
+            self.close(reason)
+        if scope.cancelled_caught and not self._closed:
+            self._time_out()
+        with trio.move_on_at(self._close_by):
+            await handler.stopped(self)
+            await self._fanout.settled(self._mark)
+            await self.outbox.wait_written()
 
     def _time_out(self) -> None:
         limits = self._limits
@@ -293,7 +337,10 @@ class Session:
         while True:
             if fanout.backlogged:
                 await fanout.wait_ready()
-            data = await link.receive_some()
+            try:
+                data = await link.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""  # gone: as if it had said goodbye without a word
             if self.name:
                 idle = limits.idle_timeout
                 if idle is not None:

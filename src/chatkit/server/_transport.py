@@ -1,27 +1,37 @@
 """Transports: how connections arrive, and what the core writes to.
 
 A transport listens and turns each accepted connection into a :class:`Link`:
-bytes in (``receive_some``), bytes out without blocking (``try_send``) or
-blocking (``send_all``), close, and the wire format its client speaks. The
-server core (sessions, outboxes, fan-out) sees only links. TCP, with or
-without TLS, is :class:`TcpTransport`; another transport is one more module
-with a class like it, registered in :class:`~chatkit.ChatServer`.
+a trio stream (``receive_some``, ``send_all``, ``aclose``) with what the
+core needs besides: the peer's address, the wire format its client speaks,
+and, on a plain socket, writes that never block (``try_send``) and the
+socket itself for the room fast path. The server core (sessions, outboxes,
+fan-out) sees only links. TCP, with or without TLS, is
+:class:`TcpTransport`; another transport is one more module with a class
+like it, registered in :class:`~chatkit.ChatServer`.
+
+A plain TCP link is a small :class:`trio.abc.Stream` over a non-blocking
+standard-library socket, waiting with :func:`trio.lowlevel.wait_readable`
+and :func:`trio.lowlevel.wait_writable`: an idle connection then costs the
+socket, this object and its task, not trio's ``SocketStream`` with its trio
+socket and conflict detectors (docs/performance.md: memory per idle
+connection).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
+from abc import abstractmethod
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any, Final, Protocol
 
 import trio
 
 from ..protocol import JSON_LINES, TEXT_LINES, Mode, WireFormat
 
-__all__ = ["Link", "TcpLink", "TcpTransport", "Transport"]
+__all__ = ["Link", "TcpLink", "TcpTransport", "TlsLink", "Transport"]
 
 log = logging.getLogger("chatkit.server")
 
@@ -29,10 +39,25 @@ _RECEIVE_SIZE: Final = 64 * 1024
 # Every direct write: send(2), not write(2), which goes through the VFS layer
 # (a measurable share of the server's CPU at light load, docs/performance.md).
 SEND: Final = socket.socket.send
+# accept() failures that concern one connection, not the listener (as trio's
+# SocketListener has them).
+_IGNORABLE_ACCEPT_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        *("EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT"),
+        *("EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH"),
+    )
+    if hasattr(errno, name)
+)
 
 
-class Link(Protocol):
-    """One accepted connection, as the server core sees it."""
+class Link(trio.abc.Stream):
+    """One accepted connection, as the server core sees it: a trio stream
+    (``receive_some``, ``send_all``, ``aclose``, raising
+    :exc:`trio.BrokenResourceError` or :exc:`trio.ClosedResourceError` as
+    trio streams do), and what the core needs besides."""
+
+    __slots__ = ()
 
     peer: tuple[str, int]
     """The peer's address, as the socket gives it (for the log)."""
@@ -40,41 +65,24 @@ class Link(Protocol):
     """The peer's ``host:port``."""
     sock: socket.socket | None
     """The plain socket to write to without blocking (from the event loop,
-    as the room fast path does), or None (TLS, or not a socket)."""
+    as the room fast path does), or None (TLS, or closed)."""
 
+    @abstractmethod
     def wire(self, mode: Mode) -> WireFormat:
         """The format output takes once the client chose ``mode``."""
-        ...
 
-    async def receive_some(self) -> bytes | bytearray:
-        """The next bytes received; ``b""`` once the peer closed or broke."""
-        ...
-
+    @abstractmethod
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Write what the socket takes now, without blocking; how much
         (``0`` also when it failed: :meth:`send_all` reports that)."""
-        ...
 
-    async def send_all(self, data: bytes | bytearray) -> None:
-        """Write all of ``data``.
-
-        Raises:
-            trio.BrokenResourceError: the peer is gone.
-            trio.ClosedResourceError: the link was closed.
-        """
-        ...
-
-    async def aclose(self) -> None:
-        """Close gracefully (the caller bounds the time)."""
-        ...
-
+    @abstractmethod
     async def abort(self) -> None:
-        """Close at once, without waiting for the peer."""
-        ...
+        """Close at once, without waiting for the peer; idempotent."""
 
 
 class Transport(Protocol):
-    """A way connections arrive: a listener and the links it makes."""
+    """A way connections arrive: listeners and the links they make."""
 
     async def serve(
         self,
@@ -120,59 +128,104 @@ class TcpTransport:
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """See :meth:`Transport.serve`."""
-        tcp_listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-        self.port = tcp_listeners[0].socket.getsockname()[1]
-        listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
-        if self.ssl_context is not None:
-            listeners = [
-                trio.SSLListener(listener, self.ssl_context)
-                for listener in tcp_listeners
-            ]
+        # trio makes the listening sockets (addresses, options, backlog);
+        # they are then ours, to accept on without trio's stream objects.
+        listeners = [
+            _TcpListener(socket.socket(fileno=listener.socket.detach()), self)
+            for listener in await trio.open_tcp_listeners(self.port, host=self.host)
+        ]
+        self.port = listeners[0].sock.getsockname()[1]
         await trio.serve_listeners(
-            partial(_accept, handler),
-            listeners,
-            handler_nursery=handler_nursery,
-            task_status=task_status,
+            handler, listeners, handler_nursery=handler_nursery, task_status=task_status
         )
 
+    def link(self, sock: socket.socket) -> Link:
+        """The link for a connection just accepted on ``sock``."""
+        plain = TcpLink(sock)
+        if self.ssl_context is None:
+            return plain
+        return TlsLink(plain, self.ssl_context)
 
-async def _accept(
-    handler: Callable[[Link], Awaitable[None]], stream: trio.abc.Stream
-) -> None:
-    await handler(TcpLink(stream))
+
+class _TcpListener(trio.abc.Listener[Link]):
+    """Accepts on a listening socket, handing out links."""
+
+    def __init__(self, sock: socket.socket, transport: TcpTransport) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._transport = transport
+
+    async def accept(self) -> Link:
+        """The next connection (see :class:`trio.abc.Listener`)."""
+        sock = self.sock
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    raise trio.ClosedResourceError from None
+                if exc.errno not in _IGNORABLE_ACCEPT_ERRNOS:
+                    raise  # EMFILE and the like: trio.serve_listeners waits
+            else:
+                return self._transport.link(conn)
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        await trio.lowlevel.checkpoint()
 
 
-class TcpLink:
-    """A :class:`Link` over a TCP stream (TLS or not)."""
+class TcpLink(Link):
+    """A :class:`Link` over a plain TCP socket."""
 
-    __slots__ = ("address", "peer", "sock", "stream")
+    __slots__ = ("address", "peer", "sock")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.sock: socket.socket | None = None
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
         try:
-            tcp = _socket_of(stream)
-            host, port = tcp.getpeername()[:2]
-        except (OSError, TypeError):
-            self.peer = ("?", 0)
-            self.address = "?:0"
-            return
+            host, port = sock.getpeername()[:2]
+            # As trio's SocketStream has it: no Nagle delay, and at most
+            # 16 KiB not yet sent in the kernel, so that what a slow client
+            # does not take backs up in its outbox, where it counts towards
+            # the outbox's bounds (the kernel would take megabytes).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 2**14)
+        except OSError:  # already reset by the peer: the first read says so
+            host, port = "?", 0
         self.peer = (host, port)
         self.address = f"{host}:{port}"
-        _enable_keepalive(tcp)
-        if type(stream) is trio.SocketStream:
-            self.sock = _plain_socket(tcp)
+        _enable_keepalive(sock)
 
     def wire(self, mode: Mode) -> WireFormat:
         """JSON lines, or plain text lines in line mode."""
         return TEXT_LINES if mode is Mode.LINE else JSON_LINES
 
-    async def receive_some(self) -> bytes | bytearray:
-        """See :meth:`Link.receive_some`."""
-        try:
-            return await self.stream.receive_some(_RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """See :meth:`trio.abc.ReceiveStream.receive_some`."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            sock = self.sock
+            if sock is None:
+                raise trio.ClosedResourceError("the link was closed")
+            try:
+                data = sock.recv(max_bytes or _RECEIVE_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            if not waited:
+                # Every await is a checkpoint, data waiting or not.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
 
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """See :meth:`Link.try_send`."""
@@ -183,45 +236,91 @@ class TcpLink:
             return SEND(sock, data)
         except OSError:
             # BlockingIOError: the kernel buffer is full. Anything else (a
-            # reset peer) the writer's send_all reports.
+            # reset peer) send_all reports.
             return 0
 
-    async def send_all(self, data: bytes | bytearray) -> None:
-        """See :meth:`Link.send_all`."""
-        await self.stream.send_all(data)
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """See :meth:`trio.abc.SendStream.send_all`."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                sock = self.sock
+                if sock is None:
+                    raise trio.ClosedResourceError("the link was closed")
+                try:
+                    sent += SEND(sock, view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    waited = True
+                except OSError as exc:
+                    raise trio.BrokenResourceError(exc) from exc
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """See :meth:`trio.abc.SendStream.wait_send_all_might_not_block`."""
+        sock = self.sock
+        if sock is None:
+            raise trio.ClosedResourceError("the link was closed")
+        await trio.lowlevel.wait_writable(sock)
 
     async def aclose(self) -> None:
-        """See :meth:`Link.aclose`."""
-        self.sock = None  # no direct write once trio closes the socket
-        await self.stream.aclose()
+        """Close the socket (at once: TCP has nothing to say goodbye with)."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        await trio.lowlevel.checkpoint()
 
     async def abort(self) -> None:
         """See :meth:`Link.abort`."""
-        self.sock = None
-        await trio.aclose_forcefully(self.stream)
+        await self.aclose()
 
 
-def _plain_socket(sock: trio.socket.SocketType) -> socket.socket | None:
-    """The standard-library socket a trio socket wraps, or None.
+class TlsLink(Link):
+    """A :class:`Link` over TLS on a :class:`TcpLink` (no direct writes:
+    every byte goes through the TLS stream)."""
 
-    trio keeps it in a private attribute (``_sock``, there since trio's
-    first releases); if a trio release renames it, the room fast path is
-    simply not taken (rooms fall back to the buffered path), nothing breaks.
-    """
-    inner = getattr(sock, "_sock", None)
-    return inner if isinstance(inner, socket.socket) else None
+    __slots__ = ("_tls", "address", "peer", "sock")
+
+    def __init__(self, plain: TcpLink, context: ssl.SSLContext) -> None:
+        self.peer = plain.peer
+        self.address = plain.address
+        self.sock: socket.socket | None = None
+        self._tls = trio.SSLStream(plain, context, server_side=True)
+
+    def wire(self, mode: Mode) -> WireFormat:
+        """JSON lines, or plain text lines in line mode."""
+        return TEXT_LINES if mode is Mode.LINE else JSON_LINES
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """See :meth:`trio.abc.ReceiveStream.receive_some`."""
+        return await self._tls.receive_some(max_bytes or _RECEIVE_SIZE)
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Nothing: TLS writes go through :meth:`send_all`."""
+        return 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """See :meth:`trio.abc.SendStream.send_all`."""
+        await self._tls.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """See :meth:`trio.abc.SendStream.wait_send_all_might_not_block`."""
+        await self._tls.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Say goodbye in TLS, then close (the caller bounds the time)."""
+        await self._tls.aclose()
+
+    async def abort(self) -> None:
+        """See :meth:`Link.abort`."""
+        await trio.aclose_forcefully(self._tls)
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType:
-    """The TCP socket under a plain or TLS stream."""
-    while isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if not isinstance(stream, trio.SocketStream):
-        raise TypeError(f"not a socket stream: {stream!r}")
-    return stream.socket
-
-
-def _enable_keepalive(sock: trio.socket.SocketType) -> None:
+def _enable_keepalive(sock: socket.socket) -> None:
     # The kernel probes an idle peer and resets the connection if it is gone,
     # so half-open connections (a vanished laptop) are reaped in ~90 s even
     # with no idle_timeout.
