@@ -182,6 +182,8 @@ class SqliteHistory:
         # are seen by queries until committed.
         self._pending: collections.deque[Message] = collections.deque()
         self._writing: tuple[Message, ...] = ()
+        # Messages ever appended, and ever taken from _pending by a commit.
+        self._appended = self._taken = 0
         # The highest id handed out (messages, and ids noted by note_id),
         # and the highest one recorded as last_id: no id is given again
         # after a restart.
@@ -266,6 +268,7 @@ class SqliteHistory:
         if message.id > self._highest:
             self._highest = message.id
         self._pending.append(message)
+        self._appended += 1
 
     def note_id(self, id: int) -> None:
         """Record that ``id`` was handed out without a message to store (a
@@ -284,6 +287,11 @@ class SqliteHistory:
         """
         if not self._pending and not self._unrecorded:
             return
+        # What this flush answers for: the messages appended before it was
+        # called. Later ones (appended while it waits) are their own
+        # flush's: if this one fails, they must not fail with it unseen.
+        upto = self._appended
+        highest = self._highest
         lock = self._write_lock
         try:
             # Not a checkpoint when the lock is free: the server awaits a
@@ -293,21 +301,24 @@ class SqliteHistory:
         except trio.WouldBlock:
             await lock.acquire()  # a retention pass holds the writer
         try:
-            await self._commit()
+            await self._commit(upto, highest)
         finally:
             lock.release()
         if self.prune_interval == 0:
             await self._prune_touched()
 
-    async def _commit(self) -> None:
-        # Under the write lock.
-        if not self._pending and not self._unrecorded:
+    async def _commit(self, upto: int, highest: int) -> None:
+        # Under the write lock: the queued messages among the first ``upto``
+        # ever appended (an earlier flush may have taken some), and
+        # ``highest``.
+        count = upto - self._taken
+        if count <= 0 and self._recorded >= highest:
             return
         if self._writer is None:
             raise HistoryStoreError(f"history database {self.path} is not open")
-        batch = self._writing = tuple(self._pending)
-        self._pending.clear()
-        highest = self._highest
+        pending = self._pending
+        batch = self._writing = tuple(pending.popleft() for _ in range(max(0, count)))
+        self._taken += len(batch)
         try:
             if len(batch) <= self.inline_commit:
                 rooms = self._insert(batch, highest)

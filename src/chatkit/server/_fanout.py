@@ -80,35 +80,29 @@ class _Run:
 
 class _Broadcast:
     """Consecutive broadcasts to one room, for the members it had when they
-    were published: those who joined since are ``skipped``, those who left
-    since are ``gone`` (and still get them). See :meth:`Fanout.moving`."""
+    were published (its ``version``): whoever joined since does not get
+    them, whoever left since does (see :class:`Room`)."""
 
-    __slots__ = ("frames", "gone", "room", "runs", "size", "skipped")
+    __slots__ = ("frames", "room", "runs", "size", "version")
 
     def __init__(self, room: Room) -> None:
         self.room = room
+        self.version = room.version
         self.runs: list[_Run] = []
-        self.skipped: set[Member] | None = None
-        self.gone: list[Member] | None = None
         self.frames = 0
         self.size = 0  # JSON bytes, for the sealing bounds
 
-    def members(self) -> list[Member]:
-        """Who gets these: the room's members then."""
-        members = list(self.room.members)
-        if self.skipped:
-            members = [m for m in members if m not in self.skipped]
-        return members + self.gone if self.gone else members
-
 
 class _Direct:
-    """Consecutive events for one connection."""
+    """Consecutive events for one connection; ``echoes``: the positions of
+    the sender's own copies of its direct messages."""
 
-    __slots__ = ("events", "outbox")
+    __slots__ = ("echoes", "events", "outbox")
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self.events: list[ServerEvent] = []
+        self.echoes: list[int] | None = None
 
 
 class _Each:
@@ -192,8 +186,7 @@ class Fanout:
         if (
             not isinstance(item, _Broadcast)
             or item.room is not room
-            or item.skipped
-            or item.gone  # for the members it had, not the room's now
+            or item.version != room.version  # the members it had then
         ):
             item = _Broadcast(room)
             items.append(item)
@@ -217,14 +210,19 @@ class Fanout:
             batch.stored = True
         self._grew(batch, 1, len(data))
 
-    def send(self, outbox: Outbox, event: ServerEvent) -> None:
-        """Send ``event`` to one connection."""
+    def send(self, outbox: Outbox, event: ServerEvent, *, echo: bool = False) -> None:
+        """Send ``event`` to one connection; ``echo``: it is the sender's own
+        copy of its direct message (its acknowledgement)."""
         batch = self._batch()
         items = batch.items
         item = items[-1] if items else None
         if not isinstance(item, _Direct) or item.outbox is not outbox:
             item = _Direct(outbox)
             items.append(item)
+        if echo:
+            if item.echoes is None:
+                item.echoes = []
+            item.echoes.append(len(item.events))
         item.events.append(event)
         if isinstance(event, DirectMessage):
             batch.stored = True
@@ -253,22 +251,10 @@ class Fanout:
             return
         self._batch().items.append(_Close(outbox, farewell, discard))
 
-    def moving(self, room: Room, member: Member, *, joining: bool) -> None:
-        """``member`` joins or leaves ``room``: what was broadcast to the
-        room and is not released yet goes to the members it had (a leaver
-        still gets it, a newcomer does not). Costs a step per such
-        broadcast, nothing per member."""
-        for item in self._pending.get(room, ()):
-            if joining:
-                if item.skipped is None:
-                    item.skipped = set()
-                item.skipped.add(member)
-            elif item.skipped and member in item.skipped:
-                item.skipped.discard(member)  # came and went: never to get it
-            else:
-                if item.gone is None:
-                    item.gone = []
-                item.gone.append(member)
+    def owes(self, room: Room) -> bool:
+        """Whether broadcasts to ``room`` wait to be released (a member who
+        leaves now still gets them)."""
+        return room in self._pending
 
     def mark(self) -> int:
         """A mark for everything sent so far (see :meth:`settled`)."""
@@ -349,39 +335,26 @@ class Fanout:
 
     def _release(self, batch: _Batch) -> None:
         """Hand ``batch`` to the outboxes: one append per connection per
-        item, then one write per connection."""
+        item, then one write per connection (or the room fast path)."""
         self._stats.batches += 1
         items = batch.items
-        for item in items:
-            if isinstance(item, _Broadcast):
-                self._done_with(item)
-        if (
+        if not (
             len(items) == 1
             and isinstance(items[0], _Broadcast)
             and self._write_room_now(items[0])
         ):
-            return
-        dirty: dict[Outbox, None] = {}
+            _hand_over(items)
         for item in items:
             if isinstance(item, _Broadcast):
-                _deliver(item, dirty)
-            elif isinstance(item, _Direct):
-                outbox = item.outbox
-                outbox.append(outbox.wire.encode_all(item.events), len(item.events))
-                dirty[outbox] = None
-            elif isinstance(item, _Each):
-                _deliver_each(item, dirty)
-            else:
-                outbox = item.outbox
-                outbox.finish(_encode(outbox.wire, item.farewell))
-        for outbox in dirty:
-            outbox.flush()
+                self._done_with(item)  # after: it may have owed leavers
 
     def _done_with(self, item: _Broadcast) -> None:
-        pending = self._pending[item.room]
+        room = item.room
+        pending = self._pending[room]
         pending.remove(item)  # the first of them: batches go in order
         if not pending:
-            del self._pending[item.room]
+            del self._pending[room]
+            room.forget_departed()
 
     def _write_room_now(self, item: _Broadcast) -> bool:
         """Write ``item`` straight to every member's socket, if every member
@@ -412,7 +385,8 @@ class Fanout:
         payloads = {wire: _payload(wire, runs) for wire, _, _ in groups}
         if any(len(payload) > limits.max_queued_bytes for payload in payloads.values()):
             return False
-        gone = item.gone or ()
+        changed = item.version != room.version
+        gone = room.departed_since(item.version) if changed else ()
         origins = [
             origin
             for origin in dict.fromkeys(run.origin for run in runs)
@@ -420,7 +394,7 @@ class Fanout:
         ]
         # Not written here: the origins (their own copies come last) and
         # who joined since (it is not theirs).
-        apart = [*origins, *item.skipped] if item.skipped else origins
+        apart = [*origins, *room.joined_since(item.version)] if changed else origins
         stats = self._stats
         stats.room_sends += 1
         frames = item.frames
@@ -454,43 +428,51 @@ class Fanout:
 
     def _refuse(self, batch: _Batch) -> None:
         """The store did not take ``batch``'s messages: take them out, and
-        tell each sender who gave a ref (``error unavailable``)."""
+        tell each sender, in turn (``error unavailable``, with the ref)."""
         self._refused.add(batch.seq)
         error = ErrorReply(
             code=ErrorCode.UNAVAILABLE,
             message="your message could not be stored; it was not delivered",
         )
-        refusals: list[_Item] = []
+        items: list[_Item] = []
         for item in batch.items:
+            items.append(item)
             if isinstance(item, _Broadcast):
                 for run in item.runs:
+                    refused = [
+                        ref
+                        for event, ref in zip(run.events, run.refs, strict=True)
+                        if isinstance(event, Message)
+                    ]
+                    if not refused:
+                        continue
+                    if run.origin is not None:
+                        # Right after the broadcast, where its ack would be.
+                        refusal = _Direct(run.origin.outbox)
+                        refusal.events = [
+                            msgspec.structs.replace(error, ref=ref) for ref in refused
+                        ]
+                        items.append(refusal)
                     kept = [
                         (event, ref)
                         for event, ref in zip(run.events, run.refs, strict=True)
                         if not isinstance(event, Message)
                     ]
-                    if run.origin is not None:
-                        for event, ref in zip(run.events, run.refs, strict=True):
-                            if isinstance(event, Message):
-                                refusal = _Direct(run.origin.outbox)
-                                refusal.events.append(
-                                    msgspec.structs.replace(error, ref=ref)
-                                )
-                                refusals.append(refusal)
                     run.events = [event for event, _ in kept]
                     run.refs = [ref for _, ref in kept]
                     run.data = bytearray(b"".join(map(encode_json, run.events)))
                     run.own = bytearray(b"".join(_with_ref(e, r) for e, r in kept))
                 item.frames = sum(len(run.events) for run in item.runs)
             elif isinstance(item, _Direct):
+                echoes = set(item.echoes or ())
                 item.events = [
                     msgspec.structs.replace(error, ref=event.ref)
                     if isinstance(event, DirectMessage)
                     else event
-                    for event in item.events
-                    if not isinstance(event, DirectMessage) or event.ref is not None
+                    for position, event in enumerate(item.events)
+                    if position in echoes or not isinstance(event, DirectMessage)
                 ]
-        batch.items.extend(refusals)
+        batch.items = items
 
 
 def _encode(wire: WireFormat, event: ServerEvent | None) -> bytes:
@@ -533,6 +515,26 @@ def _own_copy(origin: Member, runs: Sequence[_Run]) -> tuple[bytes, int]:
     return wire.encode_all(own), count
 
 
+def _hand_over(items: Sequence[_Item]) -> None:
+    """Append ``items`` to the outboxes, in order, then write each outbox
+    once."""
+    dirty: dict[Outbox, None] = {}
+    for item in items:
+        if isinstance(item, _Broadcast):
+            _deliver(item, dirty)
+        elif isinstance(item, _Direct):
+            outbox = item.outbox
+            outbox.append(outbox.wire.encode_all(item.events), len(item.events))
+            dirty[outbox] = None
+        elif isinstance(item, _Each):
+            _deliver_each(item, dirty)
+        else:
+            outbox = item.outbox
+            outbox.finish(_encode(outbox.wire, item.farewell))
+    for outbox in dirty:
+        outbox.flush()
+
+
 def _deliver(item: _Broadcast, dirty: dict[Outbox, None]) -> None:
     """Append ``item`` to each member's outbox: bytes encoded once per wire
     format (each origin its own copy)."""
@@ -540,7 +542,10 @@ def _deliver(item: _Broadcast, dirty: dict[Outbox, None]) -> None:
     origins = {run.origin for run in runs}
     frames = item.frames
     payloads: dict[WireFormat, bytes] = {}
-    members = item.members() if item.skipped or item.gone else item.room.members
+    room = item.room
+    members = (
+        room.members if item.version == room.version else room.members_at(item.version)
+    )
     for member in members:
         outbox = member.outbox
         if member in origins:

@@ -159,7 +159,7 @@ class Outbox:
     def deliver(self, data: bytes, frames: int = 1) -> None:
         """:meth:`append` and :meth:`flush`; with nothing pending, the bytes
         go straight to the socket without a copy into the buffer."""
-        if self._buf or self._writing or self._ended:
+        if self._buf or self._writing or self._ended or self._link.sock is None:
             self.append(data, frames)
             self.flush()
             return
@@ -185,6 +185,9 @@ class Outbox:
         error)."""
         buf = self._buf
         if not buf or self._writing or self._ended:
+            return
+        if self._link.sock is None:  # no direct writes (TLS): the writer's
+            self._start_writer()
             return
         sent = self._link.try_send(buf)
         self._stats.sends += 1

@@ -35,13 +35,23 @@ Group = tuple["WireFormat", list[socket.socket], dict[Member, int]]
 
 
 class Room:
-    """One room: its members in join order."""
+    """One room: its members in join order.
 
-    __slots__ = ("_groups", "_sockets", "members", "name")
+    Every change of membership has a number (:attr:`version`), and each
+    member the number of its join, so that what was said in the room at
+    some version can go to the members it had then (:meth:`members_at`),
+    whoever joined or left since.
+    """
+
+    __slots__ = ("_departed", "_groups", "_sockets", "members", "name", "version")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.members: dict[Member, None] = {}  # an ordered set
+        self.members: dict[Member, int] = {}  # join order: member -> its join
+        self.version = 0  # the number of the last change of membership
+        # Members who left, with their join and their leave, while
+        # something said before may still be owed to them (see remove).
+        self._departed: list[tuple[Member, int, int]] = []
         # The members with a plain socket, for the room fast path.
         self._sockets: dict[Member, socket.socket] = {}
         self._groups: list[Group] | None = None
@@ -51,17 +61,47 @@ class Room:
 
     def add(self, member: Member) -> None:
         """Make ``member`` the newest member."""
-        self.members[member] = None
+        self.version += 1
+        self.members[member] = self.version
         sock = member.outbox.sock
         if isinstance(sock, socket.socket):
             self._sockets[member] = sock
         self._groups = None
 
-    def remove(self, member: Member) -> None:
-        """Make ``member`` no longer a member."""
-        del self.members[member]
+    def remove(self, member: Member, *, owed: bool = False) -> None:
+        """Make ``member`` no longer a member; ``owed``: something said
+        before may still be owed to it (see :meth:`members_at`)."""
+        self.version += 1
+        joined = self.members.pop(member)
+        if owed:
+            self._departed.append((member, joined, self.version))
         self._sockets.pop(member, None)
         self._groups = None
+
+    def members_at(self, version: int) -> list[Member]:
+        """The members the room had at ``version`` (in join order, the
+        departed last), if departures since were ``owed``."""
+        members = [m for m, joined in self.members.items() if joined <= version]
+        members += self.departed_since(version)
+        return members
+
+    def joined_since(self, version: int) -> list[Member]:
+        """The members who joined after ``version`` and are still here."""
+        joined = []
+        for member, at in reversed(self.members.items()):
+            if at <= version:
+                break  # join order: every earlier one joined before
+            joined.append(member)
+        return joined
+
+    def departed_since(self, version: int) -> list[Member]:
+        """The members who were here at ``version`` and have left (as far as
+        departures were ``owed``)."""
+        return [m for m, joined, left in self._departed if joined <= version < left]
+
+    def forget_departed(self) -> None:
+        """Nothing said before is owed to those who left any more."""
+        self._departed.clear()
 
     @property
     def plain(self) -> bool:
@@ -94,18 +134,16 @@ class Rooms:
 
     Args:
         presence_limit: see :attr:`chatkit.Limits.presence_limit`.
-        before_change: called with a room, a member and ``joining=`` before
-            the member joins or leaves it (the fan-out keeps what was sent
-            to the room before for the members it had then).
+        owes: tells whether something said in a room is still owed to its
+            members (the fan-out's broadcasts not released yet): then a
+            member who leaves still gets it.
     """
 
     def __init__(
-        self,
-        presence_limit: int | None,
-        before_change: Callable[..., None],
+        self, presence_limit: int | None, owes: Callable[[Room], bool]
     ) -> None:
         self.presence_limit = presence_limit
-        self._before_change = before_change
+        self._owes = owes
         self._rooms = {LOBBY: Room(LOBBY)}
 
     def __iter__(self) -> Iterator[Room]:
@@ -130,7 +168,6 @@ class Rooms:
 
     def add(self, room: Room, member: Member) -> bool:
         """Add ``member`` to ``room``; whether the others are told."""
-        self._before_change(room, member, joining=True)
         room.add(member)
         limit = self.presence_limit
         return limit is None or len(room.members) <= limit
@@ -138,8 +175,7 @@ class Rooms:
     def remove(self, room: Room, member: Member) -> bool:
         """Take ``member`` out of ``room`` (an empty room other than the
         lobby goes); whether the others are told."""
-        self._before_change(room, member, joining=False)
-        room.remove(member)
+        room.remove(member, owed=self._owes(room))
         if not room.members and room.name != LOBBY:
             del self._rooms[room.name]
         limit = self.presence_limit

@@ -391,7 +391,7 @@ class ChatRules:
         if recipient is not None and recipient is not origin:
             recipient.send(dm)
         if origin is not None:
-            origin.send(msgspec.structs.replace(dm, ref=ref))
+            origin.send(msgspec.structs.replace(dm, ref=ref), echo=True)
         return dm
 
     async def delivered(self, event: Message | DirectMessage) -> None:

@@ -117,7 +117,7 @@ class ChatServer:
         self._fanout = Fanout(history, self.limits, self.stats)
         self._rules = ChatRules(
             self._fanout,
-            Rooms(self.limits.presence_limit, self._fanout.moving),
+            Rooms(self.limits.presence_limit, self._fanout.owes),
             history,
             self._hooks,
             self.limits,

@@ -216,9 +216,10 @@ class Session:
 
     # --- output -----------------------------------------------------------
 
-    def send(self, event: ServerEvent) -> None:
-        """Send ``event`` to this connection (after what was sent before)."""
-        self._fanout.send(self.outbox, event)
+    def send(self, event: ServerEvent, *, echo: bool = False) -> None:
+        """Send ``event`` to this connection (after what was sent before);
+        ``echo``: it is the user's own copy of its direct message."""
+        self._fanout.send(self.outbox, event, echo=echo)
 
     def error(self, code: ErrorCode, message: str, ref: str | int | None) -> None:
         """Send an ``error``."""
