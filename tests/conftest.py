@@ -17,8 +17,8 @@ os.environ["CHATKIT_LOAD_PLUGINS"] = ""
 
 # chatkit.testing's fixtures (``chat``, ``chat_factory``, ...), as a plugin
 # author's conftest.py would load them; pytester runs whole pytest sessions
-# to test them.
-pytest_plugins = ["chatkit.testing", "pytester", "tests.programs"]
+# to test them. tests.fires: the ``fires`` marker and the ``hooks`` fixture.
+pytest_plugins = ["chatkit.testing", "pytester", "tests.programs", "tests.fires"]
 
 OpenRaw = Callable[..., Awaitable[RawClient]]
 

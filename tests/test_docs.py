@@ -1,5 +1,6 @@
 """The documentation is executable: README snippets and examples run, and
-every hook has a section in docs/plugins.md and a test (as datasette does)."""
+every hook has a section in docs/plugins.md and a test that fires it (as
+datasette does)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import chatkit
-from chatkit import hookspecs
+from tests.fires import check_fired_by_a_test, firing_tests, hook_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,24 +22,22 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
 
-def hook_names() -> list[str]:
-    return sorted(
-        name
-        for spec in (hookspecs.ServerSpec, hookspecs.ClientSpec)
-        for name in vars(spec)
-        if name.startswith("chatkit_")
-    )
-
-
 @pytest.mark.parametrize("hook", hook_names())
 def test_every_hook_has_a_doc_section(hook: str) -> None:
     assert re.search(rf"^### {hook}\(", (ROOT / "docs/plugins.md").read_text(), re.M)
 
 
+@pytest.fixture(scope="module")
+def firing(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
+    """The tests of tests/test_hooks.py marked to fire each hook."""
+    return firing_tests(ROOT / "tests/test_hooks.py", tmp_path_factory.mktemp("fires"))
+
+
 @pytest.mark.parametrize("hook", hook_names())
-def test_every_hook_is_tested(hook: str) -> None:
-    tests = (ROOT / "tests/test_hooks.py").read_text()
-    assert f"def {hook}(" in tests
+def test_every_hook_is_tested(hook: str, firing: dict[str, list[str]]) -> None:
+    # A test marked @pytest.mark.fires(hook) fails unless it fired the hook
+    # (tests/fires.py), so this asks for a test that fires each hook.
+    check_fired_by_a_test(hook, firing)
 
 
 def test_readme_embedding_example_runs() -> None:

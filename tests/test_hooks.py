@@ -5,6 +5,11 @@ exactly. The recording plugins come in a ``def`` and an ``async def`` flavour
 (the ``recorder`` fixture), so every hook is also shown to be awaited. Then:
 rewrite and veto, the order plugins compose in, isolation of raising and
 hanging plugins, registration errors, entry points, and bots.
+
+A test that shows hooks firing is marked ``@pytest.mark.fires(...)`` with
+their names and gives the ``hooks`` recorder to the server or clients it
+builds: it fails unless they fired (tests/fires.py), and
+tests/test_docs.py fails unless every hook has such a test.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import pytest
 import trio
 
 import chatkit
-from chatkit.testing import open_chat
+from chatkit.testing import HookRecorder, open_chat
 from tests.conftest import OpenRaw, crowd, line_login, login
 from tests.helpers import TIMEOUT, HoldLogin, RawClient, unref
 
@@ -290,8 +295,11 @@ def plugin_logs(
 # --- server_started / server_stopping ----------------------------------------
 
 
-async def test_server_started_and_stopping_fire_once_each(recorder: Recorder) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+@pytest.mark.fires("chatkit_server_started", "chatkit_server_stopping")
+async def test_server_started_and_stopping_fire_once_each(
+    recorder: Recorder, hooks: HookRecorder
+) -> None:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         assert recorder.calls == [("chatkit_server_started", {"server": server})]
     assert recorder.calls == [
         ("chatkit_server_started", {"server": server}),
@@ -314,11 +322,12 @@ class Lifecycle:
         await server.post("lobby", "closing time")
 
 
+@pytest.mark.fires("chatkit_server_started", "chatkit_server_stopping")
 async def test_server_started_sees_the_bound_port_and_stopping_can_still_post(
-    open_raw: OpenRaw,
+    open_raw: OpenRaw, hooks: HookRecorder
 ) -> None:
     lifecycle = Lifecycle()
-    async with chatkit.open_server(plugins=[lifecycle]) as server:
+    async with chatkit.open_server(plugins=[lifecycle, hooks.server]) as server:
         assert server.port != 0
         assert lifecycle.port_at_start == server.port
         alice = await login(open_raw, server.port, "alice")
@@ -342,10 +351,13 @@ async def test_server_started_sees_the_bound_port_and_stopping_can_still_post(
 # --- authenticate ------------------------------------------------------------
 
 
+@pytest.mark.fires(
+    "chatkit_authenticate", "chatkit_user_connected", "chatkit_user_joined"
+)
 async def test_login_fires_authenticate_connected_then_joined(
-    recorder: Recorder, open_raw: OpenRaw
+    recorder: Recorder, open_raw: OpenRaw, hooks: HookRecorder
 ) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         recorder.calls.clear()
         alice = await login(open_raw, server.port, "alice", token="s3cret")
         await recorder.wait("chatkit_user_joined")
@@ -485,10 +497,11 @@ async def test_authenticate_fails_closed_when_a_plugin_raises(
 # --- user_joined / user_left / user_disconnected / user_renamed --------------
 
 
+@pytest.mark.fires("chatkit_user_joined", "chatkit_user_left")
 async def test_join_and_leave_fire_user_joined_and_user_left(
-    recorder: Recorder, open_raw: OpenRaw
+    recorder: Recorder, open_raw: OpenRaw, hooks: HookRecorder
 ) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         alice = await login(open_raw, server.port, "alice")
         await recorder.wait("chatkit_user_joined")
         user = server.get_user("alice")
@@ -515,10 +528,11 @@ async def test_join_and_leave_fire_user_joined_and_user_left(
 
 
 @pytest.mark.parametrize("how", ["bye", "exit", "disconnect", "kicked", "shutdown"])
+@pytest.mark.fires("chatkit_user_left", "chatkit_user_disconnected")
 async def test_leaving_the_server_fires_user_left_per_room_then_disconnected(
-    recorder: Recorder, open_raw: OpenRaw, how: str
+    recorder: Recorder, open_raw: OpenRaw, how: str, hooks: HookRecorder
 ) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         client = await open_raw(server.port)
         if how == "exit":
             await client.send_line("alice")  # line mode: lobby only
@@ -570,10 +584,11 @@ async def test_leaving_the_server_fires_user_left_per_room_then_disconnected(
         assert server.get_user("alice") is None
 
 
+@pytest.mark.fires("chatkit_nick", "chatkit_user_renamed")
 async def test_nick_fires_user_renamed_after_the_rename(
-    recorder: Recorder, open_raw: OpenRaw
+    recorder: Recorder, open_raw: OpenRaw, hooks: HookRecorder
 ) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         alice = await login(open_raw, server.port, "alice")
         await recorder.wait("chatkit_user_joined")
         user = server.get_user("alice")
@@ -604,10 +619,11 @@ async def test_nick_fires_user_renamed_after_the_rename(
 # --- message / dm / message_delivered / dm_delivered: observe ----------------
 
 
+@pytest.mark.fires("chatkit_message", "chatkit_message_delivered")
 async def test_message_hooks_observe_what_is_said_and_delivered(
-    recorder: Recorder, open_raw: OpenRaw
+    recorder: Recorder, open_raw: OpenRaw, hooks: HookRecorder
 ) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         alice, bob = await crowd(open_raw, server.port, "alice", "bob")
         await recorder.wait("chatkit_user_joined", 2)
         alice_user = server.get_user("alice")
@@ -643,10 +659,11 @@ async def test_message_hooks_observe_what_is_said_and_delivered(
         ]
 
 
+@pytest.mark.fires("chatkit_message_delivered")
 async def test_message_delivered_fires_for_server_post(
-    recorder: Recorder, open_raw: OpenRaw
+    recorder: Recorder, open_raw: OpenRaw, hooks: HookRecorder
 ) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         alice = await login(open_raw, server.port, "alice")
         await recorder.wait("chatkit_user_joined")
         recorder.calls.clear()
@@ -664,10 +681,11 @@ async def test_message_delivered_fires_for_server_post(
         ]
 
 
+@pytest.mark.fires("chatkit_dm", "chatkit_dm_delivered")
 async def test_dm_hooks_observe_what_is_sent_and_delivered(
-    recorder: Recorder, open_raw: OpenRaw
+    recorder: Recorder, open_raw: OpenRaw, hooks: HookRecorder
 ) -> None:
-    async with chatkit.open_server(plugins=[recorder]) as server:
+    async with chatkit.open_server(plugins=[recorder, hooks.server]) as server:
         alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
         await recorder.wait("chatkit_user_joined", 3)
         alice_user, bob_user = server.get_user("alice"), server.get_user("bob")
@@ -1398,14 +1416,27 @@ def client_recorder(request: pytest.FixtureRequest) -> Recorder:
     return AsyncClientRecorder()
 
 
+@pytest.mark.fires(
+    "chatkit_client_connected",
+    "chatkit_client_event",
+    "chatkit_client_joined",
+    "chatkit_client_message",
+    "chatkit_client_dm",
+    "chatkit_client_left",
+    "chatkit_client_disconnected",
+)
 async def test_client_hooks_fire_in_order_with_their_arguments(
-    client_recorder: Recorder,
+    client_recorder: Recorder, hooks: HookRecorder
 ) -> None:
     rec = client_recorder
     async with (
         chatkit.open_server() as server,
         chatkit.open_client(
-            "127.0.0.1", server.port, name="bot", plugins=[rec], event_buffer=None
+            "127.0.0.1",
+            server.port,
+            name="bot",
+            plugins=[rec, hooks.client],
+            event_buffer=None,
         ) as bot,
     ):
         async with chatkit.open_client("127.0.0.1", server.port, name="alice") as alice:
@@ -1639,7 +1670,14 @@ class ReconnectRecorder(Recorder):
         self.record("chatkit_client_disconnected", reason=reason)
 
 
-async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
+@pytest.mark.fires(
+    "chatkit_client_interrupted",
+    "chatkit_client_reconnecting",
+    "chatkit_client_reconnected",
+)
+async def test_reconnect_hooks_fire_around_the_missed_messages(
+    hooks: HookRecorder,
+) -> None:
     rec = ReconnectRecorder()
     history = chatkit.MemoryHistory()
     hold = HoldLogin("bot")
@@ -1651,7 +1689,7 @@ async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
             "127.0.0.1",
             port,
             name="bot",
-            plugins=[rec],
+            plugins=[rec, hooks.client],
             event_buffer=None,
             reconnect=policy,
         ):
@@ -1697,8 +1735,9 @@ async def test_reconnect_hooks_fire_around_the_missed_messages() -> None:
     assert 0.01 <= first_try["delay"] <= 0.02
 
 
+@pytest.mark.fires("chatkit_nick")
 async def test_nick_can_be_vetoed_and_fails_closed(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, hooks: HookRecorder
 ) -> None:
     calls: list[tuple[str, str]] = []
 
@@ -1711,7 +1750,9 @@ async def test_nick_can_be_vetoed_and_fails_closed(
             if new == "boom":
                 raise RuntimeError("bug in the plugin")
 
-    async with open_chat(plugins=[Reserved()], clients=["alice", "bob"]) as chat:
+    async with open_chat(
+        plugins=[hooks.server, Reserved()], clients=["alice", "bob"]
+    ) as chat:
         alice = chat["alice"]
         with pytest.raises(chatkit.Rejected, match="that name is reserved"):
             await alice.nick("admin1")

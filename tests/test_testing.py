@@ -17,7 +17,7 @@ import pytest
 import trio
 
 import chatkit
-from chatkit.testing import Chat, ChatFactory, open_chat
+from chatkit.testing import Chat, ChatFactory, HookRecorder, open_chat
 from tests.helpers import TIMEOUT, unref
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -369,6 +369,101 @@ async def test_the_chat_may_be_used_from_other_tasks_and_from_hooks() -> None:
             nursery.start_soon(say_later)
             message = await chat.expect("alice", chatkit.Message, sender="summoned")
         assert message.text == "here"
+
+
+# --- HookRecorder ----------------------------------------------------------------
+
+
+class Archive:
+    """Archives what is said, in an ``async def`` hook that takes a while."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    @chatkit.hookimpl
+    async def chatkit_message_delivered(self, message: chatkit.Message) -> None:
+        for _ in range(10):
+            await trio.lowlevel.checkpoint()
+        self.texts.append(message.text)
+
+
+async def test_a_hook_recorder_listed_last_has_seen_a_call_after_the_others() -> None:
+    # docs/testing.md's example.
+    archive, hooks = Archive(), HookRecorder()
+    async with open_chat(plugins=[archive, hooks.server], clients=["alice"]) as chat:
+        await chat["alice"].say("hi")
+        await hooks.wait("chatkit_message_delivered")
+        assert archive.texts == ["hi"]
+
+
+async def test_a_hook_recorder_records_server_and_client_hooks_in_order() -> None:
+    hooks = HookRecorder()
+    assert hooks.calls == ()
+    async with open_chat(plugins=[hooks.server]) as chat:
+        assert hooks.calls == ("chatkit_server_started",)
+        alice = await chat.connect("alice", plugins=[hooks.client])
+        await alice.say("hi")
+        await hooks.wait("chatkit_client_message")
+        await hooks.wait("chatkit_message_delivered")
+        # Each side's in order; how the two interleave is the network's.
+        client = [hook for hook in hooks.calls if hook.startswith("chatkit_client_")]
+        assert [hook for hook in hooks.calls if hook not in client] == [
+            "chatkit_server_started",
+            "chatkit_authenticate",
+            "chatkit_user_connected",
+            "chatkit_user_joined",
+            "chatkit_message",
+            "chatkit_message_delivered",
+        ]
+        assert client == [
+            "chatkit_client_connected",
+            "chatkit_client_event",  # alice's own join
+            "chatkit_client_joined",
+            "chatkit_client_event",
+            "chatkit_client_message",
+        ]
+        names = [name for name, _ in chat.server.plugin_manager.list_name_plugin()]
+        assert names == ["HookRecorder.server"]
+        assert alice.plugin_manager.get_name(hooks.client) == "HookRecorder.client"
+    assert hooks.count("chatkit_server_stopping") == 1
+    assert hooks.count("chatkit_dm") == 0
+
+
+class NoShouting:
+    @chatkit.hookimpl
+    def chatkit_message(self, text: str) -> None:
+        if text.isupper():
+            raise chatkit.Veto("no shouting")
+
+
+async def test_a_hook_recorder_changes_nothing_and_sees_calls_vetoed_later() -> None:
+    hooks = HookRecorder()
+    async with open_chat(plugins=[Shout(), hooks.server], clients=["alice"]) as chat:
+        assert (await chat["alice"].say("hi")).text == "HI"
+    hooks = HookRecorder()
+    async with open_chat(
+        plugins=[hooks.server, NoShouting()], clients=["alice"]
+    ) as chat:
+        with pytest.raises(chatkit.Rejected, match="no shouting"):
+            await chat["alice"].say("HI")
+        await chat["alice"].say("hi")
+        await hooks.wait("chatkit_message_delivered")
+        assert hooks.count("chatkit_message") == 2
+
+
+async def test_a_hook_recorder_says_what_was_called_when_a_wait_fails() -> None:
+    hooks = HookRecorder()
+    async with open_chat(plugins=[hooks.server]):
+        with pytest.raises(
+            AssertionError,
+            match=r"^chatkit_dm was called 0 times within 0.05s, not 1;"
+            r" calls: chatkit_server_started$",
+        ):
+            await hooks.wait("chatkit_dm", within=0.05)
+    with pytest.raises(ValueError, match="no hook called 'chatkit_mesage'"):
+        hooks.count("chatkit_mesage")
+    with pytest.raises(ValueError, match="no hook called 'chatkit_mesage'"):
+        await hooks.wait("chatkit_mesage")
 
 
 # --- the fixtures, in this session ---------------------------------------------

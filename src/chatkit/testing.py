@@ -42,10 +42,19 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 
 from ._events import LOBBY, Event, Joined
+from ._hooks import PROJECT_NAME, hookimpl
 from .client import ChatClient
+from .hookspecs import ClientSpec, ServerSpec
 from .server import ChatServer
 
-__all__ = ["DEFAULT_TIMEOUT", "LOOPBACK", "Chat", "ChatFactory", "open_chat"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "LOOPBACK",
+    "Chat",
+    "ChatFactory",
+    "HookRecorder",
+    "open_chat",
+]
 
 #: Seconds the kit waits for anything (connecting, an expected event,
 #: closing) unless told otherwise.
@@ -490,3 +499,98 @@ async def open_chat(
             await server.aclose()
             chat._cancel_tasks()
         await stack.aclose()
+
+
+class HookRecorder:
+    """Records which hooks a server and its clients call, by name, in order.
+
+    Give :attr:`server` to a server among its plugins and :attr:`client`
+    to clients among theirs; both record here::
+
+        hooks = HookRecorder()
+        async with open_chat(plugins=[Greeter(), hooks.server]) as chat:
+            await chat["alice"].say("hi")
+            await hooks.wait("chatkit_message_delivered")
+
+    The recorder implements every hook, takes no argument and returns
+    ``None``: it changes nothing. Plugins run in the order given, so
+    listed last, it records a call once every plugin before it has run;
+    listed first, it also sees the calls a later plugin vetoes.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[str] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self.server: object = _recording_plugin("server", ServerSpec, self._record)
+        """The plugin to give a server."""
+        self.client: object = _recording_plugin("client", ClientSpec, self._record)
+        """The plugin to give a client."""
+
+    def _record(self, hook: str) -> None:
+        self._calls.append(hook)
+        self._lot.unpark_all()
+
+    @property
+    def calls(self) -> tuple[str, ...]:
+        """The name of each hook called so far, in order."""
+        return tuple(self._calls)
+
+    def count(self, hook: str) -> int:
+        """How many times ``hook`` was called so far.
+
+        Raises:
+            ValueError: there is no hook of that name.
+        """
+        _check_hook(hook)
+        return self._calls.count(hook)
+
+    async def wait(
+        self, hook: str, count: int = 1, *, within: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Wait until ``hook`` has been called ``count`` times in all.
+
+        Raises:
+            AssertionError: it was not, ``within`` seconds; the message
+                lists the calls so far.
+            ValueError: there is no hook of that name.
+        """
+        _check_hook(hook)
+        with trio.move_on_after(within):
+            while self._calls.count(hook) < count:
+                await self._lot.park()
+            return
+        raise AssertionError(
+            f"{hook} was called {self._calls.count(hook)} times within {within}s,"
+            f" not {count}; calls: {', '.join(self._calls) or 'none'}"
+        )
+
+
+def _hook_names(spec: type) -> list[str]:
+    marker = f"{PROJECT_NAME}_spec"
+    return [name for name, value in vars(spec).items() if hasattr(value, marker)]
+
+
+def _check_hook(hook: str) -> None:
+    if hook not in _hook_names(ServerSpec) + _hook_names(ClientSpec):
+        raise ValueError(f"there is no hook called {hook!r}")
+
+
+def _recording_plugin(side: str, spec: type, record: Callable[[str], None]) -> object:
+    # A plugin object implementing every hook of ``spec``, each a function
+    # of no arguments (pluggy passes an implementation only the arguments
+    # it names) that records the hook's name.
+    def recorder(hook: str) -> Callable[[], None]:
+        def implementation() -> None:
+            record(hook)
+
+        return hookimpl(implementation)
+
+    plugin = _RecordingPlugin(f"HookRecorder.{side}")
+    for hook in _hook_names(spec):
+        setattr(plugin, hook, recorder(hook))
+    return plugin
+
+
+class _RecordingPlugin:
+    def __init__(self, name: str) -> None:
+        self.__name__ = name  # its name in the server's or client's logs
