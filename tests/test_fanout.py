@@ -609,3 +609,289 @@ async def test_the_presence_limit_counts_each_room_on_its_own(
         }
         for client in (alice, bob, carol):
             assert await sync(client) == []
+
+
+# --- stored before seen, with a slow or failing store ------------------------
+
+
+class GatedStore(chatkit.MemoryHistory):
+    """A history store whose ``flush`` waits at a gate the test closes and
+    opens (a slow disk), and refuses (raises) as many flushes as the test
+    asks with :attr:`refuse`. Appended messages are kept aside until a
+    flush stores them; a refused flush lets them go. (Queries see stored
+    messages only: the tests ask once nothing is waiting.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = trio.Event()
+        self.gate.set()
+        self.refuse = 0
+        """How many of the next flushes to refuse."""
+        self.held = 0
+        """Flushes waiting at the gate now."""
+        self._arrived = trio.Event()
+        self._queued: list[chatkit.Message] = []
+
+    def close_gate(self) -> None:
+        self.gate = trio.Event()
+
+    def open_gate(self) -> None:
+        self.gate.set()
+
+    def append(self, message: chatkit.Message) -> None:
+        self._queued.append(message)
+
+    async def flush(self) -> None:
+        batch, self._queued = self._queued, []
+        refused = self.refuse > 0
+        if refused:
+            self.refuse -= 1
+        gate = self.gate
+        if not gate.is_set():
+            self.held += 1
+            self._arrived.set()
+            try:
+                await gate.wait()
+            finally:
+                self.held -= 1
+        if refused:
+            raise chatkit.HistoryStoreError("the disk is full")
+        for message in batch:
+            super().append(message)
+
+    async def wait_held(self) -> None:
+        """Wait until a flush waits at the (closed) gate."""
+        with trio.fail_after(WITHIN):
+            while not self.held:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+
+
+async def handled() -> None:
+    """Let the server handle what was sent to it: every request written so
+    far has been read and acted on once all tasks are blocked (loopback
+    bytes are readable as soon as they are sent)."""
+    with trio.fail_after(WITHIN):
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def silent(*clients: RawClient) -> None:
+    """Nothing has been sent to any of ``clients`` (checked once the server
+    has done all it can)."""
+    await handled()
+    for client in clients:
+        await client.assert_silent(0.05)
+
+
+def message(event: dict[str, Any]) -> tuple[Any, ...]:
+    """A room message as ``(room, from, text, ref)``."""
+    assert event["type"] == "message", event
+    return (event["room"], event["from"], event["text"], event.get("ref"))
+
+
+async def test_nobody_sees_a_message_until_the_store_has_flushed_it(
+    open_raw: OpenRaw,
+) -> None:
+    """The store is slow to flush: alice's message reaches nobody, not even
+    alice herself (her acknowledgement); alice's ``ping`` sent after it and
+    bob's ``ping`` wait too. Once the flush is done, alice gets her message
+    then her ``pong``, bob the message then his ``pong``, carol the
+    message."""
+    store = GatedStore()
+    async with chatkit.open_server(history=store) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        counted = Counted(server)
+        store.close_gate()
+        await alice.send_bytes(say("m", ref="m"))
+        await store.wait_held()
+        await alice.send_json(type="ping", ref="a")
+        await bob.send_json(type="ping", ref="b")
+        await silent(alice, bob, carol)
+        store.open_gate()
+        assert message(await alice.receive_json()) == ("lobby", "alice", "m", "m")
+        assert await alice.receive_json() == {"type": "pong", "ref": "a"}
+        assert message(await bob.receive_json()) == ("lobby", "alice", "m", None)
+        assert await bob.receive_json() == {"type": "pong", "ref": "b"}
+        assert message(await carol.receive_json()) == ("lobby", "alice", "m", None)
+        for client in (alice, bob, carol):
+            assert await sync(client) == []
+        assert counted.delta()["store_flushes"] == 1
+
+
+async def test_membership_changes_while_storing_go_by_who_was_there_when_said(
+    open_raw: OpenRaw,
+) -> None:
+    """alice, bob and carol are in den; alice says something there while
+    the store is slow; then bob leaves den, carol says ``bye`` and dave
+    joins den. Once stored: bob and carol get the message (it was said
+    while they were there; carol before her connection closes), dave does
+    not (he joined after); everyone gets the notices, in the order things
+    happened."""
+    store = GatedStore()
+    async with chatkit.open_server(history=store) as server:
+        alice, bob, carol, dave = await crowd(
+            open_raw, server.port, "alice", "bob", "carol", "dave"
+        )
+        for client in (alice, bob, carol):
+            await client.send_json(type="join", room="den", ref="j")
+            await client.expect("joined", room="den", ref="j")
+        for client, later in ((alice, ("bob", "carol")), (bob, ("carol",))):
+            assert await sync(client) == [
+                {"type": "joined", "room": "den", "name": name} for name in later
+            ]
+        store.close_gate()
+        await alice.send_bytes(say("m", room="den", ref="m"))
+        await store.wait_held()
+        await bob.send_json(type="leave", room="den", ref="l")
+        await handled()
+        await carol.send_json(type="bye")
+        await handled()
+        await dave.send_json(type="join", room="den", ref="j")
+        await silent(alice, bob, carol, dave)
+        assert server.rooms["den"] == ("alice", "dave")
+        store.open_gate()
+
+        said = ("den", "alice", "m", None)
+        left_den = {"type": "left", "room": "den", "name": "bob", "reason": "leave"}
+        carol_left = [
+            {"type": "left", "room": room, "name": "carol", "reason": "bye"}
+            for room in ("lobby", "den")
+        ]
+        dave_joined = {"type": "joined", "room": "den", "name": "dave"}
+        events = await receive_events(alice, 5)
+        assert message(events[0]) == ("den", "alice", "m", "m")
+        assert events[1:] == [left_den, *carol_left, dave_joined]
+        events = await receive_events(bob, 3)
+        assert message(events[0]) == said
+        assert events[1:] == [{**left_den, "ref": "l"}, carol_left[0]]
+        lines = await carol.assert_closed()
+        assert message(json.loads(lines[0])) == said
+        assert [json.loads(line) for line in lines[1:]] == [left_den]
+        assert await receive_events(dave, 2) == [
+            carol_left[0],
+            {**dave_joined, "ref": "j"},
+        ]
+        for client in (alice, bob, dave):
+            assert await sync(client) == []
+
+
+async def test_output_queued_behind_a_flush_keeps_its_order_and_shares_a_flush(
+    open_raw: OpenRaw,
+) -> None:
+    """While the store is slow with alice's message in the lobby, bob and
+    carol talk in den, carol pings and alice says more: nobody sees any of
+    it until the flush is done, then everyone gets everything in the order
+    it was said (den's talk and carol's pong too, though they did not wait
+    for the store themselves); what came in meanwhile was stored with one
+    more flush (group commit), not one per message."""
+    store = GatedStore()
+    async with chatkit.open_server(history=store) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        for client in (bob, carol):
+            await client.send_json(type="join", room="den", ref="j")
+            await client.expect("joined", ref="j")
+        await bob.expect("joined", room="den", name="carol")
+        for client in (alice, bob, carol):
+            assert await sync(client) == []
+        counted = Counted(server)
+        store.close_gate()
+        await alice.send_bytes(say("m1", ref=1))
+        await store.wait_held()
+        for client, data in (
+            (bob, say("d1", room="den", ref=2)),
+            (carol, request(type="ping", ref=3)),
+            (alice, say("m2", ref=4)),
+            (carol, say("d2", room="den", ref=5)),
+        ):
+            await client.send_bytes(data)
+            await handled()
+        await silent(alice, bob, carol)
+        store.open_gate()
+        events = await receive_events(alice, 2)
+        assert [message(event) for event in events] == [
+            ("lobby", "alice", "m1", 1),
+            ("lobby", "alice", "m2", 4),
+        ]
+        events = await receive_events(bob, 4)
+        assert [message(event) for event in events] == [
+            ("lobby", "alice", "m1", None),
+            ("den", "bob", "d1", 2),
+            ("lobby", "alice", "m2", None),
+            ("den", "carol", "d2", None),
+        ]
+        events = await receive_events(carol, 5)
+        assert events[2] == {"type": "pong", "ref": 3}
+        assert [message(event) for event in events[:2] + events[3:]] == [
+            ("lobby", "alice", "m1", None),
+            ("den", "bob", "d1", None),
+            ("lobby", "alice", "m2", None),
+            ("den", "carol", "d2", 5),
+        ]
+        delta = counted.delta()
+        assert (delta["store_flushes"], delta["batches"]) == (2, 2), delta
+        for client in (alice, bob, carol):
+            assert await sync(client) == []
+
+
+async def test_messages_a_store_cannot_flush_are_shown_to_nobody(
+    open_raw: OpenRaw,
+) -> None:
+    """The store is slow with carol's "first", and then cannot store the
+    next flush: alice's and bob's messages and alice's direct message to
+    carol, said meanwhile, reach nobody; alice and bob get ``error
+    unavailable`` for each, with its ref; the rest of that output (carol's
+    ``pong``, bob joining den) is delivered; later messages flow."""
+    store = GatedStore()
+    async with chatkit.open_server(history=store) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        store.close_gate()
+        await carol.send_bytes(say("first", ref="f"))
+        await store.wait_held()
+        store.refuse = 1  # the next flush: what comes in now
+        for client, data in (
+            (alice, say("lost 1", ref="a")),
+            (bob, say("lost 2", ref="b")),
+            (alice, request(type="dm", to="carol", text="lost 3", ref="d")),
+            (carol, request(type="ping", ref="p")),
+            (bob, request(type="join", room="den", ref="j")),
+        ):
+            await client.send_bytes(data)
+            await handled()
+        await silent(alice, bob, carol)
+        store.open_gate()
+
+        first = ("lobby", "carol", "first", None)
+        alice_got = await receive_events(alice, 3)
+        assert message(alice_got[0]) == first
+        assert sorted(
+            (event["type"], event["code"], event["ref"]) for event in alice_got[1:]
+        ) == [("error", "unavailable", "a"), ("error", "unavailable", "d")]
+        bob_got = await receive_events(bob, 3)
+        assert message(bob_got[0]) == first
+        assert {"type": "joined", "room": "den", "name": "bob", "ref": "j"} in bob_got
+        assert {
+            (event["type"], event.get("code"), event["ref"]) for event in bob_got[1:]
+        } == {("joined", None, "j"), ("error", "unavailable", "b")}
+        carol_got = await receive_events(carol, 2)
+        assert message(carol_got[0]) == ("lobby", "carol", "first", "f")
+        assert carol_got[1] == {"type": "pong", "ref": "p"}
+
+        await alice.send_bytes(say("afterwards", ref="w"))
+        assert message(await alice.receive_json()) == (
+            "lobby",
+            "alice",
+            "afterwards",
+            "w",
+        )
+        for client in (bob, carol):
+            assert message(await client.receive_json()) == (
+                "lobby",
+                "alice",
+                "afterwards",
+                None,
+            )
+        for client in (alice, bob, carol):
+            assert await sync(client) == []
+        await carol.send_json(type="history", room="lobby", ref="h")
+        reply = await carol.receive_json()
+        assert [m["text"] for m in reply["messages"]] == ["first", "afterwards"]
