@@ -970,3 +970,65 @@ async def test_a_refused_direct_message_without_a_ref_is_not_silently_lost(
             2,
         )
         assert got == [UNAVAILABLE, UNAVAILABLE]
+
+
+# --- shutdown ----------------------------------------------------------------
+
+
+async def test_a_message_being_stored_at_shutdown_is_delivered_before_shutdown(
+    open_raw: OpenRaw,
+) -> None:
+    """alice says her last words while the store is slow, and the server is
+    shut down before they are stored: once they are, alice gets them back,
+    bob and carol (line mode) get them, and only then everyone ``shutdown``
+    and the end of the connection."""
+    store = GatedStore()
+    async with chatkit.open_server(history=store) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        carol = await line_login(open_raw, server.port, "carol", alice, bob)
+        store.close_gate()
+        await alice.send_bytes(say("last words", ref=1))
+        await store.wait_held()
+        with trio.fail_after(WITHIN):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.aclose)
+                await silent(alice, bob, carol)  # shutdown waits its turn
+                store.open_gate()
+        shutdown = {"type": "shutdown", "reason": "server shutting down"}
+        lines = await alice.assert_closed()
+        assert message(json.loads(lines[0])) == ("lobby", "alice", "last words", 1)
+        assert [json.loads(line) for line in lines[1:]] == [shutdown]
+        lines = await bob.assert_closed()
+        assert message(json.loads(lines[0])) == ("lobby", "alice", "last words", None)
+        assert [json.loads(line) for line in lines[1:]] == [shutdown]
+        assert await carol.assert_closed() == [
+            "alice: last words",
+            "Server is shutting down: server shutting down",
+        ]
+
+
+async def test_a_store_that_never_flushes_does_not_hold_up_shutdown(
+    open_raw: OpenRaw,
+) -> None:
+    """alice says something the store never gets to store, then the server
+    shuts down: the shutdown takes no longer than ``close_timeout`` (plus
+    the second ``aclose`` allows), and nobody ever sees the message. (The
+    connections end without ``shutdown`` too: it is queued behind the
+    message.)"""
+    store = GatedStore()
+    close_timeout = 0.2
+    async with chatkit.open_server(
+        history=store, limits=chatkit.Limits(close_timeout=close_timeout)
+    ) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        store.close_gate()
+        await alice.send_bytes(say("never stored", ref=1))
+        await store.wait_held()
+        start = trio.current_time()
+        with trio.fail_after(close_timeout + 1 + WITHIN):
+            await server.aclose()
+        elapsed = trio.current_time() - start
+        assert elapsed < close_timeout + 1 + PROMPT, elapsed
+        for client in (alice, bob):
+            lines = await client.assert_closed()
+            assert not [line for line in lines if "never stored" in line], lines
