@@ -195,6 +195,7 @@ async def test_a_mixed_room_of_json_and_line_members_sees_one_order(
         dave = await line_login(open_raw, server.port, "dave", alice, bob, carol)
         assert await erin.receive_line() == "dave has joined the chat."
         refs = {f"{who} {i}": i for who in ("alice", "bob") for i in range(count)}
+        counted = Counted(server)
         await send_together(
             (alice, b"".join(say(f"alice {i}", ref=i) for i in range(count))),
             (erin, b"".join(b"erin %d\n" % i for i in range(count))),
@@ -212,6 +213,11 @@ async def test_a_mixed_room_of_json_and_line_members_sees_one_order(
         assert await receive_lines(dave, total) == lines
         others = [line for line in lines if not line.startswith("erin: ")]
         assert await receive_lines(erin, len(others)) == others
+        # Line mode keeps no room off the fast path (see the next tests); a
+        # few writes per member in all, not one per message.
+        delta = counted.delta()
+        assert delta["room_sends"] >= 1, delta
+        assert delta["sends"] <= 5 * delta["batches"] < total, delta
         for client in (alice, bob, carol):
             assert await sync(client) == []
         await erin.assert_silent()
@@ -395,6 +401,93 @@ async def test_a_room_with_line_mode_members_keeps_the_fast_path(
         await dave.assert_silent()
 
 
+async def test_one_write_mixing_rooms_replies_and_membership_changes_keeps_order(
+    open_raw: OpenRaw,
+) -> None:
+    """alice sends, in one write, messages to two rooms, a direct message,
+    a leave and a join of den (membership changes amid the batch) and a
+    ping: bob gets what concerns him in exactly that order (nothing said
+    in den while alice was out of it is lost to him, nothing doubled),
+    alice all her replies in the order of her requests."""
+    async with chatkit.open_server(limits=NO_RATE_LIMIT) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        for client in (alice, bob):
+            await client.send_json(type="join", room="den", ref="j")
+            await client.expect("joined", room="den", ref="j")
+        assert await sync(alice) == [{"type": "joined", "room": "den", "name": "bob"}]
+        await alice.send_bytes(
+            say("m1", ref=1)
+            + say("d1", room="den", ref=2)
+            + request(type="dm", to="bob", text="p1", ref=3)
+            + say("m2", ref=4)
+            + request(type="leave", room="den", ref=5)
+            + say("m3", ref=6)
+            + request(type="join", room="den", ref=7)
+            + say("d2", room="den", ref=8)
+            + request(type="ping", ref=9)
+        )
+        got = [
+            (event["type"], event.get("room"), event.get("text"))
+            for event in await receive_events(bob, 8)
+        ]
+        assert got == [
+            ("message", "lobby", "m1"),
+            ("message", "den", "d1"),
+            ("dm", None, "p1"),
+            ("message", "lobby", "m2"),
+            ("left", "den", None),
+            ("message", "lobby", "m3"),
+            ("joined", "den", None),
+            ("message", "den", "d2"),
+        ]
+        replies = await receive_events(alice, 9)
+        assert [event.get("ref") for event in replies] == list(range(1, 10))
+        assert [event["type"] for event in replies] == [
+            "message",
+            "message",
+            "dm",
+            "message",
+            "left",
+            "message",
+            "joined",
+            "message",
+            "pong",
+        ]
+        assert await sync(bob) == []
+
+
+@pytest.mark.parametrize(
+    ("limits", "texts"),
+    [
+        # More messages in one write than a member's outbox may hold...
+        ({"max_queued_messages": 10}, [f"m{i}" for i in range(11)]),
+        # ... or more bytes (12 KB: far less than any kernel socket buffer).
+        ({"max_queued_bytes": 10_000}, [f"{i}" + "x" * 4000 for i in range(3)]),
+    ],
+    ids=["max_queued_messages", "max_queued_bytes"],
+)
+async def test_a_burst_bigger_than_an_outbox_drops_nobody(
+    open_raw: OpenRaw, limits: dict[str, int], texts: list[str]
+) -> None:
+    """alice sends, in one write, more than a member's outbox may hold: it
+    is the server that holds that output back, not its readers, so nobody
+    is dropped as too slow; bob gets every message, alice every ref (the
+    server releases it in several batches, each within the bounds)."""
+    async with chatkit.open_server(
+        limits=chatkit.Limits(rate_limit=None, **limits)
+    ) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        counted = Counted(server)
+        await alice.send_bytes(b"".join(say(t, ref=i) for i, t in enumerate(texts)))
+        order = [("alice", text) for text in texts]
+        refs = {text: i for i, text in enumerate(texts)}
+        check_stream(await receive_events(bob, len(texts)), order, "bob", refs)
+        check_stream(await receive_events(alice, len(texts)), order, "alice", refs)
+        assert counted.delta()["batches"] >= 2, counted.delta()
+        for client in (alice, bob):
+            assert await sync(client) == []
+
+
 # --- a member that stops reading ---------------------------------------------
 
 
@@ -476,7 +569,7 @@ async def test_a_member_that_stops_reading_is_dropped_past_its_bounds(
     lazy gets ``error too_slow`` (after whole frames only, a prefix of what
     was said) and is disconnected; alice and bob see ``left`` with reason
     ``too_slow`` and, besides, every message once and in order, and chat
-    on."""
+    on (by the room fast path again)."""
     async with chatkit.open_server(limits=limits) as server:
         alice, bob = await crowd(open_raw, server.port, "alice", "bob")
         lazy = await open_small_window(server.port)
@@ -524,9 +617,12 @@ async def test_a_member_that_stops_reading_is_dropped_past_its_bounds(
             assert len(got) < said
             await wait_until(lambda: server.get_user("lazy") is None)
 
+            # The room is idle again: lazy's outbox, gone, holds it up no more.
+            counted = Counted(server)
             await alice.send_bytes(say("still here", ref="s"))
             assert (await bob.receive_json(PROMPT))["text"] == "still here"
             assert (await alice.receive_json(PROMPT))["ref"] == "s"
+            assert counted.delta()["room_sends"] == 1, counted.delta()
         finally:
             await lazy.aclose()
 
@@ -609,6 +705,24 @@ async def test_the_presence_limit_counts_each_room_on_its_own(
         }
         for client in (alice, bob, carol):
             assert await sync(client) == []
+
+
+async def test_presence_limit_none_always_announces(open_raw: OpenRaw) -> None:
+    """presence_limit=None: in a lobby of five, every join is announced to
+    everyone there (crowd checks it), and so is a leave."""
+    async with chatkit.open_server(
+        limits=chatkit.Limits(presence_limit=None)
+    ) as server:
+        clients = await crowd(open_raw, server.port, *(f"u{n}" for n in range(5)))
+        await clients[-1].send_json(type="leave", room="lobby", ref="l")
+        assert (await clients[-1].receive_json())["ref"] == "l"
+        for client in clients[:-1]:
+            assert await client.receive_json() == {
+                "type": "left",
+                "room": "lobby",
+                "name": "u4",
+                "reason": "leave",
+            }
 
 
 # --- stored before seen, with a slow or failing store ------------------------
