@@ -1041,11 +1041,6 @@ UNAVAILABLE = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Fanout._refuse appends the errors for refused room messages at "
-    "the end of the batch, after the replies to later requests",
-)
 async def test_a_refused_message_is_answered_in_turn(open_raw: OpenRaw) -> None:
     """alice says a message the store then cannot store, and pings in the
     same write: she should get ``error unavailable`` for the message, then
@@ -1061,11 +1056,6 @@ async def test_a_refused_message_is_answered_in_turn(open_raw: OpenRaw) -> None:
         assert got == [{**UNAVAILABLE, "ref": "a"}, {"type": "pong", "ref": "p"}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Fanout._refuse drops a refused direct message's copies by "
-    "whether they carry a ref: without one, the sender is not told",
-)
 async def test_a_refused_direct_message_without_a_ref_is_not_silently_lost(
     open_raw: OpenRaw,
 ) -> None:
