@@ -1,5 +1,6 @@
-"""The chat rules: what each request does (hello, say, dm, join, leave,
-nick, who, rooms, history, ping, bye) and what leaving does.
+"""The chat rules: what each request does (hello, join, leave, nick, who,
+rooms, ping, bye here; say, dm and history in ``_messages``), and what
+coming and leaving do.
 
 Handlers decide and send; they never write bytes nor know about batches:
 everything goes through the fan-out, and every await (a plugin, a store, the
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,6 @@ from .._events import (
     ErrorReply,
     Hello,
     History,
-    HistoryReply,
     Join,
     Joined,
     Leave,
@@ -46,9 +44,11 @@ from .._events import (
     WhoReply,
 )
 from .._exceptions import ErrorCode, Veto
-from ..backplane import DM, JOINED, LEFT, MESSAGE, RENAMED, Envelope, Publication
-from ..protocol import Mode, encode_json, is_valid_name, is_valid_room
-from ._session import LeaveReason, RemoteUser, Session
+from ..backplane import JOINED, LEFT, RENAMED, Envelope, Publication
+from ..protocol import Mode, is_valid_name, is_valid_room
+from ._messages import Messages
+from ._node import Node
+from ._session import Directory, LeaveReason, Session
 
 if TYPE_CHECKING:
     from .._hooks import HookDispatcher
@@ -68,7 +68,9 @@ _ROOM_RULE = "room names are 1-64 letters, digits, '_', '-' or '.'"
 
 
 class ChatRules:
-    """The rules of one server's chat, and who is logged in.
+    """The rules of one server's chat: the requests (messages are
+    :class:`Messages`' part), the life of a connection, and what the
+    backplane may ask (:class:`chatkit.backplane.ClusterPort`).
 
     Args:
         fanout: where everything sent goes.
@@ -92,31 +94,23 @@ class ChatRules:
     ) -> None:
         self.fanout = fanout
         self.rooms = rooms
-        self.store = store
         self.hooks = hooks
         self.limits = limits
         self.server_name = server_name
-        self.backplane = backplane
-        self.last_id = 0
-        """The highest message id handed out (or seen in the cluster)."""
+        self.node = Node(backplane)
+        self.directory = Directory()
+        self.messages = Messages(
+            fanout, rooms, self.directory, store, hooks, limits, self.node
+        )
         self.closing = False
         """The server is shutting down: no presence notices for leavers."""
-        self.names: dict[str, Session] = {}  # casefolded name -> session
-        self.users: dict[Session, None] = {}  # logged in, in login order
-        self.connections: set[Session] = set()
-        """Every connection, logged in or not."""
         self.gone_by = math.inf
         """When leavers' hooks and goodbyes must be done (the shutdown's
         deadline, once it began)."""
 
-    def next_id(self) -> int:
-        """A new message id."""
-        self.last_id += 1
-        return self.last_id
-
     def get(self, name: str) -> Session | None:
         """The logged-in session called ``name`` (case-insensitively)."""
-        return self.names.get(name.casefold())
+        return self.directory.get(name)
 
     def kick(self, name: str, reason: str) -> bool:
         """Disconnect user ``name`` with ``error kicked``; True if found."""
@@ -129,9 +123,14 @@ class ChatRules:
 
     # --- what the backplane may ask (chatkit.backplane.ClusterPort) ----------
 
+    @property
+    def last_id(self) -> int:
+        """The highest message id handed out or seen."""
+        return self.messages.last_id
+
     def see_id(self, id: int) -> None:
         """Ids from now on are above ``id``."""
-        self.last_id = max(self.last_id, id)
+        self.messages.see_id(id)
 
     @property
     def close_timeout(self) -> float:
@@ -140,11 +139,25 @@ class ChatRules:
 
     def memberships(self) -> list[tuple[str, tuple[str, ...]]]:
         """Each local user's name and rooms, in login order."""
-        return [(session.name, session.rooms) for session in self.users]
+        return [(session.name, session.rooms) for session in self.directory.users]
 
     def has_user(self, name: str) -> bool:
         """Whether a local user is called ``name``."""
         return self.get(name) is not None
+
+    def deliver(
+        self, id: int, env: Envelope, publication: Publication | None
+    ) -> Message | DirectMessage | None:
+        """See :meth:`chatkit.backplane.ClusterPort.deliver`."""
+        return self.messages.deliver(id, env, publication)
+
+    def deliver_here(self, publication: Publication) -> Message | DirectMessage | None:
+        """See :meth:`chatkit.backplane.ClusterPort.deliver_here`."""
+        return self.messages.deliver_here(publication)
+
+    async def delivered(self, event: Message | DirectMessage) -> None:
+        """See :meth:`chatkit.backplane.ClusterPort.delivered`."""
+        await self.messages.delivered(event)
 
     # --- the handler a session calls --------------------------------------
 
@@ -154,11 +167,11 @@ class ChatRules:
         """Act on one request; a reason when the connection must end."""
         match request:
             case Say():
-                await self._say(session, request)
+                await self.messages.say(session, request)
             case Hello():
                 return await self._hello(session, request)
             case Dm():
-                await self._dm(session, request)
+                await self.messages.dm(session, request)
             case Join():
                 await self._join(session, request)
             case Leave():
@@ -175,7 +188,7 @@ class ChatRules:
                 )
                 session.send(RoomsReply(rooms=infos, ref=request.ref))
             case History():
-                await self._history(session, request)
+                await self.messages.history(session, request)
             case Ping():
                 session.send(Pong(ref=request.ref))
             case Bye():
@@ -185,20 +198,20 @@ class ChatRules:
     def opened(self, session: Session) -> None:
         """A connection came (closed at once if the server is shutting
         down)."""
-        self.connections.add(session)
+        self.directory.connections.add(session)
         if self.closing:
             session.close(LeaveReason.SHUTDOWN)
 
     async def stopped(self, session: Session) -> None:
         """The session stopped reading: what it said goes out first (in a
         cluster), then it leaves its rooms."""
-        await self.settle(session)
+        await self.node.settle(session)
         self.detach(session)
 
     async def gone(self, session: Session) -> None:
         """The connection is over (whatever happened): it leaves everything,
         then the leave hooks run."""
-        self.connections.discard(session)
+        self.directory.connections.discard(session)
         self.detach(session)
         await self.after_detach(session)
 
@@ -226,13 +239,12 @@ class ChatRules:
         # the cluster, and check it again after that await.
         if (
             self._name_refused(session, name, hello.ref)
-            or not await self._claim(session, name, hello.ref)
+            or not await self.node.claim(session, name, hello.ref)
             or self._name_refused(session, name, hello.ref)
         ):
             return None
         session.accept(name)
-        self.names[name.casefold()] = session
-        self.users[session] = None
+        self.directory.log_in(session, name)
         session.send(
             Welcome(
                 name=name,
@@ -254,222 +266,13 @@ class ChatRules:
         if not is_valid_name(name):
             session.error(ErrorCode.BAD_NAME, _NAME_RULE, ref)
             return True
-        holder = self.names.get(name.casefold())
+        holder = self.directory.get(name)
         if (holder is not None and holder is not session) or session.closed:
             session.error(ErrorCode.NAME_TAKEN, f"{name} is taken", ref)
             return True
         return False
 
-    async def _claim(self, session: Session, name: str, ref: Any) -> bool:
-        """Claim ``name`` across the cluster, if there is one; tell
-        ``session`` if it cannot be."""
-        bp = self.backplane
-        if bp is None:
-            return True
-        try:
-            claimed = await bp.claim(name)
-        except OSError:
-            session.error(
-                ErrorCode.UNAVAILABLE,
-                "the cluster is unreachable; try again later",
-                ref,
-            )
-            return False
-        if not claimed:
-            session.error(ErrorCode.NAME_TAKEN, f"{name} is taken", ref)
-        return claimed
-
     # --- messages -----------------------------------------------------------
-
-    def _member_room(self, session: Session, room: str, ref: Any) -> Room | None:
-        target = self.rooms.get(room)
-        if target is None or session not in target.members:
-            session.error(ErrorCode.NOT_IN_ROOM, f"you are not in {room}", ref)
-            return None
-        return target
-
-    def _too_long(self, session: Session, text: str, ref: Any) -> bool:
-        limit = self.limits.max_message_length
-        if len(text) <= limit:
-            return False
-        session.error(
-            ErrorCode.TOO_LARGE, f"messages are at most {limit} characters", ref
-        )
-        return True
-
-    async def _say(self, session: Session, say: Say) -> None:
-        room = self._member_room(session, say.room, say.ref)
-        if room is None or self._too_long(session, say.text, say.ref):
-            return
-        text = say.text
-        if self.hooks.has("chatkit_message"):
-            try:
-                text = await self.hooks.rewrite(
-                    "chatkit_message",
-                    "text",
-                    user=session.user,
-                    room=room.name,
-                    text=text,
-                )
-            except Veto as exc:
-                session.error(ErrorCode.REJECTED, exc.reason, say.ref)
-                return
-            # The user may have left the room while the hooks ran.
-            if session not in room.members or self.rooms.get(room.name) is not room:
-                session.error(ErrorCode.NOT_IN_ROOM, f"you left {room.name}", say.ref)
-                return
-        # In a cluster, delivered (the sender's copy too) when it comes back
-        # from the backplane: see deliver().
-        if self._publish(
-            MESSAGE,
-            origin=session,
-            ref=say.ref,
-            room=room.name,
-            sender=session.name,
-            text=text,
-        ):
-            return
-        message = self.hand_out_message(
-            self.next_id(), time.time(), room.name, session.name, text, session, say.ref
-        )
-        if message is not None:
-            await self.delivered(message)
-
-    def hand_out_message(
-        self,
-        id: int,
-        ts: float,
-        room_name: str,
-        sender: str,
-        text: str,
-        origin: Session | None,
-        ref: Any,
-    ) -> Message | None:
-        """Store a room message and send it to this node's members of the
-        room; ``origin`` (the sender, if a member here) gets ``ref``. None
-        (and ``error unavailable`` to ``origin``) if the store refused it."""
-        message = Message(id=id, ts=ts, room=room_name, sender=sender, text=text)
-        try:
-            self.store.append(message)
-        except Exception:
-            log.exception("the history store refused message %d", id)
-            if origin is not None:
-                origin.error(
-                    ErrorCode.UNAVAILABLE, "your message could not be stored", ref
-                )
-            return None
-        room = self.rooms.get(room_name)
-        if room is not None:
-            if origin not in room.members:
-                origin = None  # it left the room meanwhile (or is elsewhere)
-            self.fanout.publish(room, message, origin=origin, ref=ref)
-        return message
-
-    def hand_out_dm(
-        self,
-        id: int,
-        ts: float,
-        sender: str,
-        to: str,
-        text: str,
-        origin: Session | None,
-        ref: Any,
-    ) -> DirectMessage | None:
-        """Send a direct message to its recipient and to ``origin`` (the
-        sender, with ``ref``), as far as they are on this node."""
-        dm = DirectMessage(id=id, ts=ts, sender=sender, to=to, text=text)
-        try:
-            self.store.note_id(id)  # not stored, but its id is not to be reused
-        except Exception:
-            log.exception("the history store refused id %d", id)
-            if origin is not None:
-                origin.error(
-                    ErrorCode.UNAVAILABLE, "your message could not be stored", ref
-                )
-            return None
-        recipient = self.get(to)
-        if recipient is not None and recipient is not origin:
-            recipient.send(dm)
-        if origin is not None:
-            origin.send(msgspec.structs.replace(dm, ref=ref), echo=True)
-        return dm
-
-    async def delivered(self, event: Message | DirectMessage) -> None:
-        """Run the delivery hooks of ``event``, once it was released (stored
-        and handed to its recipients)."""
-        hook = (
-            "chatkit_message_delivered"
-            if isinstance(event, Message)
-            else "chatkit_dm_delivered"
-        )
-        if self.hooks.has(hook) and await self.fanout.settled(self.fanout.mark()):
-            await self.hooks.notify(hook, message=event)
-
-    async def post(self, room: str, text: str, sender: str) -> Message | None:
-        """A message on the server's behalf (see :meth:`ChatServer.post`):
-        returned once delivered; None if the store refused it."""
-        publication = self._publish(MESSAGE, room=room, sender=sender, text=text)
-        if publication is not None:
-            await publication.done.wait()  # it came back (hooks run after)
-            result = publication.result
-            return result if isinstance(result, Message) else None
-        message = self.hand_out_message(
-            self.next_id(), time.time(), room, sender, text, None, None
-        )
-        if message is None or not await self.fanout.settled(self.fanout.mark()):
-            return None
-        if self.hooks.has("chatkit_message_delivered"):
-            await self.hooks.notify("chatkit_message_delivered", message=message)
-        return message
-
-    async def _dm(self, session: Session, dm: Dm) -> None:
-        if self._too_long(session, dm.text, dm.ref):
-            return
-        cluster = self.cluster
-        recipient: Session | RemoteUser | None = self.get(dm.to)
-        if recipient is None and cluster is not None:
-            with suppress(OSError):
-                if await cluster.holds(dm.to):
-                    recipient = RemoteUser(dm.to)
-        if recipient is None:
-            session.error(ErrorCode.NO_SUCH_USER, f"nobody is called {dm.to}", dm.ref)
-            return
-        text = dm.text
-        if self.hooks.has("chatkit_dm"):
-            seen = recipient.user if isinstance(recipient, Session) else recipient
-            try:
-                text = await self.hooks.rewrite(
-                    "chatkit_dm", "text", user=session.user, recipient=seen, text=text
-                )
-            except Veto as exc:
-                session.error(ErrorCode.REJECTED, exc.reason, dm.ref)
-                return
-            if isinstance(recipient, Session) and recipient.closed:
-                session.error(ErrorCode.NO_SUCH_USER, f"{dm.to} left", dm.ref)
-                return
-        if self._publish(
-            DM,
-            origin=session,
-            ref=dm.ref,
-            sender=session.name,
-            to=recipient.name,
-            text=text,
-        ):
-            return
-        if not isinstance(recipient, Session):
-            session.error(ErrorCode.UNAVAILABLE, "the cluster is unreachable", dm.ref)
-            return
-        message = self.hand_out_dm(
-            self.next_id(),
-            time.time(),
-            session.name,
-            recipient.name,
-            text,
-            session,
-            dm.ref,
-        )
-        if message is not None:
-            await self.delivered(message)
 
     # --- rooms --------------------------------------------------------------
 
@@ -497,11 +300,9 @@ class ChatRules:
     def _add_member(self, session: Session, room: Room, ref: Any) -> None:
         announce = self.rooms.add(room, session)
         session.rooms += (room.name,)
-        bp = self.backplane
-        if bp is not None:
-            bp.member(room.name, session.name, present=True)
-            if announce:
-                self._publish(JOINED, room=room.name, sender=session.name)
+        self.node.member(room.name, session.name, present=True)
+        if announce:
+            self.node.publish(JOINED, room=room.name, sender=session.name)
         joined = Joined(room=room.name, name=session.name)
         if announce:
             self.fanout.publish(room, joined, origin=session, ref=ref)
@@ -510,10 +311,10 @@ class ChatRules:
             session.send(msgspec.structs.replace(joined, ref=ref))
 
     async def _leave(self, session: Session, leave: Leave) -> None:
-        room = self._member_room(session, leave.room, leave.ref)
+        room = self.messages.member_room(session, leave.room, leave.ref)
         if room is None:
             return
-        await self.settle(session)
+        await self.node.settle(session)
         self._remove_member(session, room, LeaveReason.LEAVE)
         session.send(
             Left(
@@ -535,18 +336,16 @@ class ChatRules:
     ) -> None:
         announce = self.rooms.remove(room, session) and notify
         session.rooms = tuple(name for name in session.rooms if name != room.name)
-        bp = self.backplane
-        if bp is not None:
-            bp.member(room.name, session.name, present=False)
-            if announce:
-                self._publish(LEFT, room=room.name, sender=session.name, reason=reason)
+        self.node.member(room.name, session.name, present=False)
+        if announce:
+            self.node.publish(LEFT, room=room.name, sender=session.name, reason=reason)
         if announce:
             self.fanout.publish(
                 room, Left(room=room.name, name=session.name, reason=reason)
             )
 
     async def _nick(self, session: Session, nick: Nick) -> None:
-        await self.settle(session)
+        await self.node.settle(session)
         new = nick.name
         if self._name_refused(session, new, nick.ref):
             return
@@ -560,26 +359,22 @@ class ChatRules:
             if self._name_refused(session, new, nick.ref):
                 return
         old = session.name
-        bp = self.backplane
         if new.casefold() != old.casefold():
-            if not await self._claim(session, new, nick.ref) or self._name_refused(
+            if not await self.node.claim(session, new, nick.ref) or self._name_refused(
                 session, new, nick.ref
             ):
                 return
-            if bp is not None:
-                bp.release(old)
-        del self.names[old.casefold()]
-        self.names[new.casefold()] = session
+            self.node.release(old)
+        self.directory.rename(session, old, new)
         session.name = new
         event = Renamed(old=old, new=new)
         rooms = [self.rooms[name] for name in session.rooms]
         self.fanout.send_each(self.rooms.each_member(rooms, but=session), event)
         session.send(msgspec.structs.replace(event, ref=nick.ref))
-        if bp is not None:
-            for room_name in session.rooms:
-                bp.member(room_name, old, present=False)
-                bp.member(room_name, new, present=True)
-            self._publish(RENAMED, old=old, sender=new, rooms=session.rooms)
+        for room_name in session.rooms:
+            self.node.member(room_name, old, present=False)
+            self.node.member(room_name, new, present=True)
+        self.node.publish(RENAMED, old=old, sender=new, rooms=session.rooms)
         log.info("%s is now known as %s.", old, new)
         await self.hooks.notify(
             "chatkit_user_renamed", user=session.user, old=old, new=new
@@ -587,7 +382,7 @@ class ChatRules:
 
     async def _who(self, room_name: str) -> tuple[str, ...]:
         """The names in a room: the whole cluster's if there is one."""
-        cluster = self.cluster
+        cluster = self.node.cluster
         if cluster is not None:
             with suppress(OSError):
                 return await cluster.who(room_name)
@@ -596,52 +391,18 @@ class ChatRules:
 
     async def _room_counts(self) -> dict[str, int]:
         """Each room's number of members: the whole cluster's if there is one."""
-        cluster = self.cluster
+        cluster = self.node.cluster
         if cluster is not None:
             with suppress(OSError):
                 return await cluster.rooms()
         return {room.name: len(room.members) for room in self.rooms}
-
-    async def _history(self, session: Session, request: History) -> None:
-        """Answer a page of history: the newest ``limit`` messages (before
-        ``before``), or with ``after``, the oldest ``limit`` after it (a
-        client catching up asks again after the last one it got)."""
-        room = self._member_room(session, request.room, request.ref)
-        if room is None:
-            return
-        limit = self.limits.max_history_page
-        if request.limit is not None:
-            limit = min(limit, request.limit)
-        before, after = request.before, request.after
-        store = self.store
-        messages: Sequence[Message] = ()
-        try:
-            if limit == 0:
-                pass
-            elif after is not None:
-                messages = await store.after(room.name, after, limit)
-                if before is not None:
-                    messages = [m for m in messages if m.id < before]
-            elif before is not None:
-                messages = await store.before(room.name, before, limit)
-            else:
-                messages = await store.recent(room.name, limit)
-        except Exception:
-            log.exception("the history store failed to answer a history request")
-            session.error(ErrorCode.UNAVAILABLE, "history is unavailable", request.ref)
-            return
-        budget = self.limits.max_queued_bytes // 2
-        messages = _fit(messages, budget, oldest=after is not None)
-        session.send(
-            HistoryReply(room=room.name, messages=tuple(messages), ref=request.ref)
-        )
 
     # --- leaving ------------------------------------------------------------
 
     def detach(self, session: Session) -> None:
         """Free the session's name and take it out of its rooms (once; the
         rooms it left are kept in ``session.left_rooms`` for the hooks)."""
-        if not session.name or self.names.get(session.name.casefold()) is not session:
+        if not session.name or self.get(session.name) is not session:
             return
         reason = session.reason or LeaveReason.DISCONNECT
         session.left_rooms = session.rooms
@@ -649,10 +410,8 @@ class ChatRules:
             self._remove_member(
                 session, self.rooms[name], reason, notify=not self.closing
             )
-        del self.names[session.name.casefold()]
-        del self.users[session]
-        if self.backplane is not None:
-            self.backplane.release(session.name)
+        self.directory.log_out(session, session.name)
+        self.node.release(session.name)
         log.info("%s has left the chat.", session.name)
 
     async def after_detach(self, session: Session) -> None:
@@ -669,117 +428,3 @@ class ChatRules:
         )
 
     # --- the cluster --------------------------------------------------------
-
-    @property
-    def cluster(self) -> Backplane | None:
-        """The backplane while it reaches the cluster; None when alone."""
-        bp = self.backplane
-        return bp if bp is not None and bp.available else None
-
-    def _publish(
-        self,
-        kind: str,
-        *,
-        origin: Session | None = None,
-        ref: Any = None,
-        **fields: Any,
-    ) -> Publication | None:
-        """Publish an event to the cluster; None when there is none to
-        publish to (no backplane, or it lost Redis): deliver it here."""
-        cluster = self.cluster
-        if cluster is None:
-            return None
-        return cluster.publish(
-            Envelope(kind, ts=time.time(), **fields), user=origin, ref=ref
-        )
-
-    async def settle(self, session: Session) -> None:
-        """In a cluster, wait until what ``session`` said has come back from
-        the backplane (delivered here, the sender's copy with its ``ref``):
-        a leave, rename or disconnect is applied here at once but reaches
-        the other nodes through the stream, after those messages, so it
-        must come after them here too. Losing the backplane ends the wait."""
-        bp = self.backplane
-        if bp is not None:
-            for publication in bp.pending(session):
-                await publication.done.wait()
-
-    def deliver(
-        self, id: int, env: Envelope, publication: Publication | None
-    ) -> Message | DirectMessage | None:
-        """See :meth:`chatkit.backplane.ClusterPort.deliver`."""
-        if id > self.last_id:
-            self.last_id = id
-        mine = publication is not None
-        kind = env.kind
-        if kind in (MESSAGE, DM):
-            origin = publication.user if publication is not None else None
-            ref = publication.ref if publication is not None else None
-            event = self._hand_out(
-                id, env, origin if isinstance(origin, Session) else None, ref
-            )
-            return event if mine else None
-        if mine:
-            return None  # presence: delivered to this node's users already
-        if kind in (JOINED, LEFT):
-            room = self.rooms.get(env.room)
-            if room is not None:
-                self.fanout.publish(
-                    room,
-                    Joined(room=env.room, name=env.sender)
-                    if kind == JOINED
-                    else Left(
-                        room=env.room, name=env.sender, reason=env.reason or None
-                    ),
-                )
-        elif kind == RENAMED:
-            rooms = [room for name in env.rooms if (room := self.rooms.get(name))]
-            self.fanout.send_each(
-                self.rooms.each_member(rooms), Renamed(old=env.old, new=env.sender)
-            )
-        return None
-
-    def deliver_here(self, publication: Publication) -> Message | DirectMessage | None:
-        """See :meth:`chatkit.backplane.ClusterPort.deliver_here`."""
-        env, origin, ref = publication.env, publication.user, publication.ref
-        session = origin if isinstance(origin, Session) else None
-        if env.kind == MESSAGE and self.rooms.get(env.room) is not None:
-            return self._hand_out(self.next_id(), env, session, ref)
-        if env.kind == DM and session is not None:
-            if self.get(env.to) is None:
-                session.error(ErrorCode.UNAVAILABLE, "the cluster is unreachable", ref)
-                return None
-            return self._hand_out(self.next_id(), env, session, ref)
-        return None
-
-    def _hand_out(
-        self, id: int, env: Envelope, origin: Session | None, ref: Any
-    ) -> Message | DirectMessage | None:
-        if env.kind == MESSAGE:
-            return self.hand_out_message(
-                id, env.ts, env.room, env.sender, env.text, origin, ref
-            )
-        return self.hand_out_dm(id, env.ts, env.sender, env.to, env.text, origin, ref)
-
-
-def _fit(
-    messages: Sequence[Message], budget: int, *, oldest: bool
-) -> Sequence[Message]:
-    """As many of ``messages`` (at least one) as fit in ``budget`` bytes of
-    JSON: the oldest (a client catching up asks again after the last one)
-    or the newest (it asks again before the first one). A page of long
-    messages is then shorter than asked for, never dropped as too_slow for
-    overflowing the asker's buffer."""
-    # The usual page is answered at once: a character is at most 6 bytes of
-    # JSON (an escape), and a message's other fields under 256.
-    text = sum(len(m.text) for m in messages)
-    if len(messages) < 2 or 6 * text + 256 * len(messages) <= budget:
-        return messages
-    order = messages if oldest else messages[::-1]
-    size = count = 0
-    for message in order:
-        size += len(encode_json(message))
-        if size > budget and count:
-            break
-        count += 1
-    return messages[:count] if oldest else messages[len(messages) - count :]

@@ -142,12 +142,12 @@ class ChatServer:
     @property
     def connections(self) -> int:
         """Connections open now, logged in or not."""
-        return len(self._rules.connections)
+        return len(self._rules.directory.connections)
 
     @property
     def users(self) -> tuple[User, ...]:
         """Logged-in users, in login order."""
-        return tuple(session.user for session in self._rules.users)
+        return tuple(session.user for session in self._rules.directory.users)
 
     @property
     def rooms(self) -> Mapping[str, tuple[str, ...]]:
@@ -236,7 +236,7 @@ class ChatServer:
         await self._hooks.notify("chatkit_server_stopping")
         self._accept_scope.cancel()
         shutdown = Shutdown(reason=reason)
-        for session in list(self._rules.connections):
+        for session in list(self._rules.directory.connections):
             session.close(LeaveReason.SHUTDOWN, shutdown)
         close_timeout = self.limits.close_timeout
         deadline = trio.current_time() + close_timeout + 1
@@ -259,7 +259,7 @@ class ChatServer:
         """
         if self._rules.rooms.get(room) is None:
             raise KeyError(room)
-        message = await self._rules.post(room, text, sender)
+        message = await self._rules.messages.post(room, text, sender)
         if message is None:
             raise HistoryStoreError(f"the history store refused a message to {room}")
         return message
@@ -274,7 +274,7 @@ class ChatServer:
         # The transport awaits what this returns: the connection's task is
         # Session.run itself (a frame less per idle connection).
         limits = self.limits
-        if len(self._rules.connections) >= limits.max_connections:
+        if len(self._rules.directory.connections) >= limits.max_connections:
             return _refuse(link, ErrorCode.SERVER_FULL, "the server is full", limits)
         assert self._nursery is not None
         session = Session(link, self._fanout, limits, self.stats, self._nursery)

@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from ._outbox import Stats
     from ._transport import Link
 
-__all__ = ["SERVER_SENDER", "Handler", "LeaveReason", "RemoteUser", "Session", "User"]
+__all__ = [
+    "SERVER_SENDER",
+    "Directory",
+    "Handler",
+    "LeaveReason",
+    "RemoteUser",
+    "Session",
+    "User",
+]
 
 log = logging.getLogger("chatkit.server")
 
@@ -420,3 +428,37 @@ class Session:
             return True
         self._violations += 1
         return False
+
+
+class Directory:
+    """Who is connected, and who is logged in under which name."""
+
+    def __init__(self) -> None:
+        self.connections: set[Session] = set()
+        """Every connection, logged in or not."""
+        self.users: dict[Session, None] = {}
+        """The logged-in sessions, in login order."""
+        self._names: dict[str, Session] = {}  # casefolded name -> session
+
+    def get(self, name: str) -> Session | None:
+        """The logged-in session called ``name`` (case-insensitively)."""
+        return self._names.get(name.casefold())
+
+    def log_in(self, session: Session, name: str) -> None:
+        """``session`` is logged in as ``name`` (free: checked before)."""
+        self._names[name.casefold()] = session
+        self.users[session] = None
+
+    def rename(self, session: Session, old: str, new: str) -> None:
+        """``session`` is called ``new`` now."""
+        del self._names[old.casefold()]
+        self._names[new.casefold()] = session
+
+    def log_out(self, session: Session, name: str) -> bool:
+        """``session`` (called ``name``) is logged out; False if it was not
+        logged in."""
+        if self._names.get(name.casefold()) is not session:
+            return False
+        del self._names[name.casefold()]
+        del self.users[session]
+        return True
