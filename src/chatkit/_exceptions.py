@@ -248,7 +248,8 @@ class TooManyRooms(RequestError):
 
 
 class Unavailable(RequestError):
-    """``unavailable``: the server cannot do that right now (a cluster node
+    """``unavailable``: the server cannot do that right now (its history
+    store could not store the message, so nobody saw it; or a cluster node
     that lost its backplane refuses new names); try again later."""
 
     code = ErrorCode.UNAVAILABLE

@@ -28,6 +28,7 @@ from ._session import User as User
 from ._transport import Link as Link
 from ._transport import TcpLink as TcpLink
 from ._transport import TcpTransport as TcpTransport
+from ._transport import TlsLink as TlsLink
 from ._transport import Transport as Transport
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Stats",
     "TcpLink",
     "TcpTransport",
+    "TlsLink",
     "Transport",
     "User",
     "open_server",
