@@ -18,7 +18,7 @@ import trio
 
 import chatkit
 from chatkit import HistoryStore, HistoryStoreError, MemoryHistory, Message
-from chatkit import sqlite as chatkit_sqlite
+from chatkit._sqlite_file import _INSERT, _SCHEMA
 from chatkit.sqlite import SqliteHistory
 from tests.helpers import TIMEOUT, RawClient, unref, wait_until
 from tests.programs import child_environment
@@ -49,7 +49,9 @@ class FullDisk:
     connection is borrowed.)"""
 
     def __init__(self, store: SqliteHistory) -> None:
-        db = store._writer
+        file = store._file
+        assert file is not None
+        db = file._writer
         assert db is not None
         (pages,) = db.execute("PRAGMA page_count").fetchone()
         db.execute(f"PRAGMA max_page_count = {pages}")
@@ -411,9 +413,9 @@ def garbage(path: Path) -> Path:
 def damaged(path: Path) -> Path:
     """A real history database with a page in its middle overwritten."""
     db = sqlite3.connect(path)
-    db.executescript(";".join(chatkit_sqlite._SCHEMA) + ";PRAGMA user_version = 1")
+    db.executescript(";".join(_SCHEMA) + ";PRAGMA user_version = 1")
     db.executemany(
-        chatkit_sqlite._INSERT,
+        _INSERT,
         [(n, "lobby", 0.0, "alice", "x" * 100) for n in range(1, 2001)],
     )
     db.commit()

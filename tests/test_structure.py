@@ -102,8 +102,10 @@ def test_no_module_starts_a_thread_through_trio() -> None:
 # The one exception: sqlite3 has no non-blocking interface, so chatkit.sqlite
 # runs its calls in trio's worker threads (trio.to_thread.run_sync, awaited,
 # one thread per connection at a time) to keep the disk off the event loop.
-# Even there, a thread never calls back into trio.
+# Even there, a thread never calls back into trio: what runs in those
+# threads is chatkit._sqlite_file's, which does not import trio at all.
 MAY_USE_WORKER_THREADS = frozenset({"sqlite.py"})
+RUN_IN_WORKER_THREADS = ("_sqlite_file.py",)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_id)
@@ -136,6 +138,14 @@ def test_worker_threads_stay_in_their_module() -> None:
         )
     ]
     assert uses == sorted(MAY_USE_WORKER_THREADS)
+
+
+@pytest.mark.parametrize("name", RUN_IN_WORKER_THREADS)
+def test_code_run_in_worker_threads_imports_no_trio(name: str) -> None:
+    imports = imported_modules(parse(SRC / name))
+    assert imports  # the scan sees something
+    async_io = ("trio", "anyio", "asyncio")
+    assert [(line, mod) for line, mod in imports if mod.split(".")[0] in async_io] == []
 
 
 def test_thread_import_detection_works() -> None:
