@@ -3,7 +3,8 @@ source tree.
 
 No threads (except chatkit.sqlite's awaited worker threads), no
 module-level mutable state, a protocol layer that never touches trio or
-sockets, and a public API that is complete and documented.
+sockets, no module over 600 lines, and a public API that is complete and
+documented.
 """
 
 from __future__ import annotations
@@ -597,6 +598,22 @@ def test_relative_imports_resolve_to_modules_or_packages() -> None:
         "client/_impl.py": {"protocol.py"},
         "client/__main__.py": {"client/__init__.py", "client/_impl.py"},
     }
+
+
+# --- module size ----------------------------------------------------------------
+
+# A module longer than this is split along its seams (a generated or data
+# module would be the exception; there is none).
+MAX_MODULE_LINES = 600
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_id)
+def test_no_module_is_over_the_line_limit(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, (
+        f"src/chatkit/{module_id(path)} has {lines} lines, over the limit of "
+        f"{MAX_MODULE_LINES}: split it along a seam"
+    )
 
 
 # --- the public API -----------------------------------------------------------
