@@ -18,7 +18,7 @@ import trio
 
 import chatkit
 from chatkit import HistoryStore, HistoryStoreError, MemoryHistory, Message
-from chatkit import sqlite as chatkit_sqlite
+from chatkit._sqlite_file import _INSERT, _SCHEMA
 from chatkit.sqlite import SqliteHistory
 from tests.helpers import TIMEOUT, RawClient, unref, wait_until
 from tests.programs import child_environment
@@ -49,7 +49,9 @@ class FullDisk:
     connection is borrowed.)"""
 
     def __init__(self, store: SqliteHistory) -> None:
-        db = store._writer
+        file = store._file
+        assert file is not None
+        db = file._writer
         assert db is not None
         (pages,) = db.execute("PRAGMA page_count").fetchone()
         db.execute(f"PRAGMA max_page_count = {pages}")
@@ -400,6 +402,65 @@ async def test_a_full_disk_refuses_that_flush_and_the_next_one_writes(
         assert last_id == 502
 
 
+async def test_a_failed_flush_does_not_take_messages_appended_while_it_waited(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # A flush commits what was appended before it was called. This one waits
+    # for the write lock, held by a retention pass, while three more
+    # messages are appended; its commit fails (full disk). The three are not
+    # let go with it: the next flush writes them.
+    #
+    # Deterministic, no timing: the clock only moves when the test jumps it,
+    # so the retention pass starts at the jump (once the store's loops are
+    # asleep); and the test holds a write transaction on the file, on a
+    # connection of its own, which the pass's transaction waits for
+    # (sqlite3's default busy timeout, 5 s, far more than the few scheduler
+    # rounds the test needs). Once every task is blocked again, the pass is
+    # inside the store's write lock and stays there until the test rolls
+    # back; the flush started then must wait for it.
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, prune_interval=10)
+    async with store.open():
+        store.append(message(1))
+        await store.flush()  # a room written: the next pass looks at it
+        disk = FullDisk(store)
+        before = [message(n, text="x" * 200) for n in range(2, 502)]
+        later = [message(n) for n in range(502, 505)]
+        refused: list[HistoryStoreError] = []
+
+        async def first_flush() -> None:
+            try:
+                await store.flush()
+            except HistoryStoreError as exc:
+                refused.append(exc)
+
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            await trio.testing.wait_all_tasks_blocked()  # the store's loops asleep
+            mock_clock.jump(10)
+            await trio.testing.wait_all_tasks_blocked()  # the pass holds the lock
+            for m in before:
+                store.append(m)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first_flush)
+                await trio.testing.wait_all_tasks_blocked()
+                assert (refused, store.commits, store.pending) == ([], 1, 500)
+                for m in later:
+                    store.append(m)  # while the first flush waits
+                blocker.execute("ROLLBACK")  # the pass goes on, then the flush
+        finally:
+            blocker.close()
+        assert len(refused) == 1
+        assert "full" in str(refused[0])
+        assert (store.commits, store.failed, store.pending) == (1, 500, 3)
+        assert list(await store.after("lobby", 1, 1000)) == later
+        disk.free()
+        await store.flush()
+        assert (store.commits, store.written, store.pending) == (2, 4, 0)
+    assert rows(path, "SELECT id FROM messages") == [(1,), (502,), (503,), (504,)]
+
+
 # --- errors at start-up --------------------------------------------------------
 
 
@@ -411,9 +472,9 @@ def garbage(path: Path) -> Path:
 def damaged(path: Path) -> Path:
     """A real history database with a page in its middle overwritten."""
     db = sqlite3.connect(path)
-    db.executescript(";".join(chatkit_sqlite._SCHEMA) + ";PRAGMA user_version = 1")
+    db.executescript(";".join(_SCHEMA) + ";PRAGMA user_version = 1")
     db.executemany(
-        chatkit_sqlite._INSERT,
+        _INSERT,
         [(n, "lobby", 0.0, "alice", "x" * 100) for n in range(1, 2001)],
     )
     db.commit()

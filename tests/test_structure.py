@@ -3,7 +3,8 @@ source tree.
 
 No threads (except chatkit.sqlite's awaited worker threads), no
 module-level mutable state, a protocol layer that never touches trio or
-sockets, and a public API that is complete and documented.
+sockets, no module over 600 lines, and a public API that is complete and
+documented.
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ def test_no_module_starts_a_thread_through_trio() -> None:
 # The one exception: sqlite3 has no non-blocking interface, so chatkit.sqlite
 # runs its calls in trio's worker threads (trio.to_thread.run_sync, awaited,
 # one thread per connection at a time) to keep the disk off the event loop.
-# Even there, a thread never calls back into trio.
+# Even there, a thread never calls back into trio: what runs in those
+# threads is chatkit._sqlite_file's, which does not import trio at all.
 MAY_USE_WORKER_THREADS = frozenset({"sqlite.py"})
+RUN_IN_WORKER_THREADS = ("_sqlite_file.py",)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=module_id)
@@ -136,6 +139,14 @@ def test_worker_threads_stay_in_their_module() -> None:
         )
     ]
     assert uses == sorted(MAY_USE_WORKER_THREADS)
+
+
+@pytest.mark.parametrize("name", RUN_IN_WORKER_THREADS)
+def test_code_run_in_worker_threads_imports_no_trio(name: str) -> None:
+    imports = imported_modules(parse(SRC / name))
+    assert imports  # the scan sees something
+    async_io = ("trio", "anyio", "asyncio")
+    assert [(line, mod) for line, mod in imports if mod.split(".")[0] in async_io] == []
 
 
 def test_thread_import_detection_works() -> None:
@@ -587,6 +598,22 @@ def test_relative_imports_resolve_to_modules_or_packages() -> None:
         "client/_impl.py": {"protocol.py"},
         "client/__main__.py": {"client/__init__.py", "client/_impl.py"},
     }
+
+
+# --- module size ----------------------------------------------------------------
+
+# A module longer than this is split along its seams (a generated or data
+# module would be the exception; there is none).
+MAX_MODULE_LINES = 600
+
+
+@pytest.mark.parametrize("path", MODULES, ids=module_id)
+def test_no_module_is_over_the_line_limit(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, (
+        f"src/chatkit/{module_id(path)} has {lines} lines, over the limit of "
+        f"{MAX_MODULE_LINES}: split it along a seam"
+    )
 
 
 # --- the public API -----------------------------------------------------------

@@ -19,7 +19,10 @@ server but not of the machine (a power cut may lose the last commits).
 
 This is the one module of chatkit that uses threads (``sqlite3`` has no
 non-blocking interface): each connection is used by one thread at a time,
-and every thread is run and awaited by ``trio.to_thread.run_sync``.
+and every thread is run and awaited by ``trio.to_thread.run_sync``. What
+runs in them, the file, its connections, schema and SQL, is
+``chatkit._sqlite_file``'s :class:`~chatkit._sqlite_file.HistoryFile`,
+plain synchronous code; this module is the store around it.
 """
 
 from __future__ import annotations
@@ -28,16 +31,16 @@ import collections
 import logging
 import os
 import sqlite3
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from itertools import chain
-from typing import Any
 
 import trio
 
 from ._events import Message
+from ._sqlite_file import SCHEMA_VERSION as SCHEMA_VERSION
+from ._sqlite_file import HistoryFile
 from .history import HistoryStoreError
 
 __all__ = ["SqliteHistory"]
@@ -48,48 +51,6 @@ log = logging.getLogger("chatkit.sqlite")
 _CHECKPOINT_INTERVAL = 1.0
 # Most messages retention deletes in one transaction.
 _PRUNE_CHUNK = 1000
-
-SCHEMA_VERSION = 1
-"""The ``PRAGMA user_version`` of a database this module writes."""
-
-_SCHEMA = (
-    """
-    CREATE TABLE messages (
-        id INTEGER PRIMARY KEY,
-        room TEXT NOT NULL,
-        ts REAL NOT NULL,
-        sender TEXT NOT NULL,
-        text TEXT NOT NULL
-    )
-    """,
-    "CREATE INDEX messages_room_id ON messages (room, id)",
-    # The highest id ever written, kept apart from the messages: retention
-    # may delete every message, and ids must still not start again at 1.
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
-    "INSERT INTO meta (key, value) VALUES ('last_id', 0)",
-)
-_INSERT = "INSERT INTO messages (id, room, ts, sender, text) VALUES (?, ?, ?, ?, ?)"
-_SET_LAST_ID = "UPDATE meta SET value = max(value, ?) WHERE key = 'last_id'"
-_SET_LAST_ID_FROM_MESSAGES = """
-    UPDATE meta SET value = max(value, coalesce((SELECT max(id) FROM messages), 0))
-    WHERE key = 'last_id'
-"""
-# The oldest messages of a room past the newest ?2, at most ?3 of them (-1:
-# all), and likewise those older than a time.
-_PRUNE_ROOM = """
-    DELETE FROM messages WHERE id IN (
-        SELECT id FROM messages WHERE room = ?1 AND id <= (
-            SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
-        ) ORDER BY id LIMIT ?3
-    )
-"""
-_PRUNE_AGE = """
-    DELETE FROM messages WHERE id IN (
-        SELECT id FROM messages WHERE +ts < ?1 ORDER BY id LIMIT ?2
-    )
-"""
-# The unary plus keeps SQLite off the ts index here: (room, id) is the one.
-_COLUMNS = "SELECT id, ts, sender, text FROM messages WHERE room = ? AND +ts >= ?"
 
 
 class SqliteHistory:
@@ -189,14 +150,13 @@ class SqliteHistory:
         # after a restart.
         self._highest = 0
         self._recorded = 0
-        self._writer: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
-        # Checkpoints the WAL into the database file in the background: the
-        # writer never does (a checkpoint syncs the disk, and the server
-        # waits for the writer's commits before it shows a message).
-        self._checkpointer: sqlite3.Connection | None = None
+        # The database, while open (from a successful open to the start of
+        # closing). Its checkpoints are made in the background (see
+        # _checkpoint_loop): its writer never makes one (a checkpoint syncs
+        # the disk, and the server waits for the writer's commits before it
+        # shows a message).
+        self._file: HistoryFile | None = None
         self._checkpointed_at = 0  # commits then
-        self._lock_fd = -1  # PATH.lock, locked while open (see _lock)
         # The reader is shared by every query; one thread at a time uses it.
         # The writer is used by one flush or retention pass at a time.
         self._read_limiter = trio.CapacityLimiter(1)
@@ -213,6 +173,11 @@ class SqliteHistory:
     def _unrecorded(self) -> bool:
         """An id was handed out above the ``last_id`` written."""
         return self._recorded < self._highest
+
+    def _opened(self) -> HistoryFile:
+        if self._file is None:
+            raise RuntimeError(f"{self.path} is not open")
+        return self._file
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[int]:
@@ -231,12 +196,19 @@ class SqliteHistory:
         """
         if self._open:
             raise RuntimeError(f"{self.path} is already open")
+        file = HistoryFile(
+            self.path,
+            max_messages_per_room=self.max_messages_per_room,
+            max_age=self.max_age,
+        )
         self._open = True
         try:
-            last_id = await trio.to_thread.run_sync(self._connect)
+            last_id, pruned = await trio.to_thread.run_sync(file.open)
         except BaseException:
             self._open = False
             raise
+        self._file = file
+        self.pruned += pruned
         self._highest = self._recorded = last_id
         body_error: BaseException | None = None
         try:
@@ -314,18 +286,19 @@ class SqliteHistory:
         count = upto - self._taken
         if count <= 0 and self._recorded >= highest:
             return
-        if self._writer is None:
+        file = self._file
+        if file is None:
             raise HistoryStoreError(f"history database {self.path} is not open")
         pending = self._pending
         batch = self._writing = tuple(pending.popleft() for _ in range(max(0, count)))
         self._taken += len(batch)
         try:
             if len(batch) <= self.inline_commit:
-                rooms = self._insert(batch, highest)
+                rooms = file.insert(batch, highest)
             else:
                 # Not cancellable once the thread runs: the commit's outcome
                 # is always known here.
-                rooms = await trio.to_thread.run_sync(self._insert, batch, highest)
+                rooms = await trio.to_thread.run_sync(file.insert, batch, highest)
         except (sqlite3.Error, OSError) as exc:
             self.failed += len(batch)
             log.exception(
@@ -345,8 +318,7 @@ class SqliteHistory:
         """The newest ``limit`` messages of ``room``, oldest first."""
         found = await self._query(
             room,
-            "ORDER BY id DESC LIMIT ?",
-            (limit,),
+            lambda file, since: file.recent(room, since, limit),
             lambda message: True,
         )
         return found[max(0, len(found) - limit) :]
@@ -355,8 +327,7 @@ class SqliteHistory:
         """The newest ``limit`` messages of ``room`` with an id below ``id``."""
         found = await self._query(
             room,
-            "AND id < ? ORDER BY id DESC LIMIT ?",
-            (id, limit),
+            lambda file, since: file.before(room, since, id, limit),
             lambda message: message.id < id,
         )
         return found[max(0, len(found) - limit) :]
@@ -365,8 +336,7 @@ class SqliteHistory:
         """The oldest ``limit`` messages of ``room`` with an id above ``id``."""
         found = await self._query(
             room,
-            "AND id > ? ORDER BY id LIMIT ?",
-            (id, limit),
+            lambda file, since: file.after(room, since, id, limit),
             lambda message: message.id > id,
         )
         return found[:limit]
@@ -376,15 +346,13 @@ class SqliteHistory:
     async def _query(
         self,
         room: str,
-        where: str,
-        params: tuple[int, ...],
+        read: Callable[[HistoryFile, float], list[Message]],
         keep: Callable[[Message], bool],
     ) -> list[Message]:
-        """Messages of ``room`` matching the SQL ``where`` (after the room
-        and age conditions) and, among those not committed yet, ``keep``:
-        all sorted by id; the caller takes its slice."""
-        if self._reader is None:
-            raise RuntimeError(f"{self.path} is not open")
+        """Messages of ``room`` that ``read`` finds in the file (given the
+        age cutoff) and, among those not committed yet, that ``keep``
+        keeps: all sorted by id; the caller takes its slice."""
+        file = self._opened()
         cutoff = -float("inf") if self.max_age is None else time.time() - self.max_age
         # The queued messages are taken before the database is read: one
         # committed in between is then found twice (merged by id), never
@@ -395,51 +363,15 @@ class SqliteHistory:
             if m.room == room and m.ts >= cutoff and keep(m)
         }
         try:
-            rows = await trio.to_thread.run_sync(
-                self._select,
-                f"{_COLUMNS} {where}",
-                (room, cutoff, *params),
-                limiter=self._read_limiter,
+            stored = await trio.to_thread.run_sync(
+                read, file, cutoff, limiter=self._read_limiter
             )
         except sqlite3.Error:
             log.exception("history database %s: a read failed", self.path)
-            rows = []
-        for row_id, ts, sender, text in rows:
-            if row_id not in found:
-                found[row_id] = Message(
-                    id=row_id, ts=ts, room=room, sender=sender, text=text
-                )
+            stored = []
+        for message in stored:
+            found.setdefault(message.id, message)
         return sorted(found.values(), key=lambda message: message.id)
-
-    def _select(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        # In a worker thread, under the read limiter.
-        reader = self._reader
-        if reader is None:  # closed while this call waited for the limiter
-            return []
-        return reader.execute(sql, params).fetchall()
-
-    # --- writing ------------------------------------------------------------
-
-    def _insert(self, batch: Sequence[Message], highest: int) -> set[str]:
-        # Under the write lock, in a worker thread or (a small batch) not.
-        # ``highest``: the highest id handed out, recorded with the batch.
-        writer = self._connection()
-        writer.execute("BEGIN IMMEDIATE")
-        try:
-            writer.executemany(
-                _INSERT, [(m.id, m.room, m.ts, m.sender, m.text) for m in batch]
-            )
-            # The messages keep the highest id themselves (see _prune); the
-            # meta row (a page more to write) only for a higher one handed
-            # out without a message (a direct message's).
-            if not batch or highest > max(m.id for m in batch):
-                writer.execute(_SET_LAST_ID, (highest,))
-            writer.execute("COMMIT")
-        except BaseException:
-            if writer.in_transaction:
-                writer.rollback()
-            raise
-        return {m.room for m in batch}
 
     # --- retention ----------------------------------------------------------
 
@@ -453,13 +385,11 @@ class SqliteHistory:
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database file, waiting for nobody (PASSIVE:
         commits go on meanwhile), in a worker thread."""
-        connection = self._checkpointer
-        if connection is None:
+        file = self._file
+        if file is None:
             return
         try:
-            await trio.to_thread.run_sync(
-                connection.execute, "PRAGMA wal_checkpoint(PASSIVE)"
-            )
+            await trio.to_thread.run_sync(file.checkpoint)
         except sqlite3.Error:
             log.exception("history database %s: checkpoint failed", self.path)
 
@@ -479,7 +409,7 @@ class SqliteHistory:
             while True:
                 async with self._write_lock:
                     deleted = await trio.to_thread.run_sync(
-                        self._prune, rooms, _PRUNE_CHUNK
+                        self._opened().prune, rooms, _PRUNE_CHUNK
                     )
                 self.pruned += deleted
                 if deleted < _PRUNE_CHUNK:
@@ -488,202 +418,10 @@ class SqliteHistory:
             log.exception("history database %s: retention failed", self.path)
             self._touched |= rooms  # for the next pass
 
-    def _prune(self, rooms: Iterable[str] | None, most: int = -1) -> int:
-        """Delete what retention does not keep, in ``rooms`` (``None``: all
-        of them), at most ``most`` messages (``-1``: all); in a transaction
-        of its own unless one is open."""
-        writer = self._connection()
-        own = not writer.in_transaction
-        if own:
-            writer.execute("BEGIN IMMEDIATE")
-        try:
-            # The newest message may go: its id stays, in the meta row.
-            writer.execute(_SET_LAST_ID_FROM_MESSAGES)
-            deleted = 0
-            if self.max_age is not None:
-                cutoff = time.time() - self.max_age
-                cursor = writer.execute(_PRUNE_AGE, (cutoff, most))
-                deleted += cursor.rowcount
-            if self.max_messages_per_room is not None:
-                if rooms is None:
-                    found = writer.execute("SELECT DISTINCT room FROM messages")
-                    rooms = [room for (room,) in found.fetchall()]
-                for room in rooms:
-                    if most >= 0 and deleted >= most:
-                        break
-                    cursor = writer.execute(
-                        _PRUNE_ROOM,
-                        (
-                            room,
-                            self.max_messages_per_room,
-                            most - deleted if most >= 0 else -1,
-                        ),
-                    )
-                    deleted += cursor.rowcount
-            if own:
-                writer.execute("COMMIT")
-        except BaseException:
-            if own and writer.in_transaction:
-                writer.rollback()
-            raise
-        return deleted
-
-    # --- opening and closing -----------------------------------------------
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._writer is None:
-            raise RuntimeError(f"{self.path} is not open")
-        return self._writer
-
-    def _connect(self) -> int:
-        """Open both connections (in a worker thread); the highest id."""
-        path = self.path
-        if os.path.isdir(path):
-            raise HistoryStoreError(
-                f"cannot open history database {path}: it is a directory"
-            )
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise HistoryStoreError(
-                f"cannot open history database {path}: no such directory {folder}"
-            )
-        self._lock()
-        try:
-            self._writer = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False
-            )
-            last_id = self._prepare()
-            self._reader = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False
-            )
-            self._reader.execute("PRAGMA query_only = ON")
-            self._checkpointer = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False
-            )
-        except (sqlite3.Error, OSError) as exc:
-            self._close_connections()
-            reason = str(exc)
-            if getattr(exc, "sqlite_errorname", None) == "SQLITE_CANTOPEN":
-                # Typically a directory where the -wal file cannot be made.
-                reason += f" (SQLite must be able to create files in {folder})"
-            raise HistoryStoreError(
-                f"cannot open history database {path}: {reason}"
-            ) from exc
-        except BaseException:
-            self._close_connections()
-            raise
-        log.debug("history database %s opened (last message id %d)", path, last_id)
-        return last_id
-
-    def _prepare(self) -> int:
-        """Check or create the schema, apply retention; the highest id."""
-        writer = self._connection()
-        (mode,) = writer.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode != "wal":
-            raise HistoryStoreError(
-                f"cannot open history database {self.path}: cannot use WAL mode "
-                f"(journal mode {mode})"
-            )
-        writer.execute("PRAGMA synchronous = NORMAL")
-        writer.execute("PRAGMA wal_autocheckpoint = 0")  # see _checkpoint_loop
-        # A damaged file is refused now rather than failing mid-chat; this
-        # reads the whole file (about 0.1 s per 100 MB when cached).
-        (check,) = writer.execute("PRAGMA quick_check(1)").fetchone()
-        if check != "ok":
-            raise HistoryStoreError(
-                f"cannot open history database {self.path}: it is damaged "
-                f"({' '.join(check.split())})"
-            )
-        writer.execute("BEGIN IMMEDIATE")
-        try:
-            (version,) = writer.execute("PRAGMA user_version").fetchone()
-            if version == 0:
-                (tables,) = writer.execute(
-                    "SELECT count(*) FROM sqlite_master"
-                ).fetchone()
-                if tables:
-                    raise HistoryStoreError(
-                        f"cannot open history database {self.path}: it is a SQLite "
-                        "database, but not a chatkit history"
-                    )
-                for statement in _SCHEMA:
-                    writer.execute(statement)
-                writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
-                raise HistoryStoreError(
-                    f"cannot open history database {self.path}: schema version "
-                    f"{version} is newer than this chatkit's ({SCHEMA_VERSION})"
-                )
-            (last_id,) = writer.execute(
-                "SELECT max(coalesce((SELECT max(id) FROM messages), 0), value) "
-                "FROM meta WHERE key = 'last_id'"
-            ).fetchone()
-            # Also a write now, so that a read-only file fails here, not
-            # mid-chat. ('running' was 0.1's crash marker, and no query uses
-            # 0.1's index on ts: it only cost a page per commit.)
-            writer.execute("DELETE FROM meta WHERE key = 'running'")
-            writer.execute("DROP INDEX IF EXISTS messages_ts")
-            writer.execute(_SET_LAST_ID, (last_id,))
-            self.pruned += self._prune(None)
-            writer.execute("COMMIT")
-        except BaseException:
-            if writer.in_transaction:
-                writer.rollback()
-            raise
-        return int(last_id)
+    # --- closing ------------------------------------------------------------
 
     async def _close(self) -> None:
-        reader, writer, checkpointer = self._reader, self._writer, self._checkpointer
-        self._reader = self._writer = self._checkpointer = None
-        # The reader after any query still running on it; the writer last
-        # (closing the last connection checkpoints the WAL).
-        for connection, limiter in (
-            (reader, self._read_limiter),
-            (checkpointer, None),
-            (writer, None),
-        ):
-            if connection is None:
-                continue
-            try:
-                await trio.to_thread.run_sync(connection.close, limiter=limiter)
-            except sqlite3.Error:
-                log.exception("history database %s: error while closing", self.path)
-        self._unlock()
-
-    def _close_connections(self) -> None:
-        # In a worker thread, after a failed open.
-        for connection in (self._reader, self._checkpointer, self._writer):
-            if connection is not None:
-                connection.close()
-        self._reader = self._writer = self._checkpointer = None
-        self._unlock()
-
-    def _lock(self) -> None:
-        """Take ``PATH.lock``: two servers on one database would hand out
-        the same message ids. Released when the store closes (or the
-        process ends)."""
-        if sys.platform == "win32":  # pragma: no cover - no flock there
-            return
-        import fcntl
-
-        lock_path = f"{self.path}.lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise HistoryStoreError(
-                f"cannot open history database {self.path}: cannot create "
-                f"{lock_path}: {exc.strerror}"
-            ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise HistoryStoreError(
-                f"cannot open history database {self.path}: another server is using it"
-            ) from exc
-        self._lock_fd = fd
-
-    def _unlock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, -1
-        if fd >= 0:
-            os.close(fd)  # releases the flock
+        file, self._file = self._file, None
+        if file is not None:
+            # After any query still running on the reader.
+            await trio.to_thread.run_sync(file.close, limiter=self._read_limiter)
