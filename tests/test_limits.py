@@ -104,7 +104,7 @@ async def test_rate_limit_refills(open_raw: OpenRaw) -> None:
 
 async def test_tcp_keepalive_is_on_for_every_connection() -> None:
     # What the TCP transport makes of every accepted connection (the
-    # listener closes it once the handler returns).
+    # handler owns the link, and closes it).
     seen: list[tuple[str, int, int]] = []
 
     async def handler(link: chatkit.server.Link) -> None:
@@ -118,6 +118,7 @@ async def test_tcp_keepalive_is_on_for_every_connection() -> None:
                 sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
             )
         )
+        await link.abort()
 
     transport = chatkit.server.TcpTransport("127.0.0.1", 0)
     async with trio.open_nursery() as nursery:

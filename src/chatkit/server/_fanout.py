@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
-from itertools import repeat
 from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 import msgspec
@@ -44,11 +43,9 @@ import trio
 from .._events import DirectMessage, ErrorReply, Joined, Left, Message, ServerEvent
 from .._exceptions import ErrorCode
 from ..protocol import JSON_LINES, WireFormat, encode_json
-from ._transport import SEND
+from ._transport import send_each
 
 if TYPE_CHECKING:
-    import socket
-
     from ..history import HistoryStore
     from ._limits import Limits
     from ._outbox import Outbox, Stats
@@ -404,7 +401,7 @@ class Fanout:
                 (index[member] for member in apart if member in index), reverse=True
             )
             targets = _without(sockets, skip) if skip else sockets
-            sent = _send_each(targets, payload)
+            sent = send_each(targets, payload)
             stats.sends += len(sent)
             size = len(payload)
             if sent.count(size) != len(sent):
@@ -516,27 +513,41 @@ def _own_copy(origin: Member, runs: Sequence[_Run]) -> tuple[bytes, int]:
 
 
 def _hand_over(items: Sequence[_Item]) -> None:
-    """Append ``items`` to the outboxes, in order, then write each outbox
-    once."""
-    dirty: dict[Outbox, None] = {}
+    """Give ``items`` to the outboxes, in order, then write each outbox once.
+    Each outbox's share is gathered first (the payloads, encoded once, by
+    reference), so that an idle connection's share goes straight to its
+    socket and is copied into no buffer: a batch never costs a copy of
+    itself per member."""
+    shares: dict[Outbox, list[Any]] = {}  # outbox: [frames, data, ...]
     for item in items:
         if isinstance(item, _Broadcast):
-            _deliver(item, dirty)
+            _deliver(item, shares)
         elif isinstance(item, _Direct):
             outbox = item.outbox
-            outbox.append(outbox.wire.encode_all(item.events), len(item.events))
-            dirty[outbox] = None
+            _add(shares, outbox, outbox.wire.encode_all(item.events), len(item.events))
         elif isinstance(item, _Each):
-            _deliver_each(item, dirty)
+            _deliver_each(item, shares)
         else:
             outbox = item.outbox
+            share = shares.pop(outbox, None)
+            if share is not None:
+                outbox.append(b"".join(share[1:]), share[0])
             outbox.finish(_encode(outbox.wire, item.farewell))
-    for outbox in dirty:
-        outbox.flush()
+    for outbox, share in shares.items():
+        outbox.deliver(share[1] if len(share) == 2 else b"".join(share[1:]), share[0])
 
 
-def _deliver(item: _Broadcast, dirty: dict[Outbox, None]) -> None:
-    """Append ``item`` to each member's outbox: bytes encoded once per wire
+def _add(shares: dict[Outbox, list[Any]], outbox: Outbox, data: bytes, n: int) -> None:
+    share = shares.get(outbox)
+    if share is None:
+        shares[outbox] = [n, data]
+    else:
+        share[0] += n
+        share.append(data)
+
+
+def _deliver(item: _Broadcast, shares: dict[Outbox, list[Any]]) -> None:
+    """Add ``item`` to each member's share: bytes encoded once per wire
     format (each origin its own copy)."""
     runs = item.runs
     origins = {run.origin for run in runs}
@@ -551,17 +562,16 @@ def _deliver(item: _Broadcast, dirty: dict[Outbox, None]) -> None:
         if member in origins:
             data, count = _own_copy(member, runs)
             if count:
-                outbox.append(data, count)
+                _add(shares, outbox, data, count)
         else:
             wire = outbox.wire
             payload = payloads.get(wire)
             if payload is None:
                 payload = payloads[wire] = _payload(wire, runs)
-            outbox.append(payload, frames)
-        dirty[outbox] = None
+            _add(shares, outbox, payload, frames)
 
 
-def _deliver_each(item: _Each, dirty: dict[Outbox, None]) -> None:
+def _deliver_each(item: _Each, shares: dict[Outbox, list[Any]]) -> None:
     payloads: dict[WireFormat, bytes] = {}
     for member in item.members:
         outbox = member.outbox
@@ -569,8 +579,7 @@ def _deliver_each(item: _Each, dirty: dict[Outbox, None]) -> None:
         data = payloads.get(wire)
         if data is None:
             data = payloads[wire] = wire.encode(item.event)
-        outbox.append(data)
-        dirty[outbox] = None
+        _add(shares, outbox, data, 1)
 
 
 def _without(items: list[_T], positions: Sequence[int]) -> list[_T]:
@@ -579,20 +588,3 @@ def _without(items: list[_T], positions: Sequence[int]) -> list[_T]:
     for position in positions:
         del kept[position]
     return kept
-
-
-def _send_each(sockets: Sequence[socket.socket], payload: bytes) -> list[int | None]:
-    """``send(payload)`` on each of ``sockets``, as one C-level loop: what
-    each socket took, or None where the send raised (its buffer was full, or
-    it failed: its writer, handed the rest, reports that)."""
-    # list.extend keeps what map produced before an exception, and map has
-    # taken the socket that raised from the iterator: the next round goes on
-    # after it.
-    sent: list[int | None] = []
-    rest = iter(sockets)
-    while True:
-        try:
-            sent.extend(map(SEND, rest, repeat(payload)))
-            return sent
-        except OSError:  # BlockingIOError: its buffer is full
-            sent.append(None)

@@ -295,7 +295,21 @@ class Session:
         log.info("New connection from %s", link.peer)
         handler.opened(self)
         try:
-            await self._serve(handler)
+            # Inline, not a method of its own: an idle connection's task is
+            # a stack of suspended frames, and each one costs memory.
+            scope = self._reader_scope
+            scope.deadline = min(
+                scope.deadline, trio.current_time() + self._limits.handshake_timeout
+            )
+            with scope:
+                reason = await self._read(handler)
+                self.close(reason)
+            if scope.cancelled_caught and not self._closed:
+                self._time_out()
+            with trio.move_on_at(self._close_by):
+                await handler.stopped(self)
+                await self._fanout.settled(self._mark)
+                await self.outbox.wait_written()
         except Exception:
             log.exception("internal error on connection %s", self)
         finally:
@@ -310,21 +324,6 @@ class Session:
                     with trio.move_on_after(close_timeout):
                         await link.aclose()
                 await link.abort()
-
-    async def _serve(self, handler: Handler) -> None:
-        scope = self._reader_scope
-        scope.deadline = min(
-            scope.deadline, trio.current_time() + self._limits.handshake_timeout
-        )
-        with scope:
-            reason = await self._read(handler)
-            self.close(reason)
-        if scope.cancelled_caught and not self._closed:
-            self._time_out()
-        with trio.move_on_at(self._close_by):
-            await handler.stopped(self)
-            await self._fanout.settled(self._mark)
-            await self.outbox.wait_written()
 
     def _time_out(self) -> None:
         limits = self._limits
@@ -357,6 +356,7 @@ class Session:
                 elif scope.deadline != math.inf:  # the setter costs: not per read
                     scope.deadline = math.inf
             proto.receive_data(data)
+            del data  # not held while idle
             # Every request decoded from one read is handled before the next
             # read, so that its output is one batch.
             handled = refused = 0

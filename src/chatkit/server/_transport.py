@@ -24,7 +24,8 @@ import logging
 import socket
 import ssl
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from itertools import repeat
 from typing import Any, Final, Protocol
 
 import trio
@@ -49,6 +50,14 @@ _IGNORABLE_ACCEPT_ERRNOS: Final = frozenset(
     )
     if hasattr(errno, name)
 )
+# accept() failures that pass once connections close (as trio.serve_listeners
+# has them): wait this long, and accept again.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
+)
+_ACCEPT_RETRY_DELAY: Final = 0.1
+# One name for every connection's task (trio would make a string for each).
+_CONNECTION_TASK: Final = "chatkit connection"
 
 
 class Link(trio.abc.Stream):
@@ -93,7 +102,8 @@ class Transport(Protocol):
     ) -> None:
         """Listen, and run ``handler(link)`` in ``handler_nursery`` for each
         connection, until cancelled; ``task_status.started()`` once
-        listening.
+        listening. The handler owns the link: it closes it
+        (:meth:`Link.aclose` or :meth:`Link.abort`) before it returns.
 
         Raises:
             OSError: the address cannot be listened on.
@@ -135,9 +145,10 @@ class TcpTransport:
             for listener in await trio.open_tcp_listeners(self.port, host=self.host)
         ]
         self.port = listeners[0].sock.getsockname()[1]
-        await trio.serve_listeners(
-            handler, listeners, handler_nursery=handler_nursery, task_status=task_status
-        )
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_each, listener, handler, handler_nursery)
+            task_status.started(listeners)
 
     def link(self, sock: socket.socket) -> Link:
         """The link for a connection just accepted on ``sock``."""
@@ -145,6 +156,32 @@ class TcpTransport:
         if self.ssl_context is None:
             return plain
         return TlsLink(plain, self.ssl_context)
+
+
+async def _accept_each(
+    listener: trio.abc.Listener[Link],
+    handler: Callable[[Link], Awaitable[None]],
+    handler_nursery: trio.Nursery,
+) -> None:
+    """Accept connections on ``listener`` until cancelled, starting
+    ``handler(link)`` as a task for each (as :func:`trio.serve_listeners`
+    does, less its wrapper task per connection: the handler closes its link).
+    Out of file descriptors or memory, wait and try again."""
+    async with listener:
+        while True:
+            try:
+                link = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error(
+                    "accept failed: %s; retrying in %s s",
+                    errno.errorcode[exc.errno],
+                    _ACCEPT_RETRY_DELAY,
+                )
+                await trio.sleep(_ACCEPT_RETRY_DELAY)
+            else:
+                handler_nursery.start_soon(handler, link, name=_CONNECTION_TASK)
 
 
 class _TcpListener(trio.abc.Listener[Link]):
@@ -168,7 +205,7 @@ class _TcpListener(trio.abc.Listener[Link]):
                 if exc.errno == errno.EBADF:
                     raise trio.ClosedResourceError from None
                 if exc.errno not in _IGNORABLE_ACCEPT_ERRNOS:
-                    raise  # EMFILE and the like: trio.serve_listeners waits
+                    raise  # EMFILE and the like: _accept_each waits
             else:
                 return self._transport.link(conn)
 
@@ -217,11 +254,15 @@ class TcpLink(Link):
             try:
                 data = sock.recv(max_bytes or _RECEIVE_SIZE)
             except BlockingIOError:
+                data = None  # waited for below, not here: the exception and
+                # its traceback would stay alive through the wait (600 bytes
+                # for every idle connection)
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            if data is None:
                 await trio.lowlevel.wait_readable(sock)
                 waited = True
                 continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
             if not waited:
                 # Every await is a checkpoint, data waiting or not.
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -251,11 +292,13 @@ class TcpLink(Link):
                     raise trio.ClosedResourceError("the link was closed")
                 try:
                     sent += SEND(sock, view[sent:])
+                    continue
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
-                    waited = True
+                    pass  # waited for outside the handler (see receive_some)
                 except OSError as exc:
                     raise trio.BrokenResourceError(exc) from exc
+                await trio.lowlevel.wait_writable(sock)
+                waited = True
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -335,3 +378,20 @@ def _enable_keepalive(sock: socket.socket) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     except OSError:
         log.debug("could not enable TCP keepalive", exc_info=True)
+
+
+def send_each(sockets: Sequence[socket.socket], payload: bytes) -> list[int | None]:
+    """``send(payload)`` on each of ``sockets``, as one C-level loop: what
+    each socket took, or None where the send raised (its buffer was full, or
+    it failed: its writer, handed the rest, reports that)."""
+    # list.extend keeps what map produced before an exception, and map has
+    # taken the socket that raised from the iterator: the next round goes on
+    # after it.
+    sent: list[int | None] = []
+    rest = iter(sockets)
+    while True:
+        try:
+            sent.extend(map(SEND, rest, repeat(payload)))
+            return sent
+        except OSError:  # BlockingIOError: its buffer is full
+            sent.append(None)
