@@ -323,41 +323,81 @@ async def test_retention_by_age(tmp_path: Path) -> None:
     assert rows(path) == []
 
 
-async def test_retention_runs_every_prune_interval(tmp_path: Path) -> None:
+async def test_retention_by_count_is_applied_by_each_commit(tmp_path: Path) -> None:
+    # No pass needed (the interval is an hour): the commit that makes a room
+    # too long deletes its oldest messages, burst or not.
     path = tmp_path / "history.sqlite3"
-    store = SqliteHistory(path, max_messages_per_room=2, prune_interval=0.05)
-    async with store.open():
-        for n in range(1, 6):
-            store.append(message(n))
-        await store.flush()
-        assert rows(path) == [("lobby", 5)]  # not at the commit
-        await wait_until(lambda: store.pruned == 3)
-        assert rows(path) == [("lobby", 2)]
-
-
-async def test_a_large_retention_backlog_is_pruned_in_small_transactions(
-    tmp_path: Path,
-) -> None:
-    # 4,990 messages over the limit (a burst, then a quiet spell): every one
-    # goes, newest kept, and flushes go on meanwhile.
-    path = tmp_path / "history.sqlite3"
-    store = SqliteHistory(path, max_messages_per_room=10, prune_interval=0.05)
+    store = SqliteHistory(path, max_messages_per_room=10, prune_interval=3600)
     async with store.open():
         for n in range(1, 5011):
             store.append(message(n, "busy" if n % 2 else "quiet"))
         await store.flush()
-        commits = store.commits
-        await wait_until(lambda: store.pruned == 4990)
+        assert store.pruned == 4990
+        assert sorted(rows(path)) == [("busy", 10), ("quiet", 10)]
         store.append(message(5011, "busy"))
         await store.flush()
-        assert store.commits == commits + 1
-        await wait_until(lambda: store.pruned == 4991)
+        assert store.pruned == 4991
         assert [m.id for m in await store.recent("busy", 100)][-3:] == [
             5007,
             5009,
             5011,
         ]
     assert sorted(rows(path)) == [("busy", 10), ("quiet", 10)]
+    async with store.open() as last_id:
+        assert last_id == 5011
+
+
+async def test_retention_by_count_counts_what_age_deleted(tmp_path: Path) -> None:
+    # Messages deleted for their age no longer count towards a room's
+    # limit: the next commits delete none of the newer ones.
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, max_messages_per_room=3, max_age=60, prune_interval=0)
+    async with store.open():
+        for n in range(1, 4):
+            store.append(message(n, age=3600))
+        await store.flush()  # committed, then expired at once
+        assert rows(path) == []
+        for n in range(4, 7):
+            store.append(message(n))
+        await store.flush()
+        assert [m.id for m in await store.recent("lobby", 10)] == [4, 5, 6]
+        store.append(message(7))
+        await store.flush()
+        assert [m.id for m in await store.recent("lobby", 10)] == [5, 6, 7]
+    assert rows(path) == [("lobby", 3)]
+
+
+async def test_retention_by_age_runs_every_prune_interval(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, max_age=60, prune_interval=0.05)
+    async with store.open():
+        for n in range(1, 6):
+            store.append(message(n, age=3600 if n <= 3 else 0))
+        await store.flush()
+        assert rows(path) == [("lobby", 5)]  # not at the commit
+        await wait_until(lambda: store.pruned == 3)
+        assert rows(path) == [("lobby", 2)]
+
+
+async def test_a_large_expired_backlog_is_pruned_in_small_transactions(
+    tmp_path: Path,
+) -> None:
+    # 4,990 messages expired (a burst, then a quiet spell): every one goes,
+    # the others kept, and flushes go on meanwhile.
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path, max_age=60, prune_interval=0.05)
+    async with store.open():
+        for n in range(1, 5011):
+            store.append(message(n, "busy" if n % 2 else "quiet", age=3600))
+        await store.flush()
+        commits = store.commits
+        await wait_until(lambda: store.pruned >= 1000)
+        store.append(message(5011, "busy"))
+        await store.flush()
+        assert store.commits == commits + 1
+        await wait_until(lambda: store.pruned == 5010)
+        assert [m.id for m in await store.recent("busy", 100)] == [5011]
+    assert rows(path) == [("busy", 1)]
     async with store.open() as last_id:
         assert last_id == 5011
 

@@ -61,8 +61,19 @@ _PRUNE_ROOM = """
 _PRUNE_AGE = """
     DELETE FROM messages WHERE id IN (
         SELECT id FROM messages WHERE +ts < ?1 ORDER BY id LIMIT ?2
+    ) RETURNING room
+"""
+# The oldest ?2 messages of room ?1 (a commit's own retention, see insert).
+_TRIM_ROOM = """
+    DELETE FROM messages WHERE id IN (
+        SELECT id FROM messages WHERE room = ? ORDER BY id LIMIT ?
     )
 """
+_COUNT_ROOMS = "SELECT room, count(*) FROM messages GROUP BY room"
+# A commit deletes at most twice as many of a room's messages as it adds,
+# plus this many: a backlog (max_messages_per_room lowered) goes over the
+# next commits, none of them long.
+_TRIM_SLACK = 16
 # The unary plus keeps SQLite off the ts index here: (room, id) is the one.
 _COLUMNS = "SELECT id, ts, sender, text FROM messages WHERE room = ? AND +ts >= ?"
 
@@ -112,6 +123,8 @@ class HistoryFile:
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._checkpointer: sqlite3.Connection | None = None
+        # Messages per room, as committed (with max_messages_per_room).
+        self._counts: dict[str, int] = {}
         self._lock_fd = -1  # PATH.lock, locked while open (see _lock)
 
     # --- opening and closing -----------------------------------------------
@@ -215,6 +228,8 @@ class HistoryFile:
             writer.execute("DROP INDEX IF EXISTS messages_ts")
             writer.execute(_SET_LAST_ID, (last_id,))
             pruned = self.prune(None)
+            if self.max_messages_per_room is not None:
+                self._counts = dict(writer.execute(_COUNT_ROOMS).fetchall())
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
@@ -282,9 +297,15 @@ class HistoryFile:
 
     # --- writing --------------------------------------------------------------
 
-    def insert(self, batch: Sequence[Message], highest: int) -> set[str]:
+    def insert(self, batch: Sequence[Message], highest: int) -> int:
         """Write ``batch`` and record ``highest`` (the highest id handed
-        out) as the last id, in one transaction; the rooms written.
+        out) as the last id, in one transaction; the number of messages
+        retention deleted.
+
+        The same transaction applies ``max_messages_per_room`` to those
+        rooms (deleting their oldest messages), so that retention costs
+        each commit a little, in proportion to what it adds, instead of a
+        pass that holds the writer for long after a burst.
 
         Raises:
             sqlite3.Error, OSError: the write failed; nothing was written.
@@ -301,12 +322,40 @@ class HistoryFile:
             # out without a message (a direct message's).
             if not batch or highest > max(m.id for m in batch):
                 writer.execute(_SET_LAST_ID, (highest,))
+            counts = self._trim(writer, batch)
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
                 writer.rollback()
             raise
-        return {m.room for m in batch}
+        trimmed = 0
+        for room, (count, deleted) in counts.items():
+            self._counts[room] = count
+            trimmed += deleted
+        return trimmed
+
+    def _trim(
+        self, writer: sqlite3.Connection, batch: Sequence[Message]
+    ) -> dict[str, tuple[int, int]]:
+        """Delete the oldest messages of ``batch``'s rooms past
+        ``max_messages_per_room`` (at most ``2 * added + _TRIM_SLACK`` per
+        room); each room's count once committed, and how many went."""
+        cap = self.max_messages_per_room
+        if cap is None:
+            return {}
+        added: dict[str, int] = {}
+        for message in batch:
+            added[message.room] = added.get(message.room, 0) + 1
+        counts = self._counts
+        after = {}
+        for room, count in added.items():
+            total = counts.get(room, 0) + count
+            deleted = 0
+            if total > cap:
+                most = min(total - cap, 2 * count + _TRIM_SLACK)
+                deleted = writer.execute(_TRIM_ROOM, (room, most)).rowcount
+            after[room] = (total - deleted, deleted)
+        return after
 
     def prune(self, rooms: Iterable[str] | None, most: int = -1) -> int:
         """Delete what retention does not keep, in ``rooms`` (``None``: all
@@ -325,10 +374,12 @@ class HistoryFile:
             # The newest message may go: its id stays, in the meta row.
             writer.execute(_SET_LAST_ID_FROM_MESSAGES)
             deleted = 0
+            gone: dict[str, int] = {}  # messages deleted per room
             if self.max_age is not None:
                 cutoff = time.time() - self.max_age
-                cursor = writer.execute(_PRUNE_AGE, (cutoff, most))
-                deleted += cursor.rowcount
+                for (room,) in writer.execute(_PRUNE_AGE, (cutoff, most)).fetchall():
+                    gone[room] = gone.get(room, 0) + 1
+                    deleted += 1
             if self.max_messages_per_room is not None:
                 if rooms is None:
                     found = writer.execute("SELECT DISTINCT room FROM messages")
@@ -344,6 +395,7 @@ class HistoryFile:
                             most - deleted if most >= 0 else -1,
                         ),
                     )
+                    gone[room] = gone.get(room, 0) + cursor.rowcount
                     deleted += cursor.rowcount
             if own:
                 writer.execute("COMMIT")
@@ -351,6 +403,10 @@ class HistoryFile:
             if own and writer.in_transaction:
                 writer.rollback()
             raise
+        counts = self._counts
+        for room, count in gone.items():
+            if room in counts:
+                counts[room] -= count
         return deleted
 
     def checkpoint(self) -> None:

@@ -62,10 +62,12 @@ class SqliteHistory:
     message that was acknowledged is on disk: a crash of the server process
     loses none of them. A graceful stop writes anything left.
 
-    Retention is applied when the store opens and every ``prune_interval``
-    seconds (to the rooms written since), so a room may briefly hold a few
-    more than ``max_messages_per_room``; messages older than ``max_age`` are
-    never returned, deleted or not yet.
+    Retention is applied when the store opens, then as messages come:
+    each commit deletes the oldest messages of the rooms it writes past
+    ``max_messages_per_room`` (in the same transaction: a cost in
+    proportion to what it adds, never a long pass after a burst), and every
+    ``prune_interval`` seconds a pass deletes those older than ``max_age``
+    (such messages are never returned, deleted or not yet).
 
     Errors:
 
@@ -92,8 +94,8 @@ class SqliteHistory:
             next to it while it is open.
         max_messages_per_room: messages kept per room; ``None``: no limit.
         max_age: seconds a message is kept; ``None``: no limit.
-        prune_interval: seconds between two retention passes; ``0``: after
-            every commit.
+        prune_interval: seconds between two passes deleting messages older
+            than ``max_age``; ``0``: after every commit.
         inline_commit: a flush of at most this many messages commits on the
             event loop's thread (about 20 µs: the writer appends to the WAL
             file and never syncs the disk, checkpoints being made in a
@@ -161,7 +163,6 @@ class SqliteHistory:
         # The writer is used by one flush or retention pass at a time.
         self._read_limiter = trio.CapacityLimiter(1)
         self._write_lock = trio.Lock()
-        self._touched: set[str] = set()  # rooms written since the last prune
         self._open = False
 
     @property
@@ -277,7 +278,7 @@ class SqliteHistory:
         finally:
             lock.release()
         if self.prune_interval == 0:
-            await self._prune_touched()
+            await self._prune_expired()
 
     async def _commit(self, upto: int, highest: int) -> None:
         # Under the write lock: the queued messages among the first ``upto``
@@ -294,11 +295,11 @@ class SqliteHistory:
         self._taken += len(batch)
         try:
             if len(batch) <= self.inline_commit:
-                rooms = file.insert(batch, highest)
+                trimmed = file.insert(batch, highest)
             else:
                 # Not cancellable once the thread runs: the commit's outcome
                 # is always known here.
-                rooms = await trio.to_thread.run_sync(file.insert, batch, highest)
+                trimmed = await trio.to_thread.run_sync(file.insert, batch, highest)
         except (sqlite3.Error, OSError) as exc:
             self.failed += len(batch)
             log.exception(
@@ -312,7 +313,7 @@ class SqliteHistory:
         self._recorded = max(self._recorded, highest)
         self.commits += 1
         self.written += len(batch)
-        self._touched |= rooms
+        self.pruned += trimmed
 
     async def recent(self, room: str, limit: int) -> Sequence[Message]:
         """The newest ``limit`` messages of ``room``, oldest first."""
@@ -396,27 +397,26 @@ class SqliteHistory:
     async def _retention_loop(self) -> None:
         while self.prune_interval:
             await trio.sleep(self.prune_interval)
-            await self._prune_touched()
+            await self._prune_expired()
 
-    async def _prune_touched(self) -> None:
-        """Apply retention to the rooms written since the last pass, in
-        transactions of at most ``_PRUNE_CHUNK`` deletions: a flush waits
-        for one of them at most, never for a whole pass."""
-        rooms, self._touched = self._touched, set()
-        if not rooms and self.max_age is None:
+    async def _prune_expired(self) -> None:
+        """Delete the messages older than ``max_age``, in transactions of at
+        most ``_PRUNE_CHUNK`` deletions: a flush waits for one of them at
+        most, never for a whole pass. (``max_messages_per_room`` needs no
+        pass: each commit applies it to the rooms it writes.)"""
+        if self.max_age is None:
             return
         try:
             while True:
                 async with self._write_lock:
                     deleted = await trio.to_thread.run_sync(
-                        self._opened().prune, rooms, _PRUNE_CHUNK
+                        self._opened().prune, (), _PRUNE_CHUNK
                     )
                 self.pruned += deleted
                 if deleted < _PRUNE_CHUNK:
                     return
         except sqlite3.Error:
             log.exception("history database %s: retention failed", self.path)
-            self._touched |= rooms  # for the next pass
 
     # --- closing ------------------------------------------------------------
 
