@@ -80,14 +80,13 @@ class _Broadcast:
     were published (its ``version``): whoever joined since does not get
     them, whoever left since does (see :class:`Room`)."""
 
-    __slots__ = ("frames", "room", "runs", "size", "version")
+    __slots__ = ("frames", "room", "runs", "version")
 
     def __init__(self, room: Room) -> None:
         self.room = room
         self.version = room.version
         self.runs: list[_Run] = []
         self.frames = 0
-        self.size = 0  # JSON bytes, for the sealing bounds
 
 
 class _Direct:
@@ -115,12 +114,11 @@ class _Each:
 class _Close:
     """A connection's last output."""
 
-    __slots__ = ("discard", "farewell", "outbox")
+    __slots__ = ("farewell", "outbox")
 
-    def __init__(self, outbox: Outbox, farewell: ServerEvent | None, discard: bool):
+    def __init__(self, outbox: Outbox, farewell: ServerEvent | None) -> None:
         self.outbox = outbox
         self.farewell = farewell
-        self.discard = discard
 
 
 _Item: TypeAlias = _Broadcast | _Direct | _Each | _Close
@@ -202,7 +200,6 @@ class Fanout:
             else encode_json(msgspec.structs.replace(event, ref=ref))
         )
         item.frames += 1
-        item.size += len(data)
         if isinstance(event, Message):
             batch.stored = True
         self._grew(batch, 1, len(data))
@@ -246,7 +243,7 @@ class Fanout:
             # Now, not in turn: it is what the client is too slow to read.
             outbox.finish(_encode(outbox.wire, farewell), discard=True)
             return
-        self._batch().items.append(_Close(outbox, farewell, discard))
+        self._batch().items.append(_Close(outbox, farewell))
 
     def owes(self, room: Room) -> bool:
         """Whether broadcasts to ``room`` wait to be released (a member who

@@ -272,8 +272,6 @@ class ChatRules:
             return True
         return False
 
-    # --- messages -----------------------------------------------------------
-
     # --- rooms --------------------------------------------------------------
 
     async def _join(self, session: Session, join: Join) -> None:
@@ -301,10 +299,9 @@ class ChatRules:
         announce = self.rooms.add(room, session)
         session.rooms += (room.name,)
         self.node.member(room.name, session.name, present=True)
-        if announce:
-            self.node.publish(JOINED, room=room.name, sender=session.name)
         joined = Joined(room=room.name, name=session.name)
         if announce:
+            self.node.publish(JOINED, room=room.name, sender=session.name)
             self.fanout.publish(room, joined, origin=session, ref=ref)
         elif session.mode != Mode.LINE.value:
             # Too large a room to announce joins: only the joiner's own copy.
@@ -339,7 +336,6 @@ class ChatRules:
         self.node.member(room.name, session.name, present=False)
         if announce:
             self.node.publish(LEFT, room=room.name, sender=session.name, reason=reason)
-        if announce:
             self.fanout.publish(
                 room, Left(room=room.name, name=session.name, reason=reason)
             )

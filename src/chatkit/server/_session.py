@@ -385,24 +385,23 @@ class Session:
                 # connections run now and then. Refused lines (a flood) come
                 # cheap and fast, so they pause often; admitted requests
                 # pause rarely, as each pause can end the batch early.
-                if not self._admit():
+                admitted = self._admit()
+                if not admitted or isinstance(request, RemoteProtocolError):
                     refused += 1
                     if refused % _PAUSE_EVERY_REFUSED == 0:
                         await trio.lowlevel.checkpoint()
-                    if self._violations >= limits.flood_limit:
+                    if admitted:  # a bad line
+                        assert isinstance(request, RemoteProtocolError)
+                        self.error(request.code, request.message, request.ref)
+                    elif self._violations >= limits.flood_limit:
                         self.error(
                             ErrorCode.RATE_LIMITED,
                             "too many requests; disconnecting",
                             request.ref,
                         )
                         return LeaveReason.FLOOD
-                    self.error(ErrorCode.RATE_LIMITED, "slow down", request.ref)
-                    continue
-                if isinstance(request, RemoteProtocolError):
-                    self.error(request.code, request.message, request.ref)
-                    refused += 1
-                    if refused % _PAUSE_EVERY_REFUSED == 0:
-                        await trio.lowlevel.checkpoint()
+                    else:
+                        self.error(ErrorCode.RATE_LIMITED, "slow down", request.ref)
                     continue
                 handled += 1
                 if handled % _PAUSE_EVERY_ADMITTED == 0:
