@@ -115,6 +115,7 @@ __all__ = [
     "encode_line",
     "is_valid_name",
     "is_valid_room",
+    "wire_format",
 ]
 
 #: Longest line (in bytes, without its ``\n``) accepted by default: 64 KiB.
@@ -363,6 +364,13 @@ JSON_LINES: Final = WireFormat("json", encode_json, echo=True)
 TEXT_LINES: Final = WireFormat("line", encode_line, echo=False)
 
 
+def wire_format(mode: Mode) -> WireFormat:
+    """What a connection in ``mode`` is sent: :data:`TEXT_LINES` in line
+    mode, else :data:`JSON_LINES` (until the first line, errors are answered
+    in JSON)."""
+    return TEXT_LINES if mode is Mode.LINE else JSON_LINES
+
+
 class ServerConnection:
     """The server's side of one connection.
 
@@ -455,10 +463,9 @@ class ServerConnection:
 
     @property
     def wire(self) -> WireFormat:
-        """The format of what this connection is sent: :data:`TEXT_LINES` in
-        line mode, else :data:`JSON_LINES` (until the first line, errors are
-        answered in JSON)."""
-        return TEXT_LINES if self.mode is Mode.LINE else JSON_LINES
+        """The format of what this connection is sent (see
+        :func:`wire_format`)."""
+        return wire_format(self.mode)
 
     def accept(self) -> None:
         """The handshake is complete: from now on requests other than

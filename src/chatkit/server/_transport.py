@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from ..protocol import JSON_LINES, TEXT_LINES, Mode, WireFormat
+from ..protocol import Mode, WireFormat, wire_format
 
 __all__ = ["Link", "TcpLink", "TcpTransport", "TlsLink", "Transport"]
 
@@ -76,9 +76,11 @@ class Link(trio.abc.Stream):
     """The plain socket to write to without blocking (from the event loop,
     as the room fast path does), or None (TLS, or closed)."""
 
-    @abstractmethod
     def wire(self, mode: Mode) -> WireFormat:
-        """The format output takes once the client chose ``mode``."""
+        """The format output takes once the client chose ``mode``: the
+        protocol's own (:func:`chatkit.protocol.wire_format`), unless the
+        transport frames output otherwise."""
+        return wire_format(mode)
 
     @abstractmethod
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
@@ -239,10 +241,6 @@ class TcpLink(Link):
         self.address = f"{host}:{port}"
         _enable_keepalive(sock)
 
-    def wire(self, mode: Mode) -> WireFormat:
-        """JSON lines, or plain text lines in line mode."""
-        return TEXT_LINES if mode is Mode.LINE else JSON_LINES
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """See :meth:`trio.abc.ReceiveStream.receive_some`."""
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -333,10 +331,6 @@ class TlsLink(Link):
         self.address = plain.address
         self.sock: socket.socket | None = None
         self._tls = trio.SSLStream(plain, context, server_side=True)
-
-    def wire(self, mode: Mode) -> WireFormat:
-        """JSON lines, or plain text lines in line mode."""
-        return TEXT_LINES if mode is Mode.LINE else JSON_LINES
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """See :meth:`trio.abc.ReceiveStream.receive_some`."""
