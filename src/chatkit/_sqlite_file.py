@@ -14,7 +14,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ._events import Message
@@ -49,15 +49,7 @@ _SET_LAST_ID_FROM_MESSAGES = """
     UPDATE meta SET value = max(value, coalesce((SELECT max(id) FROM messages), 0))
     WHERE key = 'last_id'
 """
-# The oldest messages of a room past the newest ?2, at most ?3 of them (-1:
-# all), and likewise those older than a time.
-_PRUNE_ROOM = """
-    DELETE FROM messages WHERE id IN (
-        SELECT id FROM messages WHERE room = ?1 AND id <= (
-            SELECT id FROM messages WHERE room = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2
-        ) ORDER BY id LIMIT ?3
-    )
-"""
+# The oldest messages older than a time, at most ?2 of them (-1: all).
 _PRUNE_AGE = """
     DELETE FROM messages WHERE id IN (
         SELECT id FROM messages WHERE +ts < ?1 ORDER BY id LIMIT ?2
@@ -71,8 +63,9 @@ _TRIM_ROOM = """
 """
 _COUNT_ROOMS = "SELECT room, count(*) FROM messages GROUP BY room"
 # A commit deletes at most twice as many of a room's messages as it adds,
-# plus this many: a backlog (max_messages_per_room lowered) goes over the
-# next commits, none of them long.
+# plus this many. The counts being exact, it deletes just what it adds past
+# the limit (opening applies a lowered limit at once): the bound only keeps
+# every commit short whatever happens.
 _TRIM_SLACK = 16
 # The unary plus keeps SQLite off the ts index here: (room, id) is the one.
 _COLUMNS = "SELECT id, ts, sender, text FROM messages WHERE room = ? AND +ts >= ?"
@@ -162,7 +155,7 @@ class HistoryFile:
                 path, isolation_level=None, check_same_thread=False
             )
         except (sqlite3.Error, OSError) as exc:
-            self._close_connections()
+            self.close()
             reason = str(exc)
             if getattr(exc, "sqlite_errorname", None) == "SQLITE_CANTOPEN":
                 # Typically a directory where the -wal file cannot be made.
@@ -171,7 +164,7 @@ class HistoryFile:
                 f"cannot open history database {path}: {reason}"
             ) from exc
         except BaseException:
-            self._close_connections()
+            self.close()
             raise
         log.debug(
             "history database %s opened (last message id %d)", path, opened.last_id
@@ -227,15 +220,29 @@ class HistoryFile:
             writer.execute("DELETE FROM meta WHERE key = 'running'")
             writer.execute("DROP INDEX IF EXISTS messages_ts")
             writer.execute(_SET_LAST_ID, (last_id,))
-            pruned = self.prune(None)
-            if self.max_messages_per_room is not None:
-                self._counts = dict(writer.execute(_COUNT_ROOMS).fetchall())
+            pruned = self._apply_retention(writer)
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
                 writer.rollback()
             raise
         return Opened(last_id=int(last_id), pruned=pruned)
+
+    def _apply_retention(self, writer: sqlite3.Connection) -> int:
+        """At open, in its transaction: both limits over the whole file,
+        and the rooms' counts (see :meth:`insert`). The number deleted."""
+        pruned = 0
+        if self.max_age is not None:
+            pruned += sum(self._delete_expired(writer, -1).values())
+        cap = self.max_messages_per_room
+        if cap is None:
+            return pruned
+        self._counts = dict(writer.execute(_COUNT_ROOMS).fetchall())
+        for room, count in self._counts.items():
+            if count > cap:
+                pruned += writer.execute(_TRIM_ROOM, (room, count - cap)).rowcount
+                self._counts[room] = cap
+        return pruned
 
     def close(self) -> None:
         """Close the connections and release ``PATH.lock``; errors are
@@ -250,14 +257,6 @@ class HistoryFile:
                 connection.close()
             except sqlite3.Error:
                 log.exception("history database %s: error while closing", self.path)
-        self._unlock()
-
-    def _close_connections(self) -> None:
-        # After a failed open.
-        for connection in (self._reader, self._checkpointer, self._writer):
-            if connection is not None:
-                connection.close()
-        self._reader = self._writer = self._checkpointer = None
         self._unlock()
 
     def _connection(self) -> sqlite3.Connection:
@@ -357,57 +356,42 @@ class HistoryFile:
             after[room] = (total - deleted, deleted)
         return after
 
-    def prune(self, rooms: Iterable[str] | None, most: int = -1) -> int:
-        """Delete what retention does not keep, in ``rooms`` (``None``: all
-        of them), at most ``most`` messages (``-1``: all); in a transaction
-        of its own unless one is open. The number deleted.
+    def prune_expired(self, most: int = -1) -> int:
+        """Delete the messages older than ``max_age``, at most ``most``
+        (``-1``: all); in a transaction of its own. The number deleted.
 
         Raises:
             sqlite3.Error: it failed; nothing was deleted.
             RuntimeError: the file is not open.
         """
+        if self.max_age is None:
+            return 0
         writer = self._connection()
-        own = not writer.in_transaction
-        if own:
-            writer.execute("BEGIN IMMEDIATE")
+        writer.execute("BEGIN IMMEDIATE")
         try:
-            # The newest message may go: its id stays, in the meta row.
-            writer.execute(_SET_LAST_ID_FROM_MESSAGES)
-            deleted = 0
-            gone: dict[str, int] = {}  # messages deleted per room
-            if self.max_age is not None:
-                cutoff = time.time() - self.max_age
-                for (room,) in writer.execute(_PRUNE_AGE, (cutoff, most)).fetchall():
-                    gone[room] = gone.get(room, 0) + 1
-                    deleted += 1
-            if self.max_messages_per_room is not None:
-                if rooms is None:
-                    found = writer.execute("SELECT DISTINCT room FROM messages")
-                    rooms = [room for (room,) in found.fetchall()]
-                for room in rooms:
-                    if most >= 0 and deleted >= most:
-                        break
-                    cursor = writer.execute(
-                        _PRUNE_ROOM,
-                        (
-                            room,
-                            self.max_messages_per_room,
-                            most - deleted if most >= 0 else -1,
-                        ),
-                    )
-                    gone[room] = gone.get(room, 0) + cursor.rowcount
-                    deleted += cursor.rowcount
-            if own:
-                writer.execute("COMMIT")
+            gone = self._delete_expired(writer, most)
+            writer.execute("COMMIT")
         except BaseException:
-            if own and writer.in_transaction:
+            if writer.in_transaction:
                 writer.rollback()
             raise
         counts = self._counts
         for room, count in gone.items():
             if room in counts:
                 counts[room] -= count
-        return deleted
+        return sum(gone.values())
+
+    def _delete_expired(self, writer: sqlite3.Connection, most: int) -> dict[str, int]:
+        """Delete up to ``most`` messages older than ``max_age``; how many
+        went from each room."""
+        assert self.max_age is not None
+        # The newest message may go: its id stays, in the meta row.
+        writer.execute(_SET_LAST_ID_FROM_MESSAGES)
+        cutoff = time.time() - self.max_age
+        gone: dict[str, int] = {}
+        for (room,) in writer.execute(_PRUNE_AGE, (cutoff, most)).fetchall():
+            gone[room] = gone.get(room, 0) + 1
+        return gone
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file, waiting for nobody

@@ -410,7 +410,7 @@ class SqliteHistory:
             while True:
                 async with self._write_lock:
                     deleted = await trio.to_thread.run_sync(
-                        self._opened().prune, (), _PRUNE_CHUNK
+                        self._opened().prune_expired, _PRUNE_CHUNK
                     )
                 self.pruned += deleted
                 if deleted < _PRUNE_CHUNK:
