@@ -50,7 +50,7 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     node can answer the sender (with its ``ref``) and run the hooks."""
 
     kind: str
-    node: str = ""  # set by RedisBackplane.publish
+    node: str = ""  # the publishing node's, set by the backplane
     seq: int = 0
     ts: float = 0.0
     room: str = ""

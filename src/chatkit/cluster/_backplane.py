@@ -167,12 +167,13 @@ class RedisBackplane:
         self.available = True
         # member() and release() did nothing while this awaited: whoever
         # left, joined or went since ``users`` was taken is set right now.
-        now = _memberships(server.memberships())
+        memberships = server.memberships()
+        now = _memberships(memberships)
         for room, name in listed - now:
             self.member(room, name, present=False)
         for room, name in now - listed:
             self.member(room, name, present=True)
-        present = {name.casefold() for name, _ in server.memberships()}
+        present = {name.casefold() for name, _ in memberships}
         for name, _ in users:
             if name.casefold() not in present:
                 self.release(name)

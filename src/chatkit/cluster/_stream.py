@@ -70,7 +70,7 @@ class EventStream:
             if not entries:
                 continue
             self._last_entry = entries[-1].identifier
-            after: list[tuple[Any, Publication | None]] = []
+            after: list[tuple[Message | DirectMessage, Publication]] = []
             for entry in entries:
                 fields = entry.field_values
                 try:
@@ -79,22 +79,20 @@ class EventStream:
                 except (KeyError, ValueError, msgspec.DecodeError):
                     log.error("bad entry %r in %s", entry.identifier, key)
                     continue
-                mine = env.node == self._node_id
                 publication = None
-                if mine:
+                if env.node == self._node_id:
                     publication = self._waiting.pop(env.seq, None)
                     if publication is None:
                         # Delivered locally when Redis was lost (deliver_here).
                         continue
+                # Only this node's publications come back as an event.
                 event = server.deliver(id, env, publication)
-                if mine and event is not None:
+                if event is not None:
+                    assert publication is not None
                     after.append((event, publication))
             # Every publication is answered before any hook is awaited.
             for event, publication in after:
-                if publication is not None:
-                    publication.result = event
-                    publication.done.set()
-                self._hooks_due.append(event)
+                self._answer(publication, event)
             await self._run_hooks(server)
 
     async def deliver_here(self, server: ClusterPort) -> None:
@@ -105,12 +103,18 @@ class EventStream:
         waited for); then the hooks :meth:`read` had still to run."""
         waiting, self._waiting = self._waiting, {}
         for publication in waiting.values():
-            event = server.deliver_here(publication)
-            publication.result = event
-            publication.done.set()
-            if event is not None:
-                self._hooks_due.append(event)
+            self._answer(publication, server.deliver_here(publication))
         await self._run_hooks(server)
+
+    def _answer(
+        self, publication: Publication, event: Message | DirectMessage | None
+    ) -> None:
+        """``publication`` was delivered as ``event`` (None: it was not):
+        its publisher learns it now, the delivery hooks run later."""
+        publication.result = event
+        publication.done.set()
+        if event is not None:
+            self._hooks_due.append(event)
 
     async def _run_hooks(self, server: ClusterPort) -> None:
         """Run the delivery hooks of the events in ``_hooks_due``, in order.
