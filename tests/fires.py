@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from chatkit import hookspecs
+from chatkit import _hooks, hookspecs
 from chatkit.testing import HookRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def hook_names() -> list[str]:
     """Every server and client hook, sorted."""
     return sorted(
-        name
-        for spec in (hookspecs.ServerSpec, hookspecs.ClientSpec)
-        for name, value in vars(spec).items()
-        if hasattr(value, f"{hookspecs.PROJECT_NAME}_spec")
+        _hooks.hook_names(hookspecs.ServerSpec)
+        | _hooks.hook_names(hookspecs.ClientSpec)
     )
 
 

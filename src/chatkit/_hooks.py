@@ -27,6 +27,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "PROJECT_NAME",
     "HookDispatcher",
+    "hook_names",
     "hookimpl",
     "hookspec",
     "make_plugin_manager",
@@ -39,6 +40,16 @@ PROJECT_NAME: Final = "chatkit"
 hookimpl: Final = pluggy.HookimplMarker(PROJECT_NAME)
 #: Marks a hook specification (chatkit's own use).
 hookspec: Final = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+def hook_names(spec: type) -> frozenset[str]:
+    """The names of the hooks ``spec`` defines: its methods marked with
+    :data:`hookspec` (pluggy's ``chatkit_spec`` attribute)."""
+    marker = f"{PROJECT_NAME}_spec"
+    return frozenset(
+        name for name, value in vars(spec).items() if hasattr(value, marker)
+    )
+
 
 #: Entry-point group of server plugins.
 ENTRY_POINT_GROUP: Final = "chatkit"

@@ -40,7 +40,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 from ._exceptions import Veto
-from .hookspecs import hookimpl
+from ._hooks import hookimpl
 from .protocol import is_valid_name
 
 if TYPE_CHECKING:

@@ -42,7 +42,7 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 
 from ._events import LOBBY, Event, Joined
-from ._hooks import PROJECT_NAME, hookimpl
+from ._hooks import hook_names, hookimpl
 from .client import ChatClient
 from .hookspecs import ClientSpec, ServerSpec
 from .server import ChatServer
@@ -521,14 +521,20 @@ class HookRecorder:
     def __init__(self) -> None:
         self._calls: list[str] = []
         self._lot = trio.lowlevel.ParkingLot()
-        self.server: object = _recording_plugin("server", ServerSpec, self._record)
+        server_hooks, client_hooks = hook_names(ServerSpec), hook_names(ClientSpec)
+        self._hooks = server_hooks | client_hooks
+        self.server: object = _recording_plugin("server", server_hooks, self._record)
         """The plugin to give a server."""
-        self.client: object = _recording_plugin("client", ClientSpec, self._record)
+        self.client: object = _recording_plugin("client", client_hooks, self._record)
         """The plugin to give a client."""
 
     def _record(self, hook: str) -> None:
         self._calls.append(hook)
         self._lot.unpark_all()
+
+    def _check_hook(self, hook: str) -> None:
+        if hook not in self._hooks:
+            raise ValueError(f"there is no hook called {hook!r}")
 
     @property
     def calls(self) -> tuple[str, ...]:
@@ -541,7 +547,7 @@ class HookRecorder:
         Raises:
             ValueError: there is no hook of that name.
         """
-        _check_hook(hook)
+        self._check_hook(hook)
         return self._calls.count(hook)
 
     async def wait(
@@ -554,7 +560,7 @@ class HookRecorder:
                 lists the calls so far.
             ValueError: there is no hook of that name.
         """
-        _check_hook(hook)
+        self._check_hook(hook)
         with trio.move_on_after(within):
             while self._calls.count(hook) < count:
                 await self._lot.park()
@@ -565,18 +571,10 @@ class HookRecorder:
         )
 
 
-def _hook_names(spec: type) -> list[str]:
-    marker = f"{PROJECT_NAME}_spec"
-    return [name for name, value in vars(spec).items() if hasattr(value, marker)]
-
-
-def _check_hook(hook: str) -> None:
-    if hook not in _hook_names(ServerSpec) + _hook_names(ClientSpec):
-        raise ValueError(f"there is no hook called {hook!r}")
-
-
-def _recording_plugin(side: str, spec: type, record: Callable[[str], None]) -> object:
-    # A plugin object implementing every hook of ``spec``, each a function
+def _recording_plugin(
+    side: str, hooks: Iterable[str], record: Callable[[str], None]
+) -> object:
+    # A plugin object implementing each of ``hooks``, each a function
     # of no arguments (pluggy passes an implementation only the arguments
     # it names) that records the hook's name.
     def recorder(hook: str) -> Callable[[], None]:
@@ -586,7 +584,7 @@ def _recording_plugin(side: str, spec: type, record: Callable[[str], None]) -> o
         return hookimpl(implementation)
 
     plugin = _RecordingPlugin(f"HookRecorder.{side}")
-    for hook in _hook_names(spec):
+    for hook in hooks:
         setattr(plugin, hook, recorder(hook))
     return plugin
 

@@ -48,6 +48,7 @@ from .._events import (
 from .._hooks import (
     CLIENT_ENTRY_POINT_GROUP,
     HookDispatcher,
+    hook_names,
     hookspec,
     make_plugin_manager,
 )
@@ -210,10 +211,15 @@ class ChatClient:
             load_entry_points=load_entry_points,
             entry_point_group=CLIENT_ENTRY_POINT_GROUP,
         )
-        hooks = HookDispatcher(self.plugin_manager, timeout=hook_timeout, logger=log)
+        hooks = HookDispatcher(
+            self.plugin_manager,
+            timeout=hook_timeout,
+            logger=log,
+            bound={"client": self},
+        )
+        implemented = any(hooks.has(name) for name in hook_names(ClientSpec))
         self._delivery = Delivery(
-            event_buffer=event_buffer,
-            hooks=hooks if _implements_client_hooks(hooks) else None,
+            event_buffer=event_buffer, hooks=hooks if implemented else None
         )
         options = ConnectionOptions(
             host=host,
@@ -246,9 +252,7 @@ class ChatClient:
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._delivery.open()
         if self._delivery.has_hooks:
-            nursery.start_soon(
-                self._in_tasks_scope, self._delivery.run_hooks, self, welcome
-            )
+            nursery.start_soon(self._in_tasks_scope, self._delivery.run_hooks, welcome)
         nursery.start_soon(self._in_tasks_scope, self._session.run)
         return self
 
@@ -444,14 +448,6 @@ class ChatClient:
 
     def __repr__(self) -> str:
         return f"<ChatClient {self.name!r} {self.host}:{self.port}>"
-
-
-def _implements_client_hooks(hooks: HookDispatcher) -> bool:
-    return any(
-        hooks.has(name)
-        for name in dir(ClientSpec)
-        if name.startswith("chatkit_client_")
-    )
 
 
 def open_client(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Final, Protocol
+from typing import Final
 
 import trio
 
@@ -32,20 +32,14 @@ _CLIENT_EVENT_HOOKS: Final = MappingProxyType(
 )
 
 
-class _Client(Protocol):
-    """What the hooks are given as ``client`` (a ChatClient)."""
-
-    @property
-    def close_reason(self) -> str | None: ...
-
-
 class Delivery:
     """Hands a client's events to ``async for`` and to the hook task.
 
     Args:
         event_buffer: how many events wait for ``async for``; ``None``
             keeps none.
-        hooks: the client's hooks, if any plugin implements one.
+        hooks: the client's hooks (``client`` bound), if any plugin
+            implements one.
     """
 
     def __init__(
@@ -54,6 +48,7 @@ class Delivery:
         self._event_buffer = event_buffer
         self._hooks = hooks
         self._closed = False
+        self._close_reason = "closed"
         self._events_send: trio.MemorySendChannel[ClientItem] | None = None
         self._events_receive: trio.MemoryReceiveChannel[ClientItem] | None = None
         self._hook_send: trio.MemorySendChannel[ClientItem] | None = None
@@ -91,10 +86,11 @@ class Delivery:
             return False  # the client ended meanwhile
         return True
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
         """No more events: ``async for`` ends, and the hook task after
-        ``chatkit_client_disconnected``."""
+        ``chatkit_client_disconnected`` (given ``reason``)."""
         self._closed = True
+        self._close_reason = reason or "closed"
         if self._events_send is not None:
             self._events_send.close()
         if self._hook_send is not None:
@@ -121,52 +117,36 @@ class Delivery:
         if self._hooks_done is not None:
             await self._hooks_done.wait()
 
-    async def run_hooks(self, client: _Client, welcome: Welcome) -> None:
-        """The hook task: calls the hooks of each event, as ``client``'s,
-        starting with ``welcome``; ends after ``chatkit_client_disconnected``.
-        """
+    async def run_hooks(self, welcome: Welcome) -> None:
+        """The hook task: calls the hooks of each event, starting with
+        ``welcome``; ends after ``chatkit_client_disconnected``."""
         hooks, receive, done = self._hooks, self._hook_receive, self._hooks_done
         assert hooks is not None and receive is not None and done is not None
         try:
-            await hooks.notify(
-                "chatkit_client_connected", client=client, welcome=welcome
-            )
+            await hooks.notify("chatkit_client_connected", welcome=welcome)
             async for event in receive:
                 match event:
                     case ClientEvent():
                         # Each one's fields are its hook's arguments.
                         await hooks.notify(
                             _CLIENT_EVENT_HOOKS[type(event)],
-                            client=client,
                             **dataclasses.asdict(event),
                         )
                         continue
-                await hooks.notify("chatkit_client_event", client=client, event=event)
+                await hooks.notify("chatkit_client_event", event=event)
                 match event:
                     case Message():
-                        await hooks.notify(
-                            "chatkit_client_message", client=client, message=event
-                        )
+                        await hooks.notify("chatkit_client_message", message=event)
                     case DirectMessage():
-                        await hooks.notify(
-                            "chatkit_client_dm", client=client, message=event
-                        )
+                        await hooks.notify("chatkit_client_dm", message=event)
                     case Joined(room=room, name=name):
                         await hooks.notify(
-                            "chatkit_client_joined", client=client, room=room, name=name
+                            "chatkit_client_joined", room=room, name=name
                         )
                     case Left(room=room, name=name, reason=reason):
                         await hooks.notify(
-                            "chatkit_client_left",
-                            client=client,
-                            room=room,
-                            name=name,
-                            reason=reason,
+                            "chatkit_client_left", room=room, name=name, reason=reason
                         )
-            await hooks.notify(
-                "chatkit_client_disconnected",
-                client=client,
-                reason=client.close_reason or "closed",
-            )
+            await hooks.notify("chatkit_client_disconnected", reason=self._close_reason)
         finally:
             done.set()

@@ -48,8 +48,8 @@ class Sink(Protocol):
         """Hand ``event`` on; False if it was dropped (the sink is closed)."""
         ...
 
-    def close(self) -> None:
-        """No more events will come."""
+    def close(self, reason: str) -> None:
+        """No more events will come: the session ended, for ``reason``."""
         ...
 
 
@@ -109,6 +109,12 @@ class Session:
     def reconnecting(self) -> bool:
         """True while the connection is lost and another will come."""
         return not self.connected and not self.done.is_set() and self._will_reconnect()
+
+    @property
+    def _lost_reason(self) -> str | None:
+        """Why the current connection ended (``None``: it has not, or there
+        is none)."""
+        return None if self._connection is None else self._connection.lost_reason
 
     # --- connecting -----------------------------------------------------------
 
@@ -248,15 +254,13 @@ class Session:
         """No more connections: fail what waits, end the event streams."""
         if self.done.is_set():
             return
-        connection = self._connection
         if self.close_reason is None:
-            lost = None if connection is None else connection.lost_reason
-            self.close_reason = lost or "connection lost"
-        if connection is not None:
-            connection.fail_pending(self.close_reason)
+            self.close_reason = self._lost_reason or "connection lost"
+        if self._connection is not None:
+            self._connection.fail_pending(self.close_reason)
         self.done.set()
         self._ready.set()  # waiting requests wake up and find us closed
-        self._sink.close()
+        self._sink.close(self.close_reason)
 
     # --- reconnecting ---------------------------------------------------------
 
@@ -330,8 +334,7 @@ class Session:
 
     def _why(self, default: str) -> str:
         """Why requests cannot go: how the session ended, or the connection."""
-        lost = None if self._connection is None else self._connection.lost_reason
-        return self.close_reason or lost or default
+        return self.close_reason or self._lost_reason or default
 
     async def mark(self, room: str) -> None:
         """With a reconnect policy: note where ``room``'s news starts (we
