@@ -446,23 +446,21 @@ async def test_a_failed_flush_does_not_take_messages_appended_while_it_waited(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     # A flush commits what was appended before it was called. This one waits
-    # for the write lock, held by a retention pass, while three more
-    # messages are appended; its commit fails (full disk). The three are not
-    # let go with it: the next flush writes them.
+    # for another connection's write transaction (in a worker thread: the
+    # file is busy) while three more messages are appended; its commit
+    # fails (full disk). The three are not let go with it: the next flush
+    # writes them.
     #
-    # Deterministic, no timing: the clock only moves when the test jumps it,
-    # so the retention pass starts at the jump (once the store's loops are
-    # asleep); and the test holds a write transaction on the file, on a
-    # connection of its own, which the pass's transaction waits for
-    # (sqlite3's default busy timeout, 5 s, far more than the few scheduler
-    # rounds the test needs). Once every task is blocked again, the pass is
-    # inside the store's write lock and stays there until the test rolls
-    # back; the flush started then must wait for it.
+    # Deterministic, no timing: the clock only moves when the test jumps it
+    # (it never does: the store's loops stay asleep), and the test holds the
+    # write transaction on a connection of its own until it rolls back; the
+    # flush waits for it (busy timeout 5 s, far more than the few scheduler
+    # rounds the test needs).
     path = tmp_path / "history.sqlite3"
     store = SqliteHistory(path, prune_interval=10)
     async with store.open():
         store.append(message(1))
-        await store.flush()  # a room written: the next pass looks at it
+        await store.flush()
         disk = FullDisk(store)
         before = [message(n, text="x" * 200) for n in range(2, 502)]
         later = [message(n) for n in range(502, 505)]
@@ -477,9 +475,6 @@ async def test_a_failed_flush_does_not_take_messages_appended_while_it_waited(
         blocker = sqlite3.connect(path, isolation_level=None)
         try:
             blocker.execute("BEGIN IMMEDIATE")
-            await trio.testing.wait_all_tasks_blocked()  # the store's loops asleep
-            mock_clock.jump(10)
-            await trio.testing.wait_all_tasks_blocked()  # the pass holds the lock
             for m in before:
                 store.append(m)
             async with trio.open_nursery() as nursery:
@@ -499,6 +494,33 @@ async def test_a_failed_flush_does_not_take_messages_appended_while_it_waited(
         await store.flush()
         assert (store.commits, store.written, store.pending) == (2, 4, 0)
     assert rows(path, "SELECT id FROM messages") == [(1,), (502,), (503,), (504,)]
+
+
+async def test_another_writer_on_the_file_does_not_stop_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    # An sqlite3 shell holding a write transaction on the file: a flush
+    # waits for it (the server's output with it), but the event loop runs
+    # on meanwhile (other connections read, time out, get answers), and the
+    # flush commits once the shell lets go.
+    path = tmp_path / "history.sqlite3"
+    store = SqliteHistory(path)
+    async with store.open():
+        shell = sqlite3.connect(path, isolation_level=None)
+        try:
+            shell.execute("BEGIN IMMEDIATE")
+            store.append(message(1))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.flush)
+                started = time.monotonic()
+                await trio.sleep(0.2)  # the loop is not held by the flush
+                assert time.monotonic() - started < 1.0
+                assert store.commits == 0
+                shell.execute("ROLLBACK")
+        finally:
+            shell.close()
+        assert (store.commits, store.written) == (1, 1)
+    assert rows(path) == [("lobby", 1)]
 
 
 # --- errors at start-up --------------------------------------------------------

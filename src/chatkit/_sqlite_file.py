@@ -61,6 +61,9 @@ _TRIM_ROOM = """
         SELECT id FROM messages WHERE room = ? ORDER BY id LIMIT ?
     )
 """
+# Seconds a write waits for another connection's write lock (sqlite3's
+# default busy timeout).
+_BUSY_TIMEOUT = 5.0
 _COUNT_ROOMS = "SELECT room, count(*) FROM messages GROUP BY room"
 # A commit deletes at most twice as many of a room's messages as it adds,
 # plus this many. The counts being exact, it deletes just what it adds past
@@ -69,6 +72,11 @@ _COUNT_ROOMS = "SELECT room, count(*) FROM messages GROUP BY room"
 _TRIM_SLACK = 16
 # The unary plus keeps SQLite off the ts index here: (room, id) is the one.
 _COLUMNS = "SELECT id, ts, sender, text FROM messages WHERE room = ? AND +ts >= ?"
+
+
+class Busy(Exception):
+    """Another connection (another process: an ``sqlite3`` shell, say)
+    holds the file's write lock, and the caller would not wait."""
 
 
 class Opened(NamedTuple):
@@ -147,6 +155,8 @@ class HistoryFile:
                 path, isolation_level=None, check_same_thread=False
             )
             opened = self._prepare()
+            # From now on the writer waits for no one unless asked (_begin).
+            self._writer.execute("PRAGMA busy_timeout = 0")
             self._reader = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False
             )
@@ -259,6 +269,23 @@ class HistoryFile:
                 log.exception("history database %s: error while closing", self.path)
         self._unlock()
 
+    def _begin(self, writer: sqlite3.Connection, wait: bool) -> None:
+        """Begin a write transaction (``BEGIN IMMEDIATE``); see
+        :meth:`insert` for ``wait``."""
+        if not wait:
+            try:
+                writer.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                    raise Busy(str(exc)) from exc
+                raise
+            return
+        writer.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT * 1000:.0f}")
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+        finally:
+            writer.execute("PRAGMA busy_timeout = 0")
+
     def _connection(self) -> sqlite3.Connection:
         if self._writer is None:
             raise RuntimeError(f"{self.path} is not open")
@@ -296,10 +323,14 @@ class HistoryFile:
 
     # --- writing --------------------------------------------------------------
 
-    def insert(self, batch: Sequence[Message], highest: int) -> int:
+    def insert(
+        self, batch: Sequence[Message], highest: int, *, wait: bool = True
+    ) -> int:
         """Write ``batch`` and record ``highest`` (the highest id handed
         out) as the last id, in one transaction; the number of messages
-        retention deleted.
+        retention deleted. If another connection is writing the file, wait
+        for it (up to ``_BUSY_TIMEOUT`` seconds), or with ``wait=False``
+        raise :exc:`Busy` at once.
 
         The same transaction applies ``max_messages_per_room`` to those
         rooms (deleting their oldest messages), so that retention costs
@@ -307,11 +338,12 @@ class HistoryFile:
         pass that holds the writer for long after a burst.
 
         Raises:
+            Busy: see ``wait``; nothing was written.
             sqlite3.Error, OSError: the write failed; nothing was written.
             RuntimeError: the file is not open.
         """
         writer = self._connection()
-        writer.execute("BEGIN IMMEDIATE")
+        self._begin(writer, wait)
         try:
             writer.executemany(
                 _INSERT, [(m.id, m.room, m.ts, m.sender, m.text) for m in batch]
@@ -367,7 +399,7 @@ class HistoryFile:
         if self.max_age is None:
             return 0
         writer = self._connection()
-        writer.execute("BEGIN IMMEDIATE")
+        self._begin(writer, wait=True)
         try:
             gone = self._delete_expired(writer, most)
             writer.execute("COMMIT")
