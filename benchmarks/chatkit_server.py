@@ -50,6 +50,12 @@ def main() -> None:
         help="keep history in chatkit.SqliteHistory(PATH) (default: in memory)",
     )
     parser.add_argument(
+        "--no-split-fanout",
+        action="store_true",
+        help="a chatkit from before issue 17: split_fanout_at=None (it sent a "
+        "lone message to a room of 256 or more from two threads)",
+    )
+    parser.add_argument(
         "--redis",
         metavar="URL",
         default=None,
@@ -75,6 +81,8 @@ def main() -> None:
     else:  # before it; a chatkit older than 33f5bcf may lack some limits
         accepted = inspect.signature(ChatServer).parameters
         options.update({k: v for k, v in limits.items() if k in accepted})
+        if args.no_split_fanout and "split_fanout_at" in accepted:
+            options["split_fanout_at"] = None
     server = ChatServer(args.host, args.port, **options)
     trio.run(partial(serve_until_stopped, server, interactive=False))
 

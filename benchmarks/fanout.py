@@ -74,9 +74,10 @@ ALL_SERVERS = [
     "chatkit-before-sqlite",
 ]
 #: Not in the default run: the baseline with TCP_NODELAY, as chatkit has it,
-#: and the baseline's protocol served by a minimal trio server (the floor
-#: for chatkit's single event-loop thread: benchmarks/trio_minimal_server.py).
-EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal"]
+#: the baseline's protocol served by a minimal trio server (the floor for
+#: chatkit's single event-loop thread: benchmarks/trio_minimal_server.py),
+#: and chatkit-before with its two-thread fan-out of lone messages off.
+EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal", "chatkit-before-nosplit"]
 #: The chatkit before issue 17's rebuild of the server core, measured from
 #: git for before/after figures (``81bce0d`` was the one before issue 5's
 #: fan-out work).
@@ -88,6 +89,9 @@ SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "chatkit-sqlite", "trio-minima
 TARGET_PAIRS = (
     ("off", "chatkit", "chatkit-before"),
     ("on", "chatkit-sqlite", "chatkit-before-sqlite"),
+    # Not a target: the same, against the revision before without the
+    # two-thread split fan-out that issue 17 removed (when measured).
+    ("off, before's split off", "chatkit", "chatkit-before-nosplit"),
 )
 MIN_DELIVERIES_RATIO = 0.95
 MAX_P99_RATIO = 1.05
@@ -185,6 +189,10 @@ class Server:
             conf.write_text(NGIRCD_CONF.format(port=port))
             return [binary, "--nodaemon", "--config", str(conf)], port
         cmd = chatkit_command(args)
+        if self.name == "chatkit-before-nosplit":
+            # Its two-thread fan-out of a lone message to a large room off
+            # (issue 17 removed it): what the rest of the code costs.
+            cmd.append("--no-split-fanout")
         if self.db_dir is not None:
             cmd += ["--db", str(self.db_dir / "history.sqlite3")]
         return cmd, None
