@@ -174,6 +174,16 @@ class LineFramer:
     file are an incomplete line and are dropped.
     """
 
+    # One per connection: no instance dict.
+    __slots__ = (
+        "_buf",
+        "_discarding",
+        "_eof",
+        "_scanned",
+        "_start",
+        "max_line_length",
+    )
+
     def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
         if max_line_length < 1:
             raise ValueError("max_line_length must be at least 1")
@@ -384,6 +394,8 @@ class ServerConnection:
     then, each line-mode line is another attempt at a name.
     """
 
+    __slots__ = ("_framer", "mode", "ready")
+
     def __init__(self, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
         self._framer = LineFramer(max_line_length)
         self.mode = Mode.UNKNOWN
@@ -482,6 +494,8 @@ class ServerConnection:
 
 class ClientConnection:
     """The client's side of one JSON-mode connection."""
+
+    __slots__ = ("_framer",)
 
     def __init__(self, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
         self._framer = LineFramer(max_line_length)
