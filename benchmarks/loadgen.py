@@ -410,7 +410,17 @@ class Worker:
 async def serve(pipe: Any, worker: Worker) -> None:
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[Any] = asyncio.Queue()
-    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
+
+    def read_command() -> None:
+        try:
+            commands.put_nowait(pipe.recv())
+        except EOFError:
+            # The benchmark is gone (killed): close and end, rather than
+            # spin on a pipe that stays readable at end of file.
+            loop.remove_reader(pipe.fileno())
+            commands.put_nowait({"op": "close", "orphaned": True})
+
+    loop.add_reader(pipe.fileno(), read_command)
     # add_reader made the pipe non-blocking; a large reply (the latencies)
     # must not fail with EAGAIN, and the pipe is only read when readable.
     os.set_blocking(pipe.fileno(), True)
@@ -457,6 +467,8 @@ async def serve(pipe: Any, worker: Worker) -> None:
             pipe.send({"ok": True})
         elif op == "close":
             worker.close_all()
+            if cmd.get("orphaned"):
+                return
             await asyncio.sleep(0.05)
             pipe.send({"ok": True})
             return
