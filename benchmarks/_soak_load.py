@@ -65,12 +65,35 @@ class Load:
         self.phase = "connecting"
 
 
+async def open_stream(port: int, source: str | None) -> trio.SocketStream:
+    """A TCP connection to 127.0.0.1:``port``, from ``source`` if given."""
+    if source is None:
+        return await trio.open_tcp_stream("127.0.0.1", port)
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)  # TCP_NODELAY on, as open_tcp_stream's
+
+
 class Bot:
     def __init__(self, load: Load, name: str, role: str, room: str) -> None:
         self.load = load
         self.name = name
         self.role = role
         self.room = room
+        # Clients spread over loopback source addresses (``per_address``
+        # each), as real ones come from many: within the server's
+        # per-address connection limit.
+        per_address = load.config.get("per_address")
+        if per_address:
+            slot = int(name.removeprefix("soak")) // per_address
+            self.source: str | None = f"127.2.{slot // 250}.{slot % 250 + 1}"
+        else:
+            self.source = None
         self.rng = random.Random(f"{load.config['seed']}-{name}")
         self.stream: trio.SocketStream | None = None
         self.send_lock = trio.Lock()
@@ -167,7 +190,7 @@ class Bot:
     async def connect(self, nursery: trio.Nursery) -> None:
         """Connect, log in (retrying while our old connection still holds
         the name), join our room and open a window in each room."""
-        self.stream = await trio.open_tcp_stream("127.0.0.1", self.load.port)
+        self.stream = await open_stream(self.load.port, self.source)
         self.eof = trio.Event()
         self.member = set()
         nursery.start_soon(self.read, self.stream)

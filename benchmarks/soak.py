@@ -38,6 +38,15 @@ from typing import Any
 
 from loadgen import raise_file_limit
 
+ATTACKS = (  # in benchmarks/_soak_attack.py, run in this order
+    "blank_lines",
+    "renames",
+    "dm_burst",
+    "half_open",
+    "partial_lines",
+    "address_hold",
+)
+
 HERE = Path(__file__).resolve().parent
 CONNECT_GRACE = 120.0  # seconds for every client to connect, on top of the run
 DRAIN_GRACE = 60.0  # seconds to close windows and say bye at the end
@@ -69,11 +78,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-every", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--attacks",
+        default="",
+        help="comma-separated attacks to run in turn while the clients chat"
+        f" ('all': {','.join(ATTACKS)}); adds a bystander measuring round"
+        " trips, and the server keeps its default limits (rate limit on)",
+    )
+    parser.add_argument(
+        "--attack-seconds", type=float, default=60.0, help="length of each attack"
+    )
+    parser.add_argument(
+        "--attack-pause",
+        type=float,
+        default=30.0,
+        help="ordinary chat before the first attack and after each",
+    )
+    parser.add_argument(
+        "--per-address",
+        type=int,
+        help="clients per loopback source address (default: 10 with --attacks,"
+        " else all on 127.0.0.1)",
+    )
     args = parser.parse_args(argv)
     if args.talkers + args.churners > args.clients:
         parser.error("--talkers plus --churners exceeds --clients")
     if args.rooms < 1 or args.load_processes < 1 or args.rate <= 0:
         parser.error("--rooms, --load-processes and --rate must be positive")
+    names = [name for name in args.attacks.split(",") if name]
+    args.attacks = list(ATTACKS) if names == ["all"] else names
+    unknown = set(args.attacks) - set(ATTACKS)
+    if unknown:
+        parser.error(f"unknown attack(s): {', '.join(sorted(unknown))}")
+    needed = args.attack_pause + len(args.attacks) * (
+        args.attack_seconds + args.attack_pause
+    )
+    if args.attacks and needed > args.minutes * 60:
+        parser.error(f"the attacks need {needed:.0f} s; give --minutes more")
+    if args.per_address is None:
+        args.per_address = 10 if args.attacks else 0
     return args
 
 
@@ -143,7 +186,11 @@ class Processes:
                 proc.wait()
 
 
-def start_server(procs: Processes, work: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(
+    procs: Processes, work: Path, limits: bool
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The server; ``limits``: with its default limits, else rate limiting
+    off (the talkers are polite; the churners bursty)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(HERE), env.get("PYTHONPATH", "")])
@@ -159,7 +206,7 @@ def start_server(procs: Processes, work: Path) -> tuple[subprocess.Popen[bytes],
             "--no-interactive",
             "--no-entry-points",
             "--log-level=warning",
-            "--rate-limit=0",  # the talkers are polite; the churners bursty
+            *([] if limits else ["--rate-limit=0"]),
             "--idle-timeout=0",  # listeners are silent for minutes
             "--plugin=_soak_probe:TaskCounter",
             f"--db={work / 'soak.sqlite3'}",  # the CLI's default store, not in cwd
@@ -174,6 +221,96 @@ def start_server(procs: Processes, work: Path) -> tuple[subprocess.Popen[bytes],
             return server, int(found.group(1))
         time.sleep(0.05)
     raise RuntimeError(f"the server did not start:\n{log.read_text()}")
+
+
+ROOT = HERE.parent
+
+
+def start_bystander(procs: Processes, work: Path, port: int) -> subprocess.Popen[bytes]:
+    """tests/bystander.py: a round trip in ``lobby`` every 0.2 s, on its own
+    process; it stops when its standard input closes."""
+    with (work / "bystander.log").open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "bystander.py"),
+                str(port),
+                "by",
+                "0.2",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    procs.started.append(proc)
+    return proc
+
+
+def start_attacker(
+    procs: Processes, work: Path, port: int, args: argparse.Namespace
+) -> subprocess.Popen[bytes]:
+    config = {
+        "port": port,
+        "attacks": args.attacks,
+        "seconds": args.attack_seconds,
+        "pause": args.attack_pause,
+    }
+    path = work / "attack.json"
+    path.write_text(json.dumps(config))
+    command = [sys.executable, str(HERE / "_soak_attack.py"), str(path)]
+    return procs.start(command, work / "attack.log")
+
+
+def finish_attacks(
+    bystander: subprocess.Popen[bytes] | None,
+    attacker: subprocess.Popen[bytes] | None,
+    work: Path,
+) -> dict[str, Any] | None:
+    """Stop the bystander, wait for the attacker, and sum up what both
+    reported: the bystander's round trips during each attack and overall."""
+    if bystander is None or attacker is None:
+        return None
+    try:
+        attacker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        attacker.terminate()
+    assert bystander.stdin is not None
+    bystander.stdin.close()
+    bystander.wait(timeout=30)
+    reports = [json.loads(x) for x in (work / "bystander.log").read_text().splitlines()]
+    rtts = [(r["t"], r["rtt"]) for r in reports if "rtt" in r]
+    attacks = []
+    for line in (work / "attack.log").read_text().splitlines():
+        try:
+            attack = json.loads(line)
+        except ValueError:
+            attacks.append({"attack": "?", "output": line})
+            continue
+        during = [rtt for t, rtt in rtts if attack["start"] <= t <= attack["end"] + 1]
+        attack["bystander_ms"] = percentiles(during)
+        attacks.append(attack)
+    return {
+        "attacks": attacks,
+        "bystander_ms": percentiles([rtt for _, rtt in rtts]),
+        "acked": [(r["id"], "lobby") for r in reports if "rtt" in r],
+        "bystander_errors": [r["error"] for r in reports if "error" in r],
+        "bystander_lost": [r["lost"] for r in reports if "lost" in r],
+        "bystander_closed": next((r["closed"] for r in reports if "closed" in r), None),
+        "attacker_exit": attacker.returncode,
+    }
+
+
+def percentiles(seconds: list[float]) -> dict[str, Any]:
+    """Count, p50, p99 and max of ``seconds``, in milliseconds."""
+    if not seconds:
+        return {"count": 0}
+    ordered = sorted(seconds)
+    return {
+        "count": len(ordered),
+        "p50": round(1000 * statistics.median(ordered), 2),
+        "p99": round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 2),
+        "max": round(1000 * ordered[-1], 2),
+    }
 
 
 def bot_plan(args: argparse.Namespace) -> list[list[tuple[str, str, str]]]:
@@ -238,13 +375,16 @@ def take_sample(
 # --- checking -----------------------------------------------------------------
 
 
-def check(results: list[dict[str, Any]]) -> dict[str, Any]:
+def check(
+    results: list[dict[str, Any]], more_acks: list[tuple[int, str]]
+) -> dict[str, Any]:
+    """What was lost: ``more_acks`` are (id, room) of messages acknowledged
+    to a sender other than the load processes' (the bystander)."""
     room_ids: dict[str, list[int]] = {}
     acked: set[int] = set()
-    for result in results:
-        for message_id, room in result["acks"]:
-            room_ids.setdefault(room, []).append(message_id)
-            acked.add(message_id)
+    for message_id, room in [ack for r in results for ack in r["acks"]] + more_acks:
+        room_ids.setdefault(room, []).append(message_id)
+        acked.add(message_id)
     for ids in room_ids.values():
         ids.sort()
     bots = {bot["name"]: bot for result in results for bot in result["bots"]}
@@ -386,8 +526,30 @@ def report(summary: dict[str, Any]) -> str:
         "was still held)",
         f"ack latency: p50 {k['ack_latency_ms']['p50']} ms, "
         f"p99 {k['ack_latency_ms']['p99']} ms, max {k['ack_latency_ms']['max']} ms",
+        *attack_report(summary["attacks"]),
     ]
     return "\n".join(lines)
+
+
+def attack_report(attacks: dict[str, Any] | None) -> list[str]:
+    if attacks is None:
+        return []
+    lines = ["", "attacks (bystander round trips, ms):"]
+    for attack in attacks["attacks"]:
+        ms = attack.get("bystander_ms", {})
+        outcome = ", ".join(f"{k}: {v}" for k, v in attack.get("outcome", {}).items())
+        lines.append(
+            f"  {attack['attack']:<14} p50 {ms.get('p50')} p99 {ms.get('p99')} "
+            f"max {ms.get('max')} ({ms.get('count')} round trips); {outcome}"
+        )
+    ms = attacks["bystander_ms"]
+    lines.append(
+        f"  whole run      p50 {ms.get('p50')} p99 {ms.get('p99')} max {ms.get('max')}"
+        f" ({ms.get('count')} round trips); errors {attacks['bystander_errors'] or 0},"
+        f" lost {attacks['bystander_lost'] or 0},"
+        f" disconnected: {attacks['bystander_closed'] or 'no'}"
+    )
+    return lines
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -396,7 +558,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="chatkit-soak-") as tmp:
         work = Path(tmp)
         try:
-            server, port = start_server(procs, work)
+            server, port = start_server(procs, work, limits=bool(args.attacks))
             time.sleep(1.5)  # let the probe report once
             idle_before = sample_server(server.pid, work)
             seconds = args.minutes * 60
@@ -413,6 +575,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "lobby_share": args.lobby_share,
                     "dm_share": args.dm_share,
                     "churn_every": args.churn_every,
+                    "per_address": args.per_address,
                     "progress_path": str(work / f"progress-{i}.json"),
                     "result_path": str(work / f"result-{i}.json"),
                 }
@@ -424,6 +587,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     str(config_path),
                 ]
                 loads.append(procs.start(command, work / f"load-{i}.log"))
+            bystander = attacker = None
+            if args.attacks:
+                bystander = start_bystander(procs, work, port)
+                attacker = start_attacker(procs, work, port, args)
             started = time.monotonic()
             samples = []
             deadline = started + timeout + 10
@@ -456,6 +623,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     (work / f"load-{i}.log").read_text()[-5000:] for i in failed
                 )
                 raise RuntimeError(f"load generator(s) {failed} failed:\n{logs}")
+            attacks = finish_attacks(bystander, attacker, work)
             time.sleep(2)  # the server finishes closing the last connections
             idle_after = sample_server(server.pid, work)
             results = [
@@ -480,7 +648,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "idle_before": idle_before,
         "idle_after": idle_after,
         "memory": memory_summary(samples),
-        "check": check(results),
+        "check": check(results, attacks["acked"] if attacks else []),
+        "attacks": attacks,
         "server_log_tail": server_log[-3000:],
     }
 
@@ -495,6 +664,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(summary, indent=2))
     k = summary["check"]
     bad = k["lost"] + k["dms_lost"] + k["duplicates"] + k["strays"]
+    attacks = summary["attacks"]
+    if attacks is not None:
+        harmed = attacks["bystander_errors"] or attacks["bystander_lost"]
+        bad += bool(harmed or attacks["bystander_closed"])
+        bad += attacks["bystander_ms"].get("max", 0) >= 1000  # the issue's bound
     return 1 if bad or k["delivered_but_not_acked"] else 0
 
 

@@ -4,8 +4,9 @@ PORT NAME INTERVAL [HELLO_JSON]``.
 It logs in (JSON mode) as NAME, then every INTERVAL seconds says a line in
 ``lobby`` and waits for the server's acknowledgement (its own copy), while
 reading everything else it is sent. Each round trip is printed as a JSON
-line on standard output (``{"rtt": seconds}``), and so is every error the
-server sends (``{"error": {...}}``) and the end of the connection
+line on standard output (``{"rtt": seconds, "t": its end, "id": the
+message's}``, ``t`` on CLOCK_MONOTONIC), and so is every error the server sends
+(``{"error": {...}}``) and the end of the connection
 (``{"closed": "..."}``). It stops when its standard input closes, after
 printing ``{"done": round_trips}``.
 
@@ -97,7 +98,8 @@ def main() -> None:
                     emit(lost=count)
                     break
                 if event.get("type") == "message" and event.get("ref") == count:
-                    emit(rtt=time.monotonic() - sent_at)
+                    now = time.monotonic()
+                    emit(rtt=now - sent_at, t=now, id=event["id"])
                     break
             # Read (and drop) whatever else comes until the next round trip;
             # stop when the test closes our standard input.

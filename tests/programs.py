@@ -117,9 +117,9 @@ async def launch(tmp_path: Path) -> AsyncIterator[Launch]:
             env=env,
             preexec_fn=(lambda: os.close(0)) if stdin_closed else None,
         )
-        program = Program(process)
-        programs.append(program)
-        return program
+        started = Program(process)
+        programs.append(started)
+        return started
 
     yield launch_
     for program in programs:
