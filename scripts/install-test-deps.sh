@@ -7,6 +7,7 @@ set -euo pipefail
 PACKAGES=(
     ngircd  # benchmarks/fanout.py compares chatkit with it (nox -s bench_smoke)
     redis-server  # tests/test_cluster.py starts its own on a free port
+    iptables  # the half-open test drops a loopback peer's packets (needs root)
 )
 
 missing=()
