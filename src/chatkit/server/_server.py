@@ -124,7 +124,9 @@ class ChatServer:
             server_name,
             backplane,
         )
-        self._transport = TcpTransport(host, port, ssl_context)
+        self._transport = TcpTransport(
+            host, port, ssl_context, user_timeout=self.limits.tcp_user_timeout
+        )
         self._nursery: trio.Nursery | None = None  # the connections'
         self._started = False
         self._closing = False
