@@ -27,8 +27,9 @@ import trio
 
 import chatkit
 from chatkit.auth import add_user
+from chatkit.testing import HookRecorder
 from tests.attacks import address, bystander, connect_from
-from tests.helpers import RawClient
+from tests.helpers import RawClient, wait_until
 from tests.programs import Launch, start_server
 
 #: The server's ``--tcp-user-timeout`` in the reaping test (seconds).
@@ -238,6 +239,29 @@ async def test_a_shared_token_alone_takes_no_session_over(launch: Launch) -> Non
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_plugins_hear_the_old_session_end_before_the_new_one_begins() -> None:
+    """A takeover is, to plugins, the old session leaving (reason
+    ``replaced``, once) and then the new one arriving, in that order."""
+    hooks = HookRecorder()
+    async with chatkit.open_server(plugins=[hooks.server]) as server:
+        old, new = await RawClient.open(server.port), await RawClient.open(server.port)
+        try:
+            secret = (await old.hello("alice"))["resume"]
+            await hooks.wait("chatkit_user_connected")
+            await new.hello("alice", resume=secret)
+            await hooks.wait("chatkit_user_connected", 2)
+            await old.assert_closed()
+            await wait_until(lambda: server.connections == 1)
+            calls = list(hooks.calls)
+            second_login = len(calls) - 1 - calls[::-1].index("chatkit_user_connected")
+            assert calls.index("chatkit_user_disconnected") < second_login, calls
+            assert hooks.count("chatkit_user_disconnected") == 1, calls
+            assert [user.name for user in server.users] == ["alice"]
+        finally:
+            await old.aclose()
+            await new.aclose()
 
 
 # --- (c) the bundled client -----------------------------------------------------

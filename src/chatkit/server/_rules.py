@@ -216,6 +216,8 @@ class ChatRules:
         """The connection is over (whatever happened): it leaves everything,
         then the leave hooks run."""
         self.directory.connections.discard(session)
+        if session.reason is LeaveReason.REPLACED:
+            return  # detached, and its hooks run, by the session taking over
         self.detach(session)
         await self.after_detach(session)
 
@@ -240,13 +242,16 @@ class ChatRules:
             session.error(ErrorCode.UNAUTHORIZED, exc.reason, hello.ref)
             return LeaveReason.DISCONNECT
         # The same user, back before its old session was reaped, takes it
-        # over: the name stays this node's, claimed already.
-        taken_over = await self._take_over(session, hello, identified=identified)
+        # over: the name stays this node's, claimed already. (Nothing is
+        # awaited from here to the login then, so nobody else can take it.)
+        replaced = await self._take_over(session, hello, identified=identified)
         # Is the name in use (the hooks may have awaited)? Claim it across
         # the cluster, and check it again after that await.
         if (
             self._name_refused(session, name, hello.ref)
-            or not (taken_over or await self.node.claim(session, name, hello.ref))
+            or not (
+                replaced is not None or await self.node.claim(session, name, hello.ref)
+            )
             or self._name_refused(session, name, hello.ref)
         ):
             return None
@@ -266,28 +271,32 @@ class ChatRules:
         )
         self._add_member(session, self.rooms[LOBBY], ref=None)
         log.info("%s has joined the chat.", name)
+        if replaced is not None:
+            # Plugins hear of the old session's end before of the new one.
+            await self.after_detach(replaced)
         await self.hooks.notify("chatkit_user_connected", user=session.user)
         await self.hooks.notify("chatkit_user_joined", user=session.user, room=LOBBY)
         return None
 
     async def _take_over(
         self, session: Session, hello: Hello, *, identified: bool
-    ) -> bool:
+    ) -> Session | None:
         """If ``hello``'s name is held here by the same user (``identified``
         by its password, or presenting the session's ``resume`` secret),
-        close that session and free the name for ``session``: True then."""
+        close that session and free the name for ``session``; the session
+        closed, whose leave hooks are then the caller's to run."""
         holder = self.directory.get(hello.name)
         if holder is None or holder is session or session.closed:
-            return False
+            return None
         if not identified and not (
             hello.resume
             and hmac.compare_digest(hello.resume.encode(), holder.resume.encode())
         ):
-            return False
+            return None
         # What the old session said goes out before it leaves (a cluster).
         await self.node.settle(holder)
         if self.directory.get(hello.name) is not holder or session.closed:
-            return False  # it left, or we did, meanwhile: the usual checks
+            return None  # it left, or we did, meanwhile: the usual checks
         log.info("%s is taken over from %s", holder, session.address)
         error = ErrorReply(
             code=ErrorCode.REPLACED,
@@ -295,7 +304,7 @@ class ChatRules:
         )
         holder.close(LeaveReason.REPLACED, error, discard=True)
         self.detach(holder, release=False)
-        return True
+        return holder
 
     def _name_refused(self, session: Session, name: str, ref: Any) -> bool:
         """Tell ``session`` why ``name`` cannot be theirs (invalid, or
