@@ -1457,8 +1457,13 @@ async def test_client_hooks_fire_in_order_with_their_arguments(
     (connected,) = rec.of("chatkit_client_connected")
     welcome = connected["welcome"]
     assert unref(welcome) == chatkit.Welcome(
-        name="bot", protocol=1, server="chatkit", rooms=("lobby",)
+        name="bot",
+        protocol=1,
+        server="chatkit",
+        rooms=("lobby",),
+        resume=welcome.resume,
     )
+    assert welcome.resume
     assert rec.calls == [
         ("chatkit_client_connected", {"client": bot, "welcome": welcome}),
         *both(

@@ -102,10 +102,10 @@ async def test_rate_limit_refills(open_raw: OpenRaw) -> None:
         assert await alice.receive_json() == {"type": "pong", "ref": 5}
 
 
-async def test_tcp_keepalive_is_on_for_every_connection() -> None:
+async def test_tcp_keepalive_and_user_timeout_are_on_for_every_connection() -> None:
     # What the TCP transport makes of every accepted connection (the
     # handler owns the link, and closes it).
-    seen: list[tuple[str, int, int]] = []
+    seen: list[tuple[str, int, int, int]] = []
 
     async def handler(link: chatkit.server.Link) -> None:
         assert isinstance(link, chatkit.server.TcpLink)
@@ -116,11 +116,12 @@ async def test_tcp_keepalive_is_on_for_every_connection() -> None:
                 link.address,
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                 sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
             )
         )
         await link.abort()
 
-    transport = chatkit.server.TcpTransport("127.0.0.1", 0)
+    transport = chatkit.server.TcpTransport("127.0.0.1", 0, user_timeout=2.5)
     async with trio.open_nursery() as nursery:
         await nursery.start(transport.serve, handler, nursery)
         client = await trio.open_tcp_stream("127.0.0.1", transport.port)
@@ -128,7 +129,10 @@ async def test_tcp_keepalive_is_on_for_every_connection() -> None:
         nursery.cancel_scope.cancel()
     local = client.socket.getsockname()
     await client.aclose()
-    assert seen == [(f"127.0.0.1:{local[1]}", 1, 60)]
+    assert seen == [(f"127.0.0.1:{local[1]}", 1, 60, 2500)]
+    assert chatkit.Limits().tcp_user_timeout == 90.0
+    with pytest.raises(ValueError, match="tcp_user_timeout must be positive"):
+        chatkit.Limits(tcp_user_timeout=0)
 
 
 @pytest.fixture
@@ -184,6 +188,7 @@ def test_cli_tls_round_trip(cert_files: tuple[Path, Path, Path]) -> None:
         ["--password-file", "/nonexistent"],
         ["--auth-token", "x", "--password-file", "y"],
         ["--rate-burst", "0"],
+        ["--tcp-user-timeout", "-1"],
     ],
 )
 def test_cli_rejects_bad_security_options(args: list[str]) -> None:

@@ -34,6 +34,7 @@ from ._exceptions import NotInRoom as NotInRoom
 from ._exceptions import NotReady as NotReady
 from ._exceptions import RateLimited as RateLimited
 from ._exceptions import Rejected as Rejected
+from ._exceptions import Replaced as Replaced
 from ._exceptions import RequestError as RequestError
 from ._exceptions import ServerFull as ServerFull
 from ._exceptions import StartupError as StartupError
@@ -106,6 +107,7 @@ __all__ = [
     "Rejected",
     "RemoteUser",
     "Renamed",
+    "Replaced",
     "RequestError",
     "RoomInfo",
     "RoomsReply",

@@ -13,7 +13,10 @@ Extensions to v1 (all additive, as the protocol allows): every request takes
 an optional ``ref`` that the server echoes on the reply or error it causes,
 so clients can match answers to questions; ``history`` takes optional
 ``before`` / ``after`` message ids; ``error`` codes ``too_slow`` and ``kicked``
-announce that the server is closing this connection.
+announce that the server is closing this connection; ``welcome`` may carry a
+``resume`` secret that a reconnecting client sends back in its ``hello`` to
+take over its own session, still logged in (``error replaced`` tells the
+session taken over).
 """
 
 from __future__ import annotations
@@ -98,6 +101,10 @@ class Hello(Event, tag="hello", frozen=True):
     # Optional on decode (lenient to minimal clients); chatkit always sends it.
     protocol: Count | None = None
     token: str | None = None
+    resume: str | None = None
+    """Extension: the ``resume`` of the ``welcome`` of this client's previous
+    connection. If that session still holds ``name`` (the server has not
+    noticed that it is gone), the new connection takes it over."""
     ref: Ref = None
 
 
@@ -193,6 +200,9 @@ class Welcome(Event, tag="welcome", frozen=True):
     protocol: int
     server: str
     rooms: tuple[str, ...]
+    resume: str | None = None
+    """Extension: a secret of this session, for the client to send back as
+    ``hello.resume`` when it reconnects (see :class:`Hello`)."""
     ref: Ref = None
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "RateLimited",
     "Rejected",
     "RemoteProtocolError",
+    "Replaced",
     "RequestError",
     "ServerFull",
     "StartupError",
@@ -72,6 +73,9 @@ class ErrorCode(enum.StrEnum):
     KICKED = "kicked"
     TIMEOUT = "timeout"
     TOO_MANY_ROOMS = "too_many_rooms"
+    # Extension to v1: the same user logged in again (a reconnect with the
+    # session's resume secret, or the user's password); this connection ends.
+    REPLACED = "replaced"
 
 
 class ChatkitError(Exception):
@@ -235,6 +239,13 @@ class Kicked(RequestError):
     code = ErrorCode.KICKED
 
 
+class Replaced(RequestError):
+    """``replaced``: the same user logged in again on another connection,
+    which took this one's session over; the server closes this one."""
+
+    code = ErrorCode.REPLACED
+
+
 class TimedOut(RequestError):
     """``timeout``: no handshake, or no traffic, in time; the server closes."""
 
@@ -280,6 +291,7 @@ _BY_CODE: MappingProxyType[str, type[RequestError]] = MappingProxyType(
             NotReady,
             TooSlow,
             Kicked,
+            Replaced,
             TimedOut,
             TooManyRooms,
             Unavailable,

@@ -193,18 +193,24 @@ class HookDispatcher:
                     name,
                 )
 
-    async def veto(self, name: str, /, **kwargs: Any) -> None:
+    async def veto(self, name: str, /, **kwargs: Any) -> bool:
         """Call every implementation of ``name`` until one raises
-        :class:`~chatkit.Veto`, which propagates.
+        :class:`~chatkit.Veto`, which propagates; True if none did and some
+        implementation returned ``True`` (what that means is the hook's to
+        say, as ``chatkit_authenticate`` does).
 
         Fails closed: an implementation that raises something else or times
         out counts as a refusal (a broken authenticator must not let
         everyone in).
         """
+        affirmed = False
         for impl in self._impls(name):
-            if await self._call(name, impl, kwargs) is _FAILED:
+            result = await self._call(name, impl, kwargs)
+            if result is _FAILED:
                 # The log names the plugin; the peer learns nothing internal.
                 raise Veto("refused: the server could not check this request")
+            affirmed = affirmed or result is True
+        return affirmed
 
     async def rewrite(self, name: str, key: str, /, **kwargs: Any) -> Any:
         """Thread ``kwargs[key]`` through every implementation of ``name``.

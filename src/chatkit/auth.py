@@ -267,7 +267,11 @@ class PasswordFileAuth:
     few milliseconds with the default parameters.
 
     A logged-in user cannot rename (``nick``) to a name registered to
-    someone else: the ``nick`` gets ``error rejected``.
+    someone else: the ``nick`` gets ``error rejected``. A login with the
+    right password while a session of that name is still logged in (a
+    reconnect before the server noticed that the old connection was gone)
+    takes that session over: the old connection gets ``error replaced``
+    and is closed.
 
     Args:
         path: the password file.
@@ -314,11 +318,13 @@ class PasswordFileAuth:
         return match and entry is not None and password is not None
 
     @hookimpl(tryfirst=True)
-    def chatkit_authenticate(self, name: str, token: str | None) -> None:
+    def chatkit_authenticate(self, name: str, token: str | None) -> bool:
         """Refuse with :data:`INVALID_LOGIN` unless ``token`` is ``name``'s
-        password."""
+        password; it is: True, the client is ``name`` (it may take over a
+        session of ``name`` still logged in)."""
         if not self.check(name, token):
             raise Veto(INVALID_LOGIN)
+        return True
 
     @hookimpl(tryfirst=True)
     def chatkit_nick(self, user: User, new: str) -> None:

@@ -59,7 +59,7 @@ _RECEIVE_SIZE: Final = 64 * 1024
 _ANSWERS: Final = (ErrorReply, WhoReply, RoomsReply, HistoryReply, Pong)
 # Errors the server closes the connection after (extensions to v1).
 _CLOSING_CODES: Final = frozenset(
-    {ErrorCode.TOO_SLOW, ErrorCode.KICKED, ErrorCode.TIMEOUT}
+    {ErrorCode.TOO_SLOW, ErrorCode.KICKED, ErrorCode.TIMEOUT, ErrorCode.REPLACED}
 )
 
 
@@ -134,10 +134,13 @@ class Connection:
         *,
         name: str,
         token: str | None,
+        resume: str | None = None,
         refs: Iterator[int],
         on_lost: OnLost,
     ) -> tuple[Self, Welcome]:
-        """Connect and log in as ``name``, within ``options.connect_timeout``.
+        """Connect and log in as ``name``, within ``options.connect_timeout``;
+        ``resume``: the previous connection's ``welcome.resume``, to take
+        over that session if the server still holds it.
 
         Raises:
             RequestError: the server refused ``hello`` (the subclass of its
@@ -153,16 +156,22 @@ class Connection:
             with trio.fail_after(options.connect_timeout):
                 stream = await _open_stream(options)
                 connection = cls(stream, options, refs=refs, on_lost=on_lost)
-                welcome = await connection._handshake(name, token)
+                welcome = await connection._handshake(name, token, resume)
         except BaseException:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
             raise
         return connection, welcome
 
-    async def _handshake(self, name: str, token: str | None) -> Welcome:
+    async def _handshake(
+        self, name: str, token: str | None, resume: str | None
+    ) -> Welcome:
         hello = Hello(
-            name=name, protocol=PROTOCOL_VERSION, token=token, ref=next(self._refs)
+            name=name,
+            protocol=PROTOCOL_VERSION,
+            token=token,
+            resume=resume,
+            ref=next(self._refs),
         )
         await self._stream.send_all(self._proto.send(hello))
         while True:

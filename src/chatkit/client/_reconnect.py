@@ -71,8 +71,11 @@ class Reconnect:
             this many seconds after the connection was lost; ``None`` never.
         max_name_taken: give up after this many attempts in a row refused
             with ``name_taken``. The server may still hold the old
-            connection (it has not noticed that it is dead), so the client
-            keeps its name and waits rather than pick another one.
+            connection (it has not noticed that it is dead): the client
+            takes that session over with the ``resume`` secret of its last
+            ``welcome``, but a server without that (or the old session on
+            another node of a cluster) keeps the name until it lets go, so
+            the client keeps its name and waits rather than pick another.
         after_shutdown: also reconnect when the server announced
             ``shutdown`` (a planned restart); ``False`` ends the client then.
         request_timeout: seconds a request made while the client is

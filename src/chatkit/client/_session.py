@@ -40,6 +40,10 @@ __all__ = ["Session", "Sink"]
 
 log = logging.getLogger("chatkit.client")
 
+# The server ended the connection for good: no reconnect. (``replaced``: we
+# logged in again elsewhere; coming back would take that session over.)
+_FINAL_CODES = frozenset({ErrorCode.KICKED, ErrorCode.REPLACED})
+
 
 class Sink(Protocol):
     """Where a session's events go: the application."""
@@ -97,6 +101,9 @@ class Session:
             None if policy is None else Resumer(self._deliver, max_held=policy.max_held)
         )
         self._connection: Connection | None = None
+        # The last welcome's secret: a reconnect presents it, to take over
+        # our old session should the server not have noticed it is gone.
+        self._resume_secret: str | None = None
         self._ready = trio.Event()  # set while requests may go out
         self._reconnect_scope: trio.CancelScope | None = None
 
@@ -147,10 +154,12 @@ class Session:
             self._options,
             name=self.name,
             token=self._token,
+            resume=self._resume_secret,
             refs=self._refs,
             on_lost=self._lost,
         )
         self._connection = connection
+        self._resume_secret = welcome.resume
         self.name = welcome.name
         self.server_name = welcome.server
         joined = set(welcome.rooms)
@@ -246,7 +255,7 @@ class Session:
     def _will_reconnect(self) -> bool:
         policy = self._policy
         code = None if self._connection is None else self._connection.lost_code
-        if policy is None or self.closing or code == ErrorCode.KICKED:
+        if policy is None or self.closing or code in _FINAL_CODES:
             return False
         return policy.after_shutdown or code != "shutdown"
 

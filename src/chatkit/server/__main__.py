@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--handshake-timeout", float, 10.0, "seconds to say hello"),
         ("--idle-timeout", float, 0.0, "seconds of silence before closing; 0: never"),
         (
+            "--tcp-user-timeout",
+            float,
+            90.0,
+            "seconds sent data may go unacknowledged before a vanished peer's "
+            "connection ends; 0: the kernel's default (about 15 minutes)",
+        ),
+        (
             "--presence-limit",
             int,
             1000,
@@ -303,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate_burst=args.rate_burst,
                 handshake_timeout=args.handshake_timeout,
                 idle_timeout=args.idle_timeout or None,
+                tcp_user_timeout=args.tcp_user_timeout or None,
                 presence_limit=(
                     None if args.presence_limit == -1 else args.presence_limit
                 ),

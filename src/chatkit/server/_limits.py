@@ -62,6 +62,16 @@ class Limits:
     """If set, a connection that sends nothing for this long is closed with
     ``error timeout`` (:class:`~chatkit.ChatClient` pings to stay alive).
     Half-open TCP connections are also reaped by TCP keepalive, always on."""
+    tcp_user_timeout: float | None = 90.0
+    """Seconds data sent to a connection may stay unacknowledged before the
+    kernel gives up on the peer and the connection ends (``left`` reason
+    ``disconnect``): TCP's ``TCP_USER_TIMEOUT``, on every accepted socket.
+    Keepalive probes only an idle connection; this bounds a vanished peer
+    that has output in flight, which would otherwise hold its name for the
+    kernel's retransmission limit (about 15 minutes on Linux). The default
+    matches keepalive (60 s idle, then 3 probes 10 s apart): either way a
+    dead peer is gone within about 90 s. ``None`` leaves the kernel's
+    default. Where the system has no such option, it is ignored."""
     close_timeout: float = 2.0
     """Seconds a closing connection gets to flush what it was sent."""
     hook_timeout: float = 5.0
@@ -87,7 +97,16 @@ class Limits:
         return dataclasses.replace(self, **changes)
 
 
-_MAY_BE_NONE = frozenset({"presence_limit", "rate_limit", "idle_timeout"})
+_MAY_BE_NONE = frozenset(
+    {"presence_limit", "rate_limit", "idle_timeout", "tcp_user_timeout"}
+)
 _FLOATS = frozenset(
-    {"rate_limit", "handshake_timeout", "idle_timeout", "close_timeout", "hook_timeout"}
+    {
+        "rate_limit",
+        "handshake_timeout",
+        "idle_timeout",
+        "tcp_user_timeout",
+        "close_timeout",
+        "hook_timeout",
+    }
 )

@@ -9,8 +9,10 @@ cluster) holds nobody's output back.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
+import secrets
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,8 @@ log = logging.getLogger("chatkit.server")
 
 _NAME_RULE = "names are 1-32 letters, digits, '_', '-' or '.'"
 _ROOM_RULE = "room names are 1-64 letters, digits, '_', '-' or '.'"
+# Random bytes of a session's resume secret (welcome.resume): 144 bits.
+_RESUME_BYTES = 18
 
 
 class ChatRules:
@@ -212,6 +216,8 @@ class ChatRules:
         """The connection is over (whatever happened): it leaves everything,
         then the leave hooks run."""
         self.directory.connections.discard(session)
+        if session.reason is LeaveReason.REPLACED:
+            return  # detached, and its hooks run, by the session taking over
         self.detach(session)
         await self.after_detach(session)
 
@@ -225,7 +231,7 @@ class ChatRules:
             self._name_refused(session, name, hello.ref)
             return None
         try:
-            await self.hooks.veto(
+            identified = await self.hooks.veto(
                 "chatkit_authenticate",
                 name=name,
                 token=hello.token,
@@ -235,15 +241,23 @@ class ChatRules:
             log.info("refused %s from %s: %s", name, session.address, exc.reason)
             session.error(ErrorCode.UNAUTHORIZED, exc.reason, hello.ref)
             return LeaveReason.DISCONNECT
+        # The same user, back before its old session was reaped, takes it
+        # over: the name stays this node's, claimed already. (Nothing is
+        # awaited from here to the login then, so nobody else can take it.)
+        replaced = await self._take_over(session, hello, identified=identified)
         # Is the name in use (the hooks may have awaited)? Claim it across
         # the cluster, and check it again after that await.
         if (
             self._name_refused(session, name, hello.ref)
-            or not await self.node.claim(session, name, hello.ref)
+            or not (
+                replaced is not None or await self.node.claim(session, name, hello.ref)
+            )
             or self._name_refused(session, name, hello.ref)
         ):
             return None
-        session.accept(name)
+        # Line mode cannot send a hello.resume: no secret to keep.
+        json_mode = session.mode == Mode.JSON.value
+        session.accept(name, secrets.token_urlsafe(_RESUME_BYTES) if json_mode else "")
         self.directory.log_in(session, name)
         session.send(
             Welcome(
@@ -251,14 +265,46 @@ class ChatRules:
                 protocol=PROTOCOL_VERSION,
                 server=self.server_name,
                 rooms=(LOBBY,),
+                resume=session.resume or None,
                 ref=hello.ref,
             )
         )
         self._add_member(session, self.rooms[LOBBY], ref=None)
         log.info("%s has joined the chat.", name)
+        if replaced is not None:
+            # Plugins hear of the old session's end before of the new one.
+            await self.after_detach(replaced)
         await self.hooks.notify("chatkit_user_connected", user=session.user)
         await self.hooks.notify("chatkit_user_joined", user=session.user, room=LOBBY)
         return None
+
+    async def _take_over(
+        self, session: Session, hello: Hello, *, identified: bool
+    ) -> Session | None:
+        """If ``hello``'s name is held here by the same user (``identified``
+        by its password, or presenting the session's ``resume`` secret),
+        close that session and free the name for ``session``; the session
+        closed, whose leave hooks are then the caller's to run."""
+        holder = self.directory.get(hello.name)
+        if holder is None or holder is session or session.closed:
+            return None
+        if not identified and not (
+            hello.resume
+            and hmac.compare_digest(hello.resume.encode(), holder.resume.encode())
+        ):
+            return None
+        # What the old session said goes out before it leaves (a cluster).
+        await self.node.settle(holder)
+        if self.directory.get(hello.name) is not holder or session.closed:
+            return None  # it left, or we did, meanwhile: the usual checks
+        log.info("%s is taken over from %s", holder, session.address)
+        error = ErrorReply(
+            code=ErrorCode.REPLACED,
+            message="you logged in again on another connection",
+        )
+        holder.close(LeaveReason.REPLACED, error, discard=True)
+        self.detach(holder, release=False)
+        return holder
 
     def _name_refused(self, session: Session, name: str, ref: Any) -> bool:
         """Tell ``session`` why ``name`` cannot be theirs (invalid, or
@@ -395,9 +441,11 @@ class ChatRules:
 
     # --- leaving ------------------------------------------------------------
 
-    def detach(self, session: Session) -> None:
+    def detach(self, session: Session, *, release: bool = True) -> None:
         """Free the session's name and take it out of its rooms (once; the
-        rooms it left are kept in ``session.left_rooms`` for the hooks)."""
+        rooms it left are kept in ``session.left_rooms`` for the hooks);
+        ``release=False`` keeps the name this node's in the cluster (for
+        the session taking this one over)."""
         if not session.name or self.get(session.name) is not session:
             return
         reason = session.reason or LeaveReason.DISCONNECT
@@ -407,7 +455,8 @@ class ChatRules:
                 session, self.rooms[name], reason, notify=not self.closing
             )
         self.directory.log_out(session, session.name)
-        self.node.release(session.name)
+        if release:
+            self.node.release(session.name)
         log.info("%s has left the chat.", session.name)
 
     async def after_detach(self, session: Session) -> None:

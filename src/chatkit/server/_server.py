@@ -124,7 +124,9 @@ class ChatServer:
             server_name,
             backplane,
         )
-        self._transport = TcpTransport(host, port, ssl_context)
+        self._transport = TcpTransport(
+            host, port, ssl_context, user_timeout=self.limits.tcp_user_timeout
+        )
         self._nursery: trio.Nursery | None = None  # the connections'
         self._started = False
         self._closing = False
@@ -358,8 +360,8 @@ class ServerSpec:
     @hookspec
     def chatkit_authenticate(
         self, server: ChatServer, name: str, token: str | None, address: str
-    ) -> None:
-        """A client asks to log in as ``name`` (valid and free).
+    ) -> bool | None:
+        """A client asks to log in as ``name`` (valid; perhaps in use).
 
         Can veto: raise :class:`chatkit.Veto` with a reason to refuse; the
         client gets ``error unauthorized`` with that reason and is
@@ -367,6 +369,12 @@ class ServerSpec:
         line mode). Returning normally lets the user in unless another
         plugin refuses. Fails closed: an implementation that raises anything
         else, or times out, refuses the user too.
+
+        Return ``True`` only if ``token`` proves that the client *is*
+        ``name`` (a password of that name, not a secret shared by many
+        users): a session still logged in as ``name`` (a reconnect before
+        the server noticed the old connection was gone) is then taken over
+        by this login, rather than it getting ``name_taken``.
         """
 
     @hookspec
@@ -378,7 +386,8 @@ class ServerSpec:
         self, server: ChatServer, user: User, reason: LeaveReason
     ) -> None:
         """``user`` is gone; ``reason`` says why (``bye``, ``exit``,
-        ``disconnect``, ``kicked``, ``shutdown``, ``too_slow``)."""
+        ``disconnect``, ``kicked``, ``shutdown``, ``too_slow``, ``flood``,
+        ``timeout``, ``replaced``)."""
 
     @hookspec
     def chatkit_user_joined(self, server: ChatServer, user: User, room: str) -> None:

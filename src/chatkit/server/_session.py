@@ -64,6 +64,9 @@ class LeaveReason(enum.StrEnum):
     """The client kept sending past its rate limit."""
     TIMEOUT = "timeout"
     """No handshake, or no traffic, within the server's timeout."""
+    REPLACED = "replaced"
+    """The same user logged in again on a new connection, which took the
+    session over (its ``resume`` secret, or its password)."""
 
 
 class Handler(Protocol):
@@ -172,6 +175,7 @@ class Session:
         "name",
         "outbox",
         "reason",
+        "resume",
         "rooms",
         "user",
     )
@@ -197,6 +201,9 @@ class Session:
         self.user = User(self)
         self.reason: LeaveReason | None = None
         """Why the connection ends, once it does."""
+        self.resume = ""
+        """The secret a reconnecting client presents to take this session
+        over (``welcome.resume``; ``""`` before the handshake)."""
         self._closed = False
         self._mark = 0  # the fan-out's mark of this session's last output
         # The reader's deadline: the handshake timeout, then the idle
@@ -267,10 +274,12 @@ class Session:
 
     # --- the handshake ----------------------------------------------------
 
-    def accept(self, name: str) -> None:
-        """The handshake is done: ``name`` is the user's; from now on only
-        the idle timeout applies."""
+    def accept(self, name: str, resume: str = "") -> None:
+        """The handshake is done: ``name`` is the user's (``resume`` the
+        secret that takes the session over); from now on only the idle
+        timeout applies."""
         self.name = name
+        self.resume = resume
         self._proto.accept()
         idle = self._limits.idle_timeout
         self._reader_scope.deadline = (

@@ -122,15 +122,24 @@ class TcpTransport:
         port: the port; ``0`` picks a free one (read :attr:`port` once
             serving).
         ssl_context: serve TLS with this context.
+        user_timeout: ``TCP_USER_TIMEOUT`` of each accepted socket, in
+            seconds: how long sent data may stay unacknowledged before the
+            kernel drops the connection (``None``: the kernel's default).
     """
 
     def __init__(
-        self, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        user_timeout: float | None = None,
     ) -> None:
         self.host = host
         self.port = port
         """The port; once serving, the bound one."""
         self.ssl_context = ssl_context
+        self.user_timeout = user_timeout
 
     async def serve(
         self,
@@ -154,7 +163,7 @@ class TcpTransport:
 
     def link(self, sock: socket.socket) -> Link:
         """The link for a connection just accepted on ``sock``."""
-        plain = TcpLink(sock)
+        plain = TcpLink(sock, user_timeout=self.user_timeout)
         if self.ssl_context is None:
             return plain
         return TlsLink(plain, self.ssl_context)
@@ -219,11 +228,14 @@ class _TcpListener(trio.abc.Listener[Link]):
 
 
 class TcpLink(Link):
-    """A :class:`Link` over a plain TCP socket."""
+    """A :class:`Link` over a plain TCP socket; ``user_timeout`` as
+    :class:`TcpTransport` has it."""
 
     __slots__ = ("address", "peer", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, *, user_timeout: float | None = None
+    ) -> None:
         sock.setblocking(False)
         self.sock: socket.socket | None = sock
         try:
@@ -239,7 +251,7 @@ class TcpLink(Link):
             host, port = "?", 0
         self.peer = (host, port)
         self.address = f"{host}:{port}"
-        _enable_keepalive(sock)
+        _watch_peer(sock, user_timeout)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """See :meth:`trio.abc.ReceiveStream.receive_some`."""
@@ -357,10 +369,20 @@ class TlsLink(Link):
         await trio.aclose_forcefully(self._tls)
 
 
-def _enable_keepalive(sock: socket.socket) -> None:
-    # The kernel probes an idle peer and resets the connection if it is gone,
-    # so half-open connections (a vanished laptop) are reaped in ~90 s even
-    # with no idle_timeout.
+def _watch_peer(sock: socket.socket, user_timeout: float | None) -> None:
+    # Keepalive: the kernel probes an idle peer and resets the connection if
+    # it is gone, so half-open connections (a vanished laptop) are reaped in
+    # ~90 s even with no idle_timeout. It never probes while sent data waits
+    # for its acknowledgement, though: then only TCP_USER_TIMEOUT ends the
+    # connection before the retransmissions run out (~15 minutes on Linux).
+    # It also caps keepalive: the connection ends at the first probe that
+    # finds the peer silent for longer than the user timeout.
+    if user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        milliseconds = min(max(1, round(user_timeout * 1000)), 2**31 - 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+        except OSError:
+            log.debug("could not set TCP_USER_TIMEOUT", exc_info=True)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in (
