@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="comma-separated attacks to run in turn while the clients chat"
         f" ('all': {','.join(ATTACKS)}); adds a bystander measuring round"
-        " trips, and the server keeps its default limits (rate limit on)",
+        " trips, and the server keeps its default limits (rate limit on; TCP"
+        " user timeout 30 s)",
     )
     parser.add_argument(
         "--attack-seconds", type=float, default=60.0, help="length of each attack"
@@ -189,8 +190,9 @@ class Processes:
 def start_server(
     procs: Processes, work: Path, limits: bool
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """The server; ``limits``: with its default limits, else rate limiting
-    off (the talkers are polite; the churners bursty)."""
+    """The server; ``limits``: with its default limits (but a TCP user
+    timeout of 30 s), else rate limiting off (the talkers are polite; the
+    churners bursty)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(HERE), env.get("PYTHONPATH", "")])
@@ -206,7 +208,9 @@ def start_server(
             "--no-interactive",
             "--no-entry-points",
             "--log-level=warning",
-            *([] if limits else ["--rate-limit=0"]),
+            # With the attacks: default limits, but a vanished peer is reaped
+            # within an attack's minute (the default user timeout is 90 s).
+            *(["--tcp-user-timeout=30"] if limits else ["--rate-limit=0"]),
             "--idle-timeout=0",  # listeners are silent for minutes
             "--plugin=_soak_probe:TaskCounter",
             f"--db={work / 'soak.sqlite3'}",  # the CLI's default store, not in cwd
