@@ -46,6 +46,7 @@ from .._events import (
 from .._exceptions import ErrorCode, Veto
 from ..backplane import JOINED, LEFT, RENAMED, Envelope, Publication
 from ..protocol import Mode, is_valid_name, is_valid_room
+from ._admission import Admission
 from ._messages import Messages
 from ._node import Node
 from ._session import Directory, LeaveReason, Session
@@ -99,6 +100,8 @@ class ChatRules:
         self.server_name = server_name
         self.node = Node(backplane)
         self.directory = Directory()
+        self.admission = Admission(limits)
+        """Who may connect (told here of logins and of connections gone)."""
         self.messages = Messages(
             fanout, rooms, self.directory, store, hooks, limits, self.node
         )
@@ -212,6 +215,7 @@ class ChatRules:
         """The connection is over (whatever happened): it leaves everything,
         then the leave hooks run."""
         self.directory.connections.discard(session)
+        self.admission.gone(session)
         self.detach(session)
         await self.after_detach(session)
 
@@ -245,6 +249,7 @@ class ChatRules:
             return None
         session.accept(name)
         self.directory.log_in(session, name)
+        self.admission.logged_in(session)
         session.send(
             Welcome(
                 name=name,
