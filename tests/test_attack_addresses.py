@@ -203,6 +203,28 @@ async def test_an_exempt_network_is_not_limited(launch: Launch) -> None:
     assert answers == [served] * 4 + [full] * 2 + [served] * 3 + [full] * 2
 
 
+async def test_exempt_network_none_limits_loopback_too(launch: Launch) -> None:
+    _server, port = await start_server(
+        launch,
+        "--no-db",
+        "--log-level",
+        "error",
+        "--max-connections-per-address",
+        "2",
+        "--exempt-network",
+        "none",
+    )
+    clients = [RawClient(await connect_from(port, "127.0.0.1")) for _ in range(3)]
+    try:
+        event = await clients[2].expect("error", code="server_full")
+        assert event["message"] == "too many connections from 127.0.0.1"
+        for client in clients[:2]:
+            await client.assert_silent()
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 async def answer(client: RawClient) -> str:
     """How the server answered a connection that said nothing: closed it
     with an error (its code), or ``"served"`` (still open, silent)."""
