@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from .._events import ErrorReply
@@ -28,27 +29,29 @@ __all__ = ["Admission", "address_key"]
 
 log = logging.getLogger("chatkit.server")
 
-#: IPv6 peers are counted per /64: one host usually has a whole /64, and
-#: can pick any of its 2^64 addresses for each connection.
-IPV6_PREFIX = 64
+#: IPv6 peers are counted per /64 (its first 8 bytes): one host usually
+#: has a whole /64, and can pick any of its 2^64 addresses for each
+#: connection.
+IPV6_PREFIX_BYTES = 8
+_IPV4_MAPPED = bytes(10) + b"\xff\xff"
 
 
 def address_key(host: str) -> str:
-    """What the per-address limit counts ``host`` (a peer's IP address) as:
-    the address itself for IPv4 (an IPv4-mapped IPv6 address is its IPv4
-    address), its /64 network for IPv6. Anything else (no address known)
-    is its own key."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    """What the per-address limit counts ``host`` (a peer's IP address, as
+    the socket gives it) as: the address itself for IPv4 (an IPv4-mapped
+    IPv6 address is its IPv4 address), its /64 network for IPv6. Anything
+    else (no address known) is its own key. In C mostly: it runs for
+    every connection."""
+    if ":" not in host:  # IPv4: the socket gives it in canonical form
         return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        shift = 128 - IPV6_PREFIX
-        network = ipaddress.IPv6Address(int(ip) >> shift << shift)
-        return f"{network}/{IPV6_PREFIX}"
-    return host
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    except OSError:
+        return host
+    if packed[:12] == _IPV4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    prefix = packed[:IPV6_PREFIX_BYTES] + bytes(16 - IPV6_PREFIX_BYTES)
+    return f"{socket.inet_ntop(socket.AF_INET6, prefix)}/{IPV6_PREFIX_BYTES * 8}"
 
 
 def _host(address: str) -> str:
