@@ -306,6 +306,30 @@ async def test_the_per_address_limit_counts_every_connection_until_gone(
             await client.expect("pong", ref=1)
 
 
+async def test_ipv6_peers_are_counted_per_64() -> None:
+    # Only ::1 is at hand: this shows the count and its key, not that two
+    # addresses of one /64 share it.
+    limits = chatkit.Limits(max_connections_per_address=2, exempt_networks=())
+    async with chatkit.open_server("::1", limits=limits) as server:
+        clients = [await RawClient.open(server.port, "::1") for _ in range(3)]
+        try:
+            event = await clients[2].expect("error", code="server_full")
+            assert event["message"] == "too many connections from ::/64"
+            await clients[0].hello("alice")
+        finally:
+            for client in clients:
+                await client.aclose()
+    # ::1 is exempt by default.
+    async with chatkit.open_server("::1") as server:
+        clients = [await RawClient.open(server.port, "::1") for _ in range(20)]
+        try:
+            for index, client in enumerate(clients):
+                await client.hello(f"user{index}")
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
 async def test_no_per_address_limit() -> None:
     limits = chatkit.Limits(max_connections_per_address=None, exempt_networks=())
     async with chatkit.open_server(limits=limits) as server:
