@@ -1065,7 +1065,9 @@ async def test_connections_beyond_max_connections_are_refused_server_full(
         ) as server,
         watch(server),
     ):
-        idle = [await open_raw(server.port) for _ in range(2)]
+        # Logged in: a connection that has not said hello would make way
+        # for a newcomer (tests/test_attack_addresses.py).
+        idle = [await login(open_raw, server.port, f"idle{i}") for i in range(2)]
         await wait_until(lambda: connections(server) == 4)
         with trio.fail_after(5):
             for _ in range(20):

@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     limits = parser.add_argument_group("limits (see docs/security.md)")
     for flag, kind, default, text in (
         ("--max-connections", int, 10_000, "connections at once"),
+        (
+            "--max-unauthenticated",
+            int,
+            1000,
+            "connections at once that have not logged in yet",
+        ),
+        (
+            "--max-connections-per-address",
+            int,
+            16,
+            "connections at once from one IPv4 address or IPv6 /64; 0: no limit",
+        ),
         ("--max-rooms-per-user", int, 50, "rooms one user may be in"),
         ("--max-message-length", int, 4096, "characters in one message"),
         ("--max-line-length", int, 64 * 1024, "bytes in one protocol line"),
@@ -143,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N" if kind is int else "SECONDS" if "timeout" in flag else "RATE",
             help=f"{text} (default: %(default)s)",
         )
+    limits.add_argument(
+        "--exempt-network",
+        action="append",
+        type=_network,
+        metavar="CIDR",
+        help="a network --max-connections-per-address does not limit (a proxy "
+        "or NAT you trust); repeatable; replaces the default, 127.0.0.1/32 and "
+        "::1/128; 'none': no network",
+    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
         "--certfile", metavar="PEM", help="serve TLS with this certificate chain"
@@ -181,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefix of the cluster's Redis keys (default: %(default)s)",
     )
     return parser
+
+
+def _network(text: str) -> str:
+    """An ``--exempt-network`` value, checked (``none`` is kept as is)."""
+    if text == "none":
+        return text
+    try:
+        (network,) = Limits(exempt_networks=(text,)).exempt_networks
+    except ValueError as exc:
+        message = str(exc).removeprefix("exempt_networks: ")
+        raise argparse.ArgumentTypeError(message) from None
+    return network
+
+
+def _exempt_networks(values: list[str] | None) -> tuple[str, ...]:
+    """The networks the ``--exempt-network`` flags give (the default if none)."""
+    if values is None:
+        return Limits().exempt_networks
+    return tuple(value for value in values if value != "none")
 
 
 def _backplane(args: argparse.Namespace) -> Any:
@@ -303,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             history=_history_store(args),
             limits=Limits(
                 max_connections=args.max_connections,
+                max_unauthenticated=args.max_unauthenticated,
+                max_connections_per_address=args.max_connections_per_address or None,
+                exempt_networks=_exempt_networks(args.exempt_network),
                 max_rooms_per_user=args.max_rooms_per_user,
                 max_message_length=args.max_message_length,
                 max_line_length=args.max_line_length,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,25 @@ class Limits:
     """
 
     max_connections: int = 10_000
-    """Connections beyond this get ``error server_full`` and are closed."""
+    """Connections at once. When the server is full, a new connection takes
+    the slot of the oldest one that has not logged in yet (which gets
+    ``error server_full`` and is closed); when every slot is a logged-in
+    user's, the new connection gets ``error server_full`` and is closed."""
+    max_unauthenticated: int = 1000
+    """Connections at once that have not logged in (said an accepted
+    ``hello``, or a line-mode name) yet; past this, a new connection takes
+    the slot of the oldest of them, as when the server is full. A client
+    logs in within a round trip or two, so even a whole server's clients
+    reconnecting at once after a restart stay well within it."""
+    max_connections_per_address: int | None = 16
+    """Connections at once from one IPv4 address, or one IPv6 /64 network
+    (a host usually has a whole /64); more get ``error server_full`` and
+    are closed. ``None``: no limit. See ``exempt_networks``."""
+    exempt_networks: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    """Networks (CIDR, e.g. ``"10.0.0.0/8"``; a bare address is its own
+    network) whose addresses ``max_connections_per_address`` does not
+    limit: a reverse proxy, a NAT you trust, the machine itself. Kept in
+    canonical form (``"10.0.0.0/8"``); host bits set are an error."""
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH
     """Longest accepted line, in bytes (``error too_large``)."""
     max_message_length: int = 4096
@@ -80,25 +100,65 @@ class Limits:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None and field.name in _MAY_BE_NONE:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{field.name} must be a number, not {value!r}")
-            if field.name in _FLOATS:
-                if not value > 0:  # also refuses nan
-                    raise ValueError(f"{field.name} must be positive, not {value}")
-            elif not isinstance(value, int):
-                raise ValueError(f"{field.name} must be an integer, not {value!r}")
-            elif value < (least := 0 if field.name == "presence_limit" else 1):
-                raise ValueError(f"{field.name} must be at least {least}, not {value}")
+            if field.name in _NETWORK_LISTS:
+                # Frozen: normalized in place the one way dataclasses allow.
+                object.__setattr__(self, field.name, _networks(field.name, value))
+            elif value is not None or field.name not in _MAY_BE_NONE:
+                _check_number(field.name, value)
 
     def replace(self, **changes: Any) -> Limits:
         """A copy with ``changes`` (validated the same way)."""
         return dataclasses.replace(self, **changes)
 
 
+def _check_number(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` is a valid value of field ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, not {value!r}")
+    if name in _FLOATS:
+        if not value > 0:  # also refuses nan
+            raise ValueError(f"{name} must be positive, not {value}")
+    elif not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    elif value < (least := 0 if name == "presence_limit" else 1):
+        raise ValueError(f"{name} must be at least {least}, not {value}")
+
+
+def _networks(name: str, value: object) -> tuple[str, ...]:
+    """``value`` (CIDR strings or :mod:`ipaddress` networks) as a tuple of
+    canonical CIDR strings; ValueError naming the field and the culprit."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"{name} must be a list of networks (CIDR strings), not {value!r}"
+        )
+    networks = []
+    for item in value:
+        if not isinstance(item, str | ipaddress.IPv4Network | ipaddress.IPv6Network):
+            raise ValueError(f"{name}: {item!r} is not a network (a CIDR string)")
+        try:
+            networks.append(str(ipaddress.ip_network(item)))
+        except ValueError as exc:
+            if "host bits set" in str(exc):
+                wider = ipaddress.ip_network(item, strict=False)
+                raise ValueError(
+                    f"{name}: {item!r} has host bits set (the network is {wider})"
+                ) from None
+            raise ValueError(
+                f"{name}: {item!r} is not a network (a CIDR string such as "
+                "10.0.0.0/8 or 2001:db8::/32)"
+            ) from None
+    return tuple(networks)
+
+
+_NETWORK_LISTS = frozenset({"exempt_networks"})
 _MAY_BE_NONE = frozenset(
-    {"presence_limit", "rate_limit", "idle_timeout", "tcp_user_timeout"}
+    {
+        "presence_limit",
+        "rate_limit",
+        "idle_timeout",
+        "tcp_user_timeout",
+        "max_connections_per_address",
+    }
 )
 _FLOATS = frozenset(
     {

@@ -48,6 +48,7 @@ from .._events import (
 from .._exceptions import ErrorCode, Veto
 from ..backplane import JOINED, LEFT, RENAMED, Envelope, Publication
 from ..protocol import Mode, is_valid_name, is_valid_room
+from ._admission import Admission
 from ._messages import Messages
 from ._node import Node
 from ._session import Directory, LeaveReason, Session
@@ -103,6 +104,8 @@ class ChatRules:
         self.server_name = server_name
         self.node = Node(backplane)
         self.directory = Directory()
+        self.admission = Admission(limits)
+        """Who may connect (told here of logins and of connections gone)."""
         self.messages = Messages(
             fanout, rooms, self.directory, store, hooks, limits, self.node
         )
@@ -216,6 +219,7 @@ class ChatRules:
         """The connection is over (whatever happened): it leaves everything,
         then the leave hooks run."""
         self.directory.connections.discard(session)
+        self.admission.gone(session)
         if session.reason is LeaveReason.REPLACED:
             return  # detached, and its hooks run, by the session taking over
         self.detach(session)
@@ -259,6 +263,7 @@ class ChatRules:
         json_mode = session.mode == Mode.JSON.value
         session.accept(name, secrets.token_urlsafe(_RESUME_BYTES) if json_mode else "")
         self.directory.log_in(session, name)
+        self.admission.logged_in(session)
         session.send(
             Welcome(
                 name=name,

@@ -275,17 +275,22 @@ class ChatServer:
     def _handle(self, link: Link) -> Awaitable[None]:
         # The transport awaits what this returns: the connection's task is
         # Session.run itself (a frame less per idle connection).
+        # Counted here, not when its task starts: a burst accepted in one
+        # go is counted before any of its sessions runs.
         limits = self.limits
-        if len(self._rules.directory.connections) >= limits.max_connections:
-            return _refuse(link, ErrorCode.SERVER_FULL, "the server is full", limits)
+        admission = self._rules.admission
+        refusal = admission.refusal(link.peer[0])
+        if refusal is not None:
+            return _refuse(link, ErrorCode.SERVER_FULL, refusal, limits)
         assert self._nursery is not None
         session = Session(link, self._fanout, limits, self.stats, self._nursery)
+        admission.opened(session)
         return session.run(self._rules)
 
 
 async def _refuse(link: Link, code: ErrorCode, text: str, limits: Limits) -> None:
     """Tell a connection we will not serve it, then close it (bounded)."""
-    log.warning("refused a connection: %s", text)
+    log.warning("refused a connection from %s: %s", link.address, text)
     with trio.move_on_after(limits.close_timeout):
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await link.send_all(encode_json(ErrorReply(code=code, message=text)))
