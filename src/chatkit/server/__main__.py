@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-line-length", int, 64 * 1024, "bytes in one protocol line"),
         ("--rate-limit", float, 20.0, "requests per second per connection; 0: off"),
         ("--rate-burst", int, 40, "requests a connection may send at once"),
+        ("--rename-burst", int, 3, "renames a user may make at once"),
+        (
+            "--rename-interval",
+            float,
+            10.0,
+            "seconds for each rename regained past --rename-burst; 0: no limit "
+            "but --rate-limit",
+        ),
+        (
+            "--max-dm-queued-bytes",
+            int,
+            64 * 1024,
+            "bytes of one sender's direct messages that may wait unwritten at "
+            "one recipient",
+        ),
         ("--handshake-timeout", float, 10.0, "seconds to say hello"),
         ("--idle-timeout", float, 0.0, "seconds of silence before closing; 0: never"),
         (
@@ -152,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
             flag,
             type=kind,
             default=default,
-            metavar="N" if kind is int else "SECONDS" if "timeout" in flag else "RATE",
+            metavar="N"
+            if kind is int
+            else "SECONDS"
+            if "timeout" in flag or "interval" in flag
+            else "RATE",
             help=f"{text} (default: %(default)s)",
         )
     limits.add_argument(
@@ -351,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_line_length=args.max_line_length,
                 rate_limit=args.rate_limit or None,
                 rate_burst=args.rate_burst,
+                rename_burst=args.rename_burst,
+                rename_interval=args.rename_interval or None,
+                max_dm_queued_bytes=args.max_dm_queued_bytes,
                 handshake_timeout=args.handshake_timeout,
                 idle_timeout=args.idle_timeout or None,
                 tcp_user_timeout=args.tcp_user_timeout or None,

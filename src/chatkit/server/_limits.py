@@ -67,6 +67,22 @@ class Limits:
     announced to the other members (the joiner still gets its own
     ``joined``, the leaver its own ``left``): every join to a room of N
     costs N deliveries, and N joins N²/2. ``None`` always announces."""
+    rename_burst: int = 3
+    """Renames (``nick``) a user may make at once; each costs its ``renamed``
+    to every member of every room it shares with the renamer (rooms within
+    ``presence_limit``), so a rename storm is paid by the renamers: past
+    this, one more every ``rename_interval`` seconds, and the excess gets
+    ``error rate_limited``. Renames also cost their request's token."""
+    rename_interval: float | None = 10.0
+    """Seconds for each rename regained (see ``rename_burst``); ``None``:
+    renames are limited by ``rate_limit`` alone."""
+    max_dm_queued_bytes: int = 64 * 1024
+    """Bytes of one sender's direct messages that may wait unwritten in one
+    recipient's outgoing buffer (all senders' together: half of
+    ``max_queued_bytes``). A ``dm`` past this gets ``error rate_limited``
+    and is not delivered (a sender with nothing waiting there may always
+    send one): others cannot fill a user's buffer and get it disconnected
+    as ``too_slow``."""
     rate_limit: float | None = 20.0
     """Requests per second each connection may make on average (a token
     bucket); excess requests get ``error rate_limited``. ``None``: off."""
@@ -155,6 +171,7 @@ _MAY_BE_NONE = frozenset(
     {
         "presence_limit",
         "rate_limit",
+        "rename_interval",
         "idle_timeout",
         "tcp_user_timeout",
         "max_connections_per_address",
@@ -163,6 +180,7 @@ _MAY_BE_NONE = frozenset(
 _FLOATS = frozenset(
     {
         "rate_limit",
+        "rename_interval",
         "handshake_timeout",
         "idle_timeout",
         "tcp_user_timeout",
