@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 import msgspec
 import trio
 
-from .._events import DirectMessage, ErrorReply, Joined, Left, Message, ServerEvent
+from .._events import (
+    DirectMessage,
+    ErrorReply,
+    Joined,
+    Left,
+    Message,
+    Renamed,
+    ServerEvent,
+)
 from .._exceptions import ErrorCode
 from ..protocol import JSON_LINES, WireFormat, encode_json
 from ._transport import send_each
@@ -59,7 +67,7 @@ log = logging.getLogger("chatkit.server")
 _SEAL_SHARE: Final = 4
 _T = TypeVar("_T")
 
-RoomEvent: TypeAlias = Message | Joined | Left
+RoomEvent: TypeAlias = Message | Joined | Left | Renamed
 
 
 class _Run:

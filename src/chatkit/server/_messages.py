@@ -341,10 +341,39 @@ class Messages:
                 )
         elif kind == RENAMED:
             rooms = [room for name in env.rooms if (room := self.rooms.get(name))]
-            self.fanout.send_each(
-                self.rooms.each_member(rooms), Renamed(old=env.old, new=env.sender)
-            )
+            self.renamed(rooms, Renamed(old=env.old, new=env.sender))
         return None
+
+    def renamed(
+        self,
+        rooms: list[Room],
+        event: Renamed,
+        origin: Session | None = None,
+        ref: Any = None,
+    ) -> None:
+        """Tell a rename to the members of ``rooms`` (the renamer's), each
+        once, as far as presence is told in the room (``presence_limit``):
+        a broadcast to the largest such room, encoded once and released
+        like its messages, and one event for each member of the others not
+        in it. ``origin`` (the renamer, if it is here) gets its own copy,
+        with ``ref``, whatever the rooms."""
+        told = [room for room in rooms if self.rooms.announces(room)]
+        if not told:
+            if origin is not None:
+                origin.send(msgspec.structs.replace(event, ref=ref))
+            return
+        first = max(told, key=lambda room: len(room.members))
+        if origin is not None and not origin.outbox.wire.echo:
+            # A format without echo: the renamer's copy is a member's.
+            self.fanout.publish(first, event)
+        else:
+            self.fanout.publish(first, event, origin=origin, ref=ref)
+        if len(told) > 1:
+            rest = [room for room in told if room is not first]
+            members = first.members
+            self.fanout.send_each(
+                (m for m in self.rooms.each_member(rest) if m not in members), event
+            )
 
     def deliver_here(self, publication: Publication) -> Message | DirectMessage | None:
         """See :meth:`chatkit.backplane.ClusterPort.deliver_here`."""

@@ -169,6 +169,11 @@ class Rooms:
     def add(self, room: Room, member: Member) -> bool:
         """Add ``member`` to ``room``; whether the others are told."""
         room.add(member)
+        return self.announces(room)
+
+    def announces(self, room: Room) -> bool:
+        """Whether presence in ``room`` (joins, leaves, renames) is told to
+        its members: it has at most ``presence_limit`` members."""
         limit = self.presence_limit
         return limit is None or len(room.members) <= limit
 

@@ -396,6 +396,14 @@ class ChatRules:
         new = nick.name
         if self._name_refused(session, new, nick.ref):
             return
+        if not session.renames.take():
+            interval = self.limits.rename_interval
+            session.error(
+                ErrorCode.RATE_LIMITED,
+                f"too many renames: one more every {interval:g} s",
+                nick.ref,
+            )
+            return
         if self.hooks.has("chatkit_nick"):
             try:
                 await self.hooks.veto("chatkit_nick", user=session.user, new=new)
@@ -414,10 +422,8 @@ class ChatRules:
             self.node.release(old)
         self.directory.rename(session, old, new)
         session.name = new
-        event = Renamed(old=old, new=new)
         rooms = [self.rooms[name] for name in session.rooms]
-        self.fanout.send_each(self.rooms.each_member(rooms, but=session), event)
-        session.send(msgspec.structs.replace(event, ref=nick.ref))
+        self.messages.renamed(rooms, Renamed(old=old, new=new), session, nick.ref)
         for room_name in session.rooms:
             self.node.member(room_name, old, present=False)
             self.node.member(room_name, new, present=True)

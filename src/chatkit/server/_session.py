@@ -13,6 +13,7 @@ import trio
 from .._events import ClientRequest, ErrorReply, ServerEvent
 from .._exceptions import ErrorCode, RemoteProtocolError
 from ..protocol import EOF, NEED_DATA, Mode, ServerConnection, Status
+from ._bucket import Bucket
 from ._outbox import Outbox
 
 if TYPE_CHECKING:
@@ -175,6 +176,7 @@ class Session:
         "name",
         "outbox",
         "reason",
+        "renames",
         "resume",
         "rooms",
         "user",
@@ -201,6 +203,8 @@ class Session:
         self.user = User(self)
         self.reason: LeaveReason | None = None
         """Why the connection ends, once it does."""
+        self.renames = Bucket(limits.rename_interval, limits.rename_burst)
+        """The user's rename budget (``Limits.rename_burst``)."""
         self.resume = ""
         """The secret a reconnecting client presents to take this session
         over (``welcome.resume``; ``""`` before the handshake)."""
