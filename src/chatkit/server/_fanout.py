@@ -270,6 +270,11 @@ class Fanout:
         return mark not in self._refused
 
     @property
+    def released(self) -> int:
+        """The mark of the newest batch released (see :meth:`mark`)."""
+        return self._released
+
+    @property
     def backlogged(self) -> bool:
         """Sealed batches queue up (see :meth:`wait_ready`)."""
         return len(self._queue) > 2

@@ -184,6 +184,14 @@ class Messages:
         """Send a direct message to its recipient and to ``origin`` (the
         sender, with ``ref``), as far as they are on this node."""
         dm = DirectMessage(id=id, ts=ts, sender=sender, to=to, text=text)
+        recipient = self.directory.get(to)
+        if (
+            recipient is not None
+            and origin is not None
+            and recipient is not origin
+            and self._dm_refused(recipient, dm, origin, ref)
+        ):
+            return None
         try:
             self.store.note_id(id)  # not stored, but its id is not to be reused
         except Exception:
@@ -193,12 +201,31 @@ class Messages:
                     ErrorCode.UNAVAILABLE, "your message could not be stored", ref
                 )
             return None
-        recipient = self.directory.get(to)
         if recipient is not None and recipient is not origin:
             recipient.send(dm)
         if origin is not None:
             origin.send(msgspec.structs.replace(dm, ref=ref), echo=True)
         return dm
+
+    def _dm_refused(
+        self, recipient: Session, dm: DirectMessage, origin: Session, ref: Any
+    ) -> bool:
+        """Whether ``recipient`` has too much of ``origin``'s direct messages
+        (or of everyone's) unwritten to take ``dm`` (see
+        :meth:`Outbox.admit_dm`); if so, ``origin`` gets ``error
+        rate_limited``. Else ``dm`` is counted at the recipient until
+        written. The batch it goes in is the open one, or the next."""
+        outbox = recipient.outbox
+        fanout = self.fanout
+        size = len(outbox.wire.encode(dm))
+        if outbox.admit_dm(origin.name, size, fanout.mark() + 1, fanout.released):
+            return False
+        origin.error(
+            ErrorCode.RATE_LIMITED,
+            f"{recipient.name} has not read your earlier messages yet; try again later",
+            ref,
+        )
+        return True
 
     async def delivered(self, event: Message | DirectMessage) -> None:
         """Run the delivery hooks of ``event``, once it was released (stored

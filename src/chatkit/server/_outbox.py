@@ -12,11 +12,15 @@ the sockets of idle outboxes directly and hands back what a socket refused.
 
 Overflow policy: a client that lets its outbox pass ``max_queued_bytes`` or
 ``max_queued_messages`` is too slow; its owner is told (and closes it with
-``error too_slow``), and nobody else ever waits for it.
+``error too_slow``), and nobody else ever waits for it. Others' direct
+messages cannot make it so: each sender may have at most
+``max_dm_queued_bytes`` of them waiting in it, all senders together half of
+``max_queued_bytes`` (:meth:`Outbox.admit_dm`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -83,12 +87,17 @@ class Outbox:
     __slots__ = (
         "_buf",
         "_busy",
+        "_dm_by_sender",
+        "_dm_bytes",
+        "_dms",
         "_done",
         "_ended",
         "_frames",
+        "_in",
         "_limits",
         "_link",
         "_nursery",
+        "_out",
         "_owner",
         "_scope",
         "_stats",
@@ -128,6 +137,17 @@ class Outbox:
         # only a running writer writes.
         self._ended = False
         self._done: trio.Event | None = None  # set when the last byte is out
+        # Bytes ever put in _buf, and ever taken from it by the socket (what
+        # goes straight to the socket counts in neither): their difference
+        # is what waits, and a position in it is passed once _out reaches it.
+        self._in = 0
+        self._out = 0
+        # Direct messages admitted (admit_dm) and not yet written, oldest
+        # first: [sender, size, batch, end]; end (a position in _in) is set
+        # once their batch was released.
+        self._dms: deque[list[Any]] = deque()
+        self._dm_bytes = 0  # their sizes, in all
+        self._dm_by_sender: dict[str, int] = {}  # and by sender
 
     @property
     def sock(self) -> object | None:
@@ -155,6 +175,7 @@ class Outbox:
             return
         self._buf += data
         self._frames += frames
+        self._in += len(data)
 
     def deliver(self, data: bytes, frames: int = 1) -> None:
         """:meth:`append` and :meth:`flush`; with nothing pending, the bytes
@@ -176,6 +197,7 @@ class Outbox:
             return
         self._buf += memoryview(data)[sent:]
         self._frames += frames
+        self._in += len(data) - sent
         self._torn = sent > 0
         self._start_writer()
 
@@ -191,6 +213,7 @@ class Outbox:
             return
         sent = self._link.try_send(buf)
         self._stats.sends += 1
+        self._out += sent
         if sent == len(buf):
             buf.clear()
             self._frames = 0
@@ -223,6 +246,51 @@ class Outbox:
             if self._done is None:
                 self._done = trio.Event()
             await self._done.wait()
+
+    # --- others' direct messages -----------------------------------------
+
+    def admit_dm(self, sender: str, size: int, batch: int, released: int) -> bool:
+        """Whether a direct message from ``sender`` (``size`` bytes, to be
+        released in fan-out batch ``batch`` or before) may be queued here:
+        what ``sender``'s direct messages admitted before and not yet
+        written (released or not) leave room for it within
+        ``max_dm_queued_bytes``, and everyone's within half of
+        ``max_queued_bytes`` (and of ``max_queued_messages``). If so, it is
+        counted until written. A sender with nothing waiting here may send
+        one of any size within the bound of all, and with nothing waiting
+        at all, anyone may. ``released``: the newest batch released."""
+        dms = self._dms
+        for dm in dms:  # the released ones end where the buffer ends now
+            if dm[3] is not None:
+                continue
+            if dm[2] > released:
+                break
+            dm[3] = self._in
+        while dms and dms[0][3] is not None and dms[0][3] <= self._out:
+            self._written_dm(dms.popleft())
+        limits = self._limits
+        mine = self._dm_by_sender.get(sender, 0)
+        if (mine and mine + size > limits.max_dm_queued_bytes) or (
+            dms
+            and (
+                self._dm_bytes + size > limits.max_queued_bytes // 2
+                or len(dms) >= limits.max_queued_messages // 2
+            )
+        ):
+            return False
+        dms.append([sender, size, batch, None])
+        self._dm_bytes += size
+        self._dm_by_sender[sender] = mine + size
+        return True
+
+    def _written_dm(self, dm: list[Any]) -> None:
+        sender, size = dm[0], dm[1]
+        self._dm_bytes -= size
+        left = self._dm_by_sender[sender] - size
+        if left:
+            self._dm_by_sender[sender] = left
+        else:
+            del self._dm_by_sender[sender]
 
     # --- writing ----------------------------------------------------------
 
@@ -264,6 +332,7 @@ class Outbox:
                     self._torn = False
                     self._stats.sends += 1
                     await link.send_all(data)
+                    self._out += len(data)
             if scope.cancelled_caught:
                 self._ended = True  # cut short: the link is unusable
         except (trio.BrokenResourceError, trio.ClosedResourceError):
