@@ -20,12 +20,12 @@ messages cannot make it so: each sender may have at most
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from ..protocol import JSON_LINES, WireFormat
+from ._dmledger import DmLedger
 
 if TYPE_CHECKING:
     from ._limits import Limits
@@ -87,8 +87,6 @@ class Outbox:
     __slots__ = (
         "_buf",
         "_busy",
-        "_dm_by_sender",
-        "_dm_bytes",
         "_dms",
         "_done",
         "_ended",
@@ -142,12 +140,9 @@ class Outbox:
         # is what waits, and a position in it is passed once _out reaches it.
         self._in = 0
         self._out = 0
-        # Direct messages admitted (admit_dm) and not yet written, oldest
-        # first: [sender, size, batch, end]; end (a position in _in) is set
-        # once their batch was released.
-        self._dms: deque[list[Any]] = deque()
-        self._dm_bytes = 0  # their sizes, in all
-        self._dm_by_sender: dict[str, int] = {}  # and by sender
+        # Others' direct messages not yet written (from the first one on:
+        # an idle connection does not pay for it).
+        self._dms: DmLedger | None = None
 
     @property
     def sock(self) -> object | None:
@@ -252,45 +247,24 @@ class Outbox:
     def admit_dm(self, sender: str, size: int, batch: int, released: int) -> bool:
         """Whether a direct message from ``sender`` (``size`` bytes, to be
         released in fan-out batch ``batch`` or before) may be queued here:
-        what ``sender``'s direct messages admitted before and not yet
-        written (released or not) leave room for it within
-        ``max_dm_queued_bytes``, and everyone's within half of
-        ``max_queued_bytes`` (and of ``max_queued_messages``). If so, it is
-        counted until written. A sender with nothing waiting here may send
-        one of any size within the bound of all, and with nothing waiting
-        at all, anyone may. ``released``: the newest batch released."""
-        dms = self._dms
-        for dm in dms:  # the released ones end where the buffer ends now
-            if dm[3] is not None:
-                continue
-            if dm[2] > released:
-                break
-            dm[3] = self._in
-        while dms and dms[0][3] is not None and dms[0][3] <= self._out:
-            self._written_dm(dms.popleft())
-        limits = self._limits
-        mine = self._dm_by_sender.get(sender, 0)
-        if (mine and mine + size > limits.max_dm_queued_bytes) or (
-            dms
-            and (
-                self._dm_bytes + size > limits.max_queued_bytes // 2
-                or len(dms) >= limits.max_queued_messages // 2
-            )
-        ):
-            return False
-        dms.append([sender, size, batch, None])
-        self._dm_bytes += size
-        self._dm_by_sender[sender] = mine + size
-        return True
-
-    def _written_dm(self, dm: list[Any]) -> None:
-        sender, size = dm[0], dm[1]
-        self._dm_bytes -= size
-        left = self._dm_by_sender[sender] - size
-        if left:
-            self._dm_by_sender[sender] = left
-        else:
-            del self._dm_by_sender[sender]
+        ``sender``'s direct messages admitted before and not yet written
+        (released or not) leave room for it within ``max_dm_queued_bytes``,
+        and everyone's within half of ``max_queued_bytes`` (and of
+        ``max_queued_messages``). If so, it is counted until written. A
+        sender with nothing waiting here may send one within the bound of
+        all, and with nothing waiting at all, anyone may. ``released``: the
+        newest batch released."""
+        if self._dms is None:
+            self._dms = DmLedger()
+        return self._dms.admit(
+            sender,
+            size,
+            batch,
+            released=released,
+            queued=self._in,
+            written=self._out,
+            limits=self._limits,
+        )
 
     # --- writing ----------------------------------------------------------
 

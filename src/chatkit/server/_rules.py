@@ -49,6 +49,7 @@ from .._exceptions import ErrorCode, Veto
 from ..backplane import JOINED, LEFT, RENAMED, Envelope, Publication
 from ..protocol import Mode, is_valid_name, is_valid_room
 from ._admission import Admission
+from ._bucket import Bucket
 from ._messages import Messages
 from ._node import Node
 from ._session import Directory, LeaveReason, Session
@@ -396,7 +397,12 @@ class ChatRules:
         new = nick.name
         if self._name_refused(session, new, nick.ref):
             return
-        if not session.renames.take():
+        budget = session.renames
+        if budget is None:
+            limits = self.limits
+            budget = Bucket(limits.rename_interval, limits.rename_burst)
+            session.renames = budget
+        if not budget.take():
             interval = self.limits.rename_interval
             session.error(
                 ErrorCode.RATE_LIMITED,

@@ -13,10 +13,10 @@ import trio
 from .._events import ClientRequest, ErrorReply, ServerEvent
 from .._exceptions import ErrorCode, RemoteProtocolError
 from ..protocol import EOF, NEED_DATA, Mode, ServerConnection, Status
-from ._bucket import Bucket
 from ._outbox import Outbox
 
 if TYPE_CHECKING:
+    from ._bucket import Bucket
     from ._fanout import Fanout
     from ._limits import Limits
     from ._outbox import Stats
@@ -203,8 +203,9 @@ class Session:
         self.user = User(self)
         self.reason: LeaveReason | None = None
         """Why the connection ends, once it does."""
-        self.renames = Bucket(limits.rename_interval, limits.rename_burst)
-        """The user's rename budget (``Limits.rename_burst``)."""
+        self.renames: Bucket | None = None
+        """The user's rename budget (``Limits.rename_burst``), from its
+        first rename on."""
         self.resume = ""
         """The secret a reconnecting client presents to take this session
         over (``welcome.resume``; ``""`` before the handshake)."""
