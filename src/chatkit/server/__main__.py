@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--presence-limit",
             int,
             1000,
-            "rooms larger than this do not announce joins and leaves; -1: always",
+            "rooms larger than this do not announce joins, leaves and renames; "
+            "-1: always",
         ),
     ):
         limits.add_argument(
