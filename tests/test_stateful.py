@@ -274,6 +274,7 @@ class ServerProcess:
                     "--log-level=warning",
                     # The machine sends a burst of requests per step.
                     "--rate-limit=0",
+                    "--rename-interval=0",  # and renames many
                     # Small limits, so that steps run into them.
                     f"--max-rooms-per-user={MAX_ROOMS}",
                     f"--max-message-length={MAX_TEXT}",
