@@ -30,11 +30,12 @@ EOF: Final = Status.EOF
 
 
 _CR: Final = 0x0D  # b"\r"[0]
-# The start of an incomplete line is kept as the pieces it came in (each one
+# The start of an incomplete line is kept as the pieces it came in, each one
 # exactly as large as its bytes: no growing buffer to over-allocate and
-# reallocate); pieces smaller than this are merged, so that a line sent a
-# byte at a time does not cost an object per byte.
-_MERGE_BELOW: Final = 4096
+# reallocate. So that a line sent a byte at a time does not cost an object
+# per byte, a run of this many small pieces at the end is joined into one.
+_SMALL_RUN: Final = 8
+_SMALL: Final = 4096
 
 
 class LineFramer:
@@ -167,10 +168,11 @@ class LineFramer:
         head = self._head
         if head is None:
             self._head = [piece]
-        elif len(head[-1]) < _MERGE_BELOW and len(piece) < _MERGE_BELOW:
-            head[-1] += piece
         else:
             head.append(piece)
+            run = head[-_SMALL_RUN:]
+            if len(run) == _SMALL_RUN and max(map(len, run)) < _SMALL:
+                head[-_SMALL_RUN:] = [b"".join(run)]
         self._head_length += len(piece)
 
     def _begin_discard(self) -> None:
