@@ -470,10 +470,11 @@ async def test_deeply_nested_json_is_bad_request(open_raw: OpenRaw) -> None:
         b'{"type":"ping","ref":' + b'{"a":' * depth + b"1" + b"}" * depth + b"}",
         b'{"type":"hello","name":"x","protocol":1,"token":' + b"[" * depth + b"}",
     ]
-    # A limit above the payloads, so they are parsed, not just discarded.
+    # Limits above the payloads (before hello too), so they are parsed, not
+    # just discarded.
     async with (
         chatkit.open_server(
-            limits=chatkit.Limits(max_line_length=1 << 20),
+            limits=chatkit.Limits(max_line_length=1 << 20, max_hello_length=1 << 20),
         ) as server,
         watch(server),
     ):

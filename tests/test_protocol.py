@@ -7,6 +7,7 @@ a client and a server connection wired back to back.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from typing import Any, NamedTuple
 
 import pytest
@@ -32,6 +33,7 @@ from chatkit import (
     Unavailable,
 )
 from chatkit.protocol import (
+    BLANK,
     DEFAULT_MAX_LINE_LENGTH,
     EOF,
     NEED_DATA,
@@ -251,6 +253,36 @@ def test_framer_closed_after_eof() -> None:
     # A second EOF is harmless.
     framer.receive_data(b"")
     assert framer.next_line() is EOF
+
+
+@pytest.mark.parametrize("piece", [1, 1000, 5000, 65_000])
+def test_framer_holds_an_incomplete_line_in_about_its_size(piece: int) -> None:
+    # An incomplete line arriving in pieces is held in little more than its
+    # own size (not a growing buffer's over-allocation).
+    size = 65_000
+    framer = LineFramer()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, size, piece):
+            framer.receive_data(b"x" * min(piece, size - start))
+            assert framer.next_line() is NEED_DATA
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert framer.buffered == size
+    assert held < size * 1.05, f"{held} bytes held for a {size}-byte partial line"
+    framer.receive_data(b"\n")
+    assert lines(framer) == [b"x" * size, NEED_DATA]
+
+
+def test_framer_line_bound_may_change_between_calls() -> None:
+    framer = LineFramer(max_line_length=5)
+    framer.receive_data(b"abcdef\nabc")
+    assert lines(framer) == [Err(ErrorCode.TOO_LARGE), NEED_DATA]
+    framer.max_line_length = 10
+    framer.receive_data(b"defghij\nabcdefghijk\n")
+    assert lines(framer) == [b"abcdefghij", Err(ErrorCode.TOO_LARGE), NEED_DATA]
 
 
 def test_framer_data_after_eof_is_a_local_error() -> None:
@@ -1428,3 +1460,89 @@ def test_room_length_bounds() -> None:
     assert not is_valid_name("r" * 33)
     assert not is_valid_room("lob by")
     assert not is_valid_room("lobby\n")
+
+
+# --- blank lines on request; the line bound before hello ----------------------
+
+
+def drain_with_blanks(conn: ServerConnection) -> list[Any]:
+    """As :func:`drain`, asking for blank lines."""
+    out: list[Any] = []
+    while True:
+        try:
+            event = conn.next_event(report_blank_lines=True)
+        except RemoteProtocolError as exc:
+            out.append(Err(exc.code, exc.ref))
+            continue
+        out.append(event)
+        if isinstance(event, Status):
+            return out
+
+
+def test_blank_lines_before_the_mode_is_known_are_reported_on_request() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"\n\r\n  \t \n")
+    assert drain_with_blanks(conn) == [BLANK, BLANK, BLANK, NEED_DATA]
+    assert mode_of(conn) is Mode.UNKNOWN
+    conn.receive_data(HELLO_LINE + b"\n")
+    assert drain_with_blanks(conn) == [
+        Hello(name="alice", protocol=1),
+        Err(ErrorCode.BAD_REQUEST),  # in JSON mode a blank line is a bad line
+        NEED_DATA,
+    ]
+
+
+def test_blank_lines_in_line_mode_are_reported_on_request() -> None:
+    conn = line_server()
+    conn.receive_data(b"\n\r\n   \n\t\nhi\n\n")
+    assert drain_with_blanks(conn) == [*[BLANK] * 4, Say(text="hi"), BLANK, NEED_DATA]
+
+
+def test_a_flood_of_newlines_comes_back_one_line_at_a_time() -> None:
+    for conn in (ServerConnection(), line_server()):
+        conn.receive_data(b"\n" * 10_000)
+        assert drain_with_blanks(conn) == [*[BLANK] * 10_000, NEED_DATA]
+
+
+def test_a_blank_line_is_still_a_name_attempt_in_line_mode() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"bob\n\n")
+    assert drain_with_blanks(conn) == [Hello(name="bob"), Hello(name=""), NEED_DATA]
+
+
+def test_lines_before_hello_are_bounded_by_max_hello_length() -> None:
+    conn = ServerConnection(max_line_length=100, max_hello_length=50)
+    assert len(HELLO_LINE) - 1 <= 50
+    # Complete, or growing past the bound across reads: too_large, once.
+    assert feed(conn, b"{" + b"x" * 50 + b"\n") == [Err(ErrorCode.TOO_LARGE), NEED_DATA]
+    assert feed(conn, b"{" + b"x" * 49) == [NEED_DATA]
+    assert feed(conn, b"x" * 10) == [Err(ErrorCode.TOO_LARGE), NEED_DATA]
+    assert feed(conn, b"x\n" + HELLO_LINE) == [
+        Hello(name="alice", protocol=1),
+        NEED_DATA,
+    ]
+    # Once the handshake is complete, lines may be max_line_length long.
+    conn.send(WELCOME)
+    say = b'{"type":"say","text":"' + b"y" * 76 + b'"}'
+    assert len(say) == 100
+    assert feed(conn, say + b"\n") == [Say(text="y" * 76), NEED_DATA]
+    assert feed(conn, say + b" \n") == [Err(ErrorCode.TOO_LARGE), NEED_DATA]
+
+
+def test_line_mode_names_are_bounded_by_max_hello_length_too() -> None:
+    conn = ServerConnection(max_hello_length=10)
+    assert feed(conn, b"b" * 11 + b"\n") == [Err(ErrorCode.TOO_LARGE), NEED_DATA]
+    assert mode_of(conn) is Mode.LINE
+    assert feed(conn, b"b" * 10 + b"\n") == [Hello(name="b" * 10), NEED_DATA]
+    conn.accept()
+    assert feed(conn, b"c" * 11 + b"\n") == [Say(text="c" * 11), NEED_DATA]
+
+
+def test_max_hello_length_is_at_most_max_line_length() -> None:
+    conn = ServerConnection(max_line_length=10, max_hello_length=50)
+    assert feed(conn, b"b" * 11 + b"\n") == [Err(ErrorCode.TOO_LARGE), NEED_DATA]
+
+
+def test_max_hello_length_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_hello_length"):
+        ServerConnection(max_hello_length=0)

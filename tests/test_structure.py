@@ -27,7 +27,7 @@ import chatkit
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "chatkit"
 MODULES = sorted(SRC.rglob("*.py"))
-SANS_IO = ("_events.py", "_exceptions.py", "protocol.py")
+SANS_IO = ("_events.py", "_exceptions.py", "_framing.py", "protocol.py")
 
 
 def module_id(path: Path) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Iterable
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, Literal, NamedTuple, TypeVar, overload
 
 import msgspec
 
@@ -63,8 +63,14 @@ from ._exceptions import ErrorCode as ErrorCode
 from ._exceptions import LocalProtocolError as LocalProtocolError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
+from ._framing import DEFAULT_MAX_LINE_LENGTH as DEFAULT_MAX_LINE_LENGTH
+from ._framing import EOF as EOF
+from ._framing import NEED_DATA as NEED_DATA
+from ._framing import LineFramer as LineFramer
+from ._framing import Status as Status
 
 __all__ = [
+    "BLANK",
     "DEFAULT_MAX_LINE_LENGTH",
     "EOF",
     "JSON_LINES",
@@ -73,6 +79,7 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "TEXT_LINES",
+    "Blank",
     "Bye",
     "ClientConnection",
     "ClientRequest",
@@ -118,9 +125,6 @@ __all__ = [
     "wire_format",
 ]
 
-#: Longest line (in bytes, without its ``\n``) accepted by default: 64 KiB.
-DEFAULT_MAX_LINE_LENGTH: Final = 64 * 1024
-
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 _ROOM_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # Control characters would let one user's text break another's line framing
@@ -140,17 +144,16 @@ def is_valid_room(room: str) -> bool:
     return _ROOM_RE.fullmatch(room) is not None
 
 
-class Status(enum.Enum):
-    """What :meth:`ServerConnection.next_event` returns when it has no event."""
+class Blank(enum.Enum):
+    """What ``ServerConnection.next_event(report_blank_lines=True)`` returns
+    for a blank line (see :meth:`ServerConnection.next_event`)."""
 
-    NEED_DATA = "NEED_DATA"
-    """Every complete line was consumed: feed more bytes."""
-    EOF = "EOF"
-    """The peer sent end of file and every complete line was consumed."""
+    BLANK = "BLANK"
+    """A blank line that says nothing was consumed: call again for the next
+    event."""
 
 
-NEED_DATA: Final = Status.NEED_DATA
-EOF: Final = Status.EOF
+BLANK: Final = Blank.BLANK
 
 
 class Mode(enum.Enum):
@@ -159,110 +162,6 @@ class Mode(enum.Enum):
     UNKNOWN = "unknown"
     JSON = "json"
     LINE = "line"
-
-
-_CR: Final = 0x0D  # b"\r"[0]
-
-
-class LineFramer:
-    """Incremental ``\\n`` framing with a bound on the line length.
-
-    A line longer than ``max_line_length`` bytes (not counting the ``\\r``
-    of a ``\\r\\n``) is discarded up to its end and reported once by
-    raising :class:`RemoteProtocolError` (``too_large``); the lines after it
-    are unaffected. Bytes after the last ``\\n`` at end of
-    file are an incomplete line and are dropped.
-    """
-
-    # One per connection: no instance dict.
-    __slots__ = (
-        "_buf",
-        "_discarding",
-        "_eof",
-        "_scanned",
-        "_start",
-        "max_line_length",
-    )
-
-    def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
-        if max_line_length < 1:
-            raise ValueError("max_line_length must be at least 1")
-        self.max_line_length = max_line_length
-        self._buf = bytearray()
-        # Lines before _start are consumed; the buffer is compacted once per
-        # NEED_DATA rather than once per line, so a packet of 10,000 small
-        # frames costs one memmove, not 10,000.
-        self._start = 0
-        self._scanned = 0  # no b"\n" in _buf[_start:_scanned]
-        self._discarding = False
-        self._eof = False
-
-    @property
-    def eof(self) -> bool:
-        """True once end of file was received."""
-        return self._eof
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as lines."""
-        return len(self._buf) - self._start
-
-    def receive_data(self, data: bytes | bytearray) -> None:
-        """Add received bytes; ``b""`` means the peer closed its side."""
-        if self._eof:
-            if data:
-                raise LocalProtocolError("received data after end of file")
-            return
-        if not data:
-            self._eof = True
-            return
-        self._buf += data
-
-    def next_line(self) -> bytes | Status:
-        """Return the next complete line (without ``\\n``), or a :class:`Status`."""
-        buf = self._buf
-        while True:
-            end = buf.find(b"\n", self._scanned)
-            if end < 0:
-                pending = len(buf) - self._start
-                # One byte more may be the \r of a \r\n, not counted.
-                if pending > self.max_line_length + 1 and not self._discarding:
-                    self._begin_discard()
-                    raise RemoteProtocolError(
-                        ErrorCode.TOO_LARGE,
-                        f"line longer than {self.max_line_length} bytes",
-                    )
-                if self._discarding:
-                    del buf[:]
-                    self._start = self._scanned = 0
-                else:
-                    del buf[: self._start]
-                    self._start = 0
-                    self._scanned = len(buf)
-                return EOF if self._eof else NEED_DATA
-            start = self._start
-            self._start = self._scanned = end + 1
-            if self._discarding:
-                self._discarding = False
-                continue
-            length = end - start
-            if length and buf[end - 1] == _CR:
-                length -= 1  # a \r\n ends the line: the \r is not in it
-            if length > self.max_line_length:
-                raise RemoteProtocolError(
-                    ErrorCode.TOO_LARGE,
-                    f"line longer than {self.max_line_length} bytes",
-                )
-            return bytes(buf[start:end])
-
-    def peek_first_byte(self) -> int | None:
-        """The first unconsumed byte, if any (used for mode detection)."""
-        return self._buf[self._start] if self.buffered else None
-
-    def _begin_discard(self) -> None:
-        self._discarding = True
-        del self._buf[:]
-        self._start = self._scanned = 0
 
 
 class _RefOnly(msgspec.Struct):
@@ -392,12 +291,30 @@ class ServerConnection:
 
     The handshake completes when the server sends :class:`Welcome`; until
     then, each line-mode line is another attempt at a name.
+
+    Args:
+        max_line_length: the longest line, in bytes (``too_large`` beyond).
+        max_hello_length: if given, the longest line until the handshake
+            completes (at most ``max_line_length``): a connection that has
+            not said hello yet then holds at most about this much.
     """
 
-    __slots__ = ("_framer", "mode", "ready")
+    __slots__ = ("_framer", "_max_line_length", "mode", "ready")
 
-    def __init__(self, *, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
-        self._framer = LineFramer(max_line_length)
+    def __init__(
+        self,
+        *,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        max_hello_length: int | None = None,
+    ) -> None:
+        if max_hello_length is not None and max_hello_length < 1:
+            raise ValueError("max_hello_length must be at least 1")
+        self._framer = LineFramer(
+            max_line_length
+            if max_hello_length is None
+            else min(max_hello_length, max_line_length)
+        )
+        self._max_line_length = max_line_length
         self.mode = Mode.UNKNOWN
         self.ready = False
 
@@ -405,8 +322,26 @@ class ServerConnection:
         """Add received bytes; ``b""`` means the peer closed its side."""
         self._framer.receive_data(data)
 
-    def next_event(self) -> ClientRequest | Status:
+    @overload
+    def next_event(
+        self, *, report_blank_lines: Literal[False] = False
+    ) -> ClientRequest | Status: ...
+
+    @overload
+    def next_event(
+        self, *, report_blank_lines: bool
+    ) -> ClientRequest | Status | Blank: ...
+
+    def next_event(
+        self, *, report_blank_lines: bool = False
+    ) -> ClientRequest | Status | Blank:
         """Return the next request, :data:`NEED_DATA` or :data:`EOF`.
+
+        Blank lines that say nothing (before the mode is known, and in line
+        mode after the handshake) are skipped; with ``report_blank_lines``,
+        each is returned as :data:`BLANK` instead, so that a server can make
+        every line cost its sender (a rate limit), and a flood of newlines
+        comes back to it one line at a time.
 
         Raises:
             RemoteProtocolError: one line was bad; its ``code`` says how.
@@ -431,12 +366,14 @@ class ServerConnection:
                 self.mode = Mode.JSON
                 return self._json_request(line)
             elif not line.strip():
-                continue  # blank lines before the mode is known say nothing
+                event = None  # blank lines before the mode is known say nothing
             else:
                 self.mode = Mode.LINE
                 event = self._line_request(line)
             if event is not None:
                 return event
+            if report_blank_lines:
+                return BLANK
 
     def _json_request(self, line: bytes) -> ClientRequest:
         request = _decode(_REQUEST_DECODER, line)
@@ -481,14 +418,16 @@ class ServerConnection:
 
     def accept(self) -> None:
         """The handshake is complete: from now on requests other than
-        ``hello`` are let through (sending :class:`Welcome` does this too)."""
+        ``hello`` are let through, and lines may be ``max_line_length``
+        long (sending :class:`Welcome` does this too)."""
         self.ready = True
+        self._framer.max_line_length = self._max_line_length
 
     def send(self, event: ServerEvent) -> bytes:
         """Encode ``event`` for this connection; sending Welcome completes the
         handshake."""
         if isinstance(event, Welcome):
-            self.ready = True
+            self.accept()
         return self.wire.encode(event)
 
 

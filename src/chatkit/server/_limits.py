@@ -49,6 +49,12 @@ class Limits:
     canonical form (``"10.0.0.0/8"``); host bits set are an error."""
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH
     """Longest accepted line, in bytes (``error too_large``)."""
+    max_hello_length: int = 8192
+    """Longest line, in bytes, before the handshake completes (at most
+    ``max_line_length``): a longer one gets ``error too_large`` and is
+    discarded, as any line over ``max_line_length``. A hello with a long
+    token fits; a connection that has not said hello holds at most about
+    this much of a line."""
     max_message_length: int = 4096
     """Longest ``say``/``dm`` text, in characters (``error too_large``)."""
     max_rooms_per_user: int = 50

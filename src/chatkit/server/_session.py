@@ -12,7 +12,7 @@ import trio
 
 from .._events import ClientRequest, ErrorReply, ServerEvent
 from .._exceptions import ErrorCode, RemoteProtocolError
-from ..protocol import EOF, NEED_DATA, Mode, ServerConnection, Status
+from ..protocol import EOF, NEED_DATA, Blank, Mode, ServerConnection, Status
 from ._outbox import Outbox
 
 if TYPE_CHECKING:
@@ -39,9 +39,12 @@ log = logging.getLogger("chatkit.server")
 SERVER_SENDER: Final = "*server*"
 
 # Lines handled from one read before the reader lets others run: refused
-# lines are cheap, admitted requests fan out.
+# and blank lines are cheap, admitted requests fan out.
 _PAUSE_EVERY_REFUSED: Final = 8
 _PAUSE_EVERY_ADMITTED: Final = 128
+# Bytes read at once before the handshake, beyond the longest line then:
+# what the rest of a hello's read may hold (a pipelined request or two).
+_HELLO_READ_SLACK: Final = 1024
 
 
 class LeaveReason(enum.StrEnum):
@@ -194,7 +197,10 @@ class Session:
         self._fanout = fanout
         self._limits = limits
         self.address = link.address
-        self._proto = ServerConnection(max_line_length=limits.max_line_length)
+        self._proto = ServerConnection(
+            max_line_length=limits.max_line_length,
+            max_hello_length=limits.max_hello_length,
+        )
         self.outbox = Outbox(link, self, limits, fanout.busy, stats, nursery)
         self.name = ""
         """The user's name once logged in (``""`` before)."""
@@ -360,7 +366,11 @@ class Session:
             if fanout.backlogged:
                 await fanout.wait_ready()
             try:
-                data = await link.receive_some()
+                # Before the handshake, small reads: a connection that has
+                # not said hello holds little (docs/security.md).
+                data = await link.receive_some(
+                    None if self.name else limits.max_hello_length + _HELLO_READ_SLACK
+                )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""  # gone: as if it had said goodbye without a word
             if self.name:
@@ -381,8 +391,8 @@ class Session:
                     # requests still buffered must not be acted on.
                     return self.reason or LeaveReason.DISCONNECT
                 try:
-                    request: ClientRequest | Status | RemoteProtocolError = (
-                        proto.next_event()
+                    request: ClientRequest | Status | Blank | RemoteProtocolError = (
+                        proto.next_event(report_blank_lines=True)
                     )
                 except RemoteProtocolError as exc:
                     request = exc  # a bad line costs a token like any request
@@ -394,28 +404,28 @@ class Session:
                     break
                 if request is EOF:
                     return LeaveReason.DISCONNECT
-                assert not isinstance(request, Status)
                 # One read can hold thousands of lines: let the other
-                # connections run now and then. Refused lines (a flood) come
-                # cheap and fast, so they pause often; admitted requests
-                # pause rarely, as each pause can end the batch early.
+                # connections run now and then. Refused and blank lines (a
+                # flood) come cheap and fast, so they pause often; admitted
+                # requests pause rarely, as each pause can end the batch
+                # early. Every line, blank or not, costs a token.
                 admitted = self._admit()
-                if not admitted or isinstance(request, RemoteProtocolError):
+                if not admitted or isinstance(request, (Blank, RemoteProtocolError)):
                     refused += 1
                     if refused % _PAUSE_EVERY_REFUSED == 0:
                         await trio.lowlevel.checkpoint()
-                    if admitted:  # a bad line
-                        assert isinstance(request, RemoteProtocolError)
-                        self.error(request.code, request.message, request.ref)
-                    elif self._violations >= limits.flood_limit:
-                        self.error(
-                            ErrorCode.RATE_LIMITED,
-                            "too many requests; disconnecting",
-                            request.ref,
-                        )
-                        return LeaveReason.FLOOD
-                    else:
-                        self.error(ErrorCode.RATE_LIMITED, "slow down", request.ref)
+                    ref = None if isinstance(request, Blank) else request.ref
+                    if not admitted:
+                        if self._violations >= limits.flood_limit:
+                            self.error(
+                                ErrorCode.RATE_LIMITED,
+                                "too many requests; disconnecting",
+                                ref,
+                            )
+                            return LeaveReason.FLOOD
+                        self.error(ErrorCode.RATE_LIMITED, "slow down", ref)
+                    elif isinstance(request, RemoteProtocolError):  # a bad line
+                        self.error(request.code, request.message, ref)
                     continue
                 handled += 1
                 if handled % _PAUSE_EVERY_ADMITTED == 0:
