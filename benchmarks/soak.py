@@ -634,6 +634,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 json.loads((work / f"result-{i}.json").read_text())
                 for i in range(len(loads))
             ]
+        except RuntimeError as exc:
+            procs.stop_all()
+            log = (work / "server.log").read_text()[-3000:]
+            raise RuntimeError(f"{exc}\nthe server's last output:\n{log}") from None
         finally:
             procs.stop_all()
         server_log = "\n".join(
