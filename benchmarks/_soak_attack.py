@@ -222,9 +222,11 @@ async def half_open(port: int, outcome: Outcome) -> None:
                 names.append(name)
             await trio.sleep(1)
             for conn in conns:
-                rule = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport"]
-                rule.append(str(conn.stream.socket.getsockname()[1]))
-                rule += ["-j", "DROP"]
+                # Its address and port: other sockets (the soak's clients,
+                # on other addresses) may have the same port number.
+                host, port_ = conn.stream.socket.getsockname()[:2]
+                rule = ["OUTPUT", "-o", "lo", "-p", "tcp", "-d", host]
+                rule += ["--dport", str(port_), "-j", "DROP"]
                 await trio.run_process(["iptables", "-I", *rule])
                 rules.append(rule)
             outcome["vanished"] = len(conns)
