@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -292,6 +293,21 @@ ATTACKS: dict[str, Callable[[int, Outcome], Awaitable[None]]] = {
 
 
 async def main(config: dict[str, Any]) -> None:
+    # soak.py stops us with SIGTERM: end as if cancelled, so that the
+    # half-open attack removes its firewall rules on the way out.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope)
+        await attack_in_turn(config)
+        nursery.cancel_scope.cancel()
+
+
+async def _cancel_on_sigterm(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+
+
+async def attack_in_turn(config: dict[str, Any]) -> None:
     port = config["port"]
     await trio.sleep(config["pause"])
     for name in config["attacks"]:

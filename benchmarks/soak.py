@@ -13,6 +13,10 @@ acknowledged message: a message is *lost* if a member of its room (while a
 member) or its dm recipient never received it. Prints a summary (memory over
 time, growth, deliveries, losses) and optionally writes it all as JSON.
 
+``--attacks all`` also runs issue 18's attacks in turn (``_soak_attack.py``)
+on a server with its default limits, while a bystander (tests/bystander.py)
+times a round trip every 0.2 s: see docs/reliability.md.
+
 Loopback only, bounded in time (the run's length plus a grace period), and
 everything it starts is stopped at the end, or killed. Not run in CI; its
 result is recorded in ``docs/reliability.md``. Exit status: 0 when nothing
