@@ -18,7 +18,13 @@ os.environ["CHATKIT_LOAD_PLUGINS"] = ""
 # chatkit.testing's fixtures (``chat``, ``chat_factory``, ...), as a plugin
 # author's conftest.py would load them; pytester runs whole pytest sessions
 # to test them. tests.fires: the ``fires`` marker and the ``hooks`` fixture.
-pytest_plugins = ["chatkit.testing", "pytester", "tests.programs", "tests.fires"]
+pytest_plugins = [
+    "chatkit.testing",
+    "pytester",
+    "tests.programs",
+    "tests.terminal",
+    "tests.fires",
+]
 
 OpenRaw = Callable[..., Awaitable[RawClient]]
 
