@@ -6,23 +6,35 @@ in blocking mode. (``trio.lowlevel.FdStream`` would switch it to
 non-blocking, and on a terminal that flag is shared with standard output,
 so an ordinary ``print`` could then fail with ``BlockingIOError``.)
 
-On a terminal, :class:`Console` runs a small line editor in cbreak mode: the
-line being typed is kept at the bottom and redrawn after every message that
-arrives, so output and input never garble each other. Anywhere else (a pipe,
-a file) it reads plain lines and prints plain lines.
+On a terminal, :class:`Console` runs a line editor (:mod:`chatkit._lineedit`)
+in cbreak mode: the input area (lines waiting to be sent, then the prompt
+and the line being typed, every wrapped row of it) stays at the bottom; a
+line printed goes above it, and the area is redrawn whole after it, so
+output and input never garble each other. Anywhere else (a pipe, a file) it
+reads plain lines and prints plain lines.
 """
 
 from __future__ import annotations
 
 import codecs
+import collections
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
 import trio
+
+from ._lineedit import (
+    END_OF_INPUT,
+    Candidates,
+    Completer,
+    LineEditor,
+    cell_width,
+    layout,
+)
 
 __all__ = ["Console", "StdinReader"]
 
@@ -77,6 +89,7 @@ class Console:
         interactive: use the line editor (standard input and output must be
             terminals); ``None`` decides by ``isatty``.
         prompt: shown before the line being typed (interactive only).
+        completer: what Tab completes (interactive only).
     """
 
     def __init__(
@@ -86,43 +99,140 @@ class Console:
         prompt: str = "> ",
         stdin_fd: int = 0,
         stdout: TextIO | None = None,
+        completer: Completer | None = None,
     ) -> None:
         self._out = stdout or sys.stdout
         self._stdin = StdinReader(stdin_fd)
         if interactive is None:
             interactive = os.isatty(stdin_fd) and self._out.isatty()
         self.interactive = interactive
-        self.prompt = prompt
-        self._typed = ""  # the line being edited (interactive)
+        self._prompt = prompt
+        self.editor = LineEditor(completer)
+        """The line being typed (interactive)."""
+        self._pending: tuple[str, ...] = ()  # rows shown above the prompt
+        self._shown = False  # the input area is on the screen
+        self._cursor_row = 0  # the cursor's row within the input area
         # Input read but not returned yet: bytes up to a line's end (plain),
-        # or decoded text after the line just returned (interactive, so
-        # that pasted or typed-ahead lines are kept).
+        # or lines entered after the one just returned (interactive: pasted
+        # or typed ahead).
         self._buf = bytearray()
+        self._lines: collections.deque[str | None] = collections.deque()
         self._eof = False
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._unread = ""
+
+    # --- output -------------------------------------------------------------
 
     def print(self, text: str) -> None:
-        """Write ``text`` as a line, keeping any half-typed input intact."""
-        if self.interactive:
-            # Erase the input line, write, then redraw the input line.
-            self._out.write(f"\r\x1b[K{text}\n{self.prompt}{self._typed}")
+        """Write ``text`` as a line above the input area, which is redrawn
+        after it."""
+        if self.interactive and self._shown:
+            self._write(self._erase() + text + "\n" + self._draw())
         else:
-            self._out.write(text + "\n")
+            self._write(text + "\n")
+
+    @property
+    def prompt(self) -> str:
+        """Shown before the line being typed (interactive)."""
+        return self._prompt
+
+    @prompt.setter
+    def prompt(self, prompt: str) -> None:
+        self._prompt = prompt
+        self._redraw()
+
+    def set_pending(self, lines: Sequence[str]) -> None:
+        """Show ``lines`` (each cut to one row) between the output and the
+        prompt, until set again: what was typed but is not sent yet."""
+        self._pending = tuple(lines)
+        self._redraw()
+
+    def close(self) -> None:
+        """Take the input area off the screen (at exit: what follows starts
+        on a clean line)."""
+        if self._shown:
+            self._write(self._erase())
+            self._shown = False
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
         self._out.flush()
 
-    async def read_line(self, prompt: str | None = None) -> str | None:
-        """The next line typed, or ``None`` at end of input."""
+    def _redraw(self) -> None:
+        if self.interactive and self._shown:
+            self._write(self._erase() + self._draw())
+
+    def _erase(self) -> str:
+        """Escape codes that clear the input area, leaving the cursor where
+        its first row began."""
+        up = f"\x1b[{self._cursor_row}A" if self._cursor_row else ""
+        self._cursor_row = 0
+        return f"\r{up}\x1b[J"
+
+    def _draw(self) -> str:
+        """The input area, from the cursor's row and column 0, leaving the
+        cursor where the next character typed goes."""
+        columns, lines = self._size()
+        editor = self.editor
+        wrapped = layout(self._prompt, editor.text, editor.cursor, columns)
+        pending = [_cut(line, columns) for line in self._pending]
+        rows = [*pending, *wrapped.rows]
+        cursor_row = len(pending) + wrapped.cursor_row
+        room = max(1, lines - 1)  # keep a row of output in sight
+        if len(rows) > room:  # a very long line: the rows around the cursor
+            first = min(max(0, cursor_row - room + 1), len(rows) - room)
+            rows = rows[first : first + room]
+            cursor_row -= first
+        up = len(rows) - 1 - cursor_row
+        self._cursor_row = cursor_row
+        self._shown = True
+        return (
+            "\r\n".join(rows)
+            + (f"\x1b[{up}A" if up else "")
+            + "\r"
+            + (f"\x1b[{wrapped.cursor_column}C" if wrapped.cursor_column else "")
+        )
+
+    def _size(self) -> tuple[int, int]:
+        try:
+            size = os.get_terminal_size(self._out.fileno())
+        except (OSError, ValueError, AttributeError):
+            return 80, 24
+        return size.columns or 80, size.lines or 24
+
+    # --- input --------------------------------------------------------------
+
+    async def read_line(
+        self, prompt: str | None = None, *, keep: bool = False
+    ) -> str | None:
+        """The next line typed, or ``None`` at end of input.
+
+        Args:
+            prompt: instead of :attr:`prompt`, for this line.
+            keep: leave the prompt and the line on the screen once entered
+                (an answer, such as a name); otherwise the input area is
+                emptied for the next line.
+        """
         if not self.interactive:
             if prompt:
-                self._out.write(prompt)
-                self._out.flush()
+                self._write(prompt)
             return await self._read_plain_line()
-        saved, self.prompt = self.prompt, prompt if prompt is not None else self.prompt
+        saved = self._prompt
+        if prompt is not None:
+            self._prompt = prompt
         try:
-            return await self._edit()
+            line = await self._edit()
+            if keep and line is not None:
+                self.editor.text = line  # shown as entered, cursor at its end
+                self.editor.cursor = len(line)
+                self._write(self._erase() + self._draw() + "\r\n")
+                self._shown = False
+                self._cursor_row = 0
+                self.editor.clear()
+            return line
         finally:
-            self.prompt = saved
+            if prompt is not None:
+                self._prompt = saved
+                self._redraw()
 
     async def _read_plain_line(self) -> str | None:
         while (end := self._buf.find(b"\n")) < 0:
@@ -137,10 +247,31 @@ class Console:
         del self._buf[: end + 1]
         return line.decode(errors="replace").removesuffix("\r")
 
+    async def _edit(self) -> str | None:
+        if not self._shown:
+            self._write(self._draw())
+        while not self._lines:
+            data = await self._stdin.read()
+            if not data:
+                self._lines.append(None)
+                break
+            above: list[str] = []
+            for item in self.editor.feed(self._decoder.decode(data)):
+                if isinstance(item, Candidates):
+                    above.append("  ".join(item.words))
+                elif item is END_OF_INPUT:
+                    self._lines.append(None)
+                elif isinstance(item, str):
+                    self._lines.append(item)
+            text = "".join(f"{line}\n" for line in above)
+            self._write(self._erase() + text + self._draw())
+        return self._lines.popleft()
+
     @contextmanager
     def raw_mode(self) -> Iterator[None]:
-        """Put the terminal in cbreak mode for the line editor (restored on
-        exit); does nothing when not interactive."""
+        """Put the terminal in cbreak mode for the line editor, and restore it
+        (with the input area taken off the screen) on exit; does nothing
+        when not interactive."""
         if not self.interactive:
             yield
             return
@@ -153,46 +284,18 @@ class Console:
             tty.setcbreak(fd)
             yield
         finally:
+            self.close()
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
-    async def _edit(self) -> str | None:
-        self._typed = ""
-        self._out.write(self.prompt)
-        self._out.flush()
-        escape = False
-        while True:
-            text, self._unread = self._unread, ""
-            if not text:
-                data = await self._stdin.read()
-                if not data:
-                    return None
-                text = self._decoder.decode(data)
-            for index, char in enumerate(text):
-                if escape:
-                    # Skip the rest of an escape sequence (arrow keys...).
-                    escape = not (char.isalpha() or char == "~")
-                    continue
-                if char in "\r\n":
-                    rest = text[index + 1 :]
-                    if char == "\r" and rest.startswith("\n"):
-                        rest = rest[1:]
-                    self._unread = rest  # the next lines, typed ahead
-                    line, self._typed = self._typed, ""
-                    self._out.write("\r\x1b[K")
-                    self._out.flush()
-                    return line
-                if char == "\x04" and not self._typed:  # Ctrl-D
-                    return None
-                if char in "\x7f\x08":  # Backspace
-                    if self._typed:
-                        self._typed = self._typed[:-1]
-                        self._out.write("\b \b")
-                elif char == "\x15":  # Ctrl-U
-                    self._typed = ""
-                    self._out.write(f"\r\x1b[K{self.prompt}")
-                elif char == "\x1b":
-                    escape = True
-                elif char.isprintable():
-                    self._typed += char
-                    self._out.write(char)
-            self._out.flush()
+
+def _cut(text: str, columns: int) -> str:
+    """``text`` on one row of ``columns``: cut with an ellipsis if longer."""
+    if sum(map(cell_width, text)) < columns:
+        return text
+    cells, kept = 0, []
+    for char in text:
+        cells += cell_width(char)
+        if cells > columns - 2:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
