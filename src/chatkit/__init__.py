@@ -54,6 +54,7 @@ from .client import Reconnect as Reconnect
 from .client import Reconnected as Reconnected
 from .client import Reconnecting as Reconnecting
 from .client import open_client as open_client
+from .client import open_stream as open_stream
 from .history import HistoryStore as HistoryStore
 from .history import HistoryStoreError as HistoryStoreError
 from .history import MemoryHistory as MemoryHistory
@@ -128,4 +129,5 @@ __all__ = [
     "hookimpl",
     "open_client",
     "open_server",
+    "open_stream",
 ]

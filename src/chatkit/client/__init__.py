@@ -8,6 +8,8 @@
 from ._client import DEFAULT_PORT as DEFAULT_PORT
 from ._client import ChatClient as ChatClient
 from ._client import open_client as open_client
+from ._connection import describe_error as describe_error
+from ._connection import open_stream as open_stream
 from ._reconnect import ClientEvent as ClientEvent
 from ._reconnect import Interrupted as Interrupted
 from ._reconnect import Reconnect as Reconnect
@@ -22,5 +24,7 @@ __all__ = [
     "Reconnect",
     "Reconnected",
     "Reconnecting",
+    "describe_error",
     "open_client",
+    "open_stream",
 ]

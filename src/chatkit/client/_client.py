@@ -177,6 +177,12 @@ class ChatClient:
             ``max_line_length``). A request whose line is longer raises
             :class:`~chatkit.TooLarge` without being sent: the server could
             not tell whose request it discarded, so it would go unanswered.
+        stream: a connection to the server already open (from
+            :func:`~chatkit.open_stream`), to log in on instead of opening
+            one: a program can connect first and ask for the name after.
+            Should the server have closed it meanwhile (its handshake
+            timeout), entering opens a new one. The client owns it from here
+            on: it is closed with the client.
     """
 
     def __init__(
@@ -197,6 +203,7 @@ class ChatClient:
         reconnect: Reconnect | bool | None = None,
         max_line_length: int = _MAX_SERVER_LINE_LENGTH,
         server_max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+        stream: trio.abc.Stream | None = None,
     ) -> None:
         if max_line_length < 1:
             raise ValueError("max_line_length must be at least 1")
@@ -234,6 +241,7 @@ class ChatClient:
         self._session = Session(
             options, name=name, token=token, policy=policy, sink=self._delivery
         )
+        self._first_stream = stream
         self._close_timeout = close_timeout
         self._entered = False
         self._stack = AsyncExitStack()
@@ -248,7 +256,8 @@ class ChatClient:
         if self._entered:
             raise RuntimeError("this ChatClient was already entered")
         self._entered = True
-        welcome = await self._session.open()
+        stream, self._first_stream = self._first_stream, None
+        welcome = await self._session.open(stream)
         nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._delivery.open()
         if self._delivery.has_hooks:

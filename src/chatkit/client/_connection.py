@@ -137,10 +137,12 @@ class Connection:
         resume: str | None = None,
         refs: Iterator[int],
         on_lost: OnLost,
+        stream: trio.abc.Stream | None = None,
     ) -> tuple[Self, Welcome]:
         """Connect and log in as ``name``, within ``options.connect_timeout``;
         ``resume``: the previous connection's ``welcome.resume``, to take
-        over that session if the server still holds it.
+        over that session if the server still holds it; ``stream``: a
+        connection already open (from :func:`open_stream`) to log in on.
 
         Raises:
             RequestError: the server refused ``hello`` (the subclass of its
@@ -151,10 +153,12 @@ class Connection:
                 server hung up while we sent ``hello``.
             trio.TooSlowError: no ``welcome`` in time.
         """
-        stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(options.connect_timeout):
-                stream = await _open_stream(options)
+                if stream is None:
+                    stream = await _open_stream(
+                        options.host, options.port, options.ssl_context
+                    )
                 connection = cls(stream, options, refs=refs, on_lost=on_lost)
                 welcome = await connection._handshake(name, token, resume)
         except BaseException:
@@ -376,16 +380,55 @@ class Connection:
         self._on_lost(reason, code)
 
 
-async def _open_stream(options: ConnectionOptions) -> trio.abc.Stream:
-    if options.ssl_context is None:
-        return await trio.open_tcp_stream(options.host, options.port)
-    return await trio.open_ssl_over_tcp_stream(
-        options.host, options.port, ssl_context=options.ssl_context
-    )
+async def _open_stream(
+    host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> trio.abc.Stream:
+    if ssl_context is None:
+        return await trio.open_tcp_stream(host, port)
+    return await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
+
+
+async def open_stream(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> trio.abc.Stream:
+    """Open a connection to a chat server without logging in (the TLS
+    handshake included), for :class:`~chatkit.ChatClient`'s ``stream``: a
+    program can tell a person at once that the server is unreachable, and
+    ask for a name only then.
+
+    Raises:
+        OSError: the connection failed (:func:`describe_error` says why).
+        trio.BrokenResourceError: the TLS handshake failed.
+    """
+    stream = await _open_stream(host, port, ssl_context)
+    if isinstance(stream, trio.SSLStream):
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+    return stream
 
 
 def describe_error(exc: BaseException) -> str:
-    """A few words on why connecting failed (``exc`` from :meth:`open`)."""
+    """A few words on why connecting failed (``exc`` from :meth:`open` or
+    :func:`open_stream`), for a person to read."""
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
+    if _refused(exc):
+        return "connection refused: is the server running?"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether every attempt to connect was refused (trio's ``OSError``
+    for several addresses carries them as an exception group)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        return all(_refused(inner) for inner in cause.exceptions)
+    return False

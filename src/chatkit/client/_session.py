@@ -31,7 +31,7 @@ from .._events import (
     ServerEvent,
     Welcome,
 )
-from .._exceptions import ConnectionClosed, ErrorCode, RequestError
+from .._exceptions import ConnectionClosed, ErrorCode, RequestError, TimedOut
 from ._connection import Connection, ConnectionOptions
 from ._reconnect import ClientItem, Reconnect, reconnect
 from ._resume import Resumer
@@ -125,15 +125,22 @@ class Session:
 
     # --- connecting -----------------------------------------------------------
 
-    async def open(self) -> Welcome:
+    async def open(self, stream: trio.abc.Stream | None = None) -> Welcome:
         """Connect and log in, the first time (and, with a reconnect policy,
-        note where the lobby's news starts).
+        note where the lobby's news starts). ``stream``: a connection
+        already open to log in on; should the server have closed it
+        meanwhile (its handshake timeout passed), a new one is opened.
 
         Raises:
             as :meth:`Connection.open`.
         """
         try:
-            welcome = await self._connect()
+            try:
+                welcome = await self._connect(stream=stream)
+            except (ConnectionClosed, TimedOut, trio.BrokenResourceError, OSError):
+                if stream is None:
+                    raise
+                welcome = await self._connect()
             if self._resumer is not None:
                 assert self._connection is not None
                 # Without an answer in time, the lobby has no mark.
@@ -147,9 +154,12 @@ class Session:
         self._ready.set()
         return welcome
 
-    async def _connect(self, rooms: set[str] | None = None) -> Welcome:
+    async def _connect(
+        self, rooms: set[str] | None = None, stream: trio.abc.Stream | None = None
+    ) -> Welcome:
         """Connect and log in; the new connection becomes the current one.
-        ``rooms``: resuming, the rooms to be back in."""
+        ``rooms``: resuming, the rooms to be back in; ``stream``: a
+        connection already open."""
         connection, welcome = await Connection.open(
             self._options,
             name=self.name,
@@ -157,6 +167,7 @@ class Session:
             resume=self._resume_secret,
             refs=self._refs,
             on_lost=self._lost,
+            stream=stream,
         )
         self._connection = connection
         self._resume_secret = welcome.resume
