@@ -84,6 +84,20 @@ class Terminal:
             written = os.write(self._master, data)
             data = data[written:]
 
+    async def paste(self, text: str) -> None:
+        """Type ``text`` as fast as the program takes it (a paste), rendering
+        its output meanwhile (it echoes as it reads)."""
+        data = text.encode()
+        with trio.fail_after(TIMEOUT * 3):
+            while data:
+                try:
+                    written = os.write(self._master, data[:4096])
+                except BlockingIOError:
+                    await self.pump(0.01)
+                    continue
+                data = data[written:]
+                await self.pump(0)
+
     # --- waiting -------------------------------------------------------------
 
     async def pump(self, within: float) -> bool:

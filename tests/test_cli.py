@@ -7,7 +7,6 @@ import os
 import pty
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -314,58 +313,6 @@ async def test_enter_on_a_terminal_stops_the_server(launch: Launch) -> None:
     finally:
         os.close(slave)
         os.close(master)
-
-
-async def test_typed_input_survives_incoming_messages(launch: Launch) -> None:
-    # The client on a real terminal: what alice has half typed is redrawn
-    # below each message that arrives, and still sent whole.
-    _server, port = await start_server(launch)
-    master, slave = pty.openpty()
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "chatkit.client",
-            "--port",
-            str(port),
-            "--name",
-            "alice",
-        ],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        cwd=ROOT,
-    )
-    os.close(slave)
-    screen = trio.lowlevel.FdStream(master)
-    seen = b""
-
-    async def read_until(needle: bytes) -> None:
-        nonlocal seen
-        with trio.fail_after(TIMEOUT):
-            while needle not in seen:
-                seen += await screen.receive_some(65536)
-
-    try:
-        await read_until(b"Type /help for commands.")
-        await screen.send_all(b"hel")
-        await read_until(b"hel")
-        bob = await start_client(launch, port, "bob")
-        await bob.send("yo\n")
-        await read_until(b"bob: yo")
-        await read_until(b"bob: yo\r\n> hel")  # the half-typed line, redrawn
-        assert b"\x1b[K" in seen[: seen.index(b"bob: yo")]  # erased, not garbled
-        await screen.send_all(b"lo\r")
-        await bob.expect(r"^alice: hello$")
-        await screen.send_all(b"exit\r")
-        with trio.fail_after(TIMEOUT):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        await screen.aclose()
 
 
 async def test_example_wrappers_run_the_same_programs(launch: Launch) -> None:

@@ -13,7 +13,7 @@ messages said meanwhile.
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -34,7 +34,7 @@ from .._events import (
 )
 from .._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
 from ._client import DEFAULT_PORT, ChatClient, open_client
-from ._connection import describe_error
+from ._connection import describe_error, open_stream
 from ._reconnect import (
     ClientEvent,
     Interrupted,
@@ -42,10 +42,12 @@ from ._reconnect import (
     Reconnected,
     Reconnecting,
 )
+from ._terminal import Theme, chat, commands_in
 
 __all__ = ["HELP", "ChatShell", "build_parser", "main", "run_client"]
 
 _Printer = Callable[[str], None]
+CONNECT_TIMEOUT = 10.0  # seconds, as ChatClient's connect_timeout
 
 HELP = """\
 Type a line to send it to the current room. Commands:
@@ -98,13 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="trust the CA certificates in this file (implies --tls; "
         "default: the system's trusted CAs)",
     )
+    parser.add_argument(
+        "--timestamps",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show the local time before each chat line, [12:04] (default: "
+        "on a terminal, not when the output goes to a pipe or a file)",
+    )
     return parser
 
 
 def _reconnect_policy(args: argparse.Namespace) -> Reconnect | None:
     if args.reconnect == "never":
         return None
-    return Reconnect(after_shutdown=args.reconnect == "always")
+    # A line typed while reconnecting waits for the connection (it is
+    # queued: reading input goes on), however long that takes.
+    return Reconnect(after_shutdown=args.reconnect == "always", request_timeout=None)
 
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -184,9 +195,19 @@ class ChatShell:
 
     async def handle(self, line: str) -> bool:
         """Act on one typed line; False when the user wants to leave."""
-        text = line.strip()
-        if text in ("exit", "/quit"):
+        if line.strip() in ("exit", "/quit"):
             return False
+        await self.send(line)
+        return True
+
+    async def send(self, line: str) -> bool:
+        """Act on one typed line (a message or a command); False when the
+        server refused it (the error is shown).
+
+        Raises:
+            ConnectionClosed: the connection is gone for good.
+        """
+        text = line.strip()
         if not text:
             return True
         try:
@@ -199,6 +220,7 @@ class ChatShell:
             if isinstance(exc, ConnectionClosed) and not self.client.reconnecting:
                 raise
             self._print(f"Error: {exc.message} ({exc.code})")
+            return False
         return True
 
     async def _command(self, text: str) -> None:
@@ -299,78 +321,43 @@ def _where(room: str) -> str:
     return "the chat" if room == LOBBY else room
 
 
-async def _chat(client: ChatClient, console: Console) -> int:
-    """Chat until the user leaves or the connection ends for good; returns
-    the exit status: 1 if reconnecting gave up, else 0."""
-    shell = ChatShell(client, console.print)
-    console.print(f"Hello, {client.name}! Type 'exit' to leave the chat.")
-    console.print("Type /help for commands.")
-    leaving = False
-    status = 0
-    async with trio.open_nursery() as nursery:
-
-        async def show_events() -> None:
-            nonlocal status
-            async for event in client:
-                text = shell.describe(event)
-                if text is not None:
-                    console.print(text)
-            # The connection ended for good: stop reading input.
-            farewell = shell.farewell()
-            if farewell is not None and not leaving:
-                status = 1  # reconnecting gave up
-                console.print(farewell)
-            nursery.cancel_scope.cancel()
-
-        async def leave_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
-            await leave()
-
-        async def leave() -> None:
-            nonlocal leaving
-            leaving = True
-            console.print("Exiting chat...")
-            await client.aclose()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(show_events)
-        nursery.start_soon(leave_on_signal)
-        while True:
-            line = await console.read_line()
-            if line is None:
-                break
-            try:
-                if not await shell.handle(line):
-                    break
-            except ConnectionClosed:
-                break
-        await leave()
-    console.print("Disconnected.")
-    return status
-
-
 async def run_client(args: argparse.Namespace, console: Console) -> int:
     """Run the chat client; returns the exit status."""
     console.print("Welcome to the chat client!")
     name: str | None = args.name
+    where = f"{args.host}:{args.port}"
+    ssl_context = _tls_context(args)
+    theme = Theme(
+        timestamps=console.interactive if args.timestamps is None else args.timestamps,
+        colour=console.interactive and not os.environ.get("NO_COLOR"),
+    )
     while True:
-        if name is None:
-            name = await console.read_line("Enter your username: ")
-            if name is None:
-                return 0
-            name = name.strip()
+        stream: trio.abc.Stream | None = None
         try:
+            if name is None:
+                # Connect first: no name asked of a person for nothing.
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    stream = await open_stream(
+                        args.host, args.port, ssl_context=ssl_context
+                    )
+                name = await console.read_line("Enter your username: ", keep=True)
+                if name is None:
+                    await stream.aclose()
+                    return 0
+                name = name.strip()
             async with open_client(
                 args.host,
                 args.port,
                 name=name,
                 token=args.token,
-                ssl_context=_tls_context(args),
+                ssl_context=ssl_context,
                 reconnect=_reconnect_policy(args),
+                stream=stream,
             ) as client:
-                return await _chat(client, console)
+                shell = ChatShell(client, console.print)
+                return await chat(
+                    client, console, shell, theme, commands=commands_in(HELP)
+                )
         except (NameTaken, BadName) as exc:
             console.print(f"Error: {exc.message}")
             if args.name is not None:
@@ -383,7 +370,6 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
             # BrokenResourceError: the TLS handshake failed (e.g. wrong CA);
             # TooSlowError: no welcome within the connect timeout (a hung
             # server, or another service on that port).
-            where = f"{args.host}:{args.port}"
             console.print(f"Error: cannot connect to {where}: {describe_error(exc)}")
             return 1
 
@@ -393,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Standard input closed (sys.stdin is None) reads as end of input; its
     # number is not ours to read once trio runs (trio may reuse it).
-    console = Console(stdin_fd=-1 if sys.stdin is None else 0)
+    console = Console(stdin_fd=-1 if sys.stdin is None else 0, prompt="")
     try:
         with console.raw_mode():
             return trio.run(run_client, args, console)
