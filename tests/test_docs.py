@@ -5,6 +5,7 @@ datasette does)."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -89,3 +90,29 @@ def test_quickstart_example_runs() -> None:
 def test_plugin_doc_examples_compile() -> None:
     for block in python_blocks(ROOT / "docs/plugins.md"):
         compile(block, "docs/plugins.md", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+
+@pytest.mark.parametrize("program", ["server", "client"])
+def test_the_cli_reference_shows_each_programs_help(program: str) -> None:
+    """docs/cli.md's usage blocks are ``--help`` as printed (80 columns);
+    CHATKIT_WRITE_DOCS=1 writes them there."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"chatkit.{program}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+    path = ROOT / "docs" / "cli.md"
+    text = path.read_text()
+    heading = f"## `python -m chatkit.{program}`\n\n```\n"
+    start = text.index(heading) + len(heading)
+    end = text.index("```\n", start)
+    if os.environ.get("CHATKIT_WRITE_DOCS"):
+        path.write_text(text[:start] + result.stdout + text[end:])
+    else:
+        assert text[start:end] == result.stdout, (
+            "docs/cli.md is out of date: "
+            "CHATKIT_WRITE_DOCS=1 pytest tests/test_docs.py -k cli_reference"
+        )

@@ -9,10 +9,12 @@ reconnecting, the keys of the line editor, time stamps and colours.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -373,3 +375,51 @@ async def test_piped_input_gives_a_plain_transcript(launch: Launch) -> None:
 def re_row(pattern: str) -> Callable[[Terminal], bool]:
     """A condition: some row of the screen matches ``pattern`` whole."""
     return lambda t: any(re.fullmatch(pattern, row) for row in t.rows())
+
+
+CLI_DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+SCREEN_BLOCK = re.compile(
+    r"(<!-- screen: captured by tests/test_terminal.py -->\n```\n)(.*?)(```\n)",
+    re.DOTALL,
+)
+
+
+async def test_the_screen_shown_in_the_cli_docs(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    """docs/cli.md shows a screen this test captures (time stamps set to
+    12:04); run with CHATKIT_WRITE_DOCS=1 to write it there."""
+    _server, port = await start_server(launch)
+    term = await terminal("client", "--port", str(port), columns=80, lines=16)
+    await term.wait_for(NAME_ROW)
+    term.type("alice\r")
+    await term.wait_for("Type /help for commands.")
+    bob = await start_client(launch, port, "bob")
+    await term.wait_for("bob has joined the chat.")
+    term.type("hello everyone\r")
+    await bob.expect(r"^alice: hello everyone$")
+    await bob.send("hi alice\n/msg alice psst\n")
+    await term.wait_for("bob (private): psst")
+    term.type("/join kitchen\r")
+    await term.wait_for("[kitchen]>")
+    carol = await start_client(launch, port, "carol")
+    await carol.send("/join kitchen\nthe kettle is on\n")
+    await term.wait_for("[kitchen] carol: the kettle is on")
+    await bob.send("exit\n")
+    await term.wait_for("bob has left the chat.")
+    term.type("see you")
+    await term.wait_for("[kitchen]> see you")
+    await term.settle(0.2)
+    screen = re.sub(r"^\[\d\d:\d\d\]", "[12:04]", term.text(), flags=re.MULTILINE)
+    text = CLI_DOC.read_text()
+    match = SCREEN_BLOCK.search(text)
+    assert match, "docs/cli.md has no captured screen block"
+    if os.environ.get("CHATKIT_WRITE_DOCS"):
+        CLI_DOC.write_text(
+            text[: match.start(2)] + screen + "\n" + text[match.end(2) :]
+        )
+    else:
+        assert match.group(2) == screen + "\n", (
+            "the screen in docs/cli.md is out of date: "
+            "CHATKIT_WRITE_DOCS=1 pytest tests/test_terminal.py -k docs"
+        )
