@@ -9,11 +9,13 @@ reconnecting, the keys of the line editor, time stamps and colours.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -423,3 +425,64 @@ async def test_the_screen_shown_in_the_cli_docs(
             "the screen in docs/cli.md is out of date: "
             "CHATKIT_WRITE_DOCS=1 pytest tests/test_terminal.py -k docs"
         )
+
+
+async def test_escape_codes_from_a_server_never_reach_the_terminal(
+    terminal: OpenTerminal,
+) -> None:
+    # chatkit's server replaces control characters; a hostile server may
+    # not. The client shows them as U+FFFD: no title set, no screen wiped.
+    hostile = "\x1b]0;owned\x07\x1b[2J\x1b[Hgotcha"
+
+    async def serve(stream: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                request = json.loads(line)
+                ref = request.get("ref")
+                if request["type"] == "hello":
+                    reply = {
+                        "type": "welcome",
+                        "name": request["name"],
+                        "protocol": 1,
+                        "server": "hostile",
+                        "rooms": ["lobby"],
+                        "ref": ref,
+                    }
+                    news = {
+                        "type": "message",
+                        "id": 1,
+                        "ts": 0.0,
+                        "room": "lobby",
+                        "from": "mallory",
+                        "text": hostile,
+                    }
+                    await stream.send_all(
+                        (json.dumps(reply) + "\n" + json.dumps(news) + "\n").encode()
+                    )
+                elif request["type"] == "history":
+                    room = request["room"]
+                    reply = {
+                        "type": "history",
+                        "room": room,
+                        "messages": [],
+                        "ref": ref,
+                    }
+                    await stream.send_all((json.dumps(reply) + "\n").encode())
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, serve, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        term = await open_chat(terminal, port, "alice", "--no-timestamps")
+        await term.wait_for("mallory:")
+        assert "Welcome to the chat client!" in term.text()  # not wiped
+        assert term.rows()[4] == "mallory: \ufffd]0;owned\ufffd\ufffd[2J\ufffd[Hgotcha"
+        assert b"\x1b]0;" not in term.raw and b"\x1b[2J" not in term.raw
+        nursery.cancel_scope.cancel()
