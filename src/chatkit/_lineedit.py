@@ -12,24 +12,34 @@ the cursor where it belongs. Both are pure and tested without a terminal.
 
 from __future__ import annotations
 
+import enum
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
-__all__ = ["END_OF_INPUT", "Candidates", "Layout", "LineEditor", "cell_width", "layout"]
+__all__ = [
+    "END_OF_INPUT",
+    "Candidates",
+    "EndOfInput",
+    "Layout",
+    "LineEditor",
+    "cell_width",
+    "layout",
+]
 
 Completer = Callable[[str, bool], Sequence[str]]
 """``completer(word, first)``: the completions of ``word`` (the text from
 the last space to the cursor); ``first`` when it is the line's first word."""
 
 
-class _EndOfInput:
-    def __repr__(self) -> str:
-        return "END_OF_INPUT"
+class EndOfInput(enum.Enum):
+    """Ctrl-D on an empty line: the person is done typing."""
+
+    END_OF_INPUT = "end of input"
 
 
-END_OF_INPUT = _EndOfInput()
-"""Fed Ctrl-D on an empty line: the person is done typing."""
+END_OF_INPUT = EndOfInput.END_OF_INPUT
 
 
 @dataclass(frozen=True)
@@ -40,48 +50,52 @@ class Candidates:
     words: tuple[str, ...]
 
 
-Output = str | Candidates | _EndOfInput
+Output = str | Candidates | EndOfInput
 """What :meth:`LineEditor.feed` returns: lines entered (``str``), lists of
 completions to show, and :data:`END_OF_INPUT`."""
 
 # Escape sequences (CSI and SS3) for the keys we know; the rest are ignored.
-_KEYS = {
-    "[A": "up",
-    "[B": "down",
-    "[C": "right",
-    "[D": "left",
-    "[H": "home",
-    "[F": "end",
-    "OA": "up",
-    "OB": "down",
-    "OC": "right",
-    "OD": "left",
-    "OH": "home",
-    "OF": "end",
-    "[1~": "home",
-    "[7~": "home",
-    "[4~": "end",
-    "[8~": "end",
-    "[3~": "delete",
-    "[1;5C": "word-right",
-    "[1;5D": "word-left",
-    "f": "word-right",  # Alt-f
-    "b": "word-left",  # Alt-b
-}
-_CONTROL_KEYS = {
-    "\x01": "home",  # Ctrl-A
-    "\x02": "left",  # Ctrl-B
-    "\x05": "end",  # Ctrl-E
-    "\x06": "right",  # Ctrl-F
-    "\x08": "backspace",  # Ctrl-H
-    "\x7f": "backspace",
-    "\x09": "complete",  # Tab
-    "\x0b": "kill-end",  # Ctrl-K
-    "\x0e": "down",  # Ctrl-N
-    "\x10": "up",  # Ctrl-P
-    "\x15": "kill-start",  # Ctrl-U
-    "\x17": "kill-word",  # Ctrl-W
-}
+_KEYS = MappingProxyType(
+    {
+        "[A": "up",
+        "[B": "down",
+        "[C": "right",
+        "[D": "left",
+        "[H": "home",
+        "[F": "end",
+        "OA": "up",
+        "OB": "down",
+        "OC": "right",
+        "OD": "left",
+        "OH": "home",
+        "OF": "end",
+        "[1~": "home",
+        "[7~": "home",
+        "[4~": "end",
+        "[8~": "end",
+        "[3~": "delete",
+        "[1;5C": "word-right",
+        "[1;5D": "word-left",
+        "f": "word-right",  # Alt-f
+        "b": "word-left",  # Alt-b
+    }
+)
+_CONTROL_KEYS = MappingProxyType(
+    {
+        "\x01": "home",  # Ctrl-A
+        "\x02": "left",  # Ctrl-B
+        "\x05": "end",  # Ctrl-E
+        "\x06": "right",  # Ctrl-F
+        "\x08": "backspace",  # Ctrl-H
+        "\x7f": "backspace",
+        "\x09": "complete",  # Tab
+        "\x0b": "kill-end",  # Ctrl-K
+        "\x0e": "down",  # Ctrl-N
+        "\x10": "up",  # Ctrl-P
+        "\x15": "kill-start",  # Ctrl-U
+        "\x17": "kill-word",  # Ctrl-W
+    }
+)
 
 
 class LineEditor:
