@@ -84,6 +84,14 @@ class Terminal:
             written = os.write(self._master, data)
             data = data[written:]
 
+    def resize(self, columns: int, lines: int) -> None:
+        """Resize the terminal, as a person dragging its window (the
+        program gets SIGWINCH)."""
+        self.screen.resize(lines, columns)
+        fcntl.ioctl(
+            self._master, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0)
+        )
+
     async def paste(self, text: str) -> None:
         """Type ``text`` as fast as the program takes it (a paste), rendering
         its output meanwhile (it echoes as it reads)."""

@@ -486,3 +486,19 @@ async def test_escape_codes_from_a_server_never_reach_the_terminal(
         assert term.rows()[4] == "mallory: \ufffd]0;owned\ufffd\ufffd[2J\ufffd[Hgotcha"
         assert b"\x1b]0;" not in term.raw and b"\x1b[2J" not in term.raw
         nursery.cancel_scope.cancel()
+
+
+async def test_the_line_being_typed_is_redrawn_when_the_terminal_is_resized(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch)
+    term = await open_chat(terminal, port, "alice", "--no-timestamps", columns=80)
+    typed = "".join(f"{i:02d}." for i in range(30))  # 90 characters
+    term.type(typed)
+    await term.wait_for(typed[-9:])
+    term.resize(40, 24)
+    expected = "[lobby]> " + typed
+    rows = [expected[i : i + 40] for i in range(0, len(expected), 40)]
+    await term.wait_for(lambda t: t.rows()[t.cursor[0] - 2 : t.cursor[0] + 1] == rows)
+    assert sum(row.count(typed[:9]) for row in term.rows()) == 1
+    assert term.cursor[1] == len(expected) % 40

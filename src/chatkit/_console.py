@@ -146,6 +146,10 @@ class Console:
         self._pending = tuple(lines)
         self._redraw()
 
+    def refresh(self) -> None:
+        """Draw the input area again (the terminal was resized)."""
+        self._redraw()
+
     def close(self) -> None:
         """Take the input area off the screen (at exit: what follows starts
         on a clean line)."""

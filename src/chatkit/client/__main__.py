@@ -354,7 +354,9 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
                 reconnect=_reconnect_policy(args),
                 stream=stream,
             ) as client:
-                shell = ChatShell(client, console.print)
+                shell = ChatShell(
+                    client, lambda text: console.print(theme.answer(text))
+                )
                 return await chat(
                     client, console, shell, theme, commands=commands_in(HELP)
                 )

@@ -97,6 +97,13 @@ class Theme:
             body = _mention_pattern(me).sub(lambda m: _MENTION + m[0] + _RESET, body)
         return f"{stamp}{_BOLD}{head}{_RESET}: {body}"
 
+    def answer(self, text: str) -> str:
+        """A command's answer (``/who``, ``/help``...): an error in red,
+        anything else as it is; no time stamp."""
+        if self.colour and text.startswith("Error: "):
+            return f"{_RED}{text}{_RESET}"
+        return text
+
     def pending(self, line: str) -> str:
         """A typed line waiting for the connection, above the prompt."""
         text = f"(waiting to send) {line}"
@@ -241,6 +248,11 @@ async def chat(
                 set_prompt()
             sent_all.set()
 
+        async def redraw_on_resize() -> None:
+            with trio.open_signal_receiver(signal.SIGWINCH) as resizes:
+                async for _ in resizes:
+                    console.refresh()
+
         async def leave_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
@@ -260,6 +272,8 @@ async def chat(
         nursery.start_soon(show_events)
         nursery.start_soon(leave_on_signal)
         nursery.start_soon(send_lines)
+        if console.interactive:
+            nursery.start_soon(redraw_on_resize)
         while True:
             line = await console.read_line()
             if line is None or line.strip() in ("exit", "/quit"):
