@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=DEFAULT_PORT,
         help="server port (default: %(default)s)",
     )
@@ -99,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the system's trusted CAs)",
     )
     return parser
+
+
+def _port(text: str) -> int:
+    """A ``--port`` value: 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, not {port}")
+    return port
 
 
 def _reconnect_policy(args: argparse.Namespace) -> Reconnect | None:

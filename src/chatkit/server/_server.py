@@ -78,6 +78,7 @@ class ChatServer:
 
     Raises:
         pluggy.PluginValidationError: a plugin implements an unknown hook.
+        ValueError: ``port`` is not from 0 to 65535.
     """
 
     def __init__(

@@ -125,6 +125,9 @@ class TcpTransport:
         user_timeout: ``TCP_USER_TIMEOUT`` of each accepted socket, in
             seconds: how long sent data may stay unacknowledged before the
             kernel drops the connection (``None``: the kernel's default).
+
+    Raises:
+        ValueError: ``port`` is not from 0 to 65535.
     """
 
     def __init__(
@@ -135,6 +138,9 @@ class TcpTransport:
         *,
         user_timeout: float | None = None,
     ) -> None:
+        # getaddrinfo would take 65616 for port 80 (it wraps), without a word.
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be from 0 to 65535, not {port}")
         self.host = host
         self.port = port
         """The port; once serving, the bound one."""
