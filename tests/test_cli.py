@@ -24,6 +24,13 @@ from tests.programs import Launch, start_client, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
+# What /history used wrongly prints: its lines of /help.
+HISTORY_USAGE = [
+    "Usage:",
+    "  /history [ROOM] [N] [before ID | after ID]",
+    "                    N messages (default 20) of ROOM (default: the current",
+    "                    room): the last ones, or those before / after message ID",
+]
 
 
 async def test_two_clients_chat_and_enter_stops_everything(launch: Launch) -> None:
@@ -600,8 +607,8 @@ async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:
         f"(more: /history lobby 2 after {ids[2]})",
         f"--- 1 before #{ids[1]} in lobby ---",
         "bob: m1",
-        "Usage: /history [ROOM] [N] [before ID | after ID]",
-        "Usage: /history [ROOM] [N] [before ID | after ID]",
+        *HISTORY_USAGE,
+        *HISTORY_USAGE,
         "Error: you are not in nowhere (not_in_room)",
     ]
 
@@ -615,7 +622,7 @@ async def test_history_numbers_are_ascii_digits(server: chatkit.ChatServer) -> N
         with trio.fail_after(5):
             for line in ["/history lobby before \u00b2", "/history lobby \u2460"]:
                 assert await shell.handle(line) is True
-            usage = "Usage: /history [ROOM] [N] [before ID | after ID]"
+            usage = "\n".join(HISTORY_USAGE)
             assert printed == [usage, usage]
             assert await shell.handle("/history \u00b2") is True
         assert printed[2] == "Error: you are not in \u00b2 (not_in_room)"

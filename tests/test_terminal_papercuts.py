@@ -3,13 +3,58 @@ pty (what the screen shows) and the command-line programs' errors."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 import chatkit
+from chatkit.client.__main__ import HELP
 from tests.programs import Launch
+from tests.terminal import OpenTerminal, Terminal
+
+# Lines of chat may start with a time stamp, "[12:04] ".
+STAMP = re.compile(r"^\[\d\d:\d\d\] ")
+# The line being typed: "> text", or "[lobby]> text".
+PROMPT = re.compile(r"^(\[[\w.-]+\])?>( |$)")
+
+_marks = itertools.count()
+
+
+def printed(term: Terminal) -> list[str]:
+    """Every line the program printed (the scrollback, then the screen),
+    time stamps removed, the line being typed left out."""
+    return [STAMP.sub("", line) for line in term.transcript() if not PROMPT.match(line)]
+
+
+async def open_client(terminal: OpenTerminal, port: int, name: str) -> Terminal:
+    term = await terminal(
+        "client", "--port", str(port), "--name", name, columns=110, lines=40
+    )
+    await term.wait_for("Type /help for commands.")
+    return term
+
+
+async def mark(term: Terminal) -> str:
+    """Print a line of our own (a refused /room): everything printed
+    before it was printed for what was typed before it."""
+    room = f"mark{next(_marks)}"
+    line = f"You are not in {room}; /join {room} first."
+    term.type(f"/room {room}\r")
+    await term.wait_for(lambda term: line in printed(term))
+    return line
+
+
+async def output_of(term: Terminal, typed: str) -> list[str]:
+    """The lines the client prints for the line ``typed``."""
+    start = await mark(term)
+    term.type(typed + "\r")
+    end = await mark(term)
+    lines = printed(term)
+    return lines[lines.index(start) + 1 : lines.index(end)]
+
 
 # --- numbers on the command line ---------------------------------------------
 
@@ -106,3 +151,47 @@ async def test_numbers_out_of_range_are_usage_errors(
 def test_a_server_refuses_a_port_out_of_range() -> None:
     with pytest.raises(ValueError, match="port must be from 0 to 65535, not 65536"):
         chatkit.ChatServer(port=65536)
+
+
+# --- a command used wrongly ----------------------------------------------------
+
+
+def help_about(command: str) -> list[str]:
+    """The lines of /help about ``command``."""
+    lines = HELP.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.split()[:1] == [command])
+    end = start + 1
+    while end < len(lines) and lines[end].startswith("    "):
+        end += 1
+    return lines[start:end]
+
+
+async def test_a_command_used_wrongly_shows_its_usage(
+    server: chatkit.ChatServer, terminal: OpenTerminal
+) -> None:
+    # It used to say "Usage: see /help for /join" (and "Unknown command
+    # /leave" for /leave used wrongly).
+    term = await open_client(terminal, server.port, "alice")
+    assert help_about("/join") == [
+        "  /join ROOM        join ROOM (created if needed) and talk there"
+    ]
+    assert len(help_about("/history")) == 3
+    for typed, command in [
+        ("/join", "/join"),
+        ("/join a b", "/join"),
+        ("/leave a b", "/leave"),
+        ("/room", "/room"),
+        ("/msg bob", "/msg"),
+        ("/nick", "/nick"),
+        ("/who a b", "/who"),
+        ("/rooms all", "/rooms"),
+        ("/help me", "/help"),
+        ("/quit now", "/quit"),
+        ("/history a b", "/history"),
+        ("/history 0", "/history"),
+        ("/history lobby 2 before me", "/history"),
+    ]:
+        assert await output_of(term, typed) == ["Usage:", *help_about(command)], typed
+    assert await output_of(term, "/bogus") == [
+        "Unknown command /bogus. Type /help for commands."
+    ]

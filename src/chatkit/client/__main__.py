@@ -17,6 +17,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 
 import trio
 
@@ -249,11 +250,8 @@ class ChatShell:
                 await self._history(words)
             case "/help", []:
                 self._print(HELP)
-            case (
-                ("/join" | "/room" | "/msg" | "/nick" | "/who" | "/rooms" | "/help"),
-                _,
-            ):
-                self._print(f"Usage: see /help for {command}")
+            case _ if command in _USAGE:
+                self._print(_usage(command))
             case _:
                 self._print(f"Unknown command {command}. Type /help for commands.")
 
@@ -263,13 +261,13 @@ class ChatShell:
         if len(words) >= 2 and words[-2] in ("before", "after"):
             number = words[-1].removeprefix("#")
             if not _is_number(number):
-                self._print(_HISTORY_USAGE)
+                self._print(_usage("/history"))
                 return
             page, words = (words[-2], int(number)), words[:-2]
         if words and _is_number(words[-1]):
             count, words = int(words[-1]), words[:-1]
-        if len(words) > 1:
-            self._print(_HISTORY_USAGE)
+        if len(words) > 1 or count < 1:
+            self._print(_usage("/history"))
             return
         if words:
             room = words[0]
@@ -297,7 +295,24 @@ class ChatShell:
             self._print(f"(more: /history {room} {count} {more})")
 
 
-_HISTORY_USAGE = "Usage: /history [ROOM] [N] [before ID | after ID]"
+def _command_usages(help_text: str) -> dict[str, str]:
+    """Each command's lines of ``help_text``, by command (``"/join"``)."""
+    usages: dict[str, list[str]] = {}
+    lines: list[str] | None = None
+    for line in help_text.splitlines()[1:]:
+        if line.startswith("  /"):
+            lines = usages.setdefault(line.split()[0], [])
+        if lines is not None:
+            lines.append(line)
+    return {command: "\n".join(lines) for command, lines in usages.items()}
+
+
+# What a command used wrongly shows: its lines of HELP.
+_USAGE = MappingProxyType(_command_usages(HELP))
+
+
+def _usage(command: str) -> str:
+    return f"Usage:\n{_USAGE[command]}"
 
 
 def _is_number(word: str) -> bool:
