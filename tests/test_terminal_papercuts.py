@@ -153,6 +153,90 @@ def test_a_server_refuses_a_port_out_of_range() -> None:
         chatkit.ChatServer(port=65536)
 
 
+# --- /history ----------------------------------------------------------------
+
+
+async def say(server: chatkit.ChatServer, *texts: str) -> list[int]:
+    """bob says ``texts`` in lobby (and leaves); their ids."""
+    async with chatkit.open_client("127.0.0.1", server.port, name="bob") as bob:
+        return [(await bob.say(text)).id for text in texts]
+
+
+async def test_history_offers_more_only_when_there_is_more(
+    server: chatkit.ChatServer, terminal: OpenTerminal
+) -> None:
+    m1, m2, m3 = await say(server, "m1", "m2", "m3")
+    term = await open_client(terminal, server.port, "alice")
+    # Exactly the whole history: nothing more to offer.
+    assert await output_of(term, "/history lobby 3") == [
+        "--- last 3 in lobby ---",
+        "bob: m1",
+        "bob: m2",
+        "bob: m3",
+    ]
+    assert await output_of(term, "/history lobby 2") == [
+        "--- last 2 in lobby ---",
+        "bob: m2",
+        "bob: m3",
+        f"(more: /history lobby 2 before {m2})",
+    ]
+    assert await output_of(term, f"/history lobby 2 before {m2}") == [
+        f"--- 1 before #{m2} in lobby ---",
+        "bob: m1",
+    ]
+    assert await output_of(term, f"/history lobby 2 after {m1}") == [
+        f"--- 2 after #{m1} in lobby ---",
+        "bob: m2",
+        "bob: m3",
+    ]
+    assert await output_of(term, f"/history lobby 1 after #{m1}") == [
+        f"--- 1 after #{m1} in lobby ---",
+        "bob: m2",
+        f"(more: /history lobby 1 after {m2})",
+    ]
+    # An empty page is a sentence.
+    assert await output_of(term, f"/history lobby 3 before {m1}") == [
+        f"No messages before #{m1} in lobby."
+    ]
+    assert await output_of(term, f"/history after {m3}") == [
+        f"No messages after #{m3} in lobby."
+    ]
+
+
+async def test_history_in_an_empty_room(
+    server: chatkit.ChatServer, terminal: OpenTerminal
+) -> None:
+    term = await open_client(terminal, server.port, "alice")
+    assert await output_of(term, "/history") == ["No messages in lobby."]
+
+
+async def test_history_offers_more_past_the_servers_page_size(
+    terminal: OpenTerminal,
+) -> None:
+    # The server sends at most 2 messages a page, whatever is asked: a short
+    # page is not the end.
+    limits = chatkit.Limits(max_history_page=2)
+    async with chatkit.open_server(limits=limits) as server:
+        _m1, m2, _m3 = await say(server, "m1", "m2", "m3")
+        term = await open_client(terminal, server.port, "alice")
+        assert await output_of(term, "/history lobby 5") == [
+            "--- last 2 in lobby ---",
+            "bob: m2",
+            "bob: m3",
+            f"(more: /history lobby 5 before {m2})",
+        ]
+        assert await output_of(term, "/history lobby 2") == [
+            "--- last 2 in lobby ---",
+            "bob: m2",
+            "bob: m3",
+            f"(more: /history lobby 2 before {m2})",
+        ]
+        assert await output_of(term, f"/history lobby 2 before {m2}") == [
+            f"--- 1 before #{m2} in lobby ---",
+            "bob: m1",
+        ]
+
+
 # --- a command used wrongly ----------------------------------------------------
 
 

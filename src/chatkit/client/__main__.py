@@ -24,6 +24,7 @@ import trio
 from .._console import Console
 from .._events import (
     LOBBY,
+    MAX_INT,
     DirectMessage,
     ErrorReply,
     Joined,
@@ -271,28 +272,44 @@ class ChatShell:
             return
         if words:
             room = words[0]
+        direction, pivot = page if page is not None else ("last", 0)
+        forward = direction == "after"
         client = self.client
-        if page is None:
-            messages = await client.history(room, count)
-            self._print(f"--- last {len(messages)} in {room} ---")
+        # One more than is shown: if it comes, there is more to page to.
+        found = await client.history(
+            room,
+            min(count + 1, MAX_INT),
+            before=pivot if direction == "before" else None,
+            after=pivot if forward else None,
+        )
+        shown = found[:count] if forward else found[max(0, len(found) - count) :]
+        if not shown:
+            where = "" if page is None else f" {direction} #{pivot}"
+            self._print(f"No messages{where} in {room}.")
+            return
+        if len(found) > count:
+            more = True
         else:
-            direction, pivot = page
-            messages = await client.history(
+            # A short page is the end, unless the server cut it (its page
+            # size, or a page of long messages): only an empty page says
+            # for sure that there is no more.
+            beyond = await client.history(
                 room,
-                count,
-                before=pivot if direction == "before" else None,
-                after=pivot if direction == "after" else None,
+                1,
+                before=None if forward else shown[0].id,
+                after=shown[-1].id if forward else None,
             )
-            self._print(f"--- {len(messages)} {direction} #{pivot} in {room} ---")
-        for message in messages:
+            more = bool(beyond)
+        if page is None:
+            self._print(f"--- last {len(shown)} in {room} ---")
+        else:
+            self._print(f"--- {len(shown)} {direction} #{pivot} in {room} ---")
+        for message in shown:
             self._print(f"{message.sender}: {message.text}")
-        if messages and len(messages) == count:
-            # A full page: there may be more, and this is how to get them.
-            if page is not None and page[0] == "after":
-                more = f"after {messages[-1].id}"
-            else:
-                more = f"before {messages[0].id}"
-            self._print(f"(more: /history {room} {count} {more})")
+        if more:
+            # How to get the next page.
+            edge = f"after {shown[-1].id}" if forward else f"before {shown[0].id}"
+            self._print(f"(more: /history {room} {count} {edge})")
 
 
 def _command_usages(help_text: str) -> dict[str, str]:
@@ -317,8 +334,11 @@ def _usage(command: str) -> str:
 
 def _is_number(word: str) -> bool:
     # ASCII digits only: str.isdigit() also accepts "²" or "①", which int()
-    # refuses.
-    return word.isascii() and word.isdigit()
+    # refuses. And a number a request can carry (a count or a message id):
+    # 0 to MAX_INT (int() also refuses more than 4,300 digits).
+    if not (word.isascii() and word.isdigit()) or len(word.lstrip("0")) > 19:
+        return False
+    return int(word) <= MAX_INT
 
 
 def _where(room: str) -> str:
