@@ -69,7 +69,7 @@ async def test_two_clients_chat_and_enter_stops_everything(launch: Launch) -> No
     assert trio.current_time() - start < 2
     assert "Server has shut down." in await server.rest()
     bob_rest = await bob.rest()
-    assert bob_rest[0] == "Server is shutting down: server shutting down"
+    assert bob_rest[0] == "*** Server is shutting down."
     assert bob_rest[-1] == "Disconnected."
 
 
@@ -88,7 +88,7 @@ async def test_sigterm_stops_server_and_clients_gracefully(launch: Launch) -> No
     assert await alice.wait(within=2) == 0
     assert trio.current_time() - start < 2
     assert (await server.rest())[-1] == "Server has shut down."
-    assert "Server is shutting down: server shutting down" in await alice.rest()
+    assert "*** Server is shutting down." in await alice.rest()
 
 
 async def test_a_server_with_standard_input_closed_runs_until_a_signal(
@@ -531,7 +531,7 @@ async def test_reconnect_always_rides_out_a_shutdown_and_exit_still_works(
         )
         await alice.expect(r"^Hello, alice!")
         await server.aclose()
-        await alice.expect(r"^Server is shutting down: server shutting down$")
+        await alice.expect(r"^\*\*\* Server is shutting down\.$")
         await alice.expect(
             r"^\*\*\* connection lost \(server shutting down: server shutting down\),"
             r" reconnecting in"

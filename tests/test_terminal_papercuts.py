@@ -279,3 +279,28 @@ async def test_a_command_used_wrongly_shows_its_usage(
     assert await output_of(term, "/bogus") == [
         "Unknown command /bogus. Type /help for commands."
     ]
+
+
+# --- what others' comings and goings, and the server's, read -----------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "shown"),
+    [
+        (None, "*** Server is shutting down."),
+        ("back in 5 minutes", "*** Server is shutting down: back in 5 minutes"),
+    ],
+)
+async def test_the_shutdown_notice_says_the_reason_once(
+    terminal: OpenTerminal, reason: str | None, shown: str
+) -> None:
+    async with chatkit.open_server() as server:
+        term = await open_client(terminal, server.port, "alice")
+        if reason is None:
+            await server.aclose()  # the default reason: "server shutting down"
+        else:
+            await server.aclose(reason=reason)
+        assert await term.wait_exit() == 0
+    lines = printed(term)
+    assert shown in lines, lines
+    assert not [line for line in lines if "shutting down: server shutting" in line]

@@ -185,7 +185,7 @@ class ChatShell:
             case ErrorReply(message=message, code=code):
                 return f"Error: {message} ({code})"
             case Shutdown(reason=reason):
-                return f"Server is shutting down: {reason}"
+                return _shutting_down(reason)
         return None
 
     def farewell(self) -> str | None:
@@ -343,6 +343,18 @@ def _is_number(word: str) -> bool:
 
 def _where(room: str) -> str:
     return "the chat" if room == LOBBY else room
+
+
+def _shutting_down(reason: str) -> str:
+    # The server's default reason only says it again.
+    if reason.strip().rstrip(".").lower() in _SAYS_NOTHING_MORE:
+        return "*** Server is shutting down."
+    return f"*** Server is shutting down: {reason}"
+
+
+_SAYS_NOTHING_MORE = frozenset(
+    ("", "shutdown", "shutting down", "server shutting down", "server is shutting down")
+)
 
 
 async def _chat(client: ChatClient, console: Console) -> int:
