@@ -284,6 +284,26 @@ async def test_a_command_used_wrongly_shows_its_usage(
 # --- what others' comings and goings, and the server's, read -----------------
 
 
+async def test_leaving_lobby_is_not_leaving_the_chat(
+    server: chatkit.ChatServer, terminal: OpenTerminal
+) -> None:
+    term = await open_client(terminal, server.port, "alice")
+    async with chatkit.open_client("127.0.0.1", server.port, name="bob") as bob:
+        await term.wait_for(lambda term: "bob has joined the chat." in printed(term))
+        await bob.leave("lobby")  # bob is still connected
+        await term.wait_for(lambda term: "bob has left lobby." in printed(term))
+        await bob.join("lobby")
+        await term.wait_for(
+            lambda term: printed(term).count("bob has joined the chat.") == 2
+        )
+    # Now bob is gone: from the chat, as the original program says it.
+    await term.wait_for(lambda term: "bob has left the chat." in printed(term))
+    assert [line for line in printed(term) if line.startswith("bob has left")] == [
+        "bob has left lobby.",
+        "bob has left the chat.",
+    ]
+
+
 @pytest.mark.parametrize(
     ("reason", "shown"),
     [

@@ -174,10 +174,10 @@ class ChatShell:
                         return None
                     return f"You joined {room}."
                 return f"{name} has joined {_where(room)}."
-            case Left(room=room, name=name):
+            case Left(room=room, name=name, reason=reason):
                 if name == me:
                     return f"You left {room}."
-                return f"{name} has left {_where(room)}."
+                return f"{name} has left {_where(room, reason)}."
             case Renamed(old=old, new=new):
                 if new == me:
                     return f"You are now known as {new}."
@@ -341,8 +341,10 @@ def _is_number(word: str) -> bool:
     return int(word) <= MAX_INT
 
 
-def _where(room: str) -> str:
-    return "the chat" if room == LOBBY else room
+def _where(room: str, reason: str | None = None) -> str:
+    # "the chat" is the server (as in the original program): lobby, unless
+    # someone left lobby alone (a leave request) and is still connected.
+    return "the chat" if room == LOBBY and reason != "leave" else room
 
 
 def _shutting_down(reason: str) -> str:
