@@ -12,7 +12,7 @@ import pytest
 
 import chatkit
 from chatkit.client.__main__ import HELP
-from tests.programs import Launch
+from tests.programs import Launch, start_server
 from tests.terminal import OpenTerminal, Terminal
 
 # Lines of chat may start with a time stamp, "[12:04] ".
@@ -151,6 +151,21 @@ async def test_numbers_out_of_range_are_usage_errors(
 def test_a_server_refuses_a_port_out_of_range() -> None:
     with pytest.raises(ValueError, match="port must be from 0 to 65535, not 65536"):
         chatkit.ChatServer(port=65536)
+
+
+# --- a server that cannot listen ---------------------------------------------
+
+
+async def test_a_server_that_cannot_listen_creates_no_database(
+    launch: Launch, tmp_path: Path
+) -> None:
+    _first, port = await start_server(launch, "--no-db")
+    second = await launch("server", "--port", str(port), "--no-interactive")
+    assert await second.wait() == 1
+    assert (await second.rest())[-1].startswith(
+        f"error: cannot listen on 127.0.0.1:{port}: "
+    )
+    assert os.listdir(tmp_path) == []
 
 
 # --- /history ----------------------------------------------------------------
