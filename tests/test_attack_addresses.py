@@ -408,7 +408,7 @@ async def test_a_bad_exempt_network_is_a_usage_error(launch: Launch) -> None:
         ),
         (
             ["--max-connections-per-address", "-1"],
-            "max_connections_per_address must be at least 1, not -1",
+            "argument --max-connections-per-address: must be at least 0, not -1",
         ),
         (["--max-unauthenticated", "0"], "max_unauthenticated must be at least 1"),
     ],

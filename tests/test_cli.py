@@ -23,6 +23,13 @@ from tests.programs import Launch, start_client, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
+# What /history used wrongly prints: its lines of /help.
+HISTORY_USAGE = [
+    "Usage:",
+    "  /history [ROOM] [N] [before ID | after ID]",
+    "                    N messages (default 20) of ROOM (default: the current",
+    "                    room): the last ones, or those before / after message ID",
+]
 
 
 async def test_two_clients_chat_and_enter_stops_everything(launch: Launch) -> None:
@@ -61,7 +68,7 @@ async def test_two_clients_chat_and_enter_stops_everything(launch: Launch) -> No
     assert trio.current_time() - start < 2
     assert "Server has shut down." in await server.rest()
     bob_rest = await bob.rest()
-    assert bob_rest[0] == "Server is shutting down: server shutting down"
+    assert bob_rest[0] == "*** Server is shutting down."
     assert bob_rest[-1] == "Disconnected."
 
 
@@ -80,7 +87,7 @@ async def test_sigterm_stops_server_and_clients_gracefully(launch: Launch) -> No
     assert await alice.wait(within=2) == 0
     assert trio.current_time() - start < 2
     assert (await server.rest())[-1] == "Server has shut down."
-    assert "Server is shutting down: server shutting down" in await alice.rest()
+    assert "*** Server is shutting down." in await alice.rest()
 
 
 async def test_a_server_with_standard_input_closed_runs_until_a_signal(
@@ -471,7 +478,7 @@ async def test_reconnect_always_rides_out_a_shutdown_and_exit_still_works(
         )
         await alice.expect(r"^Hello, alice!")
         await server.aclose()
-        await alice.expect(r"^Server is shutting down: server shutting down$")
+        await alice.expect(r"^\*\*\* Server is shutting down\.$")
         await alice.expect(
             r"^\*\*\* connection lost \(server shutting down: server shutting down\),"
             r" reconnecting in"
@@ -547,8 +554,8 @@ async def test_history_pages_before_and_after_an_id(launch: Launch) -> None:
         f"(more: /history lobby 2 after {ids[2]})",
         f"--- 1 before #{ids[1]} in lobby ---",
         "bob: m1",
-        "Usage: /history [ROOM] [N] [before ID | after ID]",
-        "Usage: /history [ROOM] [N] [before ID | after ID]",
+        *HISTORY_USAGE,
+        *HISTORY_USAGE,
         "Error: you are not in nowhere (not_in_room)",
     ]
 
@@ -562,7 +569,7 @@ async def test_history_numbers_are_ascii_digits(server: chatkit.ChatServer) -> N
         with trio.fail_after(5):
             for line in ["/history lobby before \u00b2", "/history lobby \u2460"]:
                 assert await shell.handle(line) is True
-            usage = "Usage: /history [ROOM] [N] [before ID | after ID]"
+            usage = "\n".join(HISTORY_USAGE)
             assert printed == [usage, usage]
             assert await shell.handle("/history \u00b2") is True
         assert printed[2] == "Error: you are not in \u00b2 (not_in_room)"

@@ -116,3 +116,18 @@ def test_the_cli_reference_shows_each_programs_help(program: str) -> None:
             "docs/cli.md is out of date: "
             "CHATKIT_WRITE_DOCS=1 pytest tests/test_docs.py -k cli_reference"
         )
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/quickstart.md"])
+def test_the_test_command_is_described_with_what_it_installs(page: str) -> None:
+    # The Debian packages scripts/install-test-deps.sh lists, and pyte (a
+    # pip dev dependency, for the pty tests): a reader of the README or the
+    # quickstart learns what "the test command" puts on their machine.
+    script = (ROOT / "scripts/install-test-deps.sh").read_text()
+    listed = re.search(r"PACKAGES=\((.*?)\n\)", script, flags=re.DOTALL)
+    assert listed, "no PACKAGES=(...) in scripts/install-test-deps.sh"
+    packages = [line.split()[0] for line in listed[1].splitlines() if line.strip()]
+    assert len(packages) >= 3, packages
+    text = (ROOT / page).read_text()
+    for package in [*packages, "pyte"]:
+        assert f"`{package}`" in text, f"{page} does not name {package}"

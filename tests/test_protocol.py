@@ -1049,6 +1049,10 @@ def test_sending_welcome_completes_the_handshake() -> None:
             b"alice has left the chat.\n",
         ),
         (
+            Left(room="lobby", name="alice", reason="leave"),
+            b"alice has left lobby.\n",
+        ),
+        (
             DirectMessage(id=1, ts=0.0, sender="bob", to="alice", text="psst"),
             b"bob (private): psst\n",
         ),

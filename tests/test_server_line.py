@@ -280,3 +280,21 @@ async def test_line_mode_is_chosen_per_connection(
     await carol.send_line('{"type": "ping"}')
     assert await bob.receive_line() == 'carol: {"type": "ping"}'
     await carol.assert_silent()
+
+
+async def test_a_user_leaving_lobby_but_not_the_chat_is_told_apart(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    # Only a user who leaves the server has "left the chat" (the original
+    # program's words); one who leaves lobby with a leave request is still
+    # connected.
+    bob = await line_login(open_raw, server.port, "bob")
+    alice = await login(open_raw, server.port, "alice")
+    assert await bob.receive_line() == "alice has joined the chat."
+    await alice.send_json(type="leave", room="lobby")
+    assert await bob.receive_line() == "alice has left lobby."
+    await alice.send_json(type="join", room="lobby")
+    assert await bob.receive_line() == "alice has joined the chat."
+    await alice.aclose()  # disconnected, as the original program's users did
+    assert await bob.receive_line() == "alice has left the chat."
+    await bob.assert_silent()

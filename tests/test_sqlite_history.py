@@ -585,7 +585,27 @@ async def test_a_bad_database_stops_the_server_before_it_listens(
     with pytest.raises(HistoryStoreError) as caught:
         await server.serve()
     assert caught.match(f"^cannot open history database {path}: {reason}")
-    assert server.port == 0  # never listened
+    # It bound its port first (see the next test), and closed it unserved.
+    assert server.port != 0
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", server.port)
+
+
+async def test_a_server_that_cannot_listen_creates_no_database(
+    tmp_path: Path,
+) -> None:
+    # The address is taken before the store opens: a port in use leaves no
+    # history.sqlite3 (nor its -wal, -shm or .lock) behind.
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = chatkit.ChatServer(
+            port=port, history=SqliteHistory(tmp_path / "history.sqlite3")
+        )
+        with pytest.raises(OSError):
+            await server.serve()
+    assert os.listdir(tmp_path) == []
 
 
 async def test_a_read_only_database_stops_the_server(tmp_path: Path) -> None:

@@ -56,10 +56,10 @@ class HistoryStore(Protocol):
     def open(self) -> AbstractAsyncContextManager[int]:
         """Make the store ready for the duration of an ``async with`` block.
 
-        The server enters it before it listens and leaves it after its
-        last connection closed; the value is the highest message id already
-        stored (``0`` if none), so that new ids keep increasing across
-        restarts.
+        The server enters it once it has bound its address, before it
+        accepts a connection, and leaves it after its last connection
+        closed; the value is the highest message id already stored (``0``
+        if none), so that new ids keep increasing across restarts.
 
         Raises:
             HistoryStoreError: the store cannot be used.

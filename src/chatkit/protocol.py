@@ -222,7 +222,9 @@ def encode_line(event: Event) -> bytes:
     """Encode ``event`` as line-mode text (``b""`` if line mode omits it).
 
     Line mode speaks like the original chat program: ``alice: hi``,
-    ``alice has joined the chat.``, ``alice has left the chat.``.
+    ``alice has joined the chat.``, ``alice has left the chat.`` (or, when
+    a JSON-mode user leaves ``lobby`` but stays connected, ``alice has left
+    lobby.``).
     """
     match event:
         case Message(sender=sender, text=text):
@@ -231,6 +233,8 @@ def encode_line(event: Event) -> bytes:
             line = f"{sender} (private): {_clean(text)}"
         case Joined(name=name):
             line = f"{name} has joined the chat."
+        case Left(name=name, room=room, reason="leave"):
+            line = f"{name} has left {room}."  # a leave request: still here
         case Left(name=name):
             line = f"{name} has left the chat."
         case Renamed(old=old, new=new):

@@ -17,12 +17,14 @@ import os
 import ssl
 import sys
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 
 import trio
 
 from .._console import Console
 from .._events import (
     LOBBY,
+    MAX_INT,
     DirectMessage,
     ErrorReply,
     Joined,
@@ -76,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=DEFAULT_PORT,
         help="server port (default: %(default)s)",
     )
@@ -108,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
         "on a terminal, not when the output goes to a pipe or a file)",
     )
     return parser
+
+
+def _port(text: str) -> int:
+    """A ``--port`` value: 1 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, not {port}")
+    return port
 
 
 def _reconnect_policy(args: argparse.Namespace) -> Reconnect | None:
@@ -172,10 +185,10 @@ class ChatShell:
                         return None
                     return f"You joined {room}."
                 return f"{name} has joined {_where(room)}."
-            case Left(room=room, name=name):
+            case Left(room=room, name=name, reason=reason):
                 if name == me:
                     return f"You left {room}."
-                return f"{name} has left {_where(room)}."
+                return f"{name} has left {_where(room, reason)}."
             case Renamed(old=old, new=new):
                 if new == me:
                     return f"You are now known as {new}."
@@ -183,7 +196,7 @@ class ChatShell:
             case ErrorReply(message=message, code=code):
                 return f"Error: {message} ({code})"
             case Shutdown(reason=reason):
-                return f"Server is shutting down: {reason}"
+                return _shutting_down(reason)
         return None
 
     def farewell(self) -> str | None:
@@ -260,11 +273,8 @@ class ChatShell:
                 await self._history(words)
             case "/help", []:
                 self._print(HELP)
-            case (
-                ("/join" | "/room" | "/msg" | "/nick" | "/who" | "/rooms" | "/help"),
-                _,
-            ):
-                self._print(f"Usage: see /help for {command}")
+            case _ if command in _USAGE:
+                self._print(_usage(command))
             case _:
                 self._print(f"Unknown command {command}. Type /help for commands.")
 
@@ -274,51 +284,101 @@ class ChatShell:
         if len(words) >= 2 and words[-2] in ("before", "after"):
             number = words[-1].removeprefix("#")
             if not _is_number(number):
-                self._print(_HISTORY_USAGE)
+                self._print(_usage("/history"))
                 return
             page, words = (words[-2], int(number)), words[:-2]
         if words and _is_number(words[-1]):
             count, words = int(words[-1]), words[:-1]
-        if len(words) > 1:
-            self._print(_HISTORY_USAGE)
+        if len(words) > 1 or count < 1:
+            self._print(_usage("/history"))
             return
         if words:
             room = words[0]
+        direction, pivot = page if page is not None else ("last", 0)
+        forward = direction == "after"
         client = self.client
-        if page is None:
-            messages = await client.history(room, count)
-            self._print(f"--- last {len(messages)} in {room} ---")
+        # One more than is shown: if it comes, there is more to page to.
+        found = await client.history(
+            room,
+            min(count + 1, MAX_INT),
+            before=pivot if direction == "before" else None,
+            after=pivot if forward else None,
+        )
+        shown = found[:count] if forward else found[max(0, len(found) - count) :]
+        if not shown:
+            where = "" if page is None else f" {direction} #{pivot}"
+            self._print(f"No messages{where} in {room}.")
+            return
+        if len(found) > count:
+            more = True
         else:
-            direction, pivot = page
-            messages = await client.history(
+            # A short page is the end, unless the server cut it (its page
+            # size, or a page of long messages): only an empty page says
+            # for sure that there is no more.
+            beyond = await client.history(
                 room,
-                count,
-                before=pivot if direction == "before" else None,
-                after=pivot if direction == "after" else None,
+                1,
+                before=None if forward else shown[0].id,
+                after=shown[-1].id if forward else None,
             )
-            self._print(f"--- {len(messages)} {direction} #{pivot} in {room} ---")
-        for message in messages:
+            more = bool(beyond)
+        if page is None:
+            self._print(f"--- last {len(shown)} in {room} ---")
+        else:
+            self._print(f"--- {len(shown)} {direction} #{pivot} in {room} ---")
+        for message in shown:
             self._print(f"{message.sender}: {message.text}")
-        if messages and len(messages) == count:
-            # A full page: there may be more, and this is how to get them.
-            if page is not None and page[0] == "after":
-                more = f"after {messages[-1].id}"
-            else:
-                more = f"before {messages[0].id}"
-            self._print(f"(more: /history {room} {count} {more})")
+        if more:
+            # How to get the next page.
+            edge = f"after {shown[-1].id}" if forward else f"before {shown[0].id}"
+            self._print(f"(more: /history {room} {count} {edge})")
 
 
-_HISTORY_USAGE = "Usage: /history [ROOM] [N] [before ID | after ID]"
+def _command_usages(help_text: str) -> dict[str, str]:
+    """Each command's lines of ``help_text``, by command (``"/join"``)."""
+    usages: dict[str, list[str]] = {}
+    lines: list[str] | None = None
+    for line in help_text.splitlines()[1:]:
+        if line.startswith("  /"):
+            lines = usages.setdefault(line.split()[0], [])
+        if lines is not None:
+            lines.append(line)
+    return {command: "\n".join(lines) for command, lines in usages.items()}
+
+
+# What a command used wrongly shows: its lines of HELP.
+_USAGE = MappingProxyType(_command_usages(HELP))
+
+
+def _usage(command: str) -> str:
+    return f"Usage:\n{_USAGE[command]}"
 
 
 def _is_number(word: str) -> bool:
     # ASCII digits only: str.isdigit() also accepts "²" or "①", which int()
-    # refuses.
-    return word.isascii() and word.isdigit()
+    # refuses. And a number a request can carry (a count or a message id):
+    # 0 to MAX_INT (int() also refuses more than 4,300 digits).
+    if not (word.isascii() and word.isdigit()) or len(word.lstrip("0")) > 19:
+        return False
+    return int(word) <= MAX_INT
 
 
-def _where(room: str) -> str:
-    return "the chat" if room == LOBBY else room
+def _where(room: str, reason: str | None = None) -> str:
+    # "the chat" is the server (as in the original program): lobby, unless
+    # someone left lobby alone (a leave request) and is still connected.
+    return "the chat" if room == LOBBY and reason != "leave" else room
+
+
+def _shutting_down(reason: str) -> str:
+    # The server's default reason only says it again.
+    if reason.strip().rstrip(".").lower() in _SAYS_NOTHING_MORE:
+        return "*** Server is shutting down."
+    return f"*** Server is shutting down: {reason}"
+
+
+_SAYS_NOTHING_MORE = frozenset(
+    ("", "shutdown", "shutting down", "server shutting down", "server is shutting down")
+)
 
 
 async def run_client(args: argparse.Namespace, console: Console) -> int:

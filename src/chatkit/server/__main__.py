@@ -14,7 +14,7 @@ import importlib
 import logging
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=int,
+        type=_port,
         default=DEFAULT_PORT,
         help="TCP port; 0 picks a free one (default: %(default)s)",
     )
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         "not with --no-db)",
     )
     limits = parser.add_argument_group("limits (see docs/security.md)")
+    # A flag whose 0 (or -1) means "off" is checked here, against the range
+    # its help gives: Limits, which takes None for "off", would name the
+    # wrong range. The others are checked by Limits (error: max_... must be
+    # at least 1, not 0).
     for flag, kind, default, text in (
         ("--max-connections", int, 10_000, "connections at once"),
         (
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         (
             "--max-connections-per-address",
-            int,
+            _at_least(0),
             16,
             "connections at once from one IPv4 address or IPv6 /64; 0: no limit",
         ),
@@ -131,12 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-message-length", int, 4096, "characters in one message"),
         ("--max-line-length", int, 64 * 1024, "bytes in one protocol line"),
         ("--max-hello-length", int, 8192, "bytes in one line before hello"),
-        ("--rate-limit", float, 20.0, "requests per second per connection; 0: off"),
+        (
+            "--rate-limit",
+            _not_negative,
+            20.0,
+            "requests per second per connection; 0: off",
+        ),
         ("--rate-burst", int, 40, "requests a connection may send at once"),
         ("--rename-burst", int, 3, "renames a user may make at once"),
         (
             "--rename-interval",
-            float,
+            _not_negative,
             10.0,
             "seconds for each rename regained past --rename-burst; 0: no limit "
             "but --rate-limit",
@@ -149,28 +158,34 @@ def build_parser() -> argparse.ArgumentParser:
             "one recipient",
         ),
         ("--handshake-timeout", float, 10.0, "seconds to say hello"),
-        ("--idle-timeout", float, 0.0, "seconds of silence before closing; 0: never"),
+        (
+            "--idle-timeout",
+            _not_negative,
+            0.0,
+            "seconds of silence before closing; 0: never",
+        ),
         (
             "--tcp-user-timeout",
-            float,
+            _not_negative,
             90.0,
             "seconds sent data may go unacknowledged before a vanished peer's "
             "connection ends; 0: the kernel's default (about 15 minutes)",
         ),
         (
             "--presence-limit",
-            int,
+            _at_least(-1),
             1000,
             "rooms larger than this do not announce joins, leaves and renames; "
             "-1: always",
         ),
     ):
+        integer = isinstance(default, int)
         limits.add_argument(
             flag,
             type=kind,
             default=default,
             metavar="N"
-            if kind is int
+            if integer
             else "SECONDS"
             if "timeout" in flag or "interval" in flag
             else "RATE",
@@ -211,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument(
         "--name-ttl",
-        type=float,
+        type=_positive,
         default=15.0,
         metavar="SECONDS",
         help="how long a crashed node's names stay taken (default: %(default)s)",
@@ -223,6 +238,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefix of the cluster's Redis keys (default: %(default)s)",
     )
     return parser
+
+
+def _port(text: str) -> int:
+    """A ``--port`` value: 0 (a free one) to 65535."""
+    port = _integer(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be from 0 to 65535 (0: a free one), not {port}"
+        )
+    return port
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    """The type of an integer flag that must be ``least`` or more."""
+
+    def check(text: str) -> int:
+        value = _integer(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+        return value
+
+    return check
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+
+
+def _not_negative(text: str) -> float:
+    """A number of seconds (or a rate) where 0 means "off"."""
+    value = _number(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
 
 
 def _network(text: str) -> str:
@@ -302,7 +368,7 @@ def _history_store(args: argparse.Namespace) -> HistoryStore | None:
             )
         return None
     db = None if args.no_db else (args.db or DEFAULT_DB)
-    if max_age is not None and max_age <= 0:
+    if max_age is not None and not max_age > 0:  # also refuses nan
         raise ValueError(f"--history-max-age must be positive, not {max_age:g}")
     if db is None:
         if max_age is not None:

@@ -3,6 +3,7 @@
 Shape of a running server::
 
     serve()                           (the caller's nursery owns it)
+      transport (bound)               the listening sockets, bound first
       history store (open)            its tasks, if any
       core nursery
         Fanout.run                    releases output, oldest batch first
@@ -78,6 +79,7 @@ class ChatServer:
 
     Raises:
         pluggy.PluginValidationError: a plugin implements an unknown hook.
+        ValueError: ``port`` is not from 0 to 65535.
     """
 
     def __init__(
@@ -187,7 +189,9 @@ class ChatServer:
             raise RuntimeError("this ChatServer was already started or closed")
         self._started = True
         try:
-            async with self.history.open() as last_id:
+            # The address first: a server that cannot listen opens nothing
+            # (its history database is not even created).
+            async with self._transport.bound(), self.history.open() as last_id:
                 # Ids keep increasing across restarts.
                 self._rules.see_id(last_id)
                 await _in_nursery_of(self._fanout.run, self._serve, task_status)

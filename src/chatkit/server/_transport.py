@@ -24,7 +24,8 @@ import logging
 import socket
 import ssl
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from itertools import repeat
 from typing import Any, Final, Protocol
 
@@ -125,6 +126,9 @@ class TcpTransport:
         user_timeout: ``TCP_USER_TIMEOUT`` of each accepted socket, in
             seconds: how long sent data may stay unacknowledged before the
             kernel drops the connection (``None``: the kernel's default).
+
+    Raises:
+        ValueError: ``port`` is not from 0 to 65535.
     """
 
     def __init__(
@@ -135,11 +139,46 @@ class TcpTransport:
         *,
         user_timeout: float | None = None,
     ) -> None:
+        # getaddrinfo would take 65616 for port 80 (it wraps), without a word.
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be from 0 to 65535, not {port}")
         self.host = host
         self.port = port
         """The port; once serving, the bound one."""
         self.ssl_context = ssl_context
         self.user_timeout = user_timeout
+        self._bound: list[_TcpListener] | None = None  # see bound()
+
+    @asynccontextmanager
+    async def bound(self) -> AsyncIterator[None]:
+        """Bind the listening sockets for the duration of an ``async with``
+        block, in which :meth:`serve` accepts on them: a server binds before
+        it opens anything else, so that an address it cannot listen on is
+        an error before any file is made. Connections that come before
+        :meth:`serve` wait in the listen backlog. The sockets are closed
+        when the block ends.
+
+        Raises:
+            OSError: the address cannot be listened on.
+        """
+        listeners = await self._listen()
+        self._bound = listeners
+        try:
+            yield
+        finally:
+            self._bound = None
+            for listener in listeners:
+                listener.sock.close()  # serve closed it already, if it ran
+
+    async def _listen(self) -> list[_TcpListener]:
+        # trio makes the listening sockets (addresses, options, backlog);
+        # they are then ours, to accept on without trio's stream objects.
+        listeners = [
+            _TcpListener(socket.socket(fileno=listener.socket.detach()), self)
+            for listener in await trio.open_tcp_listeners(self.port, host=self.host)
+        ]
+        self.port = listeners[0].sock.getsockname()[1]
+        return listeners
 
     async def serve(
         self,
@@ -148,14 +187,9 @@ class TcpTransport:
         *,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """See :meth:`Transport.serve`."""
-        # trio makes the listening sockets (addresses, options, backlog);
-        # they are then ours, to accept on without trio's stream objects.
-        listeners = [
-            _TcpListener(socket.socket(fileno=listener.socket.detach()), self)
-            for listener in await trio.open_tcp_listeners(self.port, host=self.host)
-        ]
-        self.port = listeners[0].sock.getsockname()[1]
+        """See :meth:`Transport.serve`; within :meth:`bound`, on its
+        sockets."""
+        listeners = self._bound if self._bound is not None else await self._listen()
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(_accept_each, listener, handler, handler_nursery)
