@@ -158,7 +158,7 @@ class ChatShell:
         me = self.client.name
         match event:
             case Interrupted(reason=reason):
-                self._lost = reason
+                self._lost = _said_once(reason)
                 return None  # said with the first Reconnecting
             case Reconnecting(attempt=1, delay=delay):
                 return (
@@ -374,6 +374,14 @@ def _shutting_down(reason: str) -> str:
     if reason.strip().rstrip(".").lower() in _SAYS_NOTHING_MORE:
         return "*** Server is shutting down."
     return f"*** Server is shutting down: {reason}"
+
+
+def _said_once(reason: str) -> str:
+    """``reason`` without a repeat: the client words a shutdown as
+    ``server shutting down: REASON``, and the server's default reason is
+    ``server shutting down``."""
+    head, colon, rest = reason.partition(": ")
+    return head if colon and rest.strip().lower() == head.strip().lower() else reason
 
 
 _SAYS_NOTHING_MORE = frozenset(
