@@ -286,7 +286,16 @@ async def test_editing_keys_history_and_tab(
 ) -> None:
     _server, port = await start_server(launch)
     bob = await start_client(launch, port, "bob")
+    carol = await start_client(launch, port, "carol")
+    await carol.send("/join kitchen\n")
+    await carol.expect("You joined kitchen")
     term = await open_chat(terminal, port, "alice", "--no-timestamps")
+    # Names of people and rooms there before alice came, silent so far.
+    term.type("c\t")
+    await term.wait_for(lambda t: prompt_row(t) == "[lobby]> carol")
+    term.type("\x15k\t")
+    await term.wait_for(lambda t: prompt_row(t) == "[lobby]> kitchen")
+    term.type("\x15")
     # Left/right, Ctrl-A/E: "world" becomes "hello world!".
     term.type("world\x01hello \x05!\r")
     await bob.expect(r"^alice: hello world!$")

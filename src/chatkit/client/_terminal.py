@@ -24,6 +24,7 @@ import trio
 
 from .._console import Console
 from .._events import (
+    LOBBY,
     DirectMessage,
     ErrorReply,
     Joined,
@@ -31,7 +32,7 @@ from .._events import (
     Renamed,
     ServerEvent,
 )
-from .._exceptions import ConnectionClosed
+from .._exceptions import ConnectionClosed, RequestError
 from ._client import ChatClient
 from ._reconnect import ClientEvent, Interrupted, Reconnected
 
@@ -150,6 +151,17 @@ class _Names:
             case Renamed(old=old, new=new):
                 self.users.discard(old)
                 self.users.add(new)
+
+    async def learn(self) -> None:
+        """Ask the server who is in the lobby and which rooms exist (for
+        names of people who have said nothing yet); quietly, within a few
+        seconds, once."""
+        with trio.move_on_after(5):
+            try:
+                self.users.update(await self._client.who(LOBBY))
+                self.rooms.update(await self._client.rooms())
+            except RequestError:
+                pass  # not connected, refused: what events bring will do
 
     def complete(self, word: str, first: bool) -> list[str]:
         if first and word.startswith("/"):
@@ -274,6 +286,7 @@ async def chat(
         nursery.start_soon(send_lines)
         if console.interactive:
             nursery.start_soon(redraw_on_resize)
+            nursery.start_soon(names.learn)
         while True:
             line = await console.read_line()
             if line is None or line.strip() in ("exit", "/quit"):
