@@ -25,7 +25,7 @@ import socket
 import ssl
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from itertools import repeat
 from typing import Any, Final, Protocol
 
@@ -96,6 +96,18 @@ class Link(trio.abc.Stream):
 class Transport(Protocol):
     """A way connections arrive: listeners and the links they make."""
 
+    def bound(self) -> AbstractAsyncContextManager[None]:
+        """Bind the listening sockets for the duration of an ``async with``
+        block, in which :meth:`serve` accepts on them (connections that come
+        before wait in the listen backlog). A server binds before it opens
+        anything else, so that an address it cannot listen on is an error
+        before any file is made.
+
+        Raises:
+            OSError: the address cannot be listened on.
+        """
+        ...
+
     async def serve(
         self,
         handler: Callable[[Link], Awaitable[None]],
@@ -103,14 +115,11 @@ class Transport(Protocol):
         *,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen, and run ``handler(link)`` in ``handler_nursery`` for each
-        connection, until cancelled; ``task_status.started()`` once
-        listening. The handler owns the link: it closes it
-        (:meth:`Link.aclose` or :meth:`Link.abort`) before it returns.
-
-        Raises:
-            OSError: the address cannot be listened on.
-        """
+        """Accept (on :meth:`bound`'s sockets), and run
+        ``handler(link)`` in ``handler_nursery`` for each connection, until
+        cancelled; ``task_status.started()`` once accepting. The handler
+        owns the link: it closes it (:meth:`Link.aclose` or
+        :meth:`Link.abort`) before it returns."""
         ...
 
 
@@ -151,17 +160,15 @@ class TcpTransport:
 
     @asynccontextmanager
     async def bound(self) -> AsyncIterator[None]:
-        """Bind the listening sockets for the duration of an ``async with``
-        block, in which :meth:`serve` accepts on them: a server binds before
-        it opens anything else, so that an address it cannot listen on is
-        an error before any file is made. Connections that come before
-        :meth:`serve` wait in the listen backlog. The sockets are closed
-        when the block ends.
-
-        Raises:
-            OSError: the address cannot be listened on.
-        """
-        listeners = await self._listen()
+        """See :meth:`Transport.bound`; :attr:`port` is the bound one from
+        here on. The sockets are closed when the block ends."""
+        # trio makes the listening sockets (addresses, options, backlog);
+        # they are then ours, to accept on without trio's stream objects.
+        listeners = [
+            _TcpListener(socket.socket(fileno=listener.socket.detach()), self)
+            for listener in await trio.open_tcp_listeners(self.port, host=self.host)
+        ]
+        self.port = listeners[0].sock.getsockname()[1]
         self._bound = listeners
         try:
             yield
@@ -170,16 +177,6 @@ class TcpTransport:
             for listener in listeners:
                 listener.sock.close()  # serve closed it already, if it ran
 
-    async def _listen(self) -> list[_TcpListener]:
-        # trio makes the listening sockets (addresses, options, backlog);
-        # they are then ours, to accept on without trio's stream objects.
-        listeners = [
-            _TcpListener(socket.socket(fileno=listener.socket.detach()), self)
-            for listener in await trio.open_tcp_listeners(self.port, host=self.host)
-        ]
-        self.port = listeners[0].sock.getsockname()[1]
-        return listeners
-
     async def serve(
         self,
         handler: Callable[[Link], Awaitable[None]],
@@ -187,9 +184,13 @@ class TcpTransport:
         *,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """See :meth:`Transport.serve`; within :meth:`bound`, on its
-        sockets."""
-        listeners = self._bound if self._bound is not None else await self._listen()
+        """See :meth:`Transport.serve`; outside :meth:`bound`, it binds for
+        as long as it serves."""
+        listeners = self._bound
+        if listeners is None:
+            async with self.bound():
+                await self.serve(handler, handler_nursery, task_status=task_status)
+            return
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(_accept_each, listener, handler, handler_nursery)
