@@ -21,6 +21,7 @@ from types import MappingProxyType
 
 import trio
 
+from .._argtypes import port
 from .._console import Console
 from .._events import (
     LOBBY,
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=_port,
+        type=port(1),
         default=DEFAULT_PORT,
         help="server port (default: %(default)s)",
     )
@@ -110,17 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
         "on a terminal, not when the output goes to a pipe or a file)",
     )
     return parser
-
-
-def _port(text: str) -> int:
-    """A ``--port`` value: 1 to 65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 65535, not {port}")
-    return port
 
 
 def _reconnect_policy(args: argparse.Namespace) -> Reconnect | None:

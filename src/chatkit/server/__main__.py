@@ -14,13 +14,14 @@ import importlib
 import logging
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import pluggy
 import trio
 
+from .._argtypes import at_least, not_negative, port, positive
 from .._console import StdinReader
 from .._exceptions import StartupError
 from ..auth import PasswordFileAuth, TokenAuth
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port",
-        type=_port,
+        type=port(0),
         default=DEFAULT_PORT,
         help="TCP port; 0 picks a free one (default: %(default)s)",
     )
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         (
             "--max-connections-per-address",
-            _at_least(0),
+            at_least(0),
             16,
             "connections at once from one IPv4 address or IPv6 /64; 0: no limit",
         ),
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-hello-length", int, 8192, "bytes in one line before hello"),
         (
             "--rate-limit",
-            _not_negative,
+            not_negative,
             20.0,
             "requests per second per connection; 0: off",
         ),
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--rename-burst", int, 3, "renames a user may make at once"),
         (
             "--rename-interval",
-            _not_negative,
+            not_negative,
             10.0,
             "seconds for each rename regained past --rename-burst; 0: no limit "
             "but --rate-limit",
@@ -160,20 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
         ("--handshake-timeout", float, 10.0, "seconds to say hello"),
         (
             "--idle-timeout",
-            _not_negative,
+            not_negative,
             0.0,
             "seconds of silence before closing; 0: never",
         ),
         (
             "--tcp-user-timeout",
-            _not_negative,
+            not_negative,
             90.0,
             "seconds sent data may go unacknowledged before a vanished peer's "
             "connection ends; 0: the kernel's default (about 15 minutes)",
         ),
         (
             "--presence-limit",
-            _at_least(-1),
+            at_least(-1),
             1000,
             "rooms larger than this do not announce joins, leaves and renames; "
             "-1: always",
@@ -226,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument(
         "--name-ttl",
-        type=_positive,
+        type=positive,
         default=15.0,
         metavar="SECONDS",
         help="how long a crashed node's names stay taken (default: %(default)s)",
@@ -238,57 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefix of the cluster's Redis keys (default: %(default)s)",
     )
     return parser
-
-
-def _port(text: str) -> int:
-    """A ``--port`` value: 0 (a free one) to 65535."""
-    port = _integer(text)
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(
-            f"must be from 0 to 65535 (0: a free one), not {port}"
-        )
-    return port
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
-
-
-def _at_least(least: int) -> Callable[[str], int]:
-    """The type of an integer flag that must be ``least`` or more."""
-
-    def check(text: str) -> int:
-        value = _integer(text)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
-        return value
-
-    return check
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
-
-
-def _not_negative(text: str) -> float:
-    """A number of seconds (or a rate) where 0 means "off"."""
-    value = _number(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = _number(text)
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
 
 
 def _network(text: str) -> str:
