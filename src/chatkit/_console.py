@@ -31,6 +31,7 @@ from ._lineedit import (
     END_OF_INPUT,
     Candidates,
     Completer,
+    Layout,
     LineEditor,
     cell_width,
     layout,
@@ -112,6 +113,7 @@ class Console:
         self._pending: tuple[str, ...] = ()  # rows shown above the prompt
         self._shown = False  # the input area is on the screen
         self._cursor_row = 0  # the cursor's row within the input area
+        self._layout: tuple[tuple[str, str, int, int], Layout] | None = None
         # Input read but not returned yet: bytes up to a line's end (plain),
         # or lines entered after the one just returned (interactive: pasted
         # or typed ahead).
@@ -177,7 +179,12 @@ class Console:
         cursor where the next character typed goes."""
         columns, lines = self._size()
         editor = self.editor
-        wrapped = layout(self._prompt, editor.text, editor.cursor, columns)
+        key = (self._prompt, editor.text, editor.cursor, columns)
+        if self._layout is None or self._layout[0] != key:
+            # Wrapping a long line costs its length: once per change of the
+            # line, not once per message printed above it.
+            self._layout = (key, layout(*key))
+        wrapped = self._layout[1]
         pending = [_cut(line, columns) for line in self._pending]
         rows = [*pending, *wrapped.rows]
         cursor_row = len(pending) + wrapped.cursor_row

@@ -122,6 +122,7 @@ __all__ = [
     "encode_line",
     "is_valid_name",
     "is_valid_room",
+    "replace_controls",
     "wire_format",
 ]
 
@@ -214,8 +215,11 @@ def encode_json(event: Event) -> bytes:
     return msgspec.json.encode(event) + b"\n"
 
 
-def _clean(text: str) -> str:
-    return text if text.isprintable() else _CONTROL_RE.sub(" ", text)
+def replace_controls(text: str, by: str = " ") -> str:
+    """``text`` with each control character (C0 but tab, DEL, C1, and the
+    line and paragraph separators) replaced ``by``: safe on one line of a
+    terminal."""
+    return text if text.isprintable() else _CONTROL_RE.sub(by, text)
 
 
 def encode_line(event: Event) -> bytes:
@@ -228,9 +232,9 @@ def encode_line(event: Event) -> bytes:
     """
     match event:
         case Message(sender=sender, text=text):
-            line = f"{sender}: {_clean(text)}"
+            line = f"{sender}: {replace_controls(text)}"
         case DirectMessage(sender=sender, text=text):
-            line = f"{sender} (private): {_clean(text)}"
+            line = f"{sender} (private): {replace_controls(text)}"
         case Joined(name=name):
             line = f"{name} has joined the chat."
         case Left(name=name, room=room, reason="leave"):
@@ -240,9 +244,9 @@ def encode_line(event: Event) -> bytes:
         case Renamed(old=old, new=new):
             line = f"{old} is now known as {new}."
         case ErrorReply(code=code, message=message):
-            line = f"error ({code}): {_clean(message)}"
+            line = f"error ({code}): {replace_controls(message)}"
         case Shutdown(reason=reason):
-            line = f"Server is shutting down: {_clean(reason)}"
+            line = f"Server is shutting down: {replace_controls(reason)}"
         case _:
             return b""
     return (line + "\n").encode()

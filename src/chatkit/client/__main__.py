@@ -45,7 +45,7 @@ from ._reconnect import (
     Reconnected,
     Reconnecting,
 )
-from ._terminal import Theme, chat, commands_in
+from ._terminal import Theme, chat
 
 __all__ = ["HELP", "ChatShell", "build_parser", "main", "run_client"]
 
@@ -360,8 +360,7 @@ def _where(room: str, reason: str | None = None) -> str:
 
 
 def _shutting_down(reason: str) -> str:
-    # The server's default reason only says it again.
-    if reason.strip().rstrip(".").lower() in _SAYS_NOTHING_MORE:
+    if _says_nothing_more(reason):
         return "*** Server is shutting down."
     return f"*** Server is shutting down: {reason}"
 
@@ -371,7 +370,12 @@ def _said_once(reason: str) -> str:
     ``server shutting down: REASON``, and the server's default reason is
     ``server shutting down``."""
     head, colon, rest = reason.partition(": ")
-    return head if colon and rest.strip().lower() == head.strip().lower() else reason
+    return head if colon and _says_nothing_more(rest) else reason
+
+
+def _says_nothing_more(reason: str) -> bool:
+    # The server's default reason only says "shutting down" again.
+    return reason.strip().rstrip(".").lower() in _SAYS_NOTHING_MORE
 
 
 _SAYS_NOTHING_MORE = frozenset(
@@ -415,9 +419,7 @@ async def run_client(args: argparse.Namespace, console: Console) -> int:
                 shell = ChatShell(
                     client, lambda text: console.print(theme.answer(text))
                 )
-                return await chat(
-                    client, console, shell, theme, commands=commands_in(HELP)
-                )
+                return await chat(client, console, shell, theme, commands=tuple(_USAGE))
         except (NameTaken, BadName) as exc:
             console.print(f"Error: {exc.message}")
             if args.name is not None:

@@ -33,10 +33,11 @@ from .._events import (
     ServerEvent,
 )
 from .._exceptions import ConnectionClosed, RequestError
+from ..protocol import replace_controls
 from ._client import ChatClient
 from ._reconnect import ClientEvent, Interrupted, Reconnected
 
-__all__ = ["Shell", "Theme", "chat", "commands_in"]
+__all__ = ["Shell", "Theme", "chat"]
 
 
 class Shell(Protocol):
@@ -74,6 +75,7 @@ class Theme:
     def __init__(self, *, timestamps: bool, colour: bool) -> None:
         self.timestamps = timestamps
         self.colour = colour
+        self._mention: tuple[str, re.Pattern[str]] | None = None
 
     def line(
         self, text: str, *, when: float | None = None, kind: str = "chat", me: str = ""
@@ -95,7 +97,9 @@ class Theme:
         if not colon:
             return stamp + text
         if me:
-            body = _mention_pattern(me).sub(lambda m: _MENTION + m[0] + _RESET, body)
+            if self._mention is None or self._mention[0] != me:
+                self._mention = (me, _mention_pattern(me))  # names change
+            body = self._mention[1].sub(lambda m: _MENTION + m[0] + _RESET, body)
         return f"{stamp}{_BOLD}{head}{_RESET}: {body}"
 
     def answer(self, text: str) -> str:
@@ -114,19 +118,6 @@ class Theme:
 def _mention_pattern(name: str) -> re.Pattern[str]:
     # The name as a word of its own (names are letters, digits, _ - .).
     return re.compile(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", re.IGNORECASE)
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters (escape codes a hostile server
-    might send) made harmless."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else "\ufffd" for char in text)
-
-
-def commands_in(help_text: str) -> tuple[str, ...]:
-    """The ``/commands`` a help text lists, for Tab."""
-    return tuple(dict.fromkeys(re.findall(r"(?m)^\s+(/\w+)", help_text)))
 
 
 class _Names:
@@ -199,7 +190,7 @@ async def chat(
         text = shell.describe(event)
         if text is None:
             return
-        text = _printable(text)
+        text = replace_controls(text, "\ufffd")  # no escape codes
         if isinstance(event, Message | DirectMessage):
             console.print(theme.line(text, when=event.ts, me=client.name))
         elif isinstance(event, ErrorReply):
