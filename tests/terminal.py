@@ -178,6 +178,32 @@ def _readable(fd: int) -> bool:
 
 
 OpenTerminal = Callable[..., Awaitable[Terminal]]
+NAME_ROW = "Enter your username:"  # and a space, for the name
+
+
+async def open_chat(
+    terminal: OpenTerminal,
+    port: int,
+    name: str,
+    *args: str,
+    type_name: bool = True,
+    columns: int = 80,
+    lines: int = 24,
+    env: dict[str, str] | None = None,
+) -> Terminal:
+    """A client on a terminal, logged in as ``name``: typed at the prompt,
+    or with ``--name`` when not ``type_name``."""
+    if not type_name:
+        args = ("--name", name, *args)
+    term = await terminal(
+        "client", "--port", str(port), *args, columns=columns, lines=lines, env=env
+    )
+    if type_name:
+        await term.wait_for(NAME_ROW)
+        term.type(f"{name}\r")
+    await term.wait_for("Type /help for commands.")
+    await term.settle(0.2)
+    return term
 
 
 @pytest.fixture

@@ -22,29 +22,21 @@ import pytest
 import trio
 
 from .programs import Launch, Program, start_client, start_server
-from .terminal import OpenTerminal, Terminal
-
-NAME_ROW = "Enter your username:"  # and a space, for the name
+from .terminal import NAME_ROW, OpenTerminal, Terminal, open_chat
 
 
-async def open_chat(
-    terminal: OpenTerminal,
-    port: int,
-    name: str,
-    *args: str,
-    columns: int = 80,
-    lines: int = 24,
-    env: dict[str, str] | None = None,
-) -> Terminal:
-    """A client on a terminal, logged in as ``name`` (typed at the prompt)."""
-    term = await terminal(
-        "client", "--port", str(port), *args, columns=columns, lines=lines, env=env
+async def alice_with_bob(
+    launch: Launch, terminal: OpenTerminal, *, columns: int = 80, lines: int = 24
+) -> tuple[Terminal, Program]:
+    """alice on a terminal (no time stamps), then bob, piped, whom she sees
+    join."""
+    _server, port = await start_server(launch)
+    term = await open_chat(
+        terminal, port, "alice", "--no-timestamps", columns=columns, lines=lines
     )
-    await term.wait_for(NAME_ROW)
-    term.type(f"{name}\r")
-    await term.wait_for("Type /help for commands.")
-    await term.settle(0.2)
-    return term
+    bob = await start_client(launch, port, "bob")
+    await term.wait_for("bob has joined the chat.")
+    return term, bob
 
 
 def prompt_row(term: Terminal) -> str:
@@ -103,10 +95,7 @@ async def test_a_line_typed_while_messages_arrive_is_redrawn_below_them(
     # Item 5: a line wider than the terminal (three rows of 40 columns):
     # each message arrives above it, the line is redrawn whole below, no
     # row of it is left behind; Enter sends it whole.
-    _server, port = await start_server(launch)
-    term = await open_chat(terminal, port, "alice", "--no-timestamps", columns=40)
-    bob = await start_client(launch, port, "bob")
-    await term.wait_for("bob has joined the chat.")
+    term, bob = await alice_with_bob(launch, terminal, columns=40)
     typed = "".join(f"{i:02d}." for i in range(34))[:100]  # no row repeats
     term.type(typed)
     await term.settle(0.2)
@@ -138,10 +127,7 @@ async def test_a_huge_paste_keeps_the_screen_clean(
     # Item 5: 100 KB typed at once shows as the rows around the cursor (the
     # screen less a row), messages still arrive above it; Ctrl-U leaves no
     # trace of it.
-    _server, port = await start_server(launch)
-    term = await open_chat(terminal, port, "alice", "--no-timestamps", lines=24)
-    bob = await start_client(launch, port, "bob")
-    await term.wait_for("bob has joined the chat.")
+    term, bob = await alice_with_bob(launch, terminal, lines=24)
     await term.paste("x" * 100_000)
     await term.settle(0.3)
     await bob.send("still here\n")

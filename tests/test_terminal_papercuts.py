@@ -13,7 +13,7 @@ import pytest
 import chatkit
 from chatkit.client.__main__ import HELP
 from tests.programs import Launch, start_server
-from tests.terminal import OpenTerminal, Terminal
+from tests.terminal import OpenTerminal, Terminal, open_chat
 
 # Lines of chat may start with a time stamp, "[12:04] ".
 STAMP = re.compile(r"^\[\d\d:\d\d\] ")
@@ -30,11 +30,7 @@ def printed(term: Terminal) -> list[str]:
 
 
 async def open_client(terminal: OpenTerminal, port: int, name: str) -> Terminal:
-    term = await terminal(
-        "client", "--port", str(port), "--name", name, columns=110, lines=40
-    )
-    await term.wait_for("Type /help for commands.")
-    return term
+    return await open_chat(terminal, port, name, type_name=False, columns=110, lines=40)
 
 
 async def mark(term: Terminal) -> str:
