@@ -11,6 +11,13 @@ received by every recipient.
 The spec may name several ``ports`` (the nodes of a cluster, for
 benchmarks/cluster.py): client ``i`` then connects to ``ports[i % len]``.
 
+The ``ws`` dialect speaks chatkit's protocol v1 over WebSocket (RFC 6455:
+one JSON object per text frame, the client's frames masked; the framing is
+benchmarks/wsframes.py): :class:`WsConn` does the opening handshake on the
+spec's ``path`` (default ``/ws``), answers pings and closes, and counts
+deliveries by marker over whole buffers of frames, as the JSON-lines client
+does over whole buffers of lines.
+
 Every message text carries a marker (``~q``), the sender's index, a sequence
 number and the monotonic send time in ns, padded to 64 bytes. Deliveries are
 counted by marker; latency is the receive time minus the send time (the
@@ -32,7 +39,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import wsframes
+
 MARK = b"~q"
+#: The marker as it opens a JSON string: what a WebSocket client counts
+#: (a frame's length bytes can spell ``~q``, never ``"~q``).
+WS_MARK = b'"~q'
 MARK_RE = re.compile(rb"~q(\d+)\.(\d+)\.(\d+)\.")
 TEXT_SIZE = 64
 ROOM = "bench"
@@ -60,6 +72,8 @@ class Dialect:
     registered: bytes | None = None
     #: A line that announces a join.
     joined = b""
+    #: Spoken over WebSocket (:class:`WsConn`), one message per text frame.
+    websocket = False
 
     def register(self, name: str) -> bytes:
         raise NotImplementedError
@@ -80,6 +94,19 @@ class ChatkitDialect(Dialect):
 
     def message(self, text: bytes) -> bytes:
         return b'{"type":"say","text":"' + text + b'"}\n'
+
+
+class WsDialect(ChatkitDialect):
+    """Protocol v1 over WebSocket: the same JSON objects, without the
+    newline (one per text frame; :class:`WsConn` frames them)."""
+
+    websocket = True
+
+    def register(self, name: str) -> bytes:
+        return b'{"type":"hello","name":"%s","protocol":1}' % name.encode()
+
+    def message(self, text: bytes) -> bytes:
+        return b'{"type":"say","text":"' + text + b'"}'
 
 
 class LineDialect(Dialect):
@@ -112,6 +139,7 @@ class IrcDialect(Dialect):
 
 DIALECTS: dict[str, type[Dialect]] = {
     "chatkit": ChatkitDialect,
+    "ws": WsDialect,
     "line": LineDialect,
     "irc": IrcDialect,
 }
@@ -148,6 +176,10 @@ class Conn(asyncio.Protocol):
         self.w.lost += 1
         if not self.ready.done():
             self.ready.cancel()  # registration fails: "connection lost"
+
+    def start(self, registration: bytes) -> None:
+        """Send the registration (the dialect's ``register``)."""
+        self.transport.write(registration)
 
     def data_received(self, data: bytes) -> None:
         w = self.w
@@ -204,6 +236,160 @@ class Conn(asyncio.Protocol):
         self.transport.write(b"".join(parts))
 
 
+class WsConn(Conn):
+    """One benchmark client over WebSocket (the ``ws`` dialect).
+
+    Received bytes go to a bytearray; each time, the complete frames at its
+    start are handled at once: when they are all text frames of JSON
+    (:func:`wsframes.fast_end`, the traffic of every phase), their markers
+    are counted with one ``count`` over the buffer; otherwise (registration,
+    a ping, a close, a fragment) they are parsed one by one
+    (:func:`wsframes.walk`).
+    """
+
+    def __init__(self, worker: Worker, index: int) -> None:
+        super().__init__(worker, index)
+        self.buf = bytearray()
+        self.open = False
+        self.accept = b""
+        self.pending: bytes | None = None
+        self.fragments: list[bytes] | None = None
+        self.closing = False
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        port = transport.get_extra_info("peername")[1]
+        request, self.accept = wsframes.handshake_request(
+            self.w.host, port, self.w.ws_path
+        )
+        transport.write(request)
+
+    def start(self, registration: bytes) -> None:
+        """Send the registration once the handshake is done."""
+        if self.open:
+            self.transport.write(wsframes.client_frames([registration]))
+        else:
+            self.pending = registration
+
+    def fail(self, exc: Exception) -> None:
+        """Registration fails with ``exc``; the connection is dropped."""
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.open and not self.handshake():
+            return
+        if not self.w.registering:
+            end = wsframes.fast_end(buf)
+            if end >= 0:
+                if end:
+                    self.delivered(buf, end)
+                    del buf[:end]
+                return
+        self.frames()
+
+    def handshake(self) -> bool:
+        """Read the server's answer to the opening handshake, if it is all
+        here; then send the registration. Whether the connection is open."""
+        buf = self.buf
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(buf) > 65536:
+                self.fail(wsframes.ProtocolError("handshake: no end of headers"))
+            return False
+        try:
+            wsframes.check_response(bytes(buf[:head_end]), self.accept)
+        except wsframes.ProtocolError as exc:
+            self.fail(exc)
+            return False
+        del buf[: head_end + 4]
+        self.open = True
+        if self.pending is not None:
+            self.transport.write(wsframes.client_frames([self.pending]))
+            self.pending = None
+        return True
+
+    def delivered(self, chunk: bytes | bytearray, end: int) -> None:
+        """Count the deliveries in ``chunk[:end]`` (whole messages)."""
+        w = self.w
+        n = chunk.count(WS_MARK, 0, end)
+        if n:
+            w.received += n
+            w.shared[w.recv_slot] = w.received
+            if w.parse_latency or self.observer:
+                w.record_latency(self, chunk[:end])
+            if self.is_sender and w.pumping:
+                w.pump()
+
+    def frames(self) -> None:
+        """Handle the complete frames at the buffer's start one by one."""
+        try:
+            end, frames = wsframes.walk(self.buf)
+        except wsframes.ProtocolError as exc:
+            self.fail(exc)
+            return
+        del self.buf[:end]
+        texts = []
+        for opcode, fin, payload in frames:
+            if opcode == wsframes.OP_TEXT or opcode == wsframes.OP_CONTINUATION:
+                if opcode == wsframes.OP_TEXT:
+                    self.fragments = [payload]
+                elif self.fragments is not None:
+                    self.fragments.append(payload)
+                else:
+                    self.fail(wsframes.ProtocolError("a continuation of nothing"))
+                    return
+                if fin:
+                    texts.append(b"".join(self.fragments))
+                    self.fragments = None
+            elif opcode == wsframes.OP_PING:
+                key = os.urandom(4)
+                self.transport.write(
+                    wsframes.client_frame(payload, key, wsframes.OP_PONG)
+                )
+            elif opcode == wsframes.OP_CLOSE:
+                # Answer with the same status code; the server then closes
+                # the connection (connection_lost).
+                if not self.closing:
+                    self.closing = True
+                    key = os.urandom(4)
+                    self.transport.write(
+                        wsframes.client_frame(payload[:2], key, wsframes.OP_CLOSE)
+                    )
+            elif opcode == wsframes.OP_BINARY:
+                self.fail(wsframes.ProtocolError("a binary frame: v1 is text"))
+                return
+        if texts:
+            blob = b"\n".join(texts)
+            self.delivered(blob, len(blob))
+            if self.w.registering:
+                self.registration_messages(texts)
+
+    def registration_messages(self, texts: list[bytes]) -> None:
+        w = self.w
+        joined, registered = w.dialect.joined, w.dialect.registered or b"\0"
+        for text in texts:
+            if joined in text:
+                w.joins += 1
+                w.last_event = time.monotonic()
+            if not self.registered and registered in text:
+                self.registered = True
+                w.last_event = time.monotonic()
+                if not self.ready.done():
+                    self.ready.set_result(None)
+
+    def send_messages(self, count: int) -> None:
+        message = self.w.dialect.message
+        payloads = []
+        for _ in range(count):
+            payloads.append(message(make_text(self.index, self.seq)))
+            self.seq += 1
+        self.transport.write(wsframes.client_frames(payloads))
+
+
 class Worker:
     """One load-generator process's share of the clients, and its counters."""
 
@@ -213,6 +399,8 @@ class Worker:
         self.slot = slot
         self.recv_slot = workers + slot
         self.dialect = DIALECTS[args["dialect"]]()
+        self.conn_class = WsConn if self.dialect.websocket else Conn
+        self.ws_path: str = args.get("path", "/ws")
         self.irc = args["dialect"] == "irc"
         self.host = args["host"]
         self.ports: list[int] = args.get("ports") or [args["port"]]
@@ -246,10 +434,10 @@ class Worker:
             async with gate:
                 port = self.ports[index % len(self.ports)]
                 _, conn = await loop.create_connection(
-                    lambda: Conn(self, index), self.host, port
+                    lambda: self.conn_class(self, index), self.host, port
                 )
                 self.conns.append(conn)
-                conn.transport.write(self.dialect.register(f"c{index}"))
+                conn.start(self.dialect.register(f"c{index}"))
                 if self.dialect.registered is None:
                     conn.registered = True
                     self.last_event = time.monotonic()
