@@ -9,7 +9,10 @@ History is the library's default (in memory) unless ``--db PATH`` gives
 the server a :class:`chatkit.SqliteHistory` on that file (default
 arguments). ``--redis URL`` makes it one node of a cluster (a
 :class:`chatkit.cluster.RedisBackplane` on that Redis, default settings),
-as ``python -m chatkit.server --redis`` does.
+as ``python -m chatkit.server --redis`` does. ``--web-port PORT`` also
+serves the web port (``ChatServer(web_port=PORT)``, issue 20's WebSocket
+transport at ``/ws``; 0 picks a free one) and prints ``Web port: PORT``
+once it is bound.
 
 It serves chatkit's source from before issue 17's server core (``fanout.py
 --before-rev``) as well as after: the limits go to
@@ -56,6 +59,12 @@ def main() -> None:
         "lone message to a room of 256 or more from two threads)",
     )
     parser.add_argument(
+        "--web-port",
+        type=int,
+        default=None,
+        help="also serve the web port (0: a free one) and print 'Web port: PORT'",
+    )
+    parser.add_argument(
         "--redis",
         metavar="URL",
         default=None,
@@ -83,8 +92,19 @@ def main() -> None:
         options.update({k: v for k, v in limits.items() if k in accepted})
         if args.no_split_fanout and "split_fanout_at" in accepted:
             options["split_fanout_at"] = None
+    if args.web_port is not None:
+        options["web_port"] = args.web_port
     server = ChatServer(args.host, args.port, **options)
-    trio.run(partial(serve_until_stopped, server, interactive=False))
+    trio.run(serve, server)
+
+
+async def serve(server: ChatServer) -> None:
+    """Serve until SIGTERM; with a web port, print it once bound."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve_until_stopped, server, interactive=False))
+        web_port = getattr(server, "web_port", None)
+        if web_port is not None:
+            print(f"Web port: {web_port}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Fan-out benchmark: chatkit against a thread-per-client baseline and ngircd.
+"""Fan-out benchmark: chatkit against a thread-per-client baseline, ngircd
+and, over WebSocket, a server built on the ``websockets`` library.
 
 One command measures every server in one run, on loopback only:
 
@@ -13,8 +14,12 @@ before/after ratios from the same run; the ``-sqlite`` rows keep history in
 a ``chatkit.SqliteHistory``, the others in memory), the thread-per-client
 baseline written like the original program (benchmarks/threaded_server.py)
 and ngircd, Debian's C IRC server, with a generated configuration (flood
-penalties off), driven over IRC. The load generator (benchmarks/loadgen.py)
-runs in ``--workers`` processes.
+penalties off), driven over IRC. Over WebSocket (issue 20): ``chatkit-ws``
+is the chatkit runner with a web port, its clients on ``ws://.../ws``;
+``websockets`` is benchmarks/ws_reference_server.py, a chat server written
+as a user of the ``websockets`` library would (asyncio on uvloop, its
+``broadcast()``). The load generator (benchmarks/loadgen.py) runs in
+``--workers`` processes.
 
 For each server and each N: N clients register in one room (timed, presence
 notices included), the server's RSS per idle connection is measured, then
@@ -72,7 +77,11 @@ ALL_SERVERS = [
     "chatkit-before",
     "chatkit-sqlite",
     "chatkit-before-sqlite",
+    "chatkit-ws",
+    "websockets",
 ]
+#: The servers spoken to over WebSocket (the load generator's ``ws`` dialect).
+WS_SERVERS = ("chatkit-ws", "websockets")
 #: Not in the default run: the baseline with TCP_NODELAY, as chatkit has it,
 #: the baseline's protocol served by a minimal trio server (the floor for
 #: chatkit's single event-loop thread: benchmarks/trio_minimal_server.py),
@@ -83,7 +92,15 @@ EXTRA_SERVERS = ["threaded-nodelay", "trio-minimal", "chatkit-before-nosplit"]
 #: fan-out work).
 BEFORE_REV = "33f5bcf"
 #: The smoke run (CI) covers every server implementation in this directory.
-SMOKE_SERVERS = ["threaded", "ngircd", "chatkit", "chatkit-sqlite", "trio-minimal"]
+SMOKE_SERVERS = [
+    "threaded",
+    "ngircd",
+    "chatkit",
+    "chatkit-sqlite",
+    "trio-minimal",
+    "chatkit-ws",
+    "websockets",
+]
 #: Issue 17's performance targets: chatkit against chatkit-before, with
 #: history in memory (``off``) and in SQLite (``on``).
 TARGET_PAIRS = (
@@ -96,6 +113,11 @@ TARGET_PAIRS = (
 MIN_DELIVERIES_RATIO = 0.95
 MAX_P99_RATIO = 1.05
 MAX_RSS_KIB = 6.0
+#: Issue 20's targets: chatkit over WebSocket (chatkit-ws) against chatkit's
+#: TCP JSON and against the websockets reference, in the same run.
+WS_MIN_VS_TCP = 0.8
+WS_MIN_VS_REFERENCE = 2.0
+WS_MAX_P99_VS_REFERENCE = 1.0
 
 
 class BenchError(Exception):
@@ -171,6 +193,8 @@ class Server:
 
     @property
     def dialect(self) -> str:
+        if self.name in WS_SERVERS:
+            return "ws"
         if self.name.startswith("threaded") or self.name == "trio-minimal":
             return "line"
         if self.name == "ngircd":
@@ -186,6 +210,9 @@ class Server:
             return cmd, None
         if self.name == "trio-minimal":
             return [py, str(HERE / "trio_minimal_server.py"), "--port", "0"], None
+        if self.name == "websockets":
+            cmd = [py, str(HERE / "ws_reference_server.py"), "--port", "0"]
+            return [*cmd, "--presence-limit", str(args.presence_limit)], None
         if self.name == "ngircd":
             binary = shutil.which("ngircd") or (
                 "/usr/sbin/ngircd" if os.path.exists("/usr/sbin/ngircd") else None
@@ -206,6 +233,8 @@ class Server:
             cmd.append("--no-split-fanout")
         if self.db_dir is not None:
             cmd += ["--db", str(self.db_dir / "history.sqlite3")]
+        if self.name == "chatkit-ws":
+            cmd += ["--web-port", "0"]
         return cmd, None
 
     def environment(self, args: argparse.Namespace) -> dict[str, str] | None:
@@ -213,7 +242,7 @@ class Server:
         whichever chatkit is installed (a benchmark run from a second
         checkout measures that checkout); chatkit-before(-sqlite), the
         source as of ``--before-rev``."""
-        if self.dialect != "chatkit":
+        if not self.name.startswith("chatkit"):
             return None
         if not self.name.startswith("chatkit-before"):
             src = HERE.parent / "src"
@@ -258,8 +287,12 @@ class Server:
             if self.proc.poll() is not None:
                 raise BenchError(f"{self.name} exited: {self.tail()}")
             if port is None:
+                # chatkit-ws: its clients' port is the web port.
+                wanted = (
+                    "Web port: " if self.name == "chatkit-ws" else "Server started on "
+                )
                 for line in self.log.read_text(errors="replace").splitlines():
-                    if line.startswith("Server started on "):
+                    if line.startswith(wanted):
                         self.port = int(line.rsplit(":", 1)[1])
                         return
             else:
@@ -386,9 +419,9 @@ class Generator:
 
 
 def deliveries_per_message(dialect: str, n: int) -> int:
-    """Deliveries of one message in a room of N: chatkit echoes it to its
-    sender, too."""
-    return n if dialect == "chatkit" else n - 1
+    """Deliveries of one message in a room of N: chatkit (and protocol v1
+    over WebSocket) echoes it to its sender, too."""
+    return n if dialect in ("chatkit", "ws") else n - 1
 
 
 def expected_joins(server: Server, n: int, presence_limit: int) -> int:
@@ -683,6 +716,7 @@ def table(results: list[dict[str, Any]]) -> str:
         )
     rows.extend(round_summary(results))
     rows.extend(targets(results))
+    rows.extend(ws_targets(results))
     for r in results:
         probe = r.get("probe")
         if probe:
@@ -793,6 +827,65 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
         f" | p99 vs before | <= {MAX_P99_RATIO} | RSS per idle connection (KiB)"
         f" | <= {MAX_RSS_KIB:g} |",
         "|---|---:|---:|---:|---|---:|---|---:|---|",
+        *rows,
+    ]
+
+
+def ws_targets(results: list[dict[str, Any]]) -> list[str]:
+    """Issue 20's targets, per N: chatkit-ws's deliveries/s as ratios to
+    chatkit's (TCP JSON) and to the websockets reference's of the same
+    round, and its p99 at the latency load as a ratio to the reference's
+    (with ``--rounds``, the medians)."""
+    by_key = {key(r): r for r in results}
+    rows = []
+    for n in sorted({r["clients"] for r in results if r["server"] == "chatkit-ws"}):
+        pairs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        for server in ("chatkit", "websockets"):
+            pairs[server] = [
+                (r, by_key[key(r, server)])
+                for r in results
+                if key(r)[:2] == ("chatkit-ws", n) and key(r, server) in by_key
+            ]
+        tcp, reference = pairs["chatkit"], pairs["websockets"]
+        if not tcp and not reference:
+            continue
+        cells = [
+            str(n),
+            str(max(len(tcp), len(reference))),
+            *check(
+                median_ratio(tcp, "throughput", "deliveries_per_s"),
+                ".2f",
+                at_least=WS_MIN_VS_TCP,
+            ),
+            *check(
+                median_ratio(reference, "throughput", "deliveries_per_s"),
+                ".2f",
+                at_least=WS_MIN_VS_REFERENCE,
+            ),
+            *check(
+                median_ratio(reference, "latency", "p99_ms"),
+                ".2f",
+                at_most=WS_MAX_P99_VS_REFERENCE,
+            ),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    rates = sorted(
+        r["latency"]["offered_deliveries_per_s"]
+        for r in results
+        if r["server"] == "chatkit-ws" and "latency" in r
+    )
+    rate = f"{rates[0]:,.0f}" if rates else "-"
+    return [
+        "\nIssue 20 targets: chatkit over WebSocket (chatkit-ws) against chatkit's"
+        " TCP JSON (chatkit) and the websockets reference (websockets) of the same"
+        f" round; p99 at {rate} deliveries/s offered; over several rounds, the"
+        " medians\n",
+        f"| N | rounds | deliveries/s vs chatkit | >= {WS_MIN_VS_TCP:g} "
+        f"| deliveries/s vs websockets | >= {WS_MIN_VS_REFERENCE:g} "
+        f"| p99 vs websockets | <= {WS_MAX_P99_VS_REFERENCE:g} |",
+        "|---:|---:|---:|---|---:|---|---:|---|",
         *rows,
     ]
 

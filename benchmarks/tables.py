@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fanout import fmt as num  # noqa: E402
-from fanout import key, ratio, round_summary, targets  # noqa: E402
+from fanout import key, ratio, round_summary, targets, ws_targets  # noqa: E402
 
 PERCENTILES = ("p50", "p90", "p99", "max")
 #: The rows of issue 5's optimisation steps; fanout.py has not measured the
@@ -213,6 +213,7 @@ class Report:
             ("Saturated latency (throughput mode)", self.saturated()),
             ("Over the rounds", "\n".join(round_summary(self.results)).strip()),
             ("Issue 17 targets", "\n".join(targets(self.results)).strip()),
+            ("Issue 20 targets", "\n".join(ws_targets(self.results)).strip()),
             ("What each step bought", self.steps()),
             ("Profiles", self.profiles()),
             ("Scale", self.probes()),
