@@ -239,8 +239,9 @@ class Conn(asyncio.Protocol):
 class WsConn(Conn):
     """One benchmark client over WebSocket (the ``ws`` dialect).
 
-    Received bytes go to a bytearray; each time, the complete frames at its
-    start are handled at once: when they are all text frames of JSON
+    Like :class:`Conn` with lines, each time bytes arrive, the complete
+    frames among them (and the part of a frame kept from before) are
+    handled at once: when they are all text frames of JSON
     (:func:`wsframes.fast_end`, the traffic of every phase), their markers
     are counted with one ``count`` over the buffer; otherwise (registration,
     a ping, a close, a fragment) they are parsed one by one
@@ -249,7 +250,6 @@ class WsConn(Conn):
 
     def __init__(self, worker: Worker, index: int) -> None:
         super().__init__(worker, index)
-        self.buf = bytearray()
         self.open = False
         self.accept = b""
         self.pending: bytes | None = None
@@ -278,39 +278,40 @@ class WsConn(Conn):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if not self.open and not self.handshake():
-            return
-        if not self.w.registering:
+        buf = self.tail + data if self.tail else data
+        if not self.open:
+            buf = self.handshake(buf)
+            if not buf:
+                return
+        if not self.w.registering and self.fragments is None:
             end = wsframes.fast_end(buf)
             if end >= 0:
+                self.tail = buf[end:]
                 if end:
                     self.delivered(buf, end)
-                    del buf[:end]
                 return
-        self.frames()
+        self.frames(buf)
 
-    def handshake(self) -> bool:
+    def handshake(self, buf: bytes) -> bytes:
         """Read the server's answer to the opening handshake, if it is all
-        here; then send the registration. Whether the connection is open."""
-        buf = self.buf
+        here, then send the registration; the bytes after the answer."""
         head_end = buf.find(b"\r\n\r\n")
         if head_end < 0:
+            self.tail = buf
             if len(buf) > 65536:
                 self.fail(wsframes.ProtocolError("handshake: no end of headers"))
-            return False
+            return b""
+        self.tail = b""
         try:
-            wsframes.check_response(bytes(buf[:head_end]), self.accept)
+            wsframes.check_response(buf[:head_end], self.accept)
         except wsframes.ProtocolError as exc:
             self.fail(exc)
-            return False
-        del buf[: head_end + 4]
+            return b""
         self.open = True
         if self.pending is not None:
             self.transport.write(wsframes.client_frames([self.pending]))
             self.pending = None
-        return True
+        return buf[head_end + 4 :]
 
     def delivered(self, chunk: bytes | bytearray, end: int) -> None:
         """Count the deliveries in ``chunk[:end]`` (whole messages)."""
@@ -324,14 +325,14 @@ class WsConn(Conn):
             if self.is_sender and w.pumping:
                 w.pump()
 
-    def frames(self) -> None:
-        """Handle the complete frames at the buffer's start one by one."""
+    def frames(self, buf: bytes) -> None:
+        """Handle the complete frames at the start of ``buf`` one by one."""
         try:
-            end, frames = wsframes.walk(self.buf)
+            end, frames = wsframes.walk(buf)
         except wsframes.ProtocolError as exc:
             self.fail(exc)
             return
-        del self.buf[:end]
+        self.tail = buf[end:]
         texts = []
         for opcode, fin, payload in frames:
             if opcode == wsframes.OP_TEXT or opcode == wsframes.OP_CONTINUATION:
