@@ -16,6 +16,7 @@ import pytest
 import trio
 
 import chatkit
+import chatkit.auth
 from chatkit.websocket import WEBSOCKET, encode_websocket
 from tests.conftest import OpenRaw, login
 from tests.programs import start_server
@@ -511,3 +512,19 @@ async def test_the_cli_refuses_a_bad_web_origin(launch: Any) -> None:
     server = await launch("server", "--web-port", "0", "--web-origin", "example.com")
     assert "is not an origin" in "\n".join(await server.rest())
     assert await server.wait() == 2
+
+
+async def test_a_browser_logs_in_with_the_token_in_hello(
+    opened: list[WsClient],
+) -> None:
+    plugins = [chatkit.auth.TokenAuth("s3cret")]
+    async with chatkit.open_server(web_port=0, plugins=plugins) as web:
+        assert web.web_port is not None
+        wrong = await WsClient.open(web.web_port)
+        opened.append(wrong)
+        await wrong.send_json(type="hello", name="eve", protocol=1, token="guess")
+        error = await wrong.expect("error")
+        assert error["code"] == "unauthorized"
+        right = await WsClient.open(web.web_port)
+        opened.append(right)
+        await right.hello("alice", token="s3cret")
