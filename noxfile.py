@@ -64,9 +64,10 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench_smoke(session: nox.Session) -> None:
-    """A ~15-second run of the fan-out benchmark (tiny N) so that it cannot
+    """A ~20-second run of the fan-out benchmark (tiny N) so that it cannot
     rot: the threaded baseline, ngircd, chatkit (history in memory and in
-    SQLite) and trio-minimal, every delivery counted.
+    SQLite), trio-minimal, and over WebSocket chatkit's web port and the
+    websockets reference, every delivery counted.
 
     Fails (never skips) when ngircd is missing: scripts/install-test-deps.sh
     installs it. Its JSON report goes through benchmarks/tables.py too.

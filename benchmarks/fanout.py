@@ -944,7 +944,8 @@ def source_commit() -> str:
 
 
 def machine(
-    packages: Sequence[str] = ("trio", "msgspec", "uvloop"), ngircd: bool = True
+    packages: Sequence[str] = ("trio", "msgspec", "uvloop", "wsproto", "websockets"),
+    ngircd: bool = True,
 ) -> dict[str, Any]:
     """The machine, Python and the versions of ``packages`` (and ngircd)."""
     model = ""
@@ -999,7 +1000,7 @@ def add_run_arguments(
     parser: argparse.ArgumentParser,
     json_help: str = "write results",
     smoke_help: str = "tiny and quick (CI): threaded, ngircd, chatkit, "
-    "chatkit-sqlite, trio-minimal; N=10; no scale run",
+    "chatkit-sqlite, trio-minimal, chatkit-ws, websockets; N=10; no scale run",
     profile_help: str = "comma-separated servers to py-spy in one extra "
     "throughput phase (e.g. chatkit)",
 ) -> None:
