@@ -753,6 +753,8 @@ def round_summary(results: list[dict[str, Any]]) -> list[str]:
             reference = base.get(mode, {}).get(figure)
             if value is not None and reference:
                 into.setdefault(figure, []).append(value / reference)
+    if not ratios:  # no threaded baseline in the run
+        return []
     rows = [
         "\nOver the rounds, against the same round's threaded baseline:"
         " median (min-max)\n",
