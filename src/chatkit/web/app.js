@@ -366,10 +366,14 @@ async function loadOlder(conv) {
   }
   conv.loadingOlder = true;
   renderHistoryStatus();
+  let short = false;
   try {
     const messages = await chat.history(conv.name, { before, limit: PAGE });
     for (const message of messages) addMessage(conv, message, false);
     if (messages.length === 0) conv.historyDone = true;
+    // Only an empty page says there is no more; a short one says there is
+    // probably none, which one more request settles at once.
+    short = messages.length < PAGE;
   } catch (error) {
     if (error.code !== "connection_closed") toast(explain(error));
   } finally {
@@ -377,7 +381,8 @@ async function loadOlder(conv) {
   }
   if (conv === current) {
     renderMessages("anchor");
-    fillScreen(conv);
+    if (short) loadOlder(conv);
+    else fillScreen(conv);
   }
 }
 
