@@ -252,6 +252,10 @@ def encode_line(event: Event) -> bytes:
     return (line + "\n").encode()
 
 
+def _line_end(data: bytes | bytearray, position: int) -> int:
+    return data.index(b"\n", position) + 1
+
+
 class WireFormat(NamedTuple):
     """How one kind of connection carries server events: one encoder, used
     once per event whoever receives it (a broadcast is encoded once per
@@ -264,11 +268,16 @@ class WireFormat(NamedTuple):
         echo: whether a sender gets its own room messages back (JSON mode:
             yes, as the acknowledgement; line mode: no, as in the original
             chat program).
+        frame_end: given bytes that begin with a frame, and a position in
+            them, where the frame holding that position ends (so that
+            output cut short after a partial write can finish the frame on
+            the wire).
     """
 
     name: str
     encode: Callable[[Event], bytes]
     echo: bool
+    frame_end: Callable[[bytes | bytearray, int], int] = _line_end
 
     def encode_all(self, events: Iterable[Event]) -> bytes:
         """Several events, one after the other, as one piece of bytes."""
@@ -305,6 +314,9 @@ class ServerConnection:
         max_hello_length: if given, the longest line until the handshake
             completes (at most ``max_line_length``): a connection that has
             not said hello yet then holds at most about this much.
+        mode: the mode from the start (:attr:`Mode.JSON` for a transport
+            that speaks JSON only, such as WebSocket), instead of the first
+            line's choice.
     """
 
     __slots__ = ("_framer", "_max_line_length", "mode", "ready")
@@ -314,6 +326,7 @@ class ServerConnection:
         *,
         max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
         max_hello_length: int | None = None,
+        mode: Mode = Mode.UNKNOWN,
     ) -> None:
         if max_hello_length is not None and max_hello_length < 1:
             raise ValueError("max_hello_length must be at least 1")
@@ -323,7 +336,7 @@ class ServerConnection:
             else min(max_hello_length, max_line_length)
         )
         self._max_line_length = max_line_length
-        self.mode = Mode.UNKNOWN
+        self.mode = mode
         self.ready = False
 
     def receive_data(self, data: bytes | bytearray) -> None:

@@ -11,6 +11,7 @@ importing only the ones listed after it:
 * ``_fanout``: every output, in batches, stored before seen;
 * ``_rooms``: who is in which room;
 * ``_outbox``: one connection's bounded buffer and its writes;
+* ``_web``: browsers: HTTP and WebSocket on the web port;
 * ``_transport``: how connections arrive (TCP, TLS);
 * ``_limits``: :class:`Limits`.
 """
@@ -30,6 +31,8 @@ from ._transport import TcpLink as TcpLink
 from ._transport import TcpTransport as TcpTransport
 from ._transport import TlsLink as TlsLink
 from ._transport import Transport as Transport
+from ._web import WebSocketLink as WebSocketLink
+from ._web import WebTransport as WebTransport
 
 __all__ = [
     "SERVER_SENDER",
@@ -45,6 +48,8 @@ __all__ = [
     "TlsLink",
     "Transport",
     "User",
+    "WebSocketLink",
+    "WebTransport",
     "open_server",
     "serve_until_stopped",
 ]

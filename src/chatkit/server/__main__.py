@@ -201,6 +201,31 @@ def build_parser() -> argparse.ArgumentParser:
         "or NAT you trust); repeatable; replaces the default, 127.0.0.1/32 and "
         "::1/128; 'none': no network",
     )
+    web = parser.add_argument_group("browsers (see docs/browsers.md)")
+    web.add_argument(
+        "--web-port",
+        type=port(0),
+        default=None,
+        metavar="PORT",
+        help="also serve the web chat page and its WebSocket on this port of "
+        "--host (0 picks a free one; default: no web port)",
+    )
+    web.add_argument(
+        "--web-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages from ORIGIN (such as https://example.com) open a "
+        "WebSocket, besides the chat page's own; repeatable; '*': any page",
+    )
+    web.add_argument(
+        "--ws-ping-interval",
+        type=not_negative,
+        default=30.0,
+        metavar="SECONDS",
+        help="ping each WebSocket this often; one silent for two intervals is "
+        "closed; 0: no pings (default: %(default)s)",
+    )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
         "--certfile", metavar="PEM", help="serve TLS with this certificate chain"
@@ -395,12 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 handshake_timeout=args.handshake_timeout,
                 idle_timeout=args.idle_timeout or None,
                 tcp_user_timeout=args.tcp_user_timeout or None,
+                ws_ping_interval=args.ws_ping_interval or None,
                 presence_limit=(
                     None if args.presence_limit == -1 else args.presence_limit
                 ),
             ),
             ssl_context=_tls_context(args.certfile, args.keyfile),
             backplane=_backplane(args),
+            web_port=args.web_port,
+            web_origins=args.web_origin,
         )
     except (ValueError, TypeError, pluggy.PluginValidationError) as exc:
         parser.error(str(exc))
@@ -434,10 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = (
             error.strerror if isinstance(error, OSError) and error.strerror else error
         )
-        print(
-            f"error: cannot listen on {args.host}:{args.port}: {reason}",
-            file=sys.stderr,
-        )
+        where = f"{args.host}:{args.port}"
+        if args.web_port is not None:
+            where += f" (web port {args.web_port})"
+        print(f"error: cannot listen on {where}: {reason}", file=sys.stderr)
         status = 1
     return status
 

@@ -114,6 +114,10 @@ class Limits:
     matches keepalive (60 s idle, then 3 probes 10 s apart): either way a
     dead peer is gone within about 90 s. ``None`` leaves the kernel's
     default. Where the system has no such option, it is ignored."""
+    ws_ping_interval: float | None = 30.0
+    """Seconds between the pings the web port sends each WebSocket (which
+    keep proxies from closing an idle one); a WebSocket that sent nothing,
+    not even the pong, for two intervals is closed. ``None``: no pings."""
     close_timeout: float = 2.0
     """Seconds a closing connection gets to flush what it was sent."""
     hook_timeout: float = 5.0
@@ -180,6 +184,7 @@ _MAY_BE_NONE = frozenset(
         "rename_interval",
         "idle_timeout",
         "tcp_user_timeout",
+        "ws_ping_interval",
         "max_connections_per_address",
     }
 )
@@ -190,6 +195,7 @@ _FLOATS = frozenset(
         "handshake_timeout",
         "idle_timeout",
         "tcp_user_timeout",
+        "ws_ping_interval",
         "close_timeout",
         "hook_timeout",
     }

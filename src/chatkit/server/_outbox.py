@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from ..protocol import JSON_LINES, WireFormat
+from ..protocol import WireFormat
 from ._dmledger import DmLedger
 
 if TYPE_CHECKING:
@@ -118,15 +118,15 @@ class Outbox:
         self._limits = limits
         self._busy = busy
         self._stats = stats
-        self.wire: WireFormat = JSON_LINES
+        self.wire: WireFormat = link.wire(link.mode)
         """How this connection's output is encoded (set once its mode is
         known)."""
         self._buf = bytearray()
         self._frames = 0  # frames in _buf
-        # True once a write stopped partway through _buf: its head may be
-        # the rest of a frame on the wire, which discarding the buffer
-        # (finish) keeps, or the line would be torn.
-        self._torn = False
+        # Once a write stopped partway through a frame: how many bytes at
+        # the head of _buf are the rest of that frame on the wire, which
+        # discarding the buffer (finish) keeps, or the frame would be torn.
+        self._torn = 0
         self._nursery = nursery  # where the writer task is started, on demand
         # True while a writer task exists: it alone writes then.
         self._writing = False
@@ -143,6 +143,7 @@ class Outbox:
         # Others' direct messages not yet written (from the first one on:
         # an idle connection does not pay for it).
         self._dms: DmLedger | None = None
+        link.attach(self.deliver)
 
     @property
     def sock(self) -> object | None:
@@ -193,7 +194,7 @@ class Outbox:
         self._buf += memoryview(data)[sent:]
         self._frames += frames
         self._in += len(data) - sent
-        self._torn = sent > 0
+        self._torn = self._rest_of_frame(data, sent)
         self._start_writer()
 
     def flush(self) -> None:
@@ -212,12 +213,19 @@ class Outbox:
         if sent == len(buf):
             buf.clear()
             self._frames = 0
-            self._torn = False
             return
         if sent:
-            self._torn = True
+            self._torn = self._rest_of_frame(buf, sent)
             del buf[:sent]
         self._start_writer()
+
+    def _rest_of_frame(self, data: bytes | bytearray, sent: int) -> int:
+        """How much of ``data`` after its first ``sent`` bytes (written) is
+        the rest of a frame begun on the wire (``data`` begins with a
+        frame)."""
+        if not sent:
+            return 0
+        return self.wire.frame_end(data, sent - 1) - sent
 
     def finish(self, farewell: bytes = b"", *, discard: bool = False) -> None:
         """The connection's last output: what is pending (unless
@@ -226,7 +234,7 @@ class Outbox:
             return
         if discard:
             if self._torn:  # keep the rest of the frame on the wire
-                del self._buf[self._buf.index(b"\n") + 1 :]
+                del self._buf[self._torn :]
             else:
                 self._buf = bytearray()
         self._buf += farewell
@@ -303,7 +311,7 @@ class Outbox:
             with scope:
                 while self._buf:
                     data, self._buf, self._frames = self._buf, bytearray(), 0
-                    self._torn = False
+                    self._torn = 0
                     self._stats.sends += 1
                     await link.send_all(data)
                     self._out += len(data)

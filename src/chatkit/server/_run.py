@@ -46,6 +46,8 @@ async def serve_until_stopped_by(
 
             port = await nursery.start(serve_then_stop_watchers)
             print(f"Server started on {server.host}:{port}", flush=True)
+            if server.web_port is not None:
+                print(f"Web chat on {server.web_url}", flush=True)
             task_status.started(port)
 
             async def stop_on_signal() -> None:

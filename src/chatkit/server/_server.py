@@ -13,6 +13,7 @@ Shape of a running server::
           Outbox._write_loop          a connection's writer, only while needed
         accept nursery
           transport.serve             TCP (and TLS): hands links to _handle
+          web transport.serve         HTTP + WebSocket (web_port): the same
 
 A request travels ``Session`` (read, rate limit) -> ``ChatRules`` (the chat
 rules, hooks, the store) -> ``Fanout`` (batches, stored before seen) ->
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import trio
@@ -34,14 +35,14 @@ from .._exceptions import ErrorCode
 from .._hooks import HookDispatcher, hookspec, make_plugin_manager
 from ..backplane import Backplane
 from ..history import HistoryStore, HistoryStoreError, MemoryHistory
-from ..protocol import encode_json
 from ._fanout import Fanout
 from ._limits import Limits
 from ._outbox import Stats
 from ._rooms import Rooms
 from ._rules import ChatRules
 from ._session import SERVER_SENDER, LeaveReason, RemoteUser, Session, User
-from ._transport import Link, TcpTransport
+from ._transport import Link, TcpTransport, Transport
+from ._web import WebTransport
 
 __all__ = ["ChatServer", "ServerSpec", "open_server"]
 
@@ -73,13 +74,22 @@ class ChatServer:
         limits: what each client may do, and the timeouts
             (:class:`~chatkit.Limits`; its defaults if not given).
         server_name: the ``server`` field of ``welcome``.
-        ssl_context: serve TLS with this context (see :mod:`ssl`).
+        ssl_context: serve TLS with this context (see :mod:`ssl`), on the
+            web port too (``https://`` and ``wss://``).
         backplane: join a cluster of servers through it (see
             :mod:`chatkit.backplane` and :mod:`chatkit.cluster`).
+        web_port: also serve browsers on this port of ``host``: the chat
+            page at ``/`` and the WebSocket at ``/ws`` (``0`` picks a free
+            one; read it from :attr:`web_port`). ``None`` (the default): no
+            web port. See docs/browsers.md.
+        web_origins: the origins whose pages may open a WebSocket, besides
+            the chat page's own (``"*"``: any), such as
+            ``"https://example.com"``.
 
     Raises:
         pluggy.PluginValidationError: a plugin implements an unknown hook.
-        ValueError: ``port`` is not from 0 to 65535.
+        ValueError: ``port`` or ``web_port`` is not from 0 to 65535, or an
+            origin is not one.
     """
 
     def __init__(
@@ -94,6 +104,8 @@ class ChatServer:
         server_name: str = "chatkit",
         ssl_context: ssl.SSLContext | None = None,
         backplane: Backplane | None = None,
+        web_port: int | None = None,
+        web_origins: Iterable[str] = (),
     ) -> None:
         self.host = host
         """The address the server listens on."""
@@ -126,9 +138,27 @@ class ChatServer:
             server_name,
             backplane,
         )
+        limits = self.limits
         self._transport = TcpTransport(
-            host, port, ssl_context, user_timeout=self.limits.tcp_user_timeout
+            host, port, ssl_context, user_timeout=limits.tcp_user_timeout
         )
+        self._web: WebTransport | None = None
+        if web_port is not None:
+            self._web = WebTransport(
+                host,
+                web_port,
+                ssl_context,
+                user_timeout=limits.tcp_user_timeout,
+                origins=web_origins,
+                handshake_timeout=limits.handshake_timeout,
+                ping_interval=limits.ws_ping_interval,
+                max_opening=limits.max_unauthenticated,
+            )
+        elif web_origins:
+            raise ValueError("web_origins needs a web_port")
+        self._transports: list[Transport] = [
+            transport for transport in (self._transport, self._web) if transport
+        ]
         self._nursery: trio.Nursery | None = None  # the connections'
         self._started = False
         self._closing = False
@@ -142,6 +172,23 @@ class ChatServer:
     def port(self) -> int:
         """The TCP port; once :meth:`serve` has started, the bound one."""
         return self._transport.port
+
+    @property
+    def web_port(self) -> int | None:
+        """The web port (browsers); once :meth:`serve` has started, the
+        bound one. ``None`` without one."""
+        return None if self._web is None else self._web.port
+
+    @property
+    def web_url(self) -> str | None:
+        """The chat page's address (``http://host:port/``, ``https`` with
+        TLS), or ``None`` without a web port."""
+        web = self._web
+        if web is None:
+            return None
+        scheme = "http" if web.ssl_context is None else "https"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{web.port}/"
 
     @property
     def connections(self) -> int:
@@ -191,7 +238,10 @@ class ChatServer:
         try:
             # The address first: a server that cannot listen opens nothing
             # (its history database is not even created).
-            async with self._transport.bound(), self.history.open() as last_id:
+            async with AsyncExitStack() as bound:
+                for transport in self._transports:
+                    await bound.enter_async_context(transport.bound())
+                last_id = await bound.enter_async_context(self.history.open())
                 # Ids keep increasing across restarts.
                 self._rules.see_id(last_id)
                 await _in_nursery_of(self._fanout.run, self._serve, task_status)
@@ -212,9 +262,10 @@ class ChatServer:
                 self._nursery = connections
                 with self._accept_scope:
                     async with trio.open_nursery() as accept:
-                        await accept.start(
-                            self._transport.serve, self._handle, connections
-                        )
+                        for transport in self._transports:
+                            await accept.start(
+                                transport.serve, self._handle, connections
+                            )
                         await self._hooks.notify("chatkit_server_started")
                         task_status.started(self.port)
         # Connections wind down in the connections nursery (aclose told
@@ -297,7 +348,8 @@ async def _refuse(link: Link, code: ErrorCode, text: str, limits: Limits) -> Non
     log.warning("refused a connection from %s: %s", link.address, text)
     with trio.move_on_after(limits.close_timeout):
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await link.send_all(encode_json(ErrorReply(code=code, message=text)))
+            wire = link.wire(link.mode)
+            await link.send_all(wire.encode(ErrorReply(code=code, message=text)))
     await link.abort()
 
 

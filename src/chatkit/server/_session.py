@@ -200,6 +200,7 @@ class Session:
         self._proto = ServerConnection(
             max_line_length=limits.max_line_length,
             max_hello_length=limits.max_hello_length,
+            mode=link.mode,
         )
         self.outbox = Outbox(link, self, limits, fanout.busy, stats, nursery)
         self.name = ""

@@ -76,12 +76,20 @@ class Link(trio.abc.Stream):
     sock: socket.socket | None
     """The plain socket to write to without blocking (from the event loop,
     as the room fast path does), or None (TLS, or closed)."""
+    mode: Mode = Mode.UNKNOWN
+    """The mode the client speaks from the start; ``UNKNOWN``: its first
+    line chooses."""
 
     def wire(self, mode: Mode) -> WireFormat:
         """The format output takes once the client chose ``mode``: the
         protocol's own (:func:`chatkit.protocol.wire_format`), unless the
         transport frames output otherwise."""
         return wire_format(mode)
+
+    def attach(self, write: Callable[[bytes], None]) -> None:
+        """Where the link writes frames of its own (a WebSocket's pongs),
+        once the connection has an outbox: ``write`` puts them after the
+        whole frames already sent, never inside one. Nothing by default."""
 
     @abstractmethod
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
@@ -91,6 +99,11 @@ class Link(trio.abc.Stream):
     @abstractmethod
     async def abort(self) -> None:
         """Close at once, without waiting for the peer; idempotent."""
+
+    @abstractmethod
+    def close_now(self) -> None:
+        """Close the connection now, from any task: a read or write under
+        way wakes up to a closed link. Idempotent."""
 
 
 class Transport(Protocol):
@@ -356,11 +369,15 @@ class TcpLink(Link):
 
     async def aclose(self) -> None:
         """Close the socket (at once: TCP has nothing to say goodbye with)."""
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """See :meth:`Link.close_now`."""
         sock, self.sock = self.sock, None
         if sock is not None:
             trio.lowlevel.notify_closing(sock)
             sock.close()
-        await trio.lowlevel.checkpoint()
 
     async def abort(self) -> None:
         """See :meth:`Link.abort`."""
@@ -371,9 +388,10 @@ class TlsLink(Link):
     """A :class:`Link` over TLS on a :class:`TcpLink` (no direct writes:
     every byte goes through the TLS stream)."""
 
-    __slots__ = ("_tls", "address", "peer", "sock")
+    __slots__ = ("_plain", "_tls", "address", "peer", "sock")
 
     def __init__(self, plain: TcpLink, context: ssl.SSLContext) -> None:
+        self._plain = plain
         self.peer = plain.peer
         self.address = plain.address
         self.sock: socket.socket | None = None
@@ -402,6 +420,10 @@ class TlsLink(Link):
     async def abort(self) -> None:
         """See :meth:`Link.abort`."""
         await trio.aclose_forcefully(self._tls)
+
+    def close_now(self) -> None:
+        """See :meth:`Link.close_now` (no TLS goodbye)."""
+        self._plain.close_now()
 
 
 def _watch_peer(sock: socket.socket, user_timeout: float | None) -> None:
