@@ -210,11 +210,12 @@ def test_reconnects_after_a_restart_and_shows_what_was_missed_once(
     alice.expect_text("bob before")
     bob.close()
 
-    # The page cannot reach the server until bob has spoken on the new one:
-    # what he says is missed, and read from history on reconnect.
-    alice.page.context.set_offline(True)
     server.stop()
     expect(alice.by("banner")).to_have_text("Reconnecting...")
+    # The first attempt is at least 250 ms away. Until bob has spoken on the
+    # new server, the page cannot reach it: what he says is missed, and
+    # read from history on the way back.
+    alice.page.context.set_offline(True)
     server.start()  # the same ports, the same database
     bob = open_user(server.port, "bob")
     bob.join("dev")
@@ -330,8 +331,10 @@ def test_a_wrong_origin_is_refused(start_server, browser: Browser) -> None:
     ):
         server = start_server("--web-origin", good)
         port[0] = server.web_port
-        # Only the allowed origin is let in (it replaces the default, the
-        # page's own); a client without Origin (not a browser) is too.
+        # The allowed origin is let in, besides the page's own; a client
+        # without Origin (not a browser) is too; any other is refused.
+        own = f"http://127.0.0.1:{server.web_port}"
+        assert _handshake(server.web_port, own).split()[1] == "101"
         assert _handshake(server.web_port, good).split()[1] == "101"
         assert _handshake(server.web_port, evil).split()[1] == "403"
         assert _handshake(server.web_port, None).split()[1] == "101"
