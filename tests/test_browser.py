@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import re
 import socket
 import threading
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Playwright, expect, sync_playwright
+
+import chatkit
 
 from .browser import CHROMIUM, TIMEOUT, ChatPage, TcpUser, WebServer, new_page
 
@@ -346,6 +349,50 @@ def test_a_wrong_origin_is_refused(start_server, browser: Browser) -> None:
                 expect(page.locator("#result")).to_have_text(
                     result, timeout=TIMEOUT * 1000
                 )
+        finally:
+            context.close()
+
+
+def test_the_embedding_example_of_the_docs_works_from_another_site(
+    start_server, open_user, browser: Browser
+) -> None:
+    """docs/browsers.md's example, as another site's page importing
+    chatkit.js from the chat server."""
+    example = re.search(
+        r"```html\n(.*?)```", (ROOT / "docs/browsers.md").read_text(), re.DOTALL
+    )
+    assert example, "no html example in docs/browsers.md"
+    chat_server = "https://chat.example.com:8443"
+    assert chat_server in example[1]
+    url = [""]
+    with probe_site(lambda: example[1].replace(chat_server, url[0])) as site:
+        server = start_server("--web-origin", site)
+        url[0] = server.url.rstrip("/")
+        carol = open_user(server.port, "carol")
+        carol.join("support")
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{site}/")
+            joined = carol.wait_for(
+                lambda e: (
+                    isinstance(e, chatkit.Joined)
+                    and e.room == "support"
+                    and e.name != "carol"
+                )
+            )
+            assert isinstance(joined, chatkit.Joined)
+            assert joined.name.startswith("guest")
+            carol.say("how can I help?", "support")
+            expect(page.locator("#log li")).to_have_text(["carol: how can I help?"])
+            page.locator("#text").fill("my <b>order</b>")
+            page.locator("#text").press("Enter")
+            expect(page.locator("#log li")).to_have_text(
+                ["carol: how can I help?", f"{joined.name}: my <b>order</b>"]
+            )
+            assert errors == []
         finally:
             context.close()
 
