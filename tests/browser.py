@@ -296,7 +296,8 @@ class ChatPage:
 
     def expect_text(self, text: str) -> None:
         """Until a message with exactly ``text`` is shown."""
-        expect(self.by("message-text").filter(has_text=text).first).to_have_text(text)
+        exactly = re.compile(f"^{re.escape(text)}$")
+        expect(self.by("message-text").filter(has_text=exactly)).to_have_count(1)
 
 
 def new_page(
