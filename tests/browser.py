@@ -40,9 +40,10 @@ WEB = re.compile(r"^Web chat on (http://127\.0\.0\.1:(\d+)/)$")
 
 class WebServer:
     """``python -m chatkit.server`` with a web port, on 127.0.0.1, its
-    history in ``db``. Killed (its whole process group) by :meth:`kill`."""
+    history in ``db`` (``None``: in memory). Killed (its whole process
+    group) by :meth:`kill`."""
 
-    def __init__(self, cwd: Path, db: Path, *extra: str) -> None:
+    def __init__(self, cwd: Path, db: Path | None, *extra: str) -> None:
         self.cwd = cwd
         self.db = db
         self.extra = extra
@@ -67,8 +68,7 @@ class WebServer:
                 str(self.port),
                 "--web-port",
                 str(self.web_port),
-                "--db",
-                str(self.db),
+                *(["--db", str(self.db)] if self.db else ["--no-db"]),
                 "--no-interactive",
                 *self.extra,
             ],

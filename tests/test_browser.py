@@ -56,8 +56,9 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     history in tmp_path; killed at teardown."""
     servers: list[WebServer] = []
 
-    def start(*extra: str) -> WebServer:
-        server = WebServer(tmp_path, tmp_path / f"chat{len(servers)}.sqlite3", *extra)
+    def start(*extra: str, db: bool = True) -> WebServer:
+        path = tmp_path / f"chat{len(servers)}.sqlite3" if db else None
+        server = WebServer(tmp_path, path, *extra)
         servers.append(server)
         return server.start()
 
@@ -202,6 +203,16 @@ def test_older_history_loads_on_scroll(start_server, open_user, pages) -> None:
     assert ids == sorted(ids)
 
 
+def restart_offline(server: WebServer, page: ChatPage) -> None:
+    """Restart ``server`` (same ports) with ``page`` offline once it saw the
+    server go: it stays away until set online again."""
+    server.stop()
+    expect(page.by("banner")).to_have_text(re.compile(r"^Reconnecting\.\.\."))
+    # Only now: Chromium's offline mode would hide the server's close frame.
+    page.page.context.set_offline(True)
+    server.start()
+
+
 def test_reconnects_after_a_restart_and_shows_what_was_missed_once(
     start_server, open_user, pages
 ) -> None:
@@ -215,12 +226,9 @@ def test_reconnects_after_a_restart_and_shows_what_was_missed_once(
     alice.expect_text("bob before")
     bob.close()
 
-    server.stop()
-    expect(alice.by("banner")).to_have_text(re.compile(r"^Reconnecting\.\.\."))
     # Until bob has spoken on the new server, the page cannot reach it: what
     # he says is missed, and read from history on the way back.
-    alice.page.context.set_offline(True)
-    server.start()  # the same ports, the same database
+    restart_offline(server, alice)  # the same ports, the same database
     bob = open_user(server.port, "bob")
     bob.join("dev")
     bob.say("missed 1", "dev")
@@ -246,6 +254,28 @@ def test_reconnects_after_a_restart_and_shows_what_was_missed_once(
     # Still in dev after the restart, as far as the server knows too.
     expect(alice.by("member-alice")).to_be_visible()
     assert "alice" in bob._call(bob.client.who, "dev")
+
+
+def test_a_restart_without_history_starts_ids_over_and_nothing_is_dropped(
+    start_server, open_user, pages
+) -> None:
+    server = start_server(db=False)
+    alice = pages(server.url).login("alice")
+    bob = open_user(server.port, "bob")
+    for text in ("one", "two", "three"):
+        bob.say(text)
+        alice.expect_text(text)
+    bob.close()
+    restart_offline(server, alice)
+    bob = open_user(server.port, "bob")
+    first = bob.say("fresh 1")  # the ids start over: 1 again
+    alice.page.context.set_offline(False)
+    expect(alice.by("banner")).to_be_hidden()
+    bob.say("fresh 2")
+    alice.expect_text("fresh 2")
+    assert first.id == 1
+    assert alice.texts() == ["one", "two", "three", "fresh 1", "fresh 2"]
+    expect(alice.by("notice").filter(has_text="without its history")).to_have_count(1)
 
 
 def test_html_in_a_message_is_text_and_runs_nothing(

@@ -513,6 +513,19 @@ function onReconnecting({ attempt }) {
   banner(attempt > 1 ? `Reconnecting... (attempt ${attempt})` : "Reconnecting...");
 }
 
+// The server lost its history: its new ids may repeat those shown. What is
+// shown stays; from here on the room's (and the DMs') ids count afresh.
+function onRestarted({ room }) {
+  for (const conv of conversations.values()) {
+    if (conv.kind === "dm" || conv.name === room) {
+      conv.ids.clear();
+      conv.lastId = 0;
+      conv.historyDone = true;
+      if (conv.kind === "room") addNotice(conv, "The server restarted without its history.");
+    }
+  }
+}
+
 function onReconnected({ missed }) {
   banner(null);
   if (missed > 0) toast(`Reconnected: ${missed} new message${missed === 1 ? "" : "s"}.`, "info");
@@ -673,6 +686,7 @@ function start(name, token) {
   attempt.on("state", onState);
   attempt.on("reconnecting", onReconnecting);
   attempt.on("reconnected", onReconnected);
+  attempt.on("restarted", onRestarted);
   attempt.on("close", onClose);
   attempt.on("error", (event) => {
     if (!$("app").hidden) toast(explain(event));

@@ -100,8 +100,12 @@ function defaultUrl() {
  * - `state`: `{state}` when `chat.state` changes: "connecting", "open",
  *   "reconnecting", "closed".
  * - `reconnecting`: `{attempt, delay, reason}` before each attempt.
- * - `reconnected`: `{missed}`: back, rooms re-joined, missed messages
- *   delivered (as `message` events, before this one).
+ * - `reconnected`: `{missed, restarted}`: back, rooms re-joined, missed
+ *   messages delivered (as `message` events, before this one). `restarted`
+ *   lists the rooms of the `restarted` events of this reconnect.
+ * - `restarted`: `{room}`: the message ids of `room` started over (the
+ *   server restarted without its history), so its new messages may reuse
+ *   ids seen before; sent before they are delivered.
  * - `close`: `{reason, code}`: the end; no more events. `code` is the
  *   error code that ended it (`kicked`, `name_taken`...) or "closed"
  *   after `chat.close()`, "gave_up" never (it keeps trying).
@@ -143,7 +147,6 @@ export class Chat {
     this._timer = null;
     this._pingTimer = null;
     this._pongTimer = null;
-    this._lastSent = 0;
     this._readyCallbacks = null;
     /** Resolves with the first welcome; rejects (a ChatError) if the
      * first login fails (`name_taken`, `bad_name`, `unauthorized`...). */
@@ -314,7 +317,6 @@ export class Chat {
   }
 
   _send(object) {
-    this._lastSent = Date.now();
     this._ws.send(JSON.stringify(object));
   }
 
@@ -585,6 +587,7 @@ export class Chat {
     const resume = {
       holding: new Map([...wanted].map((room) => [room, []])),
       overflowed: new Set(),
+      restarted: [], // rooms whose ids started over: read anew
       rejoining: new Set([...wanted, LOBBY]),
       dropping: new Set(wanted.has(LOBBY) ? [] : [LOBBY]),
     };
@@ -620,7 +623,7 @@ export class Chat {
     this._resume = null;
     this._setState("open");
     this._releaseWaiters();
-    this._emit("reconnected", { missed });
+    this._emit("reconnected", { missed, restarted: resume.restarted });
   }
 
   async _catchUpRoom(resume, room) {
@@ -643,6 +646,8 @@ export class Chat {
         if (!page.length || (page[0].id === known.id && !sameMessage(page[0], known))) {
           this._seen.delete(room);
           this._marks.delete(room);
+          resume.restarted.push(room);
+          this._emit("restarted", { room });
           after = floor = 0;
           page = await this._historyAfter(room, 0);
         } else {
