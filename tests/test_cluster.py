@@ -542,3 +542,35 @@ async def test_ids_around_a_partition_are_as_documented(redis: RedisServer) -> N
         assert await unreffed(bob, 2) == after
         # Only what went through Redis is in the shared history.
         assert await bob.history("lobby") == (first, meanwhile, *after)
+
+
+async def test_a_browser_on_one_node_chats_with_tcp_users_on_another(
+    redis: RedisServer,
+) -> None:
+    from tests.wsclient import WsClient
+
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                chatkit.open_server(backplane=RedisBackplane(redis.url), web_port=0)
+            )
+            for _ in range(2)
+        ]
+        assert a.web_port is not None
+        browser = await WsClient.open(a.web_port)
+        stack.push_async_callback(browser.aclose)
+        await browser.hello("alice")
+        bob = await stack.enter_async_context(
+            chatkit.open_client(port=b.port, name="bob")
+        )
+        await browser.expect("joined", name="bob")
+        await browser.send_json(type="say", text="across nodes", ref=1)
+        sent = await browser.expect("message", ref=1)
+        got = await messages(bob, 1)
+        assert (got[0].id, got[0].text, got[0].sender) == (
+            sent["id"],
+            "across nodes",
+            "alice",
+        )
+        await bob.say("back to you")
+        await browser.expect("message", text="back to you")

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 import chatkit
+import chatkit.auth
 from chatkit.websocket import WEBSOCKET, encode_websocket
 from tests.conftest import OpenRaw, login
 from tests.programs import start_server
@@ -197,6 +198,8 @@ async def test_the_pages_own_origin_and_no_origin_are_let_in(
     web: chatkit.ChatServer, open_ws: Any
 ) -> None:
     await open_ws(origin=f"http://127.0.0.1:{web.web_port}")
+    # https: the page was served through a proxy that ends TLS.
+    await open_ws(origin=f"https://127.0.0.1:{web.web_port}")
     await open_ws(
         origin=f"http://LOCALHOST:{web.web_port}", host=f"localhost:{web.web_port}"
     )
@@ -205,7 +208,7 @@ async def test_the_pages_own_origin_and_no_origin_are_let_in(
 
 @pytest.mark.parametrize(
     "origin",
-    ["http://evil.example", "null", "http://127.0.0.1:1", "https://127.0.0.1:{port}"],
+    ["http://evil.example", "null", "http://127.0.0.1:1", "http://127.0.0.2:{port}"],
 )
 async def test_another_origin_is_refused_with_403(
     web: chatkit.ChatServer, connect: Any, origin: str, caplog: pytest.LogCaptureFixture
@@ -511,3 +514,19 @@ async def test_the_cli_refuses_a_bad_web_origin(launch: Any) -> None:
     server = await launch("server", "--web-port", "0", "--web-origin", "example.com")
     assert "is not an origin" in "\n".join(await server.rest())
     assert await server.wait() == 2
+
+
+async def test_a_browser_logs_in_with_the_token_in_hello(
+    opened: list[WsClient],
+) -> None:
+    plugins = [chatkit.auth.TokenAuth("s3cret")]
+    async with chatkit.open_server(web_port=0, plugins=plugins) as web:
+        assert web.web_port is not None
+        wrong = await WsClient.open(web.web_port)
+        opened.append(wrong)
+        await wrong.send_json(type="hello", name="eve", protocol=1, token="guess")
+        error = await wrong.expect("error")
+        assert error["code"] == "unauthorized"
+        right = await WsClient.open(web.web_port)
+        opened.append(right)
+        await right.hello("alice", token="s3cret")

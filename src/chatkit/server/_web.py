@@ -48,6 +48,7 @@ __all__ = ["Pages", "WebSocketLink", "WebTransport", "normalize_origin"]
 log = logging.getLogger("chatkit.server")
 
 _PING: Final = b"\x89\x00"  # a final ping frame, empty: frame(b"", 0x9)
+_SCHEMES: Final = ("http", "https")
 # Close codes that say nothing went wrong (1006: closed without a frame).
 _CLEAN_CLOSES: Final = frozenset((CloseCode.NORMAL, CloseCode.GOING_AWAY, 1006))
 _CONTENT_TYPES: Final = MappingProxyType(
@@ -274,14 +275,15 @@ class WebTransport(TcpTransport):
             return False  # "null" (a sandboxed page, a file) and the like
         if origin in self.origins:
             return True
-        # The page's own origin: the host the browser asked for, on the
-        # scheme this port speaks.
-        scheme = "http" if self.ssl_context is None else "https"
+        # The page's own origin: the host (and port) the browser asked for.
+        # Either scheme: behind a proxy that ends TLS, a page served over
+        # https reaches this port as plain http.
+        host = headers.get("host", "")
         try:
-            own = normalize_origin(f"{scheme}://{headers.get('host', '')}")
+            own = {normalize_origin(f"{scheme}://{host}") for scheme in _SCHEMES}
         except ValueError:
             return False
-        return origin == own
+        return origin in own
 
     async def _keepalive(self, interval: float) -> None:
         """Ping every WebSocket every ``interval`` seconds; close those that
