@@ -8,6 +8,8 @@ PACKAGES=(
     ngircd  # benchmarks/fanout.py compares chatkit with it (nox -s bench_smoke)
     redis-server  # tests/test_cluster.py starts its own on a free port
     iptables  # the half-open test drops a loopback peer's packets (needs root)
+    chromium  # tests/test_browser.py drives the web page in it (Playwright)
+    fonts-dejavu-core  # readable text in the page's screenshots (docs/images)
 )
 
 missing=()

@@ -141,7 +141,10 @@ class WebTransport(TcpTransport):
     ``https://`` and ``wss://``).
 
     Args:
-        host, port, ssl_context, user_timeout: as :class:`TcpTransport`.
+        host: as :class:`TcpTransport`.
+        port: as :class:`TcpTransport`.
+        ssl_context: as :class:`TcpTransport` (``https://`` and ``wss://``).
+        user_timeout: as :class:`TcpTransport`.
         origins: the ``Origin`` values a browser's WebSocket may come from,
             besides the page's own (``"*"``: any); a request without
             ``Origin`` (not a browser) is let in.
