@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import chatkit
 import chatkit.auth
-from chatkit.websocket import WEBSOCKET, encode_websocket
+from chatkit.websocket import WEBSOCKET, WebSocketReader, encode_websocket
 from tests.conftest import OpenRaw, login
 from tests.programs import start_server
 from tests.wsclient import (
@@ -118,6 +120,55 @@ def test_frame_end_finds_each_frame_of_a_run() -> None:
         for position in (start, (start + end) // 2, end - 1):
             assert WEBSOCKET.frame_end(data, position) == end
         start = end
+
+
+@st.composite
+def client_streams(draw: st.DrawFn) -> tuple[list[bytes], bytes, int]:
+    """Client frames as a browser (or a stranger client) may send them:
+    text messages, some fragmented, some large, pings between fragments;
+    the stream cut in random pieces. Returns the pieces, the lines the
+    reader must make of them, and how many pings there were."""
+    stream = bytearray()
+    expected = bytearray()
+    pings = 0
+    for _ in range(draw(st.integers(1, 8))):
+        text = draw(st.text(max_size=40)) * draw(st.sampled_from([1, 1, 1, 2000]))
+        payload = text.encode()
+        cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=3)))
+        pieces = [
+            payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)
+        ]
+        for index, piece in enumerate(pieces):
+            if index and draw(st.booleans()):
+                stream += client_frame(b"p%d" % pings, PING)
+                pings += 1
+            opcode = CONTINUATION if index else TEXT
+            stream += client_frame(piece, opcode, fin=index == len(pieces) - 1)
+        expected += payload.replace(b"\n", b"\r") + b"\n"
+    points = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    chunks = [
+        bytes(stream[a:b])
+        for a, b in zip([0, *points], [*points, len(stream)], strict=True)
+    ]
+    return chunks, bytes(expected), pings
+
+
+@given(client_streams())
+@settings(max_examples=300, deadline=None)
+def test_the_reader_makes_one_line_per_message_however_the_bytes_come(
+    case: tuple[list[bytes], bytes, int],
+) -> None:
+    chunks, expected, pings = case
+    reader = WebSocketReader()
+    out = bytearray()
+    pongs = 0
+    for chunk in chunks:
+        if chunk:
+            out += reader.receive_data(chunk)
+            pongs += reader.pong is not None
+    assert reader.close_code is None, reader.close_reason
+    assert bytes(out) == expected
+    assert (pongs > 0) == (pings > 0)
 
 
 # --- handshake and HTTP ----------------------------------------------------
@@ -356,8 +407,18 @@ async def test_an_unmasked_client_frame_closes_with_1002(
         (client_frame(b"\x00\x01", BINARY), 1003),
         (client_frame(b"x", CONTINUATION), 1002),
         (client_frame(b"x" * 126, PING), 1002),
+        (client_frame(b'{"type":', fin=False) + client_frame(b'"ping"}'), 1002),
+        # A 16-bit length of 4: RFC 6455 wants the shortest form.
+        (bytes([0x81, 0xFE, 0, 4]) + client_frame(b"abcd")[2:], 1002),
     ],
-    ids=["invalid-utf8", "binary", "stray-continuation", "long-ping"],
+    ids=[
+        "invalid-utf8",
+        "binary",
+        "stray-continuation",
+        "long-ping",
+        "text-inside-a-message",
+        "long-length-for-a-short-frame",
+    ],
 )
 async def test_frames_rfc_6455_forbids_close_with_its_code(
     open_ws: Any, frame: bytes, code: int

@@ -212,6 +212,16 @@ class HttpRequestReader:
         return self._http.trailing_data[0]
 
 
+def _unmask(key: bytes, payload: bytes) -> bytes:
+    """A client frame's ``payload`` unmasked: XORed with its ``key``
+    repeated, as one big-integer operation (in C, not a byte at a time)."""
+    size = len(payload)
+    if not size:
+        return payload
+    mask = (key * ((size + 3) // 4))[:size]
+    return (int.from_bytes(payload) ^ int.from_bytes(mask)).to_bytes(size)
+
+
 def _tokens(value: str) -> set[str]:
     return {token.strip().lower() for token in value.split(",")}
 
@@ -292,6 +302,15 @@ class WebSocketReader:
     come: a message is never held whole here, and the line reader's length
     limit applies to it as to a TCP line.
 
+    What browsers send is almost always a whole, final, masked text frame of
+    up to 64 KiB: such a frame is read here directly (its header parsed in
+    place, its payload unmasked by one big-integer XOR, its UTF-8 checked by
+    ``isascii`` or a decode). Every other frame (control frames, fragments,
+    larger or incomplete frames, anything RFC 6455 forbids) goes to wsproto,
+    which then reads exactly that frame: this reader finds where each frame
+    ends, so wsproto is always at a frame boundary when a frame it does not
+    see comes.
+
     After :meth:`receive_data`, :attr:`pong` is the pong to send, if a ping
     came (one for the last ping of a read, as RFC 6455 allows), and
     :attr:`close_code` is set once the connection must close: the client
@@ -300,18 +319,27 @@ class WebSocketReader:
     many frames in one read: 1008). Nothing is read after that.
     """
 
-    __slots__ = ("_ws", "close_code", "close_reason", "heard", "pong")
+    __slots__ = (
+        "_head",
+        "_in_message",
+        "_to_wsproto",
+        "_ws",
+        "close_code",
+        "close_reason",
+        "heard",
+        "pong",
+    )
 
-    def __init__(self, trailing_data: bytes = b"") -> None:
+    def __init__(self) -> None:
         self._ws = Connection(ConnectionType.SERVER)
+        self._head = b""  # the start of a frame header, not complete yet
+        self._to_wsproto = 0  # bytes of the current frame still for wsproto
+        self._in_message = False  # a fragmented message is under way
         self.pong: bytes | None = None
         self.close_code: int | None = None
         self.close_reason = ""
         self.heard = False
-        """Set by every frame received (the keepalive clears it)."""
-        if trailing_data:
-            # Frames sent with the upgrade request: read with the first read.
-            self._ws.receive_data(trailing_data)
+        """Set by every read (the keepalive clears it)."""
 
     def receive_data(self, data: bytes | bytearray) -> bytes:
         """Read ``data`` (``b""``: the client closed); returns the line
@@ -319,13 +347,75 @@ class WebSocketReader:
         self.pong = None
         if self.close_code is not None:
             return b""
-        ws = self._ws
-        if data:
-            ws.receive_data(bytes(data))
-        else:
-            ws.receive_data(None)  # closed without a close frame
+        self.heard = True
+        if not data:
+            self._close(1006, "closed without a close frame")
+            return b""
+        buf = self._head + data if self._head else bytes(data)
+        self._head = b""
+        size = len(buf)
         out = bytearray()
-        for frames, event in enumerate(ws.events(), 1):
+        position = frames = 0
+        while position < size and self.close_code is None:
+            if self._to_wsproto:
+                take = min(self._to_wsproto, size - position)
+                self._to_wsproto -= take
+                self._wsproto(buf[position : position + take], out)
+                position += take
+                continue
+            first = buf[position]
+            length = buf[position + 1] & 0x7F if position + 1 < size else 0
+            head = 2 + (2 if length == 126 else 8 if length == 127 else 0) + 4
+            if position + head > size:
+                self._head = buf[position:]  # at most 13 bytes
+                break
+            frames += 1
+            if frames > _MAX_FRAMES_PER_READ:
+                self._close(CloseCode.POLICY_VIOLATION, "too many frames at once")
+                break
+            if length == 126:
+                length = (buf[position + 2] << 8) | buf[position + 3]
+                minimal = length > 125
+            else:
+                minimal = length < 126
+            end = position + head + length
+            if (
+                first == 0x81  # final text frame, no extension bits
+                and buf[position + 1] & 0x80  # masked
+                and minimal
+                and end <= size
+                and not self._in_message
+            ):
+                start = position + head
+                payload = _unmask(buf[start - 4 : start], buf[start:end])
+                if not payload.isascii():
+                    try:
+                        payload.decode()
+                    except UnicodeDecodeError:
+                        self._close(
+                            CloseCode.INVALID_DATA, "invalid UTF-8 in a text frame"
+                        )
+                        break
+                if b"\n" in payload:
+                    payload = payload.replace(b"\n", b"\r")
+                out += payload
+                out += b"\n"
+                position = end
+                continue
+            # wsproto reads this frame. An unmasked one (whose header is
+            # shorter) it refuses from its header: it gets the rest.
+            opcode = first & 0x0F
+            if opcode in (0x0, 0x1, 0x2):
+                self._in_message = not first & 0x80
+            masked = buf[position + 1] & 0x80
+            self._to_wsproto = end - position if masked else size - position
+        return bytes(out)
+
+    def _wsproto(self, data: bytes, out: bytearray) -> None:
+        """Give wsproto bytes of the frame it reads; act on what it makes."""
+        ws = self._ws
+        ws.receive_data(data)
+        for event in ws.events():
             if isinstance(event, TextMessage):
                 out += event.data.encode().replace(b"\n", b"\r")
                 if event.message_finished:
@@ -338,16 +428,11 @@ class WebSocketReader:
                     CloseCode.NORMAL if code == CloseCode.NO_STATUS else code,
                     event.reason or "",
                 )
-                break
+                return
             elif isinstance(event, BytesMessage):
                 self._close(CloseCode.UNSUPPORTED_DATA, "binary frames are not used")
-                break
+                return
             # A pong (to the keepalive's ping) needs nothing.
-            if frames > _MAX_FRAMES_PER_READ:
-                self._close(CloseCode.POLICY_VIOLATION, "too many frames at once")
-                break
-        self.heard = True
-        return bytes(out)
 
     def closed(self) -> bool:
         """Whether the connection must close (:attr:`close_code` is set)."""
