@@ -108,6 +108,20 @@ def test_a_server_frame_is_unmasked_with_the_shortest_length(size: int) -> None:
         assert (length, struct.unpack("!Q", data[2:10])[0]) == (127, len(payload))
 
 
+@given(st.lists(st.text(), min_size=1, max_size=5))
+def test_framing_json_lines_is_framing_each_event(texts: list[str]) -> None:
+    # The fan-out frames the JSON lines it made once for JSON-mode members
+    # instead of encoding the events again: the same bytes.
+    events = [
+        chatkit.Message(id=i, ts=1.5, room="lobby", sender="a", text=text)
+        for i, text in enumerate(texts)
+    ]
+    lines = b"".join(map(chatkit.protocol.encode_json, events))
+    framed = b"".join(map(encode_websocket, events))
+    assert WEBSOCKET.from_json is not None
+    assert WEBSOCKET.from_json(lines) == framed
+
+
 def test_frame_end_finds_each_frame_of_a_run() -> None:
     frames = [
         encode_websocket(chatkit.protocol.ErrorReply(code="x", message="y" * size))

@@ -272,12 +272,17 @@ class WireFormat(NamedTuple):
             them, where the frame holding that position ends (so that
             output cut short after a partial write can finish the frame on
             the wire).
+        from_json: the format's bytes for JSON-mode lines (each one an
+            event as :func:`encode_json` makes it), if it can make them
+            more cheaply than :attr:`encode` from the events (a WebSocket
+            frames each line); ``None``: it cannot.
     """
 
     name: str
     encode: Callable[[Event], bytes]
     echo: bool
     frame_end: Callable[[bytes | bytearray, int], int] = _line_end
+    from_json: Callable[[bytes], bytes] | None = None
 
     def encode_all(self, events: Iterable[Event]) -> bytes:
         """Several events, one after the other, as one piece of bytes."""

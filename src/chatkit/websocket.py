@@ -58,6 +58,7 @@ __all__ = [
     "close_frame",
     "encode_websocket",
     "frame",
+    "frame_json_lines",
     "http_response",
 ]
 
@@ -133,8 +134,18 @@ def _frame_end(data: bytes | bytearray, position: int) -> int:
         start = end
 
 
+def frame_json_lines(lines: bytes) -> bytes:
+    """JSON-mode lines (each ended by ``\\n``, none holding another: JSON
+    escapes them) as text frames, one per line, without the ``\\n``."""
+    if lines.count(b"\n") == 1:
+        return frame(lines[:-1])
+    return b"".join(map(frame, lines.split(b"\n")[:-1]))
+
+
 #: WebSocket: one JSON object per text frame (JSON mode's events and echo).
-WEBSOCKET: Final = WireFormat("websocket", encode_websocket, True, _frame_end)
+WEBSOCKET: Final = WireFormat(
+    "websocket", encode_websocket, True, _frame_end, frame_json_lines
+)
 
 
 # --- the HTTP request -------------------------------------------------------

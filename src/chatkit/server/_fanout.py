@@ -496,6 +496,8 @@ def _payload(wire: WireFormat, runs: Sequence[_Run]) -> bytes:
     """What every member but the origins gets of ``runs``, in ``wire``."""
     if wire is JSON_LINES:
         return b"".join(run.data for run in runs)
+    if wire.from_json is not None:
+        return wire.from_json(b"".join(run.data for run in runs))
     return wire.encode_all(event for run in runs for event in run.events)
 
 
@@ -508,10 +510,9 @@ def _own_copy(origin: Member, runs: Sequence[_Run]) -> tuple[bytes, int]:
         events = [e for run in runs if run.origin is not origin for e in run.events]
         return wire.encode_all(events), len(events)
     count = sum(len(run.events) for run in runs)
-    if wire is JSON_LINES:
-        return b"".join(
-            run.own if run.origin is origin else run.data for run in runs
-        ), count
+    if wire is JSON_LINES or wire.from_json is not None:
+        lines = b"".join(run.own if run.origin is origin else run.data for run in runs)
+        return lines if wire.from_json is None else wire.from_json(lines), count
     own = (
         msgspec.structs.replace(event, ref=ref)
         if ref is not None and run.origin is origin
