@@ -163,14 +163,17 @@ async def test_a_newline_flood_is_rate_limited_and_disconnected(
 
             async def flooder(i: int, stream: trio.SocketStream | None) -> None:
                 for again in itertools.count():
+                    fresh = stream is None
                     if stream is None:
                         stream = await connect_from(port, address(FLOODERS + i))
-                        if i < len(names):
-                            await stream.send_all(f"{names[i]}.{again}\n".encode())
                     into = bytearray()
                     received.append(into)
                     began = trio.current_time()
                     try:
+                        # In the try: the attack may end while a name is
+                        # sent, and the stream must be closed all the same.
+                        if fresh and i < len(names):
+                            await stream.send_all(f"{names[i]}.{again}\n".encode())
                         async with trio.open_nursery() as own:
                             own.start_soon(send_newlines, stream)
                             await read_all(stream, into)
