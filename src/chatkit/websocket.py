@@ -342,7 +342,9 @@ class WebSocketReader:
     )
 
     def __init__(self) -> None:
-        self._ws = Connection(ConnectionType.SERVER)
+        # wsproto's connection, made for the first frame it must read (most
+        # connections never send one: an idle one then costs less).
+        self._ws: Connection | None = None
         self._head = b""  # the start of a frame header, not complete yet
         self._to_wsproto = 0  # bytes of the current frame still for wsproto
         self._in_message = False  # a fragmented message is under way
@@ -425,6 +427,8 @@ class WebSocketReader:
     def _wsproto(self, data: bytes, out: bytearray) -> None:
         """Give wsproto bytes of the frame it reads; act on what it makes."""
         ws = self._ws
+        if ws is None:
+            ws = self._ws = Connection(ConnectionType.SERVER)
         ws.receive_data(data)
         for event in ws.events():
             if isinstance(event, TextMessage):
