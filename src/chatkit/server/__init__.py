@@ -9,6 +9,7 @@ importing only the ones listed after it:
 * ``_rules``: what each request does, and what leaving does;
 * ``_session``: one connection's reading (handshake, timeouts, rate limit);
 * ``_fanout``: every output, in batches, stored before seen;
+* ``_batch``: what a batch holds, and its hand-over to the outboxes;
 * ``_rooms``: who is in which room;
 * ``_outbox``: one connection's bounded buffer and its writes;
 * ``_web``: browsers: HTTP and WebSocket on the web port;

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 import trio
@@ -43,14 +43,25 @@ import trio
 from .._events import (
     DirectMessage,
     ErrorReply,
-    Joined,
-    Left,
     Message,
-    Renamed,
     ServerEvent,
 )
 from .._exceptions import ErrorCode
-from ..protocol import JSON_LINES, WireFormat, encode_json
+from ..protocol import encode_json
+from ._batch import (
+    Broadcast,
+    Close,
+    Direct,
+    Each,
+    Item,
+    RoomEvent,
+    Run,
+    encode_or_nothing,
+    hand_over,
+    others_copy,
+    own_copy,
+    with_ref,
+)
 from ._transport import send_each
 
 if TYPE_CHECKING:
@@ -67,77 +78,13 @@ log = logging.getLogger("chatkit.server")
 _SEAL_SHARE: Final = 4
 _T = TypeVar("_T")
 
-RoomEvent: TypeAlias = Message | Joined | Left | Renamed
-
-
-class _Run:
-    """Consecutive broadcasts to one room from one origin."""
-
-    __slots__ = ("data", "events", "origin", "own", "refs")
-
-    def __init__(self, origin: Member | None) -> None:
-        self.origin = origin
-        self.events: list[RoomEvent] = []
-        self.refs: list[Any] = []  # each event's ref, for the origin's copy
-        self.data = bytearray()  # JSON, for every member but origin
-        self.own = bytearray()  # JSON, origin's copies (with refs)
-
-
-class _Broadcast:
-    """Consecutive broadcasts to one room, for the members it had when they
-    were published (its ``version``): whoever joined since does not get
-    them, whoever left since does (see :class:`Room`)."""
-
-    __slots__ = ("frames", "room", "runs", "version")
-
-    def __init__(self, room: Room) -> None:
-        self.room = room
-        self.version = room.version
-        self.runs: list[_Run] = []
-        self.frames = 0
-
-
-class _Direct:
-    """Consecutive events for one connection; ``echoes``: the positions of
-    the sender's own copies of its direct messages."""
-
-    __slots__ = ("echoes", "events", "outbox")
-
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        self.events: list[ServerEvent] = []
-        self.echoes: list[int] | None = None
-
-
-class _Each:
-    """One event for several members, each once (a rename)."""
-
-    __slots__ = ("event", "members")
-
-    def __init__(self, members: list[Member], event: ServerEvent) -> None:
-        self.members = members
-        self.event = event
-
-
-class _Close:
-    """A connection's last output."""
-
-    __slots__ = ("farewell", "outbox")
-
-    def __init__(self, outbox: Outbox, farewell: ServerEvent | None) -> None:
-        self.outbox = outbox
-        self.farewell = farewell
-
-
-_Item: TypeAlias = _Broadcast | _Direct | _Each | _Close
-
 
 class _Batch:
     __slots__ = ("frames", "items", "seq", "size", "stored")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
-        self.items: list[_Item] = []
+        self.items: list[Item] = []
         self.stored = False  # carries messages: flush the store first
         self.frames = 0
         self.size = 0
@@ -168,7 +115,7 @@ class Fanout:
         self._moved = trio.lowlevel.ParkingLot()  # a batch was released
         # Rooms with broadcasts not released yet: a change of membership
         # freezes those first.
-        self._pending: dict[Room, list[_Broadcast]] = {}
+        self._pending: dict[Room, list[Broadcast]] = {}
 
     # --- what handlers call -----------------------------------------------
 
@@ -187,16 +134,16 @@ class Fanout:
         items = batch.items
         item = items[-1] if items else None
         if (
-            not isinstance(item, _Broadcast)
+            not isinstance(item, Broadcast)
             or item.room is not room
             or item.version != room.version  # the members it had then
         ):
-            item = _Broadcast(room)
+            item = Broadcast(room)
             items.append(item)
             self._pending.setdefault(room, []).append(item)
         runs = item.runs
         if not runs or runs[-1].origin is not origin:
-            runs.append(_Run(origin))
+            runs.append(Run(origin))
         run = runs[-1]
         data = encode_json(event)
         run.events.append(event)
@@ -218,8 +165,8 @@ class Fanout:
         batch = self._batch()
         items = batch.items
         item = items[-1] if items else None
-        if not isinstance(item, _Direct) or item.outbox is not outbox:
-            item = _Direct(outbox)
+        if not isinstance(item, Direct) or item.outbox is not outbox:
+            item = Direct(outbox)
             items.append(item)
         if echo:
             if item.echoes is None:
@@ -235,7 +182,7 @@ class Fanout:
         members = list(members)
         if members:
             batch = self._batch()
-            batch.items.append(_Each(members, event))
+            batch.items.append(Each(members, event))
             self._grew(batch, 1, 256)
 
     def close(
@@ -249,9 +196,9 @@ class Fanout:
         ``farewell`` last (``discard``: instead of what is still pending)."""
         if discard:
             # Now, not in turn: it is what the client is too slow to read.
-            outbox.finish(_encode(outbox.wire, farewell), discard=True)
+            outbox.finish(encode_or_nothing(outbox.wire, farewell), discard=True)
             return
-        self._batch().items.append(_Close(outbox, farewell))
+        self._batch().items.append(Close(outbox, farewell))
 
     def owes(self, room: Room) -> bool:
         """Whether broadcasts to ``room`` wait to be released (a member who
@@ -347,15 +294,15 @@ class Fanout:
         items = batch.items
         if not (
             len(items) == 1
-            and isinstance(items[0], _Broadcast)
+            and isinstance(items[0], Broadcast)
             and self._write_room_now(items[0])
         ):
-            _hand_over(items)
+            hand_over(items)
         for item in items:
-            if isinstance(item, _Broadcast):
+            if isinstance(item, Broadcast):
                 self._done_with(item)  # after: it may have owed leavers
 
-    def _done_with(self, item: _Broadcast) -> None:
+    def _done_with(self, item: Broadcast) -> None:
         room = item.room
         pending = self._pending[room]
         pending.remove(item)  # the first of them: batches go in order
@@ -363,7 +310,7 @@ class Fanout:
             del self._pending[room]
             room.forget_departed()
 
-    def _write_room_now(self, item: _Broadcast) -> bool:
+    def _write_room_now(self, item: Broadcast) -> bool:
         """Write ``item`` straight to every member's socket, if every member
         is idle on a plain socket (the usual case at light load); False,
         having done nothing, otherwise. Members who joined since are left
@@ -389,7 +336,7 @@ class Fanout:
             return False
         runs = item.runs
         groups = room.groups()
-        payloads = {wire: _payload(wire, runs) for wire, _, _ in groups}
+        payloads = {wire: others_copy(wire, runs) for wire, _, _ in groups}
         if any(len(payload) > limits.max_queued_bytes for payload in payloads.values()):
             return False
         changed = item.version != room.version
@@ -422,13 +369,13 @@ class Fanout:
         for member in gone:
             if member not in origins:
                 outbox = member.outbox
-                payload = payloads.get(outbox.wire) or _payload(outbox.wire, runs)
+                payload = payloads.get(outbox.wire) or others_copy(outbox.wire, runs)
                 outbox.deliver(payload, frames)
         # The senders' own copies (their acknowledgements) last: a send wakes
         # the reader at the other end, and the others' deliveries need not
         # wait for that.
         for origin in origins:
-            data, count = _own_copy(origin, runs)
+            data, count = own_copy(origin, runs)
             if count:
                 origin.outbox.deliver(data, count)
         return True
@@ -441,10 +388,10 @@ class Fanout:
             code=ErrorCode.UNAVAILABLE,
             message="your message could not be stored; it was not delivered",
         )
-        items: list[_Item] = []
+        items: list[Item] = []
         for item in batch.items:
             items.append(item)
-            if isinstance(item, _Broadcast):
+            if isinstance(item, Broadcast):
                 for run in item.runs:
                     refused = [
                         ref
@@ -455,7 +402,7 @@ class Fanout:
                         continue
                     if run.origin is not None:
                         # Right after the broadcast, where its ack would be.
-                        refusal = _Direct(run.origin.outbox)
+                        refusal = Direct(run.origin.outbox)
                         refusal.events = [
                             msgspec.structs.replace(error, ref=ref) for ref in refused
                         ]
@@ -468,9 +415,10 @@ class Fanout:
                     run.events = [event for event, _ in kept]
                     run.refs = [ref for _, ref in kept]
                     run.data = bytearray(b"".join(map(encode_json, run.events)))
-                    run.own = bytearray(b"".join(_with_ref(e, r) for e, r in kept))
+                    run.own = bytearray(b"".join(with_ref(e, r) for e, r in kept))
+                    run.reframed = None
                 item.frames = sum(len(run.events) for run in item.runs)
-            elif isinstance(item, _Direct):
+            elif isinstance(item, Direct):
                 echoes = set(item.echoes or ())
                 item.events = [
                     msgspec.structs.replace(error, ref=event.ref)
@@ -480,117 +428,6 @@ class Fanout:
                     if position in echoes or not isinstance(event, DirectMessage)
                 ]
         batch.items = items
-
-
-def _encode(wire: WireFormat, event: ServerEvent | None) -> bytes:
-    return b"" if event is None else wire.encode(event)
-
-
-def _with_ref(event: RoomEvent, ref: Any) -> bytes:
-    if ref is None:
-        return encode_json(event)
-    return encode_json(msgspec.structs.replace(event, ref=ref))
-
-
-def _payload(wire: WireFormat, runs: Sequence[_Run]) -> bytes:
-    """What every member but the origins gets of ``runs``, in ``wire``."""
-    if wire is JSON_LINES:
-        return b"".join(run.data for run in runs)
-    if wire.from_json is not None:
-        return wire.from_json(b"".join(run.data for run in runs))
-    return wire.encode_all(event for run in runs for event in run.events)
-
-
-def _own_copy(origin: Member, runs: Sequence[_Run]) -> tuple[bytes, int]:
-    """What ``origin`` gets of ``runs`` (some of them its own), and how many
-    frames: with echo, everything, its own messages with their refs;
-    without, only the others'."""
-    wire = origin.outbox.wire
-    if not wire.echo:
-        events = [e for run in runs if run.origin is not origin for e in run.events]
-        return wire.encode_all(events), len(events)
-    count = sum(len(run.events) for run in runs)
-    if wire is JSON_LINES or wire.from_json is not None:
-        lines = b"".join(run.own if run.origin is origin else run.data for run in runs)
-        return lines if wire.from_json is None else wire.from_json(lines), count
-    own = (
-        msgspec.structs.replace(event, ref=ref)
-        if ref is not None and run.origin is origin
-        else event
-        for run in runs
-        for event, ref in zip(run.events, run.refs, strict=True)
-    )
-    return wire.encode_all(own), count
-
-
-def _hand_over(items: Sequence[_Item]) -> None:
-    """Give ``items`` to the outboxes, in order, then write each outbox once.
-    Each outbox's share is gathered first (the payloads, encoded once, by
-    reference), so that an idle connection's share goes straight to its
-    socket and is copied into no buffer: a batch never costs a copy of
-    itself per member."""
-    shares: dict[Outbox, list[Any]] = {}  # outbox: [frames, data, ...]
-    for item in items:
-        if isinstance(item, _Broadcast):
-            _deliver(item, shares)
-        elif isinstance(item, _Direct):
-            outbox = item.outbox
-            _add(shares, outbox, outbox.wire.encode_all(item.events), len(item.events))
-        elif isinstance(item, _Each):
-            _deliver_each(item, shares)
-        else:
-            outbox = item.outbox
-            share = shares.pop(outbox, None)
-            if share is not None:
-                outbox.append(b"".join(share[1:]), share[0])
-            outbox.finish(_encode(outbox.wire, item.farewell))
-    for outbox, share in shares.items():
-        outbox.deliver(share[1] if len(share) == 2 else b"".join(share[1:]), share[0])
-
-
-def _add(shares: dict[Outbox, list[Any]], outbox: Outbox, data: bytes, n: int) -> None:
-    share = shares.get(outbox)
-    if share is None:
-        shares[outbox] = [n, data]
-    else:
-        share[0] += n
-        share.append(data)
-
-
-def _deliver(item: _Broadcast, shares: dict[Outbox, list[Any]]) -> None:
-    """Add ``item`` to each member's share: bytes encoded once per wire
-    format (each origin its own copy)."""
-    runs = item.runs
-    origins = {run.origin for run in runs}
-    frames = item.frames
-    payloads: dict[WireFormat, bytes] = {}
-    room = item.room
-    members = (
-        room.members if item.version == room.version else room.members_at(item.version)
-    )
-    for member in members:
-        outbox = member.outbox
-        if member in origins:
-            data, count = _own_copy(member, runs)
-            if count:
-                _add(shares, outbox, data, count)
-        else:
-            wire = outbox.wire
-            payload = payloads.get(wire)
-            if payload is None:
-                payload = payloads[wire] = _payload(wire, runs)
-            _add(shares, outbox, payload, frames)
-
-
-def _deliver_each(item: _Each, shares: dict[Outbox, list[Any]]) -> None:
-    payloads: dict[WireFormat, bytes] = {}
-    for member in item.members:
-        outbox = member.outbox
-        wire = outbox.wire
-        data = payloads.get(wire)
-        if data is None:
-            data = payloads[wire] = wire.encode(item.event)
-        _add(shares, outbox, data, 1)
 
 
 def _without(items: list[_T], positions: Sequence[int]) -> list[_T]:
