@@ -26,8 +26,10 @@ def client_frame(
     *,
     fin: bool = True,
     masked: bool = True,
+    key: bytes | None = None,
 ) -> bytes:
-    """One client frame (masked, as RFC 6455 requires, unless not)."""
+    """One client frame (masked, as RFC 6455 requires, unless not; with a
+    random key unless ``key``)."""
     size = len(payload)
     first = (0x80 if fin else 0) | opcode
     mask_bit = 0x80 if masked else 0
@@ -39,7 +41,7 @@ def client_frame(
         head = struct.pack("!BBQ", first, mask_bit | 127, size)
     if not masked:
         return head + payload
-    key = os.urandom(4)
+    key = os.urandom(4) if key is None else key
     # XOR with the key repeated, as one big-integer operation.
     repeated = (key * (size // 4 + 1))[:size]
     body = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(

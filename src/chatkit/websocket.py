@@ -389,8 +389,11 @@ class WebSocketReader:
             if length == 126:
                 length = (buf[position + 2] << 8) | buf[position + 3]
                 minimal = length > 125
+            elif length == 127:
+                length = int.from_bytes(buf[position + 2 : position + 10])
+                minimal = False  # never read here (wsproto checks it)
             else:
-                minimal = length < 126
+                minimal = True
             end = position + head + length
             if (
                 first == 0x81  # final text frame, no extension bits
