@@ -15,7 +15,10 @@ import pytest
 from chatkit import (
     BadName,
     BadRequest,
+    Banned,
+    Forbidden,
     Kicked,
+    Muted,
     NameTaken,
     NoSuchUser,
     NotInRoom,
@@ -1363,6 +1366,9 @@ CHAT_ERRORS: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.TIMEOUT: TimedOut,
     ErrorCode.TOO_MANY_ROOMS: TooManyRooms,
     ErrorCode.UNAVAILABLE: Unavailable,
+    ErrorCode.FORBIDDEN: Forbidden,
+    ErrorCode.BANNED: Banned,
+    ErrorCode.MUTED: Muted,
 }
 
 

@@ -419,6 +419,14 @@ async def test_kick_closes_the_user_and_tells_the_others(
         assert await bob.assert_closed() == [
             '{"type":"error","code":"kicked","message":"kicked"}'
         ]
+    # Those sharing a room with bob are told what happened, then see him go.
+    assert await alice.receive_json() == {
+        "type": "moderated",
+        "action": "kick",
+        "by": chatkit.SERVER_SENDER,
+        "name": "bob",
+        "reason": "kicked",
+    }
     left = [await alice.receive_json() for _ in range(2)]
     assert sorted(left, key=lambda e: e["room"]) == [
         {"type": "left", "room": "dev", "name": "bob", "reason": "kicked"},
@@ -439,6 +447,7 @@ async def test_kick_a_line_user_with_a_reason(
     await alice.expect("joined", name="bob")
     assert server.kick("bob", "spamming") is True
     assert await bob.assert_closed(within=2) == ["error (kicked): spamming"]
+    assert (await alice.receive_json())["type"] == "moderated"
     assert await alice.receive_json() == {
         "type": "left",
         "room": "lobby",

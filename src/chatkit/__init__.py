@@ -8,6 +8,8 @@ is the sans-IO wire protocol (requests, framing, encoders) and
 
 from ._events import LOBBY as LOBBY
 from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._events import BanInfo as BanInfo
+from ._events import BansReply as BansReply
 from ._events import DirectMessage as DirectMessage
 from ._events import ErrorReply as ErrorReply
 from ._events import Event as Event
@@ -15,6 +17,7 @@ from ._events import HistoryReply as HistoryReply
 from ._events import Joined as Joined
 from ._events import Left as Left
 from ._events import Message as Message
+from ._events import Moderated as Moderated
 from ._events import Pong as Pong
 from ._events import Renamed as Renamed
 from ._events import RoomInfo as RoomInfo
@@ -24,10 +27,13 @@ from ._events import Welcome as Welcome
 from ._events import WhoReply as WhoReply
 from ._exceptions import BadName as BadName
 from ._exceptions import BadRequest as BadRequest
+from ._exceptions import Banned as Banned
 from ._exceptions import ChatkitError as ChatkitError
 from ._exceptions import ConnectionClosed as ConnectionClosed
 from ._exceptions import ErrorCode as ErrorCode
+from ._exceptions import Forbidden as Forbidden
 from ._exceptions import Kicked as Kicked
+from ._exceptions import Muted as Muted
 from ._exceptions import NameTaken as NameTaken
 from ._exceptions import NoSuchUser as NoSuchUser
 from ._exceptions import NotInRoom as NotInRoom
@@ -76,6 +82,9 @@ __all__ = [
     "SERVER_SENDER",
     "BadName",
     "BadRequest",
+    "BanInfo",
+    "Banned",
+    "BansReply",
     "ChatClient",
     "ChatServer",
     "ChatkitError",
@@ -85,6 +94,7 @@ __all__ = [
     "ErrorCode",
     "ErrorReply",
     "Event",
+    "Forbidden",
     "HistoryReply",
     "HistoryStore",
     "HistoryStoreError",
@@ -96,6 +106,8 @@ __all__ = [
     "Limits",
     "MemoryHistory",
     "Message",
+    "Moderated",
+    "Muted",
     "NameTaken",
     "NoSuchUser",
     "NotInRoom",

@@ -29,11 +29,17 @@ __all__ = [
     "LOBBY",
     "MAX_INT",
     "PROTOCOL_VERSION",
+    "Ban",
+    "BanInfo",
+    "Bans",
+    "BansReply",
     "Bye",
     "ClientRequest",
     "Count",
+    "Deop",
     "DirectMessage",
     "Dm",
+    "Duration",
     "ErrorReply",
     "Event",
     "Hello",
@@ -41,10 +47,14 @@ __all__ = [
     "HistoryReply",
     "Join",
     "Joined",
+    "Kick",
     "Leave",
     "Left",
     "Message",
+    "Moderated",
+    "Mute",
     "Nick",
+    "Op",
     "Ping",
     "Pong",
     "Ref",
@@ -55,6 +65,8 @@ __all__ = [
     "Say",
     "ServerEvent",
     "Shutdown",
+    "Unban",
+    "Unmute",
     "Welcome",
     "Who",
     "WhoReply",
@@ -185,8 +197,110 @@ class Bye(Event, tag="bye", frozen=True):
     ref: Ref = None
 
 
+# --- moderation (extensions to v1; docs/moderation.md) ---------------------
+
+#: Seconds a ban or mute lasts: 1 s to about 68 years.
+Duration: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+
+
+class Kick(Event, tag="kick", frozen=True):
+    """Put user ``name`` out of ``room``, or (no ``room``) off the server.
+    Room operators kick from their room, server operators from anywhere."""
+
+    name: str
+    room: str | None = None
+    reason: str = ""
+    ref: Ref = None
+
+
+class Ban(Event, tag="ban", frozen=True):
+    """Ban a ``name`` or an ``address`` (an IP address or a CIDR network)
+    from ``room``, or (no ``room``) from the server, for ``duration``
+    seconds or until unbanned. A banned user in the room (or on the
+    server) is put out at once."""
+
+    name: str | None = None
+    address: str | None = None
+    room: str | None = None
+    reason: str = ""
+    duration: Duration | None = None
+    ref: Ref = None
+
+
+class Unban(Event, tag="unban", frozen=True):
+    """Lift the ban of ``name`` or ``address`` from ``room`` (or the
+    server)."""
+
+    name: str | None = None
+    address: str | None = None
+    room: str | None = None
+    ref: Ref = None
+
+
+class Mute(Event, tag="mute", frozen=True):
+    """Keep user ``name`` from speaking in ``room`` (or anywhere on the
+    server) for ``duration`` seconds or until unmuted."""
+
+    name: str
+    room: str | None = None
+    reason: str = ""
+    duration: Duration | None = None
+    ref: Ref = None
+
+
+class Unmute(Event, tag="unmute", frozen=True):
+    """Let user ``name`` speak in ``room`` (or on the server) again."""
+
+    name: str
+    room: str | None = None
+    ref: Ref = None
+
+
+class Op(Event, tag="op", frozen=True):
+    """Make user ``name`` an operator of ``room`` (its owner, or a server
+    operator, may)."""
+
+    room: str
+    name: str
+    ref: Ref = None
+
+
+class Deop(Event, tag="deop", frozen=True):
+    """Take ``room``'s operator role from user ``name``."""
+
+    room: str
+    name: str
+    ref: Ref = None
+
+
+class Bans(Event, tag="bans", frozen=True):
+    """Ask for the bans and mutes of ``room`` (or of the server): operators
+    only."""
+
+    room: str | None = None
+    ref: Ref = None
+
+
 ClientRequest: TypeAlias = (
-    Hello | Say | Dm | Join | Leave | Nick | Who | Rooms | History | Ping | Bye
+    Hello
+    | Say
+    | Dm
+    | Join
+    | Leave
+    | Nick
+    | Who
+    | Rooms
+    | History
+    | Ping
+    | Bye
+    | Kick
+    | Ban
+    | Unban
+    | Mute
+    | Unmute
+    | Op
+    | Deop
+    | Bans
 )
 
 
@@ -307,6 +421,51 @@ class Shutdown(Event, tag="shutdown", frozen=True):
     reason: str
 
 
+class Moderated(Event, tag="moderated", frozen=True):
+    """What an operator did, told to those it concerns: the room's members
+    (a room action), or everyone sharing a room with the target and the
+    target itself (a server action). An address ban is told to its operator
+    only.
+
+    Attributes:
+        action: ``kick``, ``ban``, ``unban``, ``mute``, ``unmute``, ``op``
+            or ``deop``.
+        by: the operator's name (``*server*``: the server's own code).
+        name: the user it concerns (or ``address``: an address ban).
+        until: when a ban or mute ends (Unix time); none: when lifted.
+    """
+
+    action: str
+    by: str
+    name: str | None = None
+    address: str | None = None
+    room: str | None = None
+    reason: str = ""
+    until: float | None = None
+    ref: Ref = None
+
+
+class BanInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One ban or mute in :class:`BansReply`."""
+
+    name: str | None = None
+    address: str | None = None
+    by: str
+    reason: str = ""
+    until: float | None = None
+
+
+class BansReply(Event, tag="bans", frozen=True):
+    """Answer to :class:`Bans`: the bans and mutes in force, with the
+    operators of ``room`` (its owner first) or of the server."""
+
+    room: str | None = None
+    bans: tuple[BanInfo, ...] = ()
+    mutes: tuple[BanInfo, ...] = ()
+    operators: tuple[str, ...] = ()
+    ref: Ref = None
+
+
 ServerEvent: TypeAlias = (
     Welcome
     | Message
@@ -320,4 +479,6 @@ ServerEvent: TypeAlias = (
     | Pong
     | ErrorReply
     | Shutdown
+    | Moderated
+    | BansReply
 )

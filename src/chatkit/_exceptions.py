@@ -76,6 +76,12 @@ class ErrorCode(enum.StrEnum):
     # Extension to v1: the same user logged in again (a reconnect with the
     # session's resume secret, or the user's password); this connection ends.
     REPLACED = "replaced"
+    # Extensions to v1 (docs/moderation.md): the request needs a role the
+    # user does not have; the user is banned (from the server at hello, or
+    # from a room at join); the user is muted (say).
+    FORBIDDEN = "forbidden"
+    BANNED = "banned"
+    MUTED = "muted"
 
 
 class ChatkitError(Exception):
@@ -266,6 +272,26 @@ class Unavailable(RequestError):
     code = ErrorCode.UNAVAILABLE
 
 
+class Forbidden(RequestError):
+    """``forbidden``: the request needs a role (room or server operator)
+    that the user does not have (docs/moderation.md)."""
+
+    code = ErrorCode.FORBIDDEN
+
+
+class Banned(RequestError):
+    """``banned``: the user (its name or address) is banned from the server
+    (at ``hello``) or from the room (at ``join``)."""
+
+    code = ErrorCode.BANNED
+
+
+class Muted(RequestError):
+    """``muted``: the user may not speak there now."""
+
+    code = ErrorCode.MUTED
+
+
 class ConnectionClosed(RequestError):
     """The connection to the server ended while a request needed it (not an
     answer from the server: :attr:`code` is ``connection_closed``)."""
@@ -295,6 +321,9 @@ _BY_CODE: MappingProxyType[str, type[RequestError]] = MappingProxyType(
             TimedOut,
             TooManyRooms,
             Unavailable,
+            Forbidden,
+            Banned,
+            Muted,
         )
     }
 )

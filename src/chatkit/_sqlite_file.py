@@ -365,6 +365,32 @@ class HistoryFile:
             trimmed += deleted
         return trimmed
 
+    def get_meta(self, key: str) -> Any:
+        """The value of ``key`` in the ``meta`` table, or None."""
+        row = (
+            self._connection()
+            .execute("SELECT value FROM meta WHERE key = ?", (key,))
+            .fetchone()
+        )
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Set ``key`` in the ``meta`` table, in a transaction of its own
+        (waiting for another writer as :meth:`insert` does)."""
+        writer = self._connection()
+        self._begin(writer, True)
+        try:
+            writer.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+            writer.execute("COMMIT")
+        except BaseException:
+            if writer.in_transaction:
+                writer.rollback()
+            raise
+
     def _trim(
         self, writer: sqlite3.Connection, batch: Sequence[Message]
     ) -> dict[str, tuple[int, int]]:

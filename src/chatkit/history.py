@@ -126,11 +126,21 @@ class MemoryHistory:
         self.size = size
         self.max_rooms = max_rooms
         self._rooms: dict[str, collections.deque[Message]] = {}
+        self._moderation: bytes | None = None
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[int]:
         """Nothing to open: yields the highest id held (0 when new)."""
         yield max((q[-1].id for q in self._rooms.values() if q), default=0)
+
+    async def load_moderation(self) -> bytes | None:
+        """The moderation state saved last (in memory: gone with the
+        process)."""
+        return self._moderation
+
+    async def save_moderation(self, document: bytes) -> None:
+        """Keep the moderation state (in memory)."""
+        self._moderation = document
 
     def note_id(self, id: int) -> None:
         """Nothing to do: ids are not kept across restarts."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Iterable
+from types import MappingProxyType
 from typing import Final, Literal, NamedTuple, TypeVar, overload
 
 import msgspec
@@ -31,8 +32,13 @@ import msgspec
 from ._events import LOBBY as LOBBY
 from ._events import MAX_INT as MAX_INT
 from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._events import Ban as Ban
+from ._events import BanInfo as BanInfo
+from ._events import Bans as Bans
+from ._events import BansReply as BansReply
 from ._events import Bye as Bye
 from ._events import ClientRequest as ClientRequest
+from ._events import Deop as Deop
 from ._events import DirectMessage as DirectMessage
 from ._events import Dm as Dm
 from ._events import ErrorReply as ErrorReply
@@ -42,10 +48,14 @@ from ._events import History as History
 from ._events import HistoryReply as HistoryReply
 from ._events import Join as Join
 from ._events import Joined as Joined
+from ._events import Kick as Kick
 from ._events import Leave as Leave
 from ._events import Left as Left
 from ._events import Message as Message
+from ._events import Moderated as Moderated
+from ._events import Mute as Mute
 from ._events import Nick as Nick
+from ._events import Op as Op
 from ._events import Ping as Ping
 from ._events import Pong as Pong
 from ._events import Ref as Ref
@@ -56,6 +66,8 @@ from ._events import RoomsReply as RoomsReply
 from ._events import Say as Say
 from ._events import ServerEvent as ServerEvent
 from ._events import Shutdown as Shutdown
+from ._events import Unban as Unban
+from ._events import Unmute as Unmute
 from ._events import Welcome as Welcome
 from ._events import Who as Who
 from ._events import WhoReply as WhoReply
@@ -79,10 +91,15 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "TEXT_LINES",
+    "Ban",
+    "BanInfo",
+    "Bans",
+    "BansReply",
     "Blank",
     "Bye",
     "ClientConnection",
     "ClientRequest",
+    "Deop",
     "DirectMessage",
     "Dm",
     "ErrorCode",
@@ -93,13 +110,17 @@ __all__ = [
     "HistoryReply",
     "Join",
     "Joined",
+    "Kick",
     "Leave",
     "Left",
     "LineFramer",
     "LocalProtocolError",
     "Message",
     "Mode",
+    "Moderated",
+    "Mute",
     "Nick",
+    "Op",
     "Ping",
     "Pong",
     "ProtocolError",
@@ -114,6 +135,8 @@ __all__ = [
     "ServerEvent",
     "Shutdown",
     "Status",
+    "Unban",
+    "Unmute",
     "Welcome",
     "Who",
     "WhoReply",
@@ -247,6 +270,8 @@ def encode_line(event: Event) -> bytes:
             line = f"error ({code}): {replace_controls(message)}"
         case Shutdown(reason=reason):
             line = f"Server is shutting down: {replace_controls(reason)}"
+        case Moderated():
+            line = _moderated_line(event)
         case _:
             return b""
     return (line + "\n").encode()
@@ -254,6 +279,40 @@ def encode_line(event: Event) -> bytes:
 
 def _line_end(data: bytes | bytearray, position: int) -> int:
     return data.index(b"\n", position) + 1
+
+
+_VERBS: Final = MappingProxyType(
+    {
+        "kick": "kicked",
+        "ban": "banned",
+        "unban": "unbanned",
+        "mute": "muted",
+        "unmute": "unmuted",
+        "op": "made",
+        "deop": "took",
+    }
+)
+
+
+def _moderated_line(event: Moderated) -> str:
+    """A moderation notice as line mode says it (``alice kicked bob from
+    dev: spam.``)."""
+    target = event.name or event.address or "?"
+    room = event.room
+    match event.action:
+        case "kick":
+            text = f"{target} {'from ' + room if room else 'off the server'}"
+        case "ban" | "unban":
+            text = f"{target} {'from ' + room if room else 'from the server'}"
+        case "op":
+            text = f"{target} an operator of {room}"
+        case "deop":
+            text = f"{target}'s operator role in {room}"
+        case _:
+            text = f"{target}{' in ' + room if room else ''}"
+    verb = _VERBS.get(event.action, event.action)
+    reason = f": {event.reason}" if event.reason else ""
+    return replace_controls(f"{event.by} {verb} {text}{reason}.")
 
 
 class WireFormat(NamedTuple):

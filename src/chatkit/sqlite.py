@@ -325,6 +325,26 @@ class SqliteHistory:
         self.written += len(batch)
         self.pruned += trimmed
 
+    async def load_moderation(self) -> bytes | None:
+        """The moderation state saved last (see docs/moderation.md), kept in
+        the same file as the history."""
+        value = self._opened().get_meta("moderation")
+        return None if value is None else bytes(value)
+
+    async def save_moderation(self, document: bytes) -> None:
+        """Keep the moderation state, committed before returning (in a
+        worker thread, under the write lock: it is rare, and not on any
+        message's way)."""
+        file = self._opened()
+        async with self._write_lock:
+            try:
+                await trio.to_thread.run_sync(file.set_meta, "moderation", document)
+            except (sqlite3.Error, OSError) as exc:
+                log.exception("history database %s: cannot save moderation", self.path)
+                raise HistoryStoreError(
+                    f"history database {self.path}: cannot write: {exc}"
+                ) from exc
+
     async def recent(self, room: str, limit: int) -> Sequence[Message]:
         """The newest ``limit`` messages of ``room``, oldest first."""
         found = await self._query(

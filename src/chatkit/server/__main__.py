@@ -241,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients log in with a password from this file "
         "(manage it with python -m chatkit.auth)",
     )
+    moderation = parser.add_argument_group("moderation (see docs/moderation.md)")
+    moderation.add_argument(
+        "--operator",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a server operator, who may kick, ban and mute anywhere; "
+        "repeatable (use with --auth-token or --password-file, or anyone "
+        "could log in under the name)",
+    )
     cluster = parser.add_argument_group(
         "cluster (several servers as one; see docs/deployment.md)"
     )
@@ -429,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backplane=_backplane(args),
             web_port=args.web_port,
             web_origins=args.web_origin,
+            operators=args.operator,
         )
     except (ValueError, TypeError, pluggy.PluginValidationError) as exc:
         parser.error(str(exc))

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ..history import HistoryStore
     from ._fanout import Fanout
     from ._limits import Limits
+    from ._moderation import Moderation
     from ._node import Node
     from ._rooms import Room
     from ._rooms import Rooms as RoomSet
@@ -65,7 +66,9 @@ class Messages:
         hooks: HookDispatcher,
         limits: Limits,
         node: Node,
+        moderation: Moderation,
     ) -> None:
+        self.moderation = moderation
         self.fanout = fanout
         self.rooms = rooms
         self.directory = directory
@@ -84,6 +87,19 @@ class Messages:
     def see_id(self, id: int) -> None:
         """Ids from now on are above ``id``."""
         self.last_id = max(self.last_id, id)
+
+    def _muted(self, session: Session, room: str | None, ref: Any) -> bool:
+        """Whether ``session`` may not speak in ``room`` (None: in direct
+        messages) now; if so, it is told (``error muted``)."""
+        mute = self.moderation.muted(session.name, room)
+        if mute is None:
+            return False
+        where = f"in {room}" if room is not None else "on this server"
+        message = f"you are muted {where}"
+        if mute.reason:
+            message += f": {mute.reason}"
+        session.error(ErrorCode.MUTED, message, ref)
+        return True
 
     def member_room(self, session: Session, room: str, ref: Any) -> Room | None:
         """``session``'s room called ``room``; None (and ``error
@@ -105,7 +121,11 @@ class Messages:
 
     async def say(self, session: Session, say: Say) -> None:
         room = self.member_room(session, say.room, say.ref)
-        if room is None or self._too_long(session, say.text, say.ref):
+        if (
+            room is None
+            or self._too_long(session, say.text, say.ref)
+            or self._muted(session, room.name, say.ref)
+        ):
             return
         text = say.text
         if self.hooks.has("chatkit_message"):
@@ -256,7 +276,9 @@ class Messages:
         return message
 
     async def dm(self, session: Session, dm: Dm) -> None:
-        if self._too_long(session, dm.text, dm.ref):
+        if self._too_long(session, dm.text, dm.ref) or self._muted(
+            session, None, dm.ref
+        ):
             return
         cluster = self.node.cluster
         recipient: Session | RemoteUser | None = self.directory.get(dm.to)

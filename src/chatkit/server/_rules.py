@@ -13,6 +13,7 @@ import hmac
 import logging
 import math
 import secrets
+from collections.abc import Iterable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,11 @@ import msgspec
 from .._events import (
     LOBBY,
     PROTOCOL_VERSION,
+    Ban,
+    Bans,
     Bye,
     ClientRequest,
+    Deop,
     DirectMessage,
     Dm,
     ErrorReply,
@@ -30,10 +34,13 @@ from .._events import (
     History,
     Join,
     Joined,
+    Kick,
     Leave,
     Left,
     Message,
+    Mute,
     Nick,
+    Op,
     Ping,
     Pong,
     Renamed,
@@ -41,6 +48,8 @@ from .._events import (
     Rooms,
     RoomsReply,
     Say,
+    Unban,
+    Unmute,
     Welcome,
     Who,
     WhoReply,
@@ -51,6 +60,8 @@ from ..protocol import Mode, is_valid_name, is_valid_room
 from ._admission import Admission
 from ._bucket import Bucket
 from ._messages import Messages
+from ._moderation import Moderation, ModerationStore, host_of
+from ._moderator import Moderator
 from ._node import Node
 from ._session import Directory, LeaveReason, Session
 
@@ -97,6 +108,7 @@ class ChatRules:
         limits: Limits,
         server_name: str,
         backplane: Backplane | None,
+        operators: Iterable[str] = (),
     ) -> None:
         self.fanout = fanout
         self.rooms = rooms
@@ -107,8 +119,22 @@ class ChatRules:
         self.directory = Directory()
         self.admission = Admission(limits)
         """Who may connect (told here of logins and of connections gone)."""
+        self.moderation = Moderation(
+            operators, store if isinstance(store, ModerationStore) else None
+        )
+        """Roles, bans and mutes (loaded by :meth:`Moderation.open`)."""
         self.messages = Messages(
-            fanout, rooms, self.directory, store, hooks, limits, self.node
+            fanout,
+            rooms,
+            self.directory,
+            store,
+            hooks,
+            limits,
+            self.node,
+            self.moderation,
+        )
+        self.moderator = Moderator(
+            self.moderation, self.directory, rooms, fanout, self._remove_member
         )
         self.closing = False
         """The server is shutting down: no presence notices for leavers."""
@@ -120,14 +146,10 @@ class ChatRules:
         """The logged-in session called ``name`` (case-insensitively)."""
         return self.directory.get(name)
 
-    def kick(self, name: str, reason: str) -> bool:
-        """Disconnect user ``name`` with ``error kicked``; True if found."""
-        session = self.get(name)
-        if session is None:
-            return False
-        error = ErrorReply(code=ErrorCode.KICKED, message=reason)
-        session.close(LeaveReason.KICKED, error)
-        return True
+    def kick(self, name: str, reason: str, room: str | None = None) -> bool:
+        """Put user ``name`` out of ``room``, or off the server (``error
+        kicked``); True if found."""
+        return self.moderator.kick(name, room, reason)
 
     # --- what the backplane may ask (chatkit.backplane.ClusterPort) ----------
 
@@ -201,6 +223,8 @@ class ChatRules:
                 session.send(Pong(ref=request.ref))
             case Bye():
                 return LeaveReason.EXIT if session.mode == "line" else LeaveReason.BYE
+            case Kick() | Ban() | Unban() | Mute() | Unmute() | Op() | Deop() | Bans():
+                await self.moderator.handle(session, request)
         return None
 
     def opened(self, session: Session) -> None:
@@ -245,6 +269,16 @@ class ChatRules:
         except Veto as exc:
             log.info("refused %s from %s: %s", name, session.address, exc.reason)
             session.error(ErrorCode.UNAUTHORIZED, exc.reason, hello.ref)
+            return LeaveReason.DISCONNECT
+        ban = self.moderation.banned(name, host_of(session), None)
+        if ban is not None:
+            log.info("refused %s from %s: banned", name, session.address)
+            text = "you are banned from this server"
+            session.error(
+                ErrorCode.BANNED,
+                f"{text}: {ban.reason}" if ban.reason else text,
+                hello.ref,
+            )
             return LeaveReason.DISCONNECT
         # The same user, back before its old session was reaped, takes it
         # over: the name stays this node's, claimed already. (Nothing is
@@ -341,6 +375,17 @@ class ChatRules:
                 join.ref,
             )
             return
+        ban = self.moderation.banned(session.name, host_of(session), join.room)
+        if ban is not None:
+            text = f"you are banned from {join.room}"
+            session.error(
+                ErrorCode.BANNED,
+                f"{text}: {ban.reason}" if ban.reason else text,
+                join.ref,
+            )
+            return
+        if room is None and join.room != LOBBY:
+            await self.moderation.room_created(join.room, session.name)
         room = self.rooms.open(join.room)
         self._add_member(session, room, ref=join.ref)
         await self.hooks.notify(

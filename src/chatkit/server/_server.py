@@ -37,6 +37,7 @@ from ..backplane import Backplane
 from ..history import HistoryStore, HistoryStoreError, MemoryHistory
 from ._fanout import Fanout
 from ._limits import Limits
+from ._moderation import parse_network
 from ._outbox import Stats
 from ._rooms import Rooms
 from ._rules import ChatRules
@@ -85,6 +86,8 @@ class ChatServer:
         web_origins: the origins whose pages may open a WebSocket, besides
             the chat page's own (``"*"``: any), such as
             ``"https://example.com"``.
+        operators: the names of the server operators, who may kick, ban
+            and mute anywhere (docs/moderation.md).
 
     Raises:
         pluggy.PluginValidationError: a plugin implements an unknown hook.
@@ -106,6 +109,7 @@ class ChatServer:
         backplane: Backplane | None = None,
         web_port: int | None = None,
         web_origins: Iterable[str] = (),
+        operators: Iterable[str] = (),
     ) -> None:
         self.host = host
         """The address the server listens on."""
@@ -137,6 +141,7 @@ class ChatServer:
             self.limits,
             server_name,
             backplane,
+            operators,
         )
         limits = self.limits
         self._transport = TcpTransport(
@@ -244,6 +249,7 @@ class ChatServer:
                 last_id = await bound.enter_async_context(self.history.open())
                 # Ids keep increasing across restarts.
                 self._rules.see_id(last_id)
+                await self._rules.moderation.open()
                 await _in_nursery_of(self._fanout.run, self._serve, task_status)
         finally:
             self._closing = True
@@ -321,9 +327,71 @@ class ChatServer:
             raise HistoryStoreError(f"the history store refused a message to {room}")
         return message
 
-    def kick(self, name: str, reason: str = "kicked") -> bool:
-        """Disconnect user ``name`` with ``error kicked``; True if found."""
-        return self._rules.kick(name, reason)
+    def kick(
+        self, name: str, reason: str = "kicked", *, room: str | None = None
+    ) -> bool:
+        """Put user ``name`` out of ``room`` (its members are told, and it
+        gets ``left`` with reason ``kicked``), or with no ``room`` off the
+        server (``error kicked``); True if found."""
+        return self._rules.kick(name, reason, room)
+
+    async def ban(
+        self,
+        name: str | None = None,
+        *,
+        address: str | None = None,
+        room: str | None = None,
+        reason: str = "",
+        duration: float | None = None,
+    ) -> None:
+        """Ban ``name`` or ``address`` (an IP address or a CIDR network)
+        from ``room`` (None: the server) for ``duration`` seconds (None:
+        until :meth:`unban`); whoever it keeps out is put out now. Saved in
+        the history store, when it keeps moderation (docs/moderation.md).
+
+        Raises:
+            ValueError: not exactly one of ``name`` and ``address``, or a
+                bad address or duration.
+        """
+        network = _target(name, address, duration)
+        await self._rules.moderator.ban(name, network, room, reason, duration)
+
+    async def unban(
+        self,
+        name: str | None = None,
+        *,
+        address: str | None = None,
+        room: str | None = None,
+    ) -> bool:
+        """Lift a ban; False if there was none."""
+        network = _target(name, address, None)
+        return await self._rules.moderator.unban(name, network, room)
+
+    async def mute(
+        self,
+        name: str,
+        *,
+        room: str | None = None,
+        reason: str = "",
+        duration: float | None = None,
+    ) -> None:
+        """Keep ``name`` from speaking in ``room`` (None: anywhere, direct
+        messages included) for ``duration`` seconds (None: until
+        :meth:`unmute`)."""
+        _target(name, None, duration)
+        await self._rules.moderator.mute(name, room, reason, duration)
+
+    async def unmute(self, name: str, *, room: str | None = None) -> bool:
+        """Let ``name`` speak again; False if it was not muted."""
+        return await self._rules.moderator.unmute(name, room)
+
+    async def op(self, room: str, name: str) -> None:
+        """Make ``name`` an operator of ``room``."""
+        await self._rules.moderator.set_operator(room, name, True)
+
+    async def deop(self, room: str, name: str) -> None:
+        """Take ``room``'s operator role from ``name``."""
+        await self._rules.moderator.set_operator(room, name, False)
 
     # --- connections ------------------------------------------------------
 
@@ -341,6 +409,17 @@ class ChatServer:
         session = Session(link, self._fanout, limits, self.stats, self._nursery)
         admission.opened(session)
         return session.run(self._rules)
+
+
+def _target(
+    name: str | None, address: str | None, duration: float | None
+) -> str | None:
+    """Check a ban's or mute's target; ``address`` as a canonical network."""
+    if (name is None) == (address is None):
+        raise ValueError("give a name or an address, not both")
+    if duration is not None and not duration > 0:
+        raise ValueError(f"duration must be positive, not {duration}")
+    return None if address is None else parse_network(address)
 
 
 async def _refuse(link: Link, code: ErrorCode, text: str, limits: Limits) -> None:

@@ -1,0 +1,334 @@
+"""Moderation: who may keep order, and the bans and mutes in force.
+
+:class:`Moderation` is the state (roles, restrictions), kept by the server
+and saved whole, as one JSON document, in the history store whenever it
+changes (when the store can keep one: :class:`ModerationStore`), so that
+it survives a restart. :class:`ModerationRules` answers the requests
+(``kick``, ``ban``, ``unban``, ``mute``, ``unmute``, ``op``, ``deop``,
+``bans``) and tells those concerned (``moderated``). docs/moderation.md is
+the guide.
+
+Roles are checked here for every request, from the server's own state; a
+client claims nothing. Server operators are named in the server's
+configuration; a room's owner is whoever created it (the first to join
+it), and its operators are those the owner (or a server operator) made so.
+
+Times: a ban's or mute's end is Unix time (kept across restarts), read
+against a clock anchored to trio's at start (so that trio's test clocks
+move it too).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import msgspec
+import trio
+
+from .._events import BanInfo, BansReply, Moderated
+from .._exceptions import ErrorCode
+from ..protocol import is_valid_name, is_valid_room
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+__all__ = ["Moderation", "ModerationStore", "Restriction"]
+
+log = logging.getLogger("chatkit.server")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@runtime_checkable
+class ModerationStore(Protocol):
+    """A history store that also keeps the moderation state (one document,
+    saved whole): :class:`~chatkit.SqliteHistory` and
+    :class:`~chatkit.MemoryHistory` do."""
+
+    async def load_moderation(self) -> bytes | None:
+        """The document saved last, or None."""
+        ...
+
+    async def save_moderation(self, document: bytes) -> None:
+        """Keep ``document`` (durably, before returning)."""
+        ...
+
+
+class Restriction(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A ban or a mute.
+
+    Attributes:
+        kind: ``"ban"`` or ``"mute"``.
+        name: the user's name, casefolded (or ``address``).
+        address: a network in CIDR form (bans only).
+        room: the room, or None: the whole server.
+        by: who imposed it.
+        until: when it ends (Unix time), or None: when lifted.
+    """
+
+    kind: str
+    by: str
+    name: str | None = None
+    address: str | None = None
+    room: str | None = None
+    reason: str = ""
+    until: float | None = None
+
+    def info(self) -> BanInfo:
+        """As the ``bans`` reply lists it."""
+        return BanInfo(
+            name=self.name,
+            address=self.address,
+            by=self.by,
+            reason=self.reason,
+            until=self.until,
+        )
+
+
+class _Document(msgspec.Struct, kw_only=True):
+    """What is saved: restrictions and room roles."""
+
+    restrictions: list[Restriction] = msgspec.field(default_factory=list)
+    # room -> its owner's casefolded name
+    owners: dict[str, str] = msgspec.field(default_factory=dict)
+    # room -> its operators' casefolded names
+    operators: dict[str, list[str]] = msgspec.field(default_factory=dict)
+
+
+class Moderation:
+    """Roles and restrictions of one server.
+
+    Args:
+        operators: the server operators' names.
+        store: where the state is saved (or None: kept in memory only).
+
+    Raises:
+        ValueError: an operator's name is not a valid user name.
+    """
+
+    def __init__(
+        self, operators: Iterable[str] = (), store: ModerationStore | None = None
+    ) -> None:
+        operators = list(operators)
+        for name in operators:
+            if not is_valid_name(name):
+                raise ValueError(f"operator {name!r} is not a user name")
+        self.server_operators = frozenset(name.casefold() for name in operators)
+        self._store = store
+        self._doc = _Document()
+        self._anchor = 0.0  # Unix time minus trio's clock (set by open())
+
+    async def open(self) -> None:
+        """Load the saved state (the server is starting)."""
+        self._anchor = time.time() - trio.current_time()
+        if self._store is None:
+            return
+        document = await self._store.load_moderation()
+        if document:
+            self._doc = msgspec.json.decode(document, type=_Document)
+
+    def now(self) -> float:
+        """Unix time, as far as moderation is concerned."""
+        return self._anchor + trio.current_time()
+
+    async def _save(self) -> None:
+        if self._store is not None:
+            await self._store.save_moderation(msgspec.json.encode(self._doc))
+
+    # --- roles ------------------------------------------------------------
+
+    def is_server_operator(self, name: str) -> bool:
+        """Whether ``name`` is a server operator."""
+        return name.casefold() in self.server_operators
+
+    def owner(self, room: str) -> str | None:
+        """The casefolded name of ``room``'s owner, if it has one."""
+        return self._doc.owners.get(room)
+
+    def may_moderate(self, name: str, room: str | None) -> bool:
+        """Whether ``name`` may act on ``room`` (None: the server)."""
+        if self.is_server_operator(name):
+            return True
+        if room is None:
+            return False
+        key = name.casefold()
+        return key == self._doc.owners.get(room) or key in self._doc.operators.get(
+            room, ()
+        )
+
+    async def room_created(self, room: str, creator: str) -> None:
+        """``creator`` made ``room`` (it did not exist): it owns it, unless
+        it had an owner already."""
+        if room not in self._doc.owners:
+            self._doc.owners[room] = creator.casefold()
+            await self._save()
+
+    async def set_operator(self, room: str, name: str, *, on: bool) -> bool:
+        """Make ``name`` an operator of ``room`` (or not); False if nothing
+        changed."""
+        key = name.casefold()
+        operators = self._doc.operators.setdefault(room, [])
+        if on == (key in operators):
+            return False
+        if on:
+            operators.append(key)
+        else:
+            operators.remove(key)
+        if not operators:
+            del self._doc.operators[room]
+        await self._save()
+        return True
+
+    def operators(self, room: str | None) -> tuple[str, ...]:
+        """The operators of ``room`` (its owner first) or of the server."""
+        if room is None:
+            return tuple(sorted(self.server_operators))
+        owner = self._doc.owners.get(room)
+        rest = self._doc.operators.get(room, [])
+        return ((owner,) if owner else ()) + tuple(rest)
+
+    # --- restrictions -----------------------------------------------------
+
+    def _current(self) -> list[Restriction]:
+        """Restrictions in force (expired ones dropped from memory; the
+        saved document loses them at the next save)."""
+        restrictions = self._doc.restrictions
+        if restrictions:
+            now = self.now()
+            if any(r.until is not None and r.until <= now for r in restrictions):
+                restrictions[:] = [
+                    r for r in restrictions if r.until is None or r.until > now
+                ]
+        return restrictions
+
+    def banned(self, name: str, host: str, room: str | None) -> Restriction | None:
+        """The ban keeping ``name`` (from ``host``) out of ``room`` (None:
+        off the server), if any. A server ban counts for every room."""
+        if not self._doc.restrictions:
+            return None
+        key = name.casefold()
+        address = _address(host)
+        for r in self._current():
+            if r.kind != "ban" or r.room not in (None, room):
+                continue
+            if r.name == key:
+                return r
+            if (
+                r.address is not None
+                and address is not None
+                and address in ipaddress.ip_network(r.address)
+            ):
+                return r
+        return None
+
+    def muted(self, name: str, room: str | None) -> Restriction | None:
+        """The mute keeping ``name`` quiet in ``room`` (None: in direct
+        messages), if any. A server mute counts everywhere."""
+        if not self._doc.restrictions:
+            return None
+        key = name.casefold()
+        for r in self._current():
+            if r.kind == "mute" and r.name == key and r.room in (None, room):
+                return r
+        return None
+
+    async def restrict(self, restriction: Restriction) -> None:
+        """Impose ``restriction`` (replacing one on the same target)."""
+        self._lift(restriction)
+        self._doc.restrictions.append(restriction)
+        await self._save()
+
+    async def lift(self, restriction: Restriction) -> bool:
+        """Lift the restriction of ``restriction``'s kind on its target;
+        False if there was none."""
+        lifted = self._lift(restriction)
+        if lifted:
+            await self._save()
+        return lifted
+
+    def _lift(self, like: Restriction) -> bool:
+        restrictions = self._current()
+        kept = [
+            r
+            for r in restrictions
+            if (r.kind, r.name, r.address, r.room)
+            != (like.kind, like.name, like.address, like.room)
+        ]
+        lifted = len(kept) != len(restrictions)
+        restrictions[:] = kept
+        return lifted
+
+    def listing(self, room: str | None) -> tuple[list[Restriction], list[Restriction]]:
+        """The bans and the mutes of ``room`` (None: the server's)."""
+        current = [r for r in self._current() if r.room == room]
+        return (
+            [r for r in current if r.kind == "ban"],
+            [r for r in current if r.kind == "mute"],
+        )
+
+    def reply(self, room: str | None, ref: Any) -> BansReply:
+        """The ``bans`` reply for ``room``."""
+        bans, mutes = self.listing(room)
+        return BansReply(
+            room=room,
+            bans=tuple(r.info() for r in bans),
+            mutes=tuple(r.info() for r in mutes),
+            operators=self.operators(room),
+            ref=ref,
+        )
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def parse_network(text: str) -> str:
+    """``text`` (an address or a CIDR network) as a canonical CIDR string.
+
+    Raises:
+        ValueError: it is neither.
+    """
+    return str(ipaddress.ip_network(text.strip(), strict=False))
+
+
+def host_of(session: Session) -> str:
+    """The peer's host of ``session`` (its ``address`` is ``host:port``)."""
+    return session.address.rpartition(":")[0]
+
+
+def check_target(name: str | None, room: str | None) -> tuple[ErrorCode, str] | None:
+    """Why a request naming ``name`` and ``room`` is malformed, if it is."""
+    if name is not None and not is_valid_name(name):
+        return ErrorCode.BAD_NAME, f"{name!r} is not a user name"
+    if room is not None and not is_valid_room(room):
+        return ErrorCode.BAD_NAME, f"{room!r} is not a room name"
+    return None
+
+
+def announcement(
+    action: str,
+    by: str,
+    *,
+    name: str | None = None,
+    address: str | None = None,
+    room: str | None = None,
+    reason: str = "",
+    until: float | None = None,
+) -> Moderated:
+    """The ``moderated`` event telling what happened."""
+    return Moderated(
+        action=action,
+        by=by,
+        name=name,
+        address=address,
+        room=room,
+        reason=reason,
+        until=until,
+    )

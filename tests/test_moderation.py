@@ -1,0 +1,367 @@
+"""Moderation: roles, kick, ban, mute, op/deop and the ban list, each
+operation and each refusal, over the wire (docs/moderation.md)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import chatkit
+from tests.attacks import connect_from
+from tests.conftest import OpenRaw, login
+from tests.helpers import RawClient
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[chatkit.ChatServer]:
+    """A server where ``root`` is a server operator."""
+    async with chatkit.open_server(operators=["root"]) as server:
+        yield server
+
+
+async def joined(client: RawClient, room: str, name: str) -> None:
+    """``client`` joins ``room`` (and sees its own join)."""
+    await client.send_json(type="join", room=room)
+    await client.expect("joined", room=room, name=name)
+
+
+# --- who may ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"type": "kick", "name": "bob"},
+        {"type": "kick", "name": "bob", "room": "lobby"},
+        {"type": "ban", "name": "bob"},
+        {"type": "ban", "name": "bob", "room": "lobby"},
+        {"type": "unban", "name": "bob"},
+        {"type": "mute", "name": "bob", "room": "lobby"},
+        {"type": "unmute", "name": "bob"},
+        {"type": "op", "room": "lobby", "name": "alice"},
+        {"type": "deop", "room": "lobby", "name": "bob"},
+        {"type": "bans"},
+    ],
+    ids=lambda r: "-".join(map(str, r.values())),
+)
+async def test_a_member_who_is_no_operator_is_forbidden(
+    server: chatkit.ChatServer, open_raw: OpenRaw, request_: dict[str, Any]
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await alice.send_json(**request_, ref=1)
+    error = await alice.expect("error", ref=1)
+    assert error["code"] == "forbidden"
+    # Nothing happened to bob.
+    await bob.send_json(type="say", text="still here", ref=2)
+    await bob.expect("message", text="still here", ref=2)
+
+
+async def test_a_rooms_creator_owns_it_and_may_make_operators(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    carol = await login(open_raw, server.port, "carol")
+    await joined(alice, "dev", "alice")  # alice creates dev: she owns it
+    await joined(bob, "dev", "bob")
+    await joined(carol, "dev", "carol")
+    # bob is no operator of dev: he may not op carol, nor kick.
+    await bob.send_json(type="op", room="dev", name="carol", ref=1)
+    assert (await bob.expect("error", ref=1))["code"] == "forbidden"
+    await alice.send_json(type="op", room="dev", name="bob", ref=2)
+    ack = await alice.expect("moderated", ref=2)
+    assert (ack["action"], ack["name"], ack["by"]) == ("op", "bob", "alice")
+    await carol.expect("moderated", action="op", name="bob")
+    # An operator kicks, but does not make operators: only the owner does.
+    await bob.send_json(type="op", room="dev", name="carol", ref=3)
+    assert (await bob.expect("error", ref=3))["code"] == "forbidden"
+    await bob.send_json(
+        type="kick", room="dev", name="carol", reason="off topic", ref=4
+    )
+    await bob.expect("moderated", action="kick", name="carol", ref=4)
+    await alice.send_json(type="deop", room="dev", name="bob", ref=5)
+    await alice.expect("moderated", action="deop", ref=5)
+    await bob.send_json(type="kick", room="dev", name="alice", ref=6)
+    assert (await bob.expect("error", ref=6))["code"] == "forbidden"
+
+
+# --- kick ---------------------------------------------------------------------
+
+
+async def test_a_kick_from_a_room_is_seen_by_the_room_and_leaves_the_user_online(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await joined(bob, "dev", "bob")
+    await alice.send_json(type="kick", room="dev", name="bob", reason="spam", ref=1)
+    ack = await alice.expect("moderated", ref=1)
+    assert ack == {
+        "type": "moderated",
+        "action": "kick",
+        "by": "alice",
+        "name": "bob",
+        "room": "dev",
+        "reason": "spam",
+        "ref": 1,
+    }
+    seen = await bob.expect("moderated", action="kick")
+    assert seen["reason"] == "spam"
+    left = await alice.expect("left", room="dev", name="bob")
+    assert left["reason"] == "kicked"
+    assert server.rooms["dev"] == ("alice",)
+    await bob.send_json(type="say", room="dev", text="hello?", ref=2)
+    assert (await bob.expect("error", ref=2))["code"] == "not_in_room"
+    await bob.send_json(type="say", text="still online", ref=3)
+    await bob.expect("message", text="still online", ref=3)
+
+
+async def test_a_kick_from_the_server_disconnects(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await login(open_raw, server.port, "root")
+    bob = await login(open_raw, server.port, "bob")
+    await root.send_json(type="kick", name="bob", reason="enough", ref=1)
+    await root.expect("moderated", action="kick", name="bob", ref=1)
+    lines = await bob.assert_closed()
+    assert '"code":"kicked"' in lines[-1] and "enough" in lines[-1]
+    await root.expect("left", name="bob")
+
+
+async def test_kicking_nobody_is_an_error(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await login(open_raw, server.port, "root")
+    await root.send_json(type="kick", name="ghost", ref=1)
+    assert (await root.expect("error", ref=1))["code"] == "no_such_user"
+    await root.send_json(type="kick", name="root", room="nowhere", ref=2)
+    assert (await root.expect("error", ref=2))["code"] == "no_such_user"
+
+
+# --- ban ----------------------------------------------------------------------
+
+
+async def test_a_room_ban_puts_out_and_keeps_out_until_lifted(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await joined(bob, "dev", "bob")
+    await alice.send_json(type="ban", room="dev", name="Bob", reason="trolling", ref=1)
+    await alice.expect("moderated", action="ban", ref=1)
+    await bob.expect("moderated", action="ban", name="Bob")
+    await alice.expect("left", room="dev", name="bob")
+    await bob.send_json(type="join", room="dev", ref=2)
+    error = await bob.expect("error", ref=2)
+    assert error["code"] == "banned" and "trolling" in error["message"]
+    await alice.send_json(type="unban", room="dev", name="bob", ref=3)
+    await alice.expect("moderated", action="unban", ref=3)
+    await bob.send_json(type="join", room="dev", ref=4)
+    await bob.expect("joined", room="dev", name="bob", ref=4)
+    await alice.send_json(type="unban", room="dev", name="bob", ref=5)
+    assert (await alice.expect("error", ref=5))["code"] == "bad_request"
+
+
+async def test_a_server_ban_disconnects_and_refuses_the_name_at_hello(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await login(open_raw, server.port, "root")
+    bob = await login(open_raw, server.port, "bob")
+    await root.send_json(type="ban", name="bob", reason="rules", ref=1)
+    await root.expect("moderated", action="ban", ref=1)
+    lines = await bob.assert_closed()
+    assert '"code":"banned"' in lines[-1]
+    again = await open_raw(server.port)
+    await again.send_json(type="hello", name="BOB", protocol=1, ref=2)
+    error = await again.expect("error", ref=2)
+    assert error["code"] == "banned" and "rules" in error["message"]
+    await again.assert_closed()
+
+
+async def test_an_address_ban_keeps_out_a_network(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await login(open_raw, server.port, "root")  # from 127.0.0.1
+    eve = RawClient(await connect_from(server.port, "127.1.2.3"))
+    try:
+        await eve.hello("eve")
+        await root.send_json(type="ban", address="127.1.0.0/16", ref=1)
+        ack = await root.expect("moderated", action="ban", ref=1)
+        assert ack["address"] == "127.1.0.0/16"
+        assert '"code":"banned"' in (await eve.assert_closed())[-1]
+    finally:
+        await eve.aclose()
+    mallory = RawClient(await connect_from(server.port, "127.1.9.9"))
+    try:
+        await mallory.send_json(type="hello", name="mallory", protocol=1)
+        assert (await mallory.expect("error"))["code"] == "banned"
+    finally:
+        await mallory.aclose()
+    await root.send_json(type="ban", address="not-an-address", ref=2)
+    assert (await root.expect("error", ref=2))["code"] == "bad_request"
+    await root.send_json(type="ban", name="x", address="10.0.0.1", ref=3)
+    assert (await root.expect("error", ref=3))["code"] == "bad_request"
+
+
+async def test_a_ban_ends_when_it_expires(
+    mock_clock: trio.testing.MockClock, open_raw: OpenRaw
+) -> None:
+    mock_clock.rate = 1  # real time, and jumps
+    async with chatkit.open_server(operators=["root"]) as server:
+        root = await login(open_raw, server.port, "root")
+        await root.send_json(type="ban", name="bob", duration=3600, ref=1)
+        ack = await root.expect("moderated", ref=1)
+        assert ack["until"] == pytest.approx(time.time() + 3600, abs=5)
+        bob = await open_raw(server.port)
+        await bob.send_json(type="hello", name="bob", protocol=1)
+        assert (await bob.expect("error"))["code"] == "banned"
+        mock_clock.jump(3601)
+        later = await open_raw(server.port)
+        await later.hello("bob")
+
+
+# --- mute ---------------------------------------------------------------------
+
+
+async def test_a_muted_member_is_refused_while_others_chat(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await joined(bob, "dev", "bob")
+    await alice.send_json(
+        type="mute", room="dev", name="bob", reason="calm down", ref=1
+    )
+    await alice.expect("moderated", action="mute", ref=1)
+    await bob.expect("moderated", action="mute", name="bob")
+    await bob.send_json(type="say", room="dev", text="LOUD", ref=2)
+    error = await bob.expect("error", ref=2)
+    assert error["code"] == "muted" and "calm" in error["message"]
+    await bob.send_json(type="say", text="in the lobby", ref=3)  # not muted there
+    await bob.expect("message", text="in the lobby", ref=3)
+    await alice.send_json(type="say", room="dev", text="quiet now", ref=4)
+    await bob.expect("message", text="quiet now")
+    await alice.send_json(type="unmute", room="dev", name="bob", ref=5)
+    await alice.expect("moderated", action="unmute", ref=5)
+    await bob.send_json(type="say", room="dev", text="sorry", ref=6)
+    await bob.expect("message", text="sorry", ref=6)
+
+
+async def test_a_server_mute_silences_rooms_and_direct_messages(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await login(open_raw, server.port, "root")
+    bob = await login(open_raw, server.port, "bob")
+    await root.send_json(type="mute", name="bob", ref=1)
+    await root.expect("moderated", action="mute", ref=1)
+    await bob.send_json(type="say", text="x", ref=2)
+    assert (await bob.expect("error", ref=2))["code"] == "muted"
+    await bob.send_json(type="dm", to="root", text="x", ref=3)
+    assert (await bob.expect("error", ref=3))["code"] == "muted"
+
+
+# --- the list -------------------------------------------------------------------
+
+
+async def test_bans_lists_bans_mutes_and_operators(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    await joined(alice, "dev", "alice")
+    await alice.send_json(type="ban", room="dev", name="eve", reason="spam", ref=1)
+    await alice.expect("moderated", ref=1)
+    await alice.send_json(type="mute", room="dev", name="bob", duration=60, ref=2)
+    await alice.expect("moderated", ref=2)
+    await alice.send_json(type="op", room="dev", name="carol", ref=3)
+    await alice.expect("moderated", ref=3)
+    await alice.send_json(type="bans", room="dev", ref=4)
+    reply = await alice.expect("bans", ref=4)
+    assert reply["bans"] == [{"name": "eve", "by": "alice", "reason": "spam"}]
+    assert [m["name"] for m in reply["mutes"]] == ["bob"]
+    assert reply["mutes"][0]["until"] > 0
+    assert reply["operators"] == ["alice", "carol"]
+
+
+# --- persistence and the Python API ------------------------------------------
+
+
+async def test_moderation_survives_a_restart_on_the_same_database(
+    tmp_path: Path, open_raw: OpenRaw
+) -> None:
+    db = tmp_path / "chat.db"
+    async with chatkit.open_server(
+        history=chatkit.SqliteHistory(db), operators=["root"]
+    ) as server:
+        alice = await login(open_raw, server.port, "alice")
+        await joined(alice, "dev", "alice")
+        await alice.send_json(type="op", room="dev", name="bob", ref=1)
+        await alice.expect("moderated", ref=1)
+        await alice.send_json(type="mute", room="dev", name="carol", ref=2)
+        await alice.expect("moderated", ref=2)
+        await server.ban("eve", reason="spam")
+    async with chatkit.open_server(history=chatkit.SqliteHistory(db)) as server:
+        eve = await open_raw(server.port)
+        await eve.send_json(type="hello", name="eve", protocol=1)
+        assert (await eve.expect("error"))["code"] == "banned"
+        bob = await login(open_raw, server.port, "bob")
+        await joined(bob, "dev", "bob")  # dev is re-created: alice still owns it
+        carol = await login(open_raw, server.port, "carol")
+        await joined(carol, "dev", "carol")
+        await carol.send_json(type="say", room="dev", text="hi", ref=3)
+        assert (await carol.expect("error", ref=3))["code"] == "muted"
+        await bob.send_json(type="kick", room="dev", name="carol", ref=4)
+        await bob.expect("moderated", action="kick", ref=4)  # still an operator
+        await bob.send_json(type="bans", room="dev", ref=5)
+        assert (await bob.expect("bans", ref=5))["operators"] == ["alice", "bob"]
+
+
+async def test_the_python_api_moderates_as_the_server(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await joined(bob, "dev", "bob")
+    assert server.kick("bob", "bye", room="dev")
+    seen = await alice.expect("moderated", action="kick")
+    assert seen["by"] == chatkit.SERVER_SENDER
+    await server.mute("alice", room="dev", duration=60)
+    await alice.send_json(type="say", room="dev", text="x", ref=1)
+    assert (await alice.expect("error", ref=1))["code"] == "muted"
+    assert await server.unmute("alice", room="dev")
+    assert not await server.unmute("alice", room="dev")
+    await server.op("dev", "bob")
+    await server.ban(address="10.0.0.0/8", room="dev")
+    assert await server.unban(address="10.0.0.0/8", room="dev")
+    with pytest.raises(ValueError, match="a name or an address"):
+        await server.ban()
+    with pytest.raises(ValueError, match="positive"):
+        await server.mute("bob", duration=0)
+    assert not server.kick("ghost")
+
+
+async def test_line_mode_users_read_what_happened(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await login(open_raw, server.port, "root")
+    bob = await open_raw(server.port)
+    await bob.send_line("bob")
+    await root.expect("joined", name="bob")
+    await root.send_json(type="mute", name="bob", room="lobby", reason="shh", ref=1)
+    await root.expect("moderated", ref=1)
+    assert await bob.receive_line() == "root muted bob in lobby: shh."
+    await bob.send_line("can I talk?")
+    assert await bob.receive_line() == "error (muted): you are muted in lobby: shh"
+    await root.send_json(type="kick", name="bob", room="lobby", ref=2)
+    await root.expect("moderated", ref=2)
+    assert await bob.receive_line() == "root kicked bob from lobby."
