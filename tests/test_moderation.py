@@ -365,3 +365,161 @@ async def test_line_mode_users_read_what_happened(
     await root.send_json(type="kick", name="bob", room="lobby", ref=2)
     await root.expect("moderated", ref=2)
     assert await bob.receive_line() == "root kicked bob from lobby."
+
+
+# --- topics and modes -----------------------------------------------------------
+
+
+async def test_a_topic_is_set_by_operators_and_shown_on_join(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await joined(bob, "dev", "bob")
+    await bob.send_json(type="topic", room="dev", text="bob's topic", ref=1)
+    assert (await bob.expect("error", ref=1))["code"] == "forbidden"
+    await alice.send_json(type="topic", room="dev", text="Release on Friday", ref=2)
+    assert await alice.expect("topic", ref=2) == {
+        "type": "topic",
+        "room": "dev",
+        "text": "Release on Friday",
+        "by": "alice",
+        "ref": 2,
+    }
+    await bob.expect("topic", text="Release on Friday", by="alice")
+    carol = await login(open_raw, server.port, "carol")
+    await joined(carol, "dev", "carol")
+    topic = await carol.expect("topic", room="dev")
+    assert topic["text"] == "Release on Friday"
+    await carol.send_json(type="topic", room="dev", ref=3)  # anyone may ask
+    assert (await carol.expect("topic", ref=3))["text"] == "Release on Friday"
+
+
+async def test_an_invite_only_room_lets_in_the_invited_once(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await alice.send_json(type="mode", room="dev", invite_only=True, ref=1)
+    modes = await alice.expect("modes", ref=1)
+    assert (modes["invite_only"], modes["by"]) == (True, "alice")
+    await bob.send_json(type="join", room="dev", ref=2)
+    error = await bob.expect("error", ref=2)
+    assert error["code"] == "forbidden" and "invite-only" in error["message"]
+    await alice.send_json(type="invite", room="dev", name="bob", ref=3)
+    await alice.expect("moderated", action="invite", ref=3)
+    await bob.expect("moderated", action="invite", room="dev", by="alice")
+    await joined(bob, "dev", "bob")
+    await bob.send_json(type="leave", room="dev")
+    await bob.expect("left", room="dev", name="bob")
+    await bob.send_json(type="join", room="dev", ref=4)  # the invite is used up
+    assert (await bob.expect("error", ref=4))["code"] == "forbidden"
+
+
+async def test_a_moderated_room_hears_operators_and_the_voiced(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await joined(bob, "dev", "bob")
+    await alice.send_json(type="mode", room="dev", moderated=True, ref=1)
+    await alice.expect("modes", ref=1)
+    await bob.expect("modes", moderated=True)
+    await bob.send_json(type="say", room="dev", text="hi", ref=2)
+    error = await bob.expect("error", ref=2)
+    assert error["code"] == "muted" and "moderated" in error["message"]
+    await alice.send_json(type="say", room="dev", text="ops speak", ref=3)
+    await alice.expect("message", text="ops speak", ref=3)
+    await alice.send_json(type="voice", room="dev", name="bob", ref=4)
+    await alice.expect("moderated", action="voice", ref=4)
+    await bob.send_json(type="say", room="dev", text="voiced now", ref=5)
+    await bob.expect("message", text="voiced now", ref=5)
+    await alice.send_json(type="devoice", room="dev", name="bob", ref=6)
+    await alice.expect("moderated", action="devoice", ref=6)
+    await bob.send_json(type="say", room="dev", text="again?", ref=7)
+    assert (await bob.expect("error", ref=7))["code"] == "muted"
+
+
+async def test_a_secret_room_is_not_listed_to_strangers(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await alice.send_json(type="mode", room="dev", secret=True, ref=1)
+    await alice.expect("modes", ref=1)
+    await bob.send_json(type="rooms", ref=2)
+    names = [room["name"] for room in (await bob.expect("rooms", ref=2))["rooms"]]
+    assert names == ["lobby"]
+    await bob.send_json(type="who", room="dev", ref=3)
+    assert (await bob.expect("error", ref=3))["code"] == "not_in_room"
+    await alice.send_json(type="rooms", ref=4)
+    names = [room["name"] for room in (await alice.expect("rooms", ref=4))["rooms"]]
+    assert names == ["dev", "lobby"]
+
+
+async def test_a_member_limit_fills_a_room(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    carol = await login(open_raw, server.port, "carol")
+    await joined(alice, "dev", "alice")
+    await alice.send_json(type="mode", room="dev", limit=2, ref=1)
+    assert (await alice.expect("modes", ref=1))["limit"] == 2
+    await joined(bob, "dev", "bob")
+    await carol.send_json(type="join", room="dev", ref=2)
+    assert (await carol.expect("error", ref=2))["code"] == "room_full"
+    await alice.send_json(type="mode", room="dev", limit=0, ref=3)
+    await alice.expect("modes", ref=3)
+    await joined(carol, "dev", "carol")
+
+
+async def test_slow_mode_allows_one_message_per_interval(
+    mock_clock: trio.testing.MockClock, open_raw: OpenRaw
+) -> None:
+    mock_clock.rate = 1
+    async with chatkit.open_server() as server:
+        alice = await login(open_raw, server.port, "alice")
+        bob = await login(open_raw, server.port, "bob")
+        await joined(alice, "dev", "alice")
+        await joined(bob, "dev", "bob")
+        await alice.send_json(type="mode", room="dev", slow=30, ref=1)
+        await alice.expect("modes", ref=1)
+        await bob.send_json(type="say", room="dev", text="one", ref=2)
+        await bob.expect("message", text="one", ref=2)
+        await bob.send_json(type="say", room="dev", text="two", ref=3)
+        error = await bob.expect("error", ref=3)
+        assert error["code"] == "rate_limited" and "slow mode" in error["message"]
+        await alice.send_json(type="say", room="dev", text="ops are not slowed", ref=4)
+        await alice.expect("message", ref=4)
+        await alice.send_json(type="say", room="dev", text="twice", ref=5)
+        await alice.expect("message", ref=5)
+        mock_clock.jump(31)
+        await bob.send_json(type="say", room="dev", text="three", ref=6)
+        await bob.expect("message", text="three", ref=6)
+
+
+async def test_topics_and_modes_survive_a_restart(
+    tmp_path: Path, open_raw: OpenRaw
+) -> None:
+    db = tmp_path / "chat.db"
+    async with chatkit.open_server(history=chatkit.SqliteHistory(db)) as server:
+        alice = await login(open_raw, server.port, "alice")
+        await joined(alice, "dev", "alice")
+        await alice.send_json(type="topic", room="dev", text="kept", ref=1)
+        await alice.expect("topic", ref=1)
+        await alice.send_json(type="mode", room="dev", moderated=True, slow=5, ref=2)
+        await alice.expect("modes", ref=2)
+    async with chatkit.open_server(history=chatkit.SqliteHistory(db)) as server:
+        bob = await login(open_raw, server.port, "bob")
+        await joined(bob, "dev", "bob")
+        assert (await bob.expect("topic", room="dev"))["text"] == "kept"
+        await bob.send_json(type="mode", room="dev", ref=3)
+        modes = await bob.expect("modes", ref=3)
+        assert (modes["moderated"], modes["slow"], modes["secret"]) == (True, 5, False)
+        await bob.send_json(type="mode", room="dev", moderated=False, ref=4)
+        assert (await bob.expect("error", ref=4))["code"] == "forbidden"

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+import chatkit
 from chatkit import (
     BadName,
     BadRequest,
@@ -1369,6 +1370,7 @@ CHAT_ERRORS: dict[ErrorCode, type[RequestError]] = {
     ErrorCode.FORBIDDEN: Forbidden,
     ErrorCode.BANNED: Banned,
     ErrorCode.MUTED: Muted,
+    ErrorCode.ROOM_FULL: chatkit.RoomFull,
 }
 
 

@@ -18,11 +18,13 @@ from ._events import Joined as Joined
 from ._events import Left as Left
 from ._events import Message as Message
 from ._events import Moderated as Moderated
+from ._events import ModesReply as ModesReply
 from ._events import Pong as Pong
 from ._events import Renamed as Renamed
 from ._events import RoomInfo as RoomInfo
 from ._events import RoomsReply as RoomsReply
 from ._events import Shutdown as Shutdown
+from ._events import TopicReply as TopicReply
 from ._events import Welcome as Welcome
 from ._events import WhoReply as WhoReply
 from ._exceptions import BadName as BadName
@@ -42,6 +44,7 @@ from ._exceptions import RateLimited as RateLimited
 from ._exceptions import Rejected as Rejected
 from ._exceptions import Replaced as Replaced
 from ._exceptions import RequestError as RequestError
+from ._exceptions import RoomFull as RoomFull
 from ._exceptions import ServerFull as ServerFull
 from ._exceptions import StartupError as StartupError
 from ._exceptions import TimedOut as TimedOut
@@ -107,6 +110,7 @@ __all__ = [
     "MemoryHistory",
     "Message",
     "Moderated",
+    "ModesReply",
     "Muted",
     "NameTaken",
     "NoSuchUser",
@@ -122,6 +126,7 @@ __all__ = [
     "Renamed",
     "Replaced",
     "RequestError",
+    "RoomFull",
     "RoomInfo",
     "RoomsReply",
     "ServerFull",
@@ -132,6 +137,7 @@ __all__ = [
     "TooLarge",
     "TooManyRooms",
     "TooSlow",
+    "TopicReply",
     "Unauthorized",
     "Unavailable",
     "User",

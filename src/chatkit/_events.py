@@ -37,6 +37,7 @@ __all__ = [
     "ClientRequest",
     "Count",
     "Deop",
+    "Devoice",
     "DirectMessage",
     "Dm",
     "Duration",
@@ -45,6 +46,7 @@ __all__ = [
     "Hello",
     "History",
     "HistoryReply",
+    "Invite",
     "Join",
     "Joined",
     "Kick",
@@ -52,6 +54,8 @@ __all__ = [
     "Left",
     "Message",
     "Moderated",
+    "Modes",
+    "ModesReply",
     "Mute",
     "Nick",
     "Op",
@@ -65,8 +69,11 @@ __all__ = [
     "Say",
     "ServerEvent",
     "Shutdown",
+    "Topic",
+    "TopicReply",
     "Unban",
     "Unmute",
+    "Voice",
     "Welcome",
     "Who",
     "WhoReply",
@@ -281,6 +288,61 @@ class Bans(Event, tag="bans", frozen=True):
     ref: Ref = None
 
 
+class Topic(Event, tag="topic", frozen=True):
+    """Set ``room``'s topic to ``text`` (its operators may), or without
+    ``text`` ask for it (answered by :class:`TopicReply`)."""
+
+    room: str
+    text: str | None = None
+    ref: Ref = None
+
+
+class Modes(Event, tag="mode", frozen=True):
+    """Set ``room``'s modes (its operators may; fields left out stay as
+    they are), or with none ask for them (answered by :class:`ModesReply`).
+    Its wire ``type`` is ``mode``.
+
+    Attributes:
+        invite_only: only invited users (and operators) may join.
+        moderated: only operators and voiced members may speak.
+        secret: not listed in ``rooms``; ``who`` for members only.
+        limit: the most members (0: no limit).
+        slow: seconds a member waits between messages (0: no wait).
+    """
+
+    room: str
+    invite_only: bool | None = None
+    moderated: bool | None = None
+    secret: bool | None = None
+    limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
+    slow: Annotated[int, msgspec.Meta(ge=0, le=86_400)] | None = None
+    ref: Ref = None
+
+
+class Invite(Event, tag="invite", frozen=True):
+    """Let user ``name`` join invite-only ``room`` (once)."""
+
+    room: str
+    name: str
+    ref: Ref = None
+
+
+class Voice(Event, tag="voice", frozen=True):
+    """Let user ``name`` speak in moderated ``room``."""
+
+    room: str
+    name: str
+    ref: Ref = None
+
+
+class Devoice(Event, tag="devoice", frozen=True):
+    """Take ``name``'s voice in ``room``."""
+
+    room: str
+    name: str
+    ref: Ref = None
+
+
 ClientRequest: TypeAlias = (
     Hello
     | Say
@@ -301,6 +363,11 @@ ClientRequest: TypeAlias = (
     | Op
     | Deop
     | Bans
+    | Topic
+    | Modes
+    | Invite
+    | Voice
+    | Devoice
 )
 
 
@@ -466,6 +533,31 @@ class BansReply(Event, tag="bans", frozen=True):
     ref: Ref = None
 
 
+class TopicReply(Event, tag="topic", frozen=True):
+    """``room``'s topic (``""``: none), set by ``by``: to its members when
+    it changes, to a joiner after ``joined``, and as the answer to
+    :class:`Topic`."""
+
+    room: str
+    text: str
+    by: str | None = None
+    ref: Ref = None
+
+
+class ModesReply(Event, tag="modes", frozen=True):
+    """``room``'s modes (see :class:`Modes`): to its members when they
+    change (``by``), and as the answer to :class:`Modes`."""
+
+    room: str
+    invite_only: bool
+    moderated: bool
+    secret: bool
+    limit: int
+    slow: int
+    by: str | None = None
+    ref: Ref = None
+
+
 ServerEvent: TypeAlias = (
     Welcome
     | Message
@@ -481,4 +573,6 @@ ServerEvent: TypeAlias = (
     | Shutdown
     | Moderated
     | BansReply
+    | TopicReply
+    | ModesReply
 )

@@ -82,6 +82,8 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     BANNED = "banned"
     MUTED = "muted"
+    # Extension to v1: the room has as many members as its limit allows.
+    ROOM_FULL = "room_full"
 
 
 class ChatkitError(Exception):
@@ -292,6 +294,12 @@ class Muted(RequestError):
     code = ErrorCode.MUTED
 
 
+class RoomFull(RequestError):
+    """``room_full``: the room has as many members as its limit allows."""
+
+    code = ErrorCode.ROOM_FULL
+
+
 class ConnectionClosed(RequestError):
     """The connection to the server ended while a request needed it (not an
     answer from the server: :attr:`code` is ``connection_closed``)."""
@@ -324,6 +332,7 @@ _BY_CODE: MappingProxyType[str, type[RequestError]] = MappingProxyType(
             Forbidden,
             Banned,
             Muted,
+            RoomFull,
         )
     }
 )

@@ -39,6 +39,7 @@ from ._events import BansReply as BansReply
 from ._events import Bye as Bye
 from ._events import ClientRequest as ClientRequest
 from ._events import Deop as Deop
+from ._events import Devoice as Devoice
 from ._events import DirectMessage as DirectMessage
 from ._events import Dm as Dm
 from ._events import ErrorReply as ErrorReply
@@ -46,6 +47,7 @@ from ._events import Event as Event
 from ._events import Hello as Hello
 from ._events import History as History
 from ._events import HistoryReply as HistoryReply
+from ._events import Invite as Invite
 from ._events import Join as Join
 from ._events import Joined as Joined
 from ._events import Kick as Kick
@@ -53,6 +55,8 @@ from ._events import Leave as Leave
 from ._events import Left as Left
 from ._events import Message as Message
 from ._events import Moderated as Moderated
+from ._events import Modes as Modes
+from ._events import ModesReply as ModesReply
 from ._events import Mute as Mute
 from ._events import Nick as Nick
 from ._events import Op as Op
@@ -66,8 +70,11 @@ from ._events import RoomsReply as RoomsReply
 from ._events import Say as Say
 from ._events import ServerEvent as ServerEvent
 from ._events import Shutdown as Shutdown
+from ._events import Topic as Topic
+from ._events import TopicReply as TopicReply
 from ._events import Unban as Unban
 from ._events import Unmute as Unmute
+from ._events import Voice as Voice
 from ._events import Welcome as Welcome
 from ._events import Who as Who
 from ._events import WhoReply as WhoReply
@@ -100,6 +107,7 @@ __all__ = [
     "ClientConnection",
     "ClientRequest",
     "Deop",
+    "Devoice",
     "DirectMessage",
     "Dm",
     "ErrorCode",
@@ -108,6 +116,7 @@ __all__ = [
     "Hello",
     "History",
     "HistoryReply",
+    "Invite",
     "Join",
     "Joined",
     "Kick",
@@ -118,6 +127,8 @@ __all__ = [
     "Message",
     "Mode",
     "Moderated",
+    "Modes",
+    "ModesReply",
     "Mute",
     "Nick",
     "Op",
@@ -135,8 +146,11 @@ __all__ = [
     "ServerEvent",
     "Shutdown",
     "Status",
+    "Topic",
+    "TopicReply",
     "Unban",
     "Unmute",
+    "Voice",
     "Welcome",
     "Who",
     "WhoReply",
@@ -272,6 +286,8 @@ def encode_line(event: Event) -> bytes:
             line = f"Server is shutting down: {replace_controls(reason)}"
         case Moderated():
             line = _moderated_line(event)
+        case TopicReply(room=room, text=text) if text:
+            line = f"Topic of {room}: {replace_controls(text)}"
         case _:
             return b""
     return (line + "\n").encode()

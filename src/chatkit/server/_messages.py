@@ -93,7 +93,13 @@ class Messages:
         messages) now; if so, it is told (``error muted``)."""
         mute = self.moderation.muted(session.name, room)
         if mute is None:
-            return False
+            refusal = (
+                None if room is None else self.moderation.may_speak(session.name, room)
+            )
+            if refusal is None:
+                return False
+            session.error(ErrorCode(refusal[0]), refusal[1], ref)
+            return True
         where = f"in {room}" if room is not None else "on this server"
         message = f"you are muted {where}"
         if mute.reason:

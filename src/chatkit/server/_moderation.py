@@ -36,7 +36,7 @@ from ..protocol import is_valid_name, is_valid_room
 if TYPE_CHECKING:
     from ._session import Session
 
-__all__ = ["Moderation", "ModerationStore", "Restriction"]
+__all__ = ["Moderation", "ModerationStore", "Restriction", "RoomSettings"]
 
 log = logging.getLogger("chatkit.server")
 
@@ -89,14 +89,30 @@ class Restriction(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         )
 
 
+class RoomSettings(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A room's topic and modes (see :class:`chatkit.protocol.Mode`), and
+    who it lets in or speak."""
+
+    topic: str = ""
+    topic_by: str | None = None
+    invite_only: bool = False
+    moderated: bool = False
+    secret: bool = False
+    limit: int = 0
+    slow: int = 0
+    invited: list[str] = msgspec.field(default_factory=list)  # casefolded
+    voiced: list[str] = msgspec.field(default_factory=list)  # casefolded
+
+
 class _Document(msgspec.Struct, kw_only=True):
-    """What is saved: restrictions and room roles."""
+    """What is saved: restrictions, room roles, room settings."""
 
     restrictions: list[Restriction] = msgspec.field(default_factory=list)
     # room -> its owner's casefolded name
     owners: dict[str, str] = msgspec.field(default_factory=dict)
     # room -> its operators' casefolded names
     operators: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    rooms: dict[str, RoomSettings] = msgspec.field(default_factory=dict)
 
 
 class Moderation:
@@ -121,6 +137,8 @@ class Moderation:
         self._store = store
         self._doc = _Document()
         self._anchor = 0.0  # Unix time minus trio's clock (set by open())
+        # When each member last spoke in a slow-mode room (not saved).
+        self._spoke: dict[tuple[str, str], float] = {}
 
     async def open(self) -> None:
         """Load the saved state (the server is starting)."""
@@ -190,6 +208,68 @@ class Moderation:
         owner = self._doc.owners.get(room)
         rest = self._doc.operators.get(room, [])
         return ((owner,) if owner else ()) + tuple(rest)
+
+    # --- room settings ----------------------------------------------------
+
+    def settings(self, room: str) -> RoomSettings:
+        """``room``'s settings (defaults if it has none)."""
+        return self._doc.rooms.get(room) or RoomSettings()
+
+    async def change_settings(self, room: str, **changes: Any) -> RoomSettings:
+        """Change ``room``'s settings (and save them); the new settings."""
+        settings = msgspec.structs.replace(self.settings(room), **changes)
+        if settings == RoomSettings():
+            self._doc.rooms.pop(room, None)
+        else:
+            self._doc.rooms[room] = settings
+        await self._save()
+        return settings
+
+    def may_join(self, name: str, room: str, members: int) -> tuple[str, str] | None:
+        """Why ``name`` may not join ``room`` (with ``members`` now), as an
+        error code and message; None if it may. Operators always may."""
+        settings = self._doc.rooms.get(room)
+        if settings is None or self.may_moderate(name, room):
+            return None
+        if settings.invite_only and name.casefold() not in settings.invited:
+            return "forbidden", f"{room} is invite-only: ask an operator for an invite"
+        if settings.limit and members >= settings.limit:
+            return "room_full", f"{room} is full ({settings.limit} members)"
+        return None
+
+    async def joined(self, name: str, room: str) -> None:
+        """``name`` joined ``room``: its invite, if any, is used up."""
+        settings = self._doc.rooms.get(room)
+        if settings is not None and name.casefold() in settings.invited:
+            invited = [n for n in settings.invited if n != name.casefold()]
+            await self.change_settings(room, invited=invited)
+
+    def may_speak(self, name: str, room: str) -> tuple[str, str] | None:
+        """Why ``name`` may not speak in ``room`` now (moderated, or slow
+        mode), as an error code and message; None if it may (and, in slow
+        mode, the message is counted)."""
+        settings = self._doc.rooms.get(room)
+        if settings is None or self.may_moderate(name, room):
+            return None
+        key = name.casefold()
+        if settings.moderated and key not in settings.voiced:
+            return (
+                "muted",
+                f"{room} is moderated: only operators and voiced members speak",
+            )
+        if settings.slow:
+            now = self.now()
+            last = self._spoke.get((room, key))
+            if last is not None and now - last < settings.slow:
+                wait = settings.slow - (now - last)
+                return "rate_limited", f"slow mode in {room}: wait {wait:.0f} s"
+            self._spoke[(room, key)] = now
+        return None
+
+    def visible(self, room: str, member: bool) -> bool:
+        """Whether ``room`` is listed for someone (a ``member`` of it, or not)."""
+        settings = self._doc.rooms.get(room)
+        return member or settings is None or not settings.secret
 
     # --- restrictions -----------------------------------------------------
 

@@ -20,13 +20,20 @@ from .._events import (
     Bans,
     ClientRequest,
     Deop,
+    Devoice,
     ErrorReply,
+    Invite,
     Kick,
     Moderated,
+    Modes,
+    ModesReply,
     Mute,
     Op,
+    Topic,
+    TopicReply,
     Unban,
     Unmute,
+    Voice,
 )
 from .._exceptions import ErrorCode
 from ._moderation import (
@@ -113,6 +120,17 @@ class Moderator:
                 )
             case Bans():
                 session.send(self.moderation.reply(request.room, ref))
+            case Topic():
+                assert request.text is not None  # asking is not moderating
+                await self.set_topic(request.room, request.text, session, ref)
+            case Modes():
+                await self.set_modes(request, session)
+            case Invite():
+                await self.invite(request.room, request.name, session, ref)
+            case Voice() | Devoice():
+                await self.set_voice(
+                    request.room, request.name, isinstance(request, Voice), session, ref
+                )
 
     def _may_grant(self, session: Session, room: str | None) -> bool:
         """Only a room's owner or a server operator makes room operators."""
@@ -344,6 +362,77 @@ class Moderator:
         self._tell(place.members if place is not None else (), event, by, ref)
         return changed
 
+    # --- topics and modes -------------------------------------------------
+
+    def topic(self, room: str, ref: Any = None) -> TopicReply:
+        """``room``'s topic, as told."""
+        settings = self.moderation.settings(room)
+        return TopicReply(room=room, text=settings.topic, by=settings.topic_by, ref=ref)
+
+    def modes(self, room: str, ref: Any = None) -> ModesReply:
+        """``room``'s modes, as told."""
+        s = self.moderation.settings(room)
+        return ModesReply(
+            room=room,
+            invite_only=s.invite_only,
+            moderated=s.moderated,
+            secret=s.secret,
+            limit=s.limit,
+            slow=s.slow,
+            ref=ref,
+        )
+
+    async def set_topic(
+        self, room: str, text: str, by: Session | None = None, ref: Any = None
+    ) -> None:
+        """Set ``room``'s topic; its members are told."""
+        who = _name(by)
+        await self.moderation.change_settings(room, topic=text, topic_by=who)
+        event = msgspec.structs.replace(self.topic(room), by=who)
+        self._tell_room(room, event, by, ref)
+
+    async def set_modes(self, request: Modes, by: Session | None = None) -> None:
+        """Change the modes ``request`` gives; the room's members are told."""
+        changes = {
+            field: getattr(request, field)
+            for field in ("invite_only", "moderated", "secret", "limit", "slow")
+            if getattr(request, field) is not None
+        }
+        await self.moderation.change_settings(request.room, **changes)
+        event = msgspec.structs.replace(self.modes(request.room), by=_name(by))
+        self._tell_room(request.room, event, by, request.ref)
+
+    async def invite(
+        self, room: str, name: str, by: Session | None = None, ref: Any = None
+    ) -> None:
+        """Let ``name`` join invite-only ``room`` once; it is told (if
+        online), and so is ``by``."""
+        key = name.casefold()
+        invited = self.moderation.settings(room).invited
+        if key not in invited:
+            await self.moderation.change_settings(room, invited=[*invited, key])
+        event = announcement("invite", _name(by), name=name, room=room)
+        target = self._directory.get(name)
+        self._tell([target] if target is not None else (), event, by, ref)
+
+    async def set_voice(
+        self, room: str, name: str, on: bool, by: Session | None = None, ref: Any = None
+    ) -> None:
+        """Let ``name`` speak in moderated ``room`` (``on``) or not."""
+        key = name.casefold()
+        voiced = [n for n in self.moderation.settings(room).voiced if n != key]
+        await self.moderation.change_settings(
+            room, voiced=[*voiced, key] if on else voiced
+        )
+        event = announcement(
+            "voice" if on else "devoice", _name(by), name=name, room=room
+        )
+        self._tell_room(room, event, by, ref)
+
+    def _tell_room(self, room: str, event: Any, by: Session | None, ref: Any) -> None:
+        place = self._rooms.get(room)
+        self._tell(place.members if place is not None else (), event, by, ref)
+
     # --- telling ------------------------------------------------------------
 
     def _concerned(self, name: str, room: str | None) -> Iterable[Any]:
@@ -365,7 +454,11 @@ class Moderator:
         return list(seen)
 
     def _tell(
-        self, members: Iterable[Any], event: Moderated, by: Session | None, ref: Any
+        self,
+        members: Iterable[Any],
+        event: Moderated | TopicReply | ModesReply,
+        by: Session | None,
+        ref: Any,
     ) -> None:
         """``event`` to ``members``; ``by`` gets its copy with ``ref``."""
         others = [member for member in members if member is not by]

@@ -27,17 +27,20 @@ from .._events import (
     Bye,
     ClientRequest,
     Deop,
+    Devoice,
     DirectMessage,
     Dm,
     ErrorReply,
     Hello,
     History,
+    Invite,
     Join,
     Joined,
     Kick,
     Leave,
     Left,
     Message,
+    Modes,
     Mute,
     Nick,
     Op,
@@ -48,8 +51,10 @@ from .._events import (
     Rooms,
     RoomsReply,
     Say,
+    Topic,
     Unban,
     Unmute,
+    Voice,
     Welcome,
     Who,
     WhoReply,
@@ -209,10 +214,21 @@ class ChatRules:
             case Nick():
                 await self._nick(session, request)
             case Who():
+                if not self.moderation.visible(
+                    request.room, request.room in session.rooms
+                ):
+                    session.error(
+                        ErrorCode.NOT_IN_ROOM, f"{request.room} is secret", request.ref
+                    )
+                    return None
                 names = await self._who(request.room)
                 session.send(WhoReply(room=request.room, names=names, ref=request.ref))
             case Rooms():
-                counts = await self._room_counts()
+                counts = {
+                    name: count
+                    for name, count in (await self._room_counts()).items()
+                    if self.moderation.visible(name, name in session.rooms)
+                }
                 infos = tuple(
                     RoomInfo(name=name, members=counts[name]) for name in sorted(counts)
                 )
@@ -223,7 +239,32 @@ class ChatRules:
                 session.send(Pong(ref=request.ref))
             case Bye():
                 return LeaveReason.EXIT if session.mode == "line" else LeaveReason.BYE
-            case Kick() | Ban() | Unban() | Mute() | Unmute() | Op() | Deop() | Bans():
+            case Topic(text=None):
+                if self.moderation.visible(request.room, request.room in session.rooms):
+                    session.send(self.moderator.topic(request.room, request.ref))
+                else:
+                    session.error(
+                        ErrorCode.NOT_IN_ROOM, f"{request.room} is secret", request.ref
+                    )
+            case Modes(
+                invite_only=None, moderated=None, secret=None, limit=None, slow=None
+            ):
+                session.send(self.moderator.modes(request.room, request.ref))
+            case (
+                Kick()
+                | Ban()
+                | Unban()
+                | Mute()
+                | Unmute()
+                | Op()
+                | Deop()
+                | Bans()
+                | Topic()
+                | Modes()
+                | Invite()
+                | Voice()
+                | Devoice()
+            ):
                 await self.moderator.handle(session, request)
         return None
 
@@ -384,10 +425,19 @@ class ChatRules:
                 join.ref,
             )
             return
+        refusal = self.moderation.may_join(
+            session.name, join.room, len(room.members) if room is not None else 0
+        )
+        if refusal is not None:
+            session.error(ErrorCode(refusal[0]), refusal[1], join.ref)
+            return
         if room is None and join.room != LOBBY:
             await self.moderation.room_created(join.room, session.name)
         room = self.rooms.open(join.room)
         self._add_member(session, room, ref=join.ref)
+        await self.moderation.joined(session.name, room.name)
+        if self.moderation.settings(room.name).topic:
+            session.send(self.moderator.topic(room.name))
         await self.hooks.notify(
             "chatkit_user_joined", user=session.user, room=room.name
         )
