@@ -39,7 +39,7 @@ from tests.test_stateful import Conn, Event
 
 USERS = ("root", "alice", "bob", "carol")
 TARGETS = ("alice", "bob", "carol")
-ROOMS = ("r1", "r2")
+ROOMS = ("lobby", "r1", "r2")  # lobby: everyone, no owner
 
 actors = st.sampled_from(USERS)
 targets = st.sampled_from(TARGETS)
@@ -88,7 +88,7 @@ class ModerationMachine(RuleBasedStateMachine):
         # The model.
         self.online: set[str] = set()
         self.members: dict[str, set[str]] = {room: set() for room in ROOMS}
-        self.owner = {"r1": "root", "r2": "alice"}
+        self.owner: dict[str, str | None] = {"lobby": None, "r1": "root", "r2": "alice"}
         self.ops: dict[str, set[str]] = {room: set() for room in ROOMS}
         self.bans: set[tuple[str, str | None]] = set()  # (name, room or None)
         self.mutes: set[tuple[str, str | None]] = set()
@@ -115,6 +115,7 @@ class ModerationMachine(RuleBasedStateMachine):
         events = [first, *conn.sync(self.ref())]
         self.conns[name] = conn
         self.online.add(name)
+        self.members["lobby"].add(name)
         self.drain()
         return events
 
@@ -254,6 +255,8 @@ class ModerationMachine(RuleBasedStateMachine):
         else:
             assert reply["action"] == "mute", reply
             self.mutes.add((name, scope))
+            self.drain()
+            self.say(name, scope or "lobby")  # and it holds at once
         self.drain()
 
     @rule(actor=actors, name=targets, room=rooms, on=st.booleans())
