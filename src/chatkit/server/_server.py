@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from collections.abc import Awaitable, Iterable, Mapping
+from contextlib import AsyncExitStack, suppress
 from typing import Any
 
 import trio
@@ -45,7 +45,7 @@ from ._session import SERVER_SENDER, LeaveReason, RemoteUser, Session, User
 from ._transport import Link, TcpTransport, Transport
 from ._web import WebTransport
 
-__all__ = ["ChatServer", "ServerSpec", "open_server"]
+__all__ = ["ChatServer", "ServerSpec"]
 
 log = logging.getLogger("chatkit.server")
 
@@ -448,33 +448,6 @@ async def _in_nursery_of(
             body_error = exc
         finally:
             nursery.cancel_scope.cancel()
-    if body_error is not None:
-        raise body_error
-
-
-@asynccontextmanager
-async def open_server(
-    host: str = "127.0.0.1", port: int = 0, **kwargs: Any
-) -> AsyncIterator[ChatServer]:
-    """Run a :class:`ChatServer` for the duration of an ``async with`` block.
-
-    Takes :class:`ChatServer`'s arguments; the server is listening on entry
-    (read ``server.port``) and shut down gracefully on exit. An exception
-    raised in the block propagates unchanged (not wrapped in an
-    ``ExceptionGroup`` by the server's nursery).
-    """
-    server = ChatServer(host, port, **kwargs)
-    body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        try:
-            yield server
-        except BaseException as exc:
-            # Re-raised below, outside the nursery, so it is not grouped.
-            body_error = exc
-        finally:
-            with trio.CancelScope(shield=True):
-                await server.aclose()
     if body_error is not None:
         raise body_error
 
