@@ -35,6 +35,8 @@ __all__ = [
     "BansReply",
     "Bye",
     "ClientRequest",
+    "Command",
+    "CommandReply",
     "Count",
     "Deop",
     "DirectMessage",
@@ -281,6 +283,21 @@ class Bans(Event, tag="bans", frozen=True):
     ref: Ref = None
 
 
+# --- plugin commands (extension to v1; docs/plugins.md) --------------------
+
+
+class Command(Event, tag="command", frozen=True):
+    """Run the plugin command ``name`` (``/roll 2d6``: ``name="roll"``,
+    ``args="2d6"``), optionally about ``room`` (which the sender must be
+    in); answered by :class:`CommandReply`, or ``error bad_request`` when
+    no plugin knows the command."""
+
+    name: str
+    args: str = ""
+    room: str | None = None
+    ref: Ref = None
+
+
 ClientRequest: TypeAlias = (
     Hello
     | Say
@@ -301,6 +318,7 @@ ClientRequest: TypeAlias = (
     | Op
     | Deop
     | Bans
+    | Command
 )
 
 
@@ -466,6 +484,16 @@ class BansReply(Event, tag="bans", frozen=True):
     ref: Ref = None
 
 
+class CommandReply(Event, tag="command", frozen=True):
+    """Answer to :class:`Command`, to its sender only: the plugin's ``text``
+    (``room`` as the request gave it)."""
+
+    name: str
+    text: str
+    room: str | None = None
+    ref: Ref = None
+
+
 ServerEvent: TypeAlias = (
     Welcome
     | Message
@@ -481,4 +509,5 @@ ServerEvent: TypeAlias = (
     | Shutdown
     | Moderated
     | BansReply
+    | CommandReply
 )

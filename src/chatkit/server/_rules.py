@@ -26,6 +26,7 @@ from .._events import (
     Bans,
     Bye,
     ClientRequest,
+    Command,
     Deop,
     DirectMessage,
     Dm,
@@ -59,6 +60,7 @@ from ..backplane import JOINED, LEFT, RENAMED, Envelope, Publication
 from ..protocol import Mode, is_valid_name, is_valid_room
 from ._admission import Admission
 from ._bucket import Bucket
+from ._commands import run_command
 from ._messages import Messages
 from ._moderation import Moderation, ModerationStore, host_of
 from ._moderator import Moderator
@@ -134,7 +136,7 @@ class ChatRules:
             self.moderation,
         )
         self.moderator = Moderator(
-            self.moderation, self.directory, rooms, fanout, self._remove_member
+            self.moderation, self.directory, rooms, fanout, self._remove_member, hooks
         )
         self.closing = False
         """The server is shutting down: no presence notices for leavers."""
@@ -225,6 +227,10 @@ class ChatRules:
                 return LeaveReason.EXIT if session.mode == "line" else LeaveReason.BYE
             case Kick() | Ban() | Unban() | Mute() | Unmute() | Op() | Deop() | Bans():
                 await self.moderator.handle(session, request)
+            case Command():
+                await run_command(
+                    session, request, self.hooks, self.messages, self.limits
+                )
         return None
 
     def opened(self, session: Session) -> None:
@@ -375,15 +381,23 @@ class ChatRules:
                 join.ref,
             )
             return
-        ban = self.moderation.banned(session.name, host_of(session), join.room)
-        if ban is not None:
-            text = f"you are banned from {join.room}"
-            session.error(
-                ErrorCode.BANNED,
-                f"{text}: {ban.reason}" if ban.reason else text,
-                join.ref,
-            )
+        if self._banned_from(session, join):
             return
+        if self.hooks.has("chatkit_join"):
+            try:
+                await self.hooks.veto(
+                    "chatkit_join", fail_closed=False, user=session.user, room=join.room
+                )
+            except Veto as exc:
+                session.error(ErrorCode.REJECTED, exc.reason, join.ref)
+                return
+            # The hooks may have awaited: gone, or banned meanwhile?
+            if session.closed or self._banned_from(session, join):
+                return
+            room = self.rooms.get(join.room)
+            if room is not None and session in room.members:
+                session.send(Joined(room=room.name, name=session.name, ref=join.ref))
+                return
         if room is None and join.room != LOBBY:
             await self.moderation.room_created(join.room, session.name)
         room = self.rooms.open(join.room)
@@ -391,6 +405,17 @@ class ChatRules:
         await self.hooks.notify(
             "chatkit_user_joined", user=session.user, room=room.name
         )
+
+    def _banned_from(self, session: Session, join: Join) -> bool:
+        """Tell ``session`` it is banned from the room it would join; True
+        if so."""
+        ban = self.moderation.banned(session.name, host_of(session), join.room)
+        if ban is None:
+            return False
+        text = f"you are banned from {join.room}"
+        reason = f"{text}: {ban.reason}" if ban.reason else text
+        session.error(ErrorCode.BANNED, reason, join.ref)
+        return True
 
     def _add_member(self, session: Session, room: Room, ref: Any) -> None:
         announce = self.rooms.add(room, session)
