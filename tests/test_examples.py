@@ -5,7 +5,9 @@ chatkit.testing, and through ``python -m chatkit.server --plugin``."""
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import random
 import re
 import signal
 import socket
@@ -17,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from examples import logging_plugin, profanity_filter
+from examples import audit_log, dice, logging_plugin, profanity_filter
 
 import chatkit
 from chatkit.testing import Chat, open_chat
-from tests.helpers import TIMEOUT, next_event, unref
+from tests.helpers import TIMEOUT, RawClient, next_event, unref, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -232,6 +234,157 @@ async def test_logging_plugin_changes_nothing() -> None:
         said = await chat["alice"].say("unchanged")
         assert said.text == "unchanged"
         assert await chat.next_event("bob") == unref(said)
+
+
+# --- dice.py ----------------------------------------------------------------------
+
+
+class Loaded(random.Random):
+    """Dice that roll 3, 5, 3, 5, ..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next = 3
+
+    def randint(self, a: int, b: int) -> int:
+        value, self.next = self.next, 8 - self.next
+        return min(max(value, a), b)
+
+
+@pytest.mark.parametrize(
+    ("args", "answer"),
+    [
+        ("2d6", "alice rolled 2d6: 3 + 5 = 8"),
+        ("", "alice rolled 1d6: 3"),
+        ("d20", "alice rolled 1d20: 3"),
+        (" 3D6 + 2 ", "alice rolled 3d6+2: 3 + 5 + 3 + 2 = 13"),
+        ("2d6-1", "alice rolled 2d6-1: 3 + 5 - 1 = 7"),
+    ],
+)
+def test_dice_rolls_what_it_is_asked(args: str, answer: str) -> None:
+    assert dice.Dice(Loaded()).roll("alice", args) == answer
+
+
+@pytest.mark.parametrize(
+    ("args", "start"),
+    [
+        ("lots", "alice, I can't read 'lots': try /roll 2d6"),
+        ("2d", "alice, I can't read '2d': try /roll 2d6"),
+        ("21d6", "alice, that is too many dice or sides: try /roll 2d6"),
+        ("0d6", "alice, that is too many dice or sides"),
+        ("1d1", "alice, that is too many dice or sides"),
+        ("1d1001", "alice, that is too many dice or sides"),
+        ("99999999999999999999d6", "alice, that is too many dice or sides"),
+    ],
+)
+def test_dice_answers_bad_input_kindly(args: str, start: str) -> None:
+    assert dice.Dice(Loaded()).roll("alice", args).startswith(start)
+
+
+def test_dice_rolls_fair_dice_within_their_bounds() -> None:
+    plugin = dice.Dice(random.Random(21))
+    for _ in range(200):
+        answer = plugin.roll("bob", f"{dice.MAX_DICE}d{dice.MAX_SIDES}")
+        parts, total = answer.split(": ")[1].split(" = ")
+        rolls = [int(part) for part in parts.split(" + ")]
+        assert len(rolls) == dice.MAX_DICE
+        assert all(1 <= roll <= dice.MAX_SIDES for roll in rolls)
+        assert sum(rolls) == int(total)
+
+
+async def test_dice_answers_roll_and_leaves_other_commands() -> None:
+    async with chatkit.open_server(plugins=[dice.Dice(Loaded())]) as server:
+        alice = await RawClient.open(server.port)
+        try:
+            await alice.hello("alice")
+            await alice.send_json(type="command", name="roll", args="2d6", ref=1)
+            assert await alice.expect("command", ref=1) == {
+                "type": "command",
+                "name": "roll",
+                "text": "alice rolled 2d6: 3 + 5 = 8",
+                "ref": 1,
+            }
+            await alice.send_json(type="command", name="roll", args="many", ref=2)
+            reply = await alice.expect("command", ref=2)
+            assert reply["text"].startswith("alice, I can't read 'many'")
+            await alice.send_json(type="command", name="flip", ref=3)
+            error = await alice.expect("error", ref=3)
+            assert error["message"] == "no command /flip"
+        finally:
+            await alice.aclose()
+
+
+# --- audit_log.py ------------------------------------------------------------------
+
+
+def read_audit(path: Path) -> list[dict[str, object]]:
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    for entry in entries:
+        time = entry.pop("time")
+        assert isinstance(time, str) and re.fullmatch(STAMP.strip(), time), time
+    return entries
+
+
+async def test_audit_log_writes_one_json_line_per_action(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    async with open_chat(
+        plugins=[audit_log.AuditLog(path)],
+        clients=["alice", "bob"],
+        operators=["alice"],
+    ) as chat:
+        await chat["alice"].join("dev")
+        await chat["bob"].join("dev")
+        await chat.server.mute("bob", room="dev", reason="shh", duration=60)
+        await chat.server.unmute("bob", room="dev")
+        await chat.server.op("dev", "bob")
+        await chat.server.deop("dev", "bob")
+        await chat.server.ban(address="203.0.113.0/24", reason="spam")
+        await chat.server.unban(address="203.0.113.0/24")
+        assert chat.server.kick("bob", "off topic", room="dev")
+        # kick() cannot await: its hook runs in a task, soon after.
+        await wait_until(lambda: len(path.read_text().splitlines()) == 7)
+        await chat.server.ban("bob", reason="enough")
+        await wait_until(lambda: len(path.read_text().splitlines()) == 8)
+    entries = read_audit(path)
+    until = entries[0].pop("until")
+    assert isinstance(until, float)
+    by = {"by": "*server*"}
+    assert entries == [
+        {"action": "mute", **by, "name": "bob", "room": "dev", "reason": "shh"},
+        {"action": "unmute", **by, "name": "bob", "room": "dev"},
+        {"action": "op", **by, "name": "bob", "room": "dev"},
+        {"action": "deop", **by, "name": "bob", "room": "dev"},
+        {"action": "ban", **by, "address": "203.0.113.0/24", "reason": "spam"},
+        {"action": "unban", **by, "address": "203.0.113.0/24"},
+        {"action": "kick", **by, "name": "bob", "room": "dev", "reason": "off topic"},
+        {"action": "ban", **by, "name": "bob", "reason": "enough"},
+    ]
+
+
+async def test_audit_log_records_operators_requests_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "from-env.jsonl"
+    monkeypatch.setenv("CHATKIT_AUDIT_LOG", str(path))
+    plugin = audit_log.AuditLog()
+    assert plugin.path == path
+    async with chatkit.open_server(plugins=[plugin], operators=["alice"]) as server:
+        alice = await RawClient.open(server.port)
+        try:
+            await alice.hello("alice")
+            await alice.send_json(type="ban", name="eve", reason="spam", ref=1)
+            await alice.expect("moderated", ref=1)
+        finally:
+            await alice.aclose()
+    assert read_audit(path) == [
+        {"action": "ban", "by": "alice", "name": "eve", "reason": "spam"}
+    ]
+
+
+def test_audit_log_needs_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHATKIT_AUDIT_LOG", raising=False)
+    with pytest.raises(ValueError, match="CHATKIT_AUDIT_LOG"):
+        audit_log.AuditLog()
 
 
 # --- both plugins under python -m chatkit.server --------------------------------

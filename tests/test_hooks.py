@@ -29,7 +29,7 @@ import trio
 import chatkit
 from chatkit.testing import HookRecorder, open_chat
 from tests.conftest import OpenRaw, crowd, line_login, login
-from tests.helpers import TIMEOUT, HoldLogin, RawClient, unref
+from tests.helpers import TIMEOUT, HoldLogin, RawClient, unref, wait_until
 
 # --- recording plugins -------------------------------------------------------
 
@@ -1769,3 +1769,263 @@ async def test_nick_can_be_vetoed_and_fails_closed(
         assert calls == [("alice", "admin1"), ("alice", "boom"), ("alice", "alicia")]
         assert [r.name for r in chat.server.users] == ["alicia", "bob"]
     assert ".<locals>.Reserved' raised in chatkit_nick" in caplog.text
+
+
+# --- issue 21: join veto, plugin commands, moderation observed ----------------
+
+
+class Doorman:
+    """Refuses ``vault`` (the reason names the user), raises on ``broken``;
+    records every join asked, ``def`` or ``async def``."""
+
+    def __init__(self, asynchronous: bool) -> None:
+        self.asked: list[tuple[str, str]] = []
+        self.asynchronous = asynchronous
+
+    def decide(self, user: chatkit.User, room: str) -> None:
+        self.asked.append((user.name, room))
+        if room == "vault":
+            raise chatkit.Veto(f"{user.name} may not enter the vault")
+        if room == "broken":
+            raise RuntimeError("bug in the doorman")
+
+    @chatkit.hookimpl
+    def chatkit_join(self, user: chatkit.User, room: str) -> Any:
+        if not self.asynchronous:
+            return self.decide(user, room)
+
+        async def later() -> None:
+            await trio.lowlevel.checkpoint()
+            self.decide(user, room)
+
+        return later()
+
+
+@pytest.mark.fires("chatkit_join", "chatkit_user_joined")
+@pytest.mark.parametrize("asynchronous", [False, True])
+async def test_a_join_can_be_vetoed_and_only_the_joiner_hears_of_it(
+    asynchronous: bool,
+    open_raw: OpenRaw,
+    hooks: HookRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    doorman = Doorman(asynchronous)
+    async with chatkit.open_server(plugins=[hooks.server, doorman]) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        # The lobby a login puts one in is not asked about.
+        assert doorman.asked == []
+        await bob.send_json(type="join", room="vault", ref=1)
+        assert await bob.receive_json() == {
+            "type": "error",
+            "code": "rejected",
+            "message": "bob may not enter the vault",
+            "ref": 1,
+        }
+        assert server.rooms.get("vault") is None  # not even created
+        await alice.send_json(type="join", room="vault")
+        await alice.expect("error", code="rejected")
+        await bob.assert_silent()
+        # A raising plugin is logged and the join goes on (fails open).
+        await bob.send_json(type="join", room="broken", ref=2)
+        await bob.expect("joined", room="broken", name="bob", ref=2)
+        await bob.send_json(type="join", room="dev", ref=3)
+        await bob.expect("joined", room="dev", name="bob", ref=3)
+        await alice.assert_silent()
+        assert doorman.asked == [
+            ("bob", "vault"),
+            ("alice", "vault"),
+            ("bob", "broken"),
+            ("bob", "dev"),
+        ]
+        assert server.rooms["broken"] == ("bob",)
+        # A join of a room one is in is not asked again.
+        await bob.send_json(type="join", room="dev", ref=4)
+        await bob.expect("joined", room="dev", name="bob", ref=4)
+        assert len(doorman.asked) == 4
+        assert hooks.count("chatkit_join") == 4
+    assert "plugin 'Doorman' raised in chatkit_join" in plugin_logs(caplog)
+
+
+class Dice:
+    """Answers ``/roll`` (always 4), refuses ``/forbidden``, breaks on
+    ``/crash``; ``/roll`` in a room says which."""
+
+    @chatkit.hookimpl
+    def chatkit_command(
+        self, user: chatkit.User, name: str, args: str, room: str | None
+    ) -> str | None:
+        if name == "roll":
+            return f"{user.name} rolled {args or 'd6'}: 4" + (
+                f" in {room}" if room else ""
+            )
+        if name == "forbidden":
+            raise chatkit.Veto("not for you")
+        if name == "crash":
+            raise ZeroDivisionError("bug in the dice")
+        return None
+
+
+class Backup:
+    """Answers whatever the plugins before it did not: proof that the first
+    answer wins and that a failing plugin is skipped."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    @chatkit.hookimpl
+    async def chatkit_command(self, name: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        self.asked.append(name)
+        return "backup answer" if name in {"crash", "other"} else None
+
+
+@pytest.mark.fires("chatkit_command")
+async def test_a_command_is_answered_privately_by_the_first_plugin_that_knows_it(
+    open_raw: OpenRaw, hooks: HookRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    backup = Backup()
+    async with chatkit.open_server(plugins=[hooks.server, Dice(), backup]) as server:
+        alice, bob = await crowd(open_raw, server.port, "alice", "bob")
+        await alice.send_json(type="command", name="roll", args="2d6", ref=1)
+        assert await alice.receive_json() == {
+            "type": "command",
+            "name": "roll",
+            "text": "alice rolled 2d6: 4",
+            "ref": 1,
+        }
+        await alice.send_json(type="command", name="roll", room="lobby", ref=2)
+        assert await alice.receive_json() == {
+            "type": "command",
+            "name": "roll",
+            "text": "alice rolled d6: 4 in lobby",
+            "room": "lobby",
+            "ref": 2,
+        }
+        assert backup.asked == []  # the first answer wins
+        await alice.send_json(type="command", name="other", ref=3)
+        await alice.expect("command", text="backup answer", ref=3)
+        # Unknown to every plugin.
+        await alice.send_json(type="command", name="nope", args="x", ref=4)
+        assert await alice.receive_json() == {
+            "type": "error",
+            "code": "bad_request",
+            "message": "no command /nope",
+            "ref": 4,
+        }
+        # A veto stops the chain.
+        await alice.send_json(type="command", name="forbidden", ref=5)
+        await alice.expect("error", code="rejected", message="not for you", ref=5)
+        # A raising plugin is logged and skipped: the next one answers.
+        await alice.send_json(type="command", name="crash", ref=6)
+        await alice.expect("command", text="backup answer", ref=6)
+        # A room must be one's own; a name must be a name.
+        await alice.send_json(type="command", name="roll", room="dev", ref=7)
+        await alice.expect("error", code="not_in_room", ref=7)
+        await alice.send_json(type="command", name="no way", ref=8)
+        await alice.expect("error", code="bad_request", ref=8)
+        assert backup.asked == ["other", "nope", "crash"]
+        # Nobody else sees any of it.
+        await bob.assert_silent()
+        assert hooks.count("chatkit_command") == 6
+    assert "plugin 'Dice' raised in chatkit_command" in plugin_logs(caplog)
+
+
+async def test_a_command_nobody_can_answer_after_a_failure_is_rejected(
+    open_raw: OpenRaw, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with chatkit.open_server(plugins=[Dice()]) as server:
+        alice = await login(open_raw, server.port, "alice")
+        await alice.send_json(type="command", name="crash", ref=1)
+        assert await alice.receive_json() == {
+            "type": "error",
+            "code": "rejected",
+            "message": "/crash failed on the server",
+            "ref": 1,
+        }
+    async with chatkit.open_server() as server:
+        alice = await login(open_raw, server.port, "alice")
+        await alice.send_json(type="command", name="roll", ref=2)
+        await alice.expect("error", code="bad_request", message="no command /roll")
+    assert "plugin 'Dice' raised in chatkit_command" in plugin_logs(caplog)
+
+
+class Audit:
+    """Records each moderation event, ``async def``."""
+
+    def __init__(self) -> None:
+        self.events: list[chatkit.Moderated] = []
+
+    @chatkit.hookimpl
+    async def chatkit_moderated(
+        self, server: chatkit.ChatServer, event: chatkit.Moderated
+    ) -> None:
+        assert isinstance(server, chatkit.ChatServer)
+        await trio.lowlevel.checkpoint()
+        self.events.append(event)
+
+
+@pytest.mark.fires("chatkit_moderated")
+async def test_every_moderation_action_is_observed_once(
+    open_raw: OpenRaw, hooks: HookRecorder
+) -> None:
+    audit = Audit()
+    plugins = [audit, hooks.server]
+    async with chatkit.open_server(plugins=plugins, operators=["alice"]) as server:
+        alice, bob, carol = await crowd(open_raw, server.port, "alice", "bob", "carol")
+        requests: list[dict[str, Any]] = [
+            {"type": "op", "room": "lobby", "name": "bob"},
+            {"type": "deop", "room": "lobby", "name": "bob"},
+            {"type": "mute", "name": "bob", "room": "lobby", "reason": "shh"},
+            {"type": "unmute", "name": "bob", "room": "lobby"},
+            {"type": "ban", "address": "203.0.113.0/24", "reason": "spam"},
+            {"type": "unban", "address": "203.0.113.0/24"},
+            {"type": "kick", "name": "bob", "room": "lobby", "reason": "out"},
+            {"type": "ban", "name": "carol", "reason": "bye"},
+        ]
+        for ref, request in enumerate(requests, 1):
+            await alice.send_json(**request, ref=ref)
+            await alice.expect("moderated", action=request["type"], ref=ref)
+        # Refused requests are no actions.
+        await alice.send_json(type="unmute", name="bob", ref=20)
+        await alice.expect("error", code="bad_request", ref=20)
+        await alice.send_json(type="kick", name="nobody", ref=21)
+        await alice.expect("error", code="no_such_user", ref=21)
+        await bob.send_json(type="kick", name="alice", ref=22)
+        await bob.expect("error", code="forbidden", ref=22)
+        assert [(e.action, e.by, e.name or e.address) for e in audit.events] == [
+            ("op", "alice", "bob"),
+            ("deop", "alice", "bob"),
+            ("mute", "alice", "bob"),
+            ("unmute", "alice", "bob"),
+            ("ban", "alice", "203.0.113.0/24"),
+            ("unban", "alice", "203.0.113.0/24"),
+            ("kick", "alice", "bob"),
+            ("ban", "alice", "carol"),
+        ]
+        assert audit.events[2] == chatkit.Moderated(
+            action="mute", by="alice", name="bob", room="lobby", reason="shh"
+        )
+        assert all(event.ref is None for event in audit.events)
+        await carol.assert_closed()
+        # The server's Python API fires it too, kick() (which cannot await)
+        # included.
+        audit.events.clear()
+        await server.mute("bob", reason="quiet", duration=60)
+        assert server.kick("bob", "enough")
+        assert not server.kick("nobody")
+        await wait_until(lambda: len(audit.events) == 2)
+        mute, kick = audit.events
+        assert (mute.action, mute.by, mute.name, mute.reason) == (
+            "mute",
+            "*server*",
+            "bob",
+            "quiet",
+        )
+        assert mute.until is not None
+        assert kick == chatkit.Moderated(
+            action="kick", by="*server*", name="bob", reason="enough"
+        )
+        await server.op("dev", "alice")
+        await server.unban("carol")
+        assert [e.action for e in audit.events] == ["mute", "kick", "op", "unban"]
+    assert hooks.count("chatkit_moderated") == 12

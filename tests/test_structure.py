@@ -27,7 +27,14 @@ import chatkit
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src" / "chatkit"
 MODULES = sorted(SRC.rglob("*.py"))
-SANS_IO = ("_events.py", "_exceptions.py", "_framing.py", "protocol.py")
+SANS_IO = (
+    "_event_base.py",
+    "_events.py",
+    "_exceptions.py",
+    "_framing.py",
+    "_moderation_events.py",
+    "protocol.py",
+)
 
 
 def module_id(path: Path) -> str:

@@ -10,6 +10,7 @@ from ._events import LOBBY as LOBBY
 from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._events import BanInfo as BanInfo
 from ._events import BansReply as BansReply
+from ._events import CommandReply as CommandReply
 from ._events import DirectMessage as DirectMessage
 from ._events import ErrorReply as ErrorReply
 from ._events import Event as Event
@@ -92,6 +93,7 @@ __all__ = [
     "ChatServer",
     "ChatkitError",
     "ClientEvent",
+    "CommandReply",
     "ConnectionClosed",
     "DirectMessage",
     "ErrorCode",

@@ -7,7 +7,7 @@ each implementation is called in pluggy's order (``reversed(get_hookimpls())``,
 which honours ``tryfirst``/``trylast``), awaited if it returns an awaitable,
 bounded by a timeout, and isolated: an exception is logged with the plugin's
 name and the next implementation runs. :class:`~chatkit.Veto` is the only
-exception that escapes, and only from the veto/rewrite calls.
+exception that escapes, and only from the veto/rewrite/first calls.
 """
 
 from __future__ import annotations
@@ -193,7 +193,9 @@ class HookDispatcher:
                     name,
                 )
 
-    async def veto(self, name: str, /, **kwargs: Any) -> bool:
+    async def veto(
+        self, name: str, /, *, fail_closed: bool = True, **kwargs: Any
+    ) -> bool:
         """Call every implementation of ``name`` until one raises
         :class:`~chatkit.Veto`, which propagates; True if none did and some
         implementation returned ``True`` (what that means is the hook's to
@@ -201,12 +203,13 @@ class HookDispatcher:
 
         Fails closed: an implementation that raises something else or times
         out counts as a refusal (a broken authenticator must not let
-        everyone in).
+        everyone in). With ``fail_closed=False`` it is logged and skipped
+        instead (a broken plugin must not keep everyone out of rooms).
         """
         affirmed = False
         for impl in self._impls(name):
             result = await self._call(name, impl, kwargs)
-            if result is _FAILED:
+            if result is _FAILED and fail_closed:
                 # The log names the plugin; the peer learns nothing internal.
                 raise Veto("refused: the server could not check this request")
             affirmed = affirmed or result is True
@@ -234,6 +237,30 @@ class HookDispatcher:
                     continue
                 kwargs[key] = result
         return kwargs[key]
+
+    async def first(self, name: str, /, **kwargs: Any) -> tuple[str | None, bool]:
+        """Call the implementations of ``name`` until one returns a ``str``
+        (pluggy's ``firstresult``, awaited); :class:`~chatkit.Veto`
+        propagates. Returns that answer (``None``: nobody answered) and
+        whether an implementation failed (raised, timed out, or returned
+        something other than a ``str`` or ``None``: logged and skipped).
+        """
+        failed = False
+        for impl in self._impls(name):
+            result = await self._call(name, impl, kwargs)
+            if result is _FAILED:
+                failed = True
+            elif isinstance(result, str):
+                return result, failed
+            elif result is not None:
+                self._log.error(
+                    "plugin %r returned %r from %s, expected str or None; ignored",
+                    impl.plugin_name,
+                    result,
+                    name,
+                )
+                failed = True
+        return None, failed
 
     def _impls(self, name: str) -> list[pluggy.HookImpl]:
         caller: pluggy.HookCaller = getattr(self.pm.hook, name)

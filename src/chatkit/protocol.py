@@ -38,6 +38,8 @@ from ._events import Bans as Bans
 from ._events import BansReply as BansReply
 from ._events import Bye as Bye
 from ._events import ClientRequest as ClientRequest
+from ._events import Command as Command
+from ._events import CommandReply as CommandReply
 from ._events import Deop as Deop
 from ._events import Devoice as Devoice
 from ._events import DirectMessage as DirectMessage
@@ -106,6 +108,8 @@ __all__ = [
     "Bye",
     "ClientConnection",
     "ClientRequest",
+    "Command",
+    "CommandReply",
     "Deop",
     "Devoice",
     "DirectMessage",

@@ -4,6 +4,8 @@
 ``chatkit/server/__main__.py``). The parts, each in a module of its own and
 importing only the ones listed after it:
 
+* ``_run``: :func:`open_server` (a server for an ``async with`` block),
+  and serving until a signal;
 * ``_server``: :class:`ChatServer`, the facade (lifecycle, public API) and
   ``ServerSpec``, the hooks it calls;
 * ``_rules``: what each request does, and what leaving does;
@@ -19,10 +21,10 @@ importing only the ones listed after it:
 
 from ._limits import Limits as Limits
 from ._outbox import Stats as Stats
+from ._run import open_server as open_server
 from ._run import serve_until_stopped as serve_until_stopped
 from ._server import ChatServer as ChatServer
 from ._server import ServerSpec as ServerSpec
-from ._server import open_server as open_server
 from ._session import SERVER_SENDER as SERVER_SENDER
 from ._session import LeaveReason as LeaveReason
 from ._session import RemoteUser as RemoteUser

@@ -383,6 +383,18 @@ def host_of(session: Session) -> str:
     return session.address.rpartition(":")[0]
 
 
+def api_target(
+    name: str | None, address: str | None, duration: float | None
+) -> str | None:
+    """Check the target of a ban or mute from the Python API (raising
+    ValueError); ``address`` as a canonical network."""
+    if (name is None) == (address is None):
+        raise ValueError("give a name or an address, not both")
+    if duration is not None and not duration > 0:
+        raise ValueError(f"duration must be positive, not {duration}")
+    return None if address is None else parse_network(address)
+
+
 def check_target(name: str | None, room: str | None) -> tuple[ErrorCode, str] | None:
     """Why a request naming ``name`` and ``room`` is malformed, if it is."""
     if name is not None and not is_valid_name(name):

@@ -4,7 +4,8 @@ that :class:`~chatkit.server._moderation.Moderation` keeps.
 
 Every request is checked against the requester's role first (``error
 forbidden``); what is done is told (``moderated``) to those it concerns,
-the requester's copy carrying its ``ref`` as the acknowledgement.
+the requester's copy carrying its ``ref`` as the acknowledgement. Then
+the ``chatkit_moderated`` hook sees it, once per action.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ._moderation import (
 from ._session import SERVER_SENDER, Directory, LeaveReason, Session
 
 if TYPE_CHECKING:
+    from .._hooks import HookDispatcher
     from ._fanout import Fanout
     from ._rooms import Room, Rooms
 
@@ -56,6 +58,8 @@ log = logging.getLogger("chatkit.server")
 
 #: Takes ``session`` out of ``room`` for ``reason`` (announcing its leave).
 RemoveMember = Callable[[Session, "Room", LeaveReason], None]
+#: Runs ``function(*args)`` in a task (a nursery's ``start_soon``).
+Spawn = Callable[..., None]
 
 
 class Moderator:
@@ -67,6 +71,7 @@ class Moderator:
         rooms: the server's rooms.
         fanout: where everything sent goes.
         remove_member: takes a member out of a room, announcing it.
+        hooks: the plugins, told of every action (``chatkit_moderated``).
     """
 
     def __init__(
@@ -76,15 +81,59 @@ class Moderator:
         rooms: Rooms,
         fanout: Fanout,
         remove_member: RemoveMember,
+        hooks: HookDispatcher | None = None,
     ) -> None:
         self.moderation = moderation
+        self.hooks = hooks
+        self.spawn: Spawn | None = None
+        """Where the hook of an action taken without awaiting (``kick``
+        from the server's Python API) runs: the server's connections
+        nursery's ``start_soon``, set while it serves."""
         self._directory = directory
         self._rooms = rooms
         self._fanout = fanout
         self._remove_member = remove_member
 
+    def banned_from(self, session: Session, room: str, ref: Any) -> bool:
+        """Tell ``session`` it is banned from ``room`` (which it would
+        join); True if so."""
+        ban = self.moderation.banned(session.name, host_of(session), room)
+        if ban is None:
+            return False
+        text = f"you are banned from {room}"
+        session.error(
+            ErrorCode.BANNED, f"{text}: {ban.reason}" if ban.reason else text, ref
+        )
+        return True
+
+    def keeps_out(
+        self, session: Session, name: str, room: Room | None, ref: Any
+    ) -> bool:
+        """Tell ``session`` why ``room`` (called ``name``; None: not made
+        yet) does not let it in (invite-only, full); True if so."""
+        members = len(room.members) if room is not None else 0
+        refusal = self.moderation.may_join(session.name, name, members)
+        if refusal is None:
+            return False
+        session.error(ErrorCode(refusal[0]), refusal[1], ref)
+        return True
+
     async def handle(self, session: Session, request: ClientRequest) -> None:
-        """Act on a moderation request from ``session``."""
+        """Act on a moderation request from ``session`` (asking for a
+        room's topic or modes needs no role)."""
+        if isinstance(request, Topic) and request.text is None:
+            if self.moderation.visible(request.room, request.room in session.rooms):
+                session.send(self.topic(request.room, request.ref))
+            else:
+                session.error(
+                    ErrorCode.NOT_IN_ROOM, f"{request.room} is secret", request.ref
+                )
+            return
+        if isinstance(request, Modes) and request == Modes(
+            room=request.room, ref=request.ref
+        ):
+            session.send(self.modes(request.room, request.ref))
+            return
         name = getattr(request, "name", None)
         room = getattr(request, "room", None)
         ref = request.ref
@@ -100,7 +149,11 @@ class Moderator:
             return
         match request:
             case Kick():
-                self.kick(request.name, request.room, request.reason, session, ref)
+                event = self._kick(
+                    request.name, request.room, request.reason, session, ref
+                )
+                if event is not None:
+                    await self._observed(event)
             case Ban() | Unban():
                 await self._ban(session, request)
             case Mute():
@@ -150,7 +203,25 @@ class Moderator:
         ref: Any = None,
     ) -> bool:
         """Put ``name`` out of ``room`` (None: off the server); False (and
-        an error to ``by``) if it is not there."""
+        an error to ``by``) if it is not there. Does not wait for the
+        ``chatkit_moderated`` hook: it runs in a task of its own."""
+        event = self._kick(name, room, reason, by, ref)
+        if event is None:
+            return False
+        hooks, spawn = self.hooks, self.spawn
+        if hooks is not None and spawn is not None and hooks.has("chatkit_moderated"):
+            spawn(self._observed, event)
+        return True
+
+    def _kick(
+        self,
+        name: str,
+        room: str | None,
+        reason: str,
+        by: Session | None,
+        ref: Any,
+    ) -> Moderated | None:
+        """The kick itself; what was told, or None if ``name`` is not there."""
         target = self._directory.get(name)
         place = None if room is None else self._rooms.get(room)
         if target is None or (
@@ -158,7 +229,7 @@ class Moderator:
         ):
             where = f" in {room}" if room is not None else ""
             self._error(by, ErrorCode.NO_SUCH_USER, f"no user {name}{where}", ref)
-            return False
+            return None
         event = announcement(
             "kick", _name(by), name=target.name, room=room, reason=reason
         )
@@ -174,7 +245,7 @@ class Moderator:
         log.info(
             "%s kicked %s from %s: %s", _name(by), name, room or "the server", reason
         )
-        return True
+        return event
 
     async def _ban(self, session: Session, request: Ban | Unban) -> None:
         if (request.name is None) == (request.address is None):
@@ -253,6 +324,7 @@ class Moderator:
             self._tell(self._sharing(target)[1:] if target else (), event, by, ref)
         self._enforce(ban)
         log.info("%s banned %s from %s", ban.by, name or address, room or "the server")
+        await self._observed(event)
         return ban
 
     def _enforce(self, ban: Restriction) -> None:
@@ -304,6 +376,7 @@ class Moderator:
         event = announcement("unban", _name(by), name=name, address=address, room=room)
         place = None if room is None or address is not None else self._rooms.get(room)
         self._tell(place.members if place is not None else (), event, by, ref)
+        await self._observed(event)
         return True
 
     async def mute(
@@ -332,6 +405,7 @@ class Moderator:
             "mute", mute.by, name=name, room=room, reason=reason, until=until
         )
         self._tell(self._concerned(name, room), event, by, ref)
+        await self._observed(event)
         return mute
 
     async def unmute(
@@ -345,6 +419,7 @@ class Moderator:
             return False
         event = announcement("unmute", _name(by), name=name, room=room)
         self._tell(self._concerned(name, room), event, by, ref)
+        await self._observed(event)
         return True
 
     async def set_operator(
@@ -360,6 +435,7 @@ class Moderator:
         event = announcement("op" if on else "deop", _name(by), name=name, room=room)
         place = self._rooms.get(room)
         self._tell(place.members if place is not None else (), event, by, ref)
+        await self._observed(event)
         return changed
 
     # --- topics and modes -------------------------------------------------
@@ -466,6 +542,12 @@ class Moderator:
             self._fanout.send_each(others, event)
         if by is not None:
             by.send(msgspec.structs.replace(event, ref=ref))
+
+    async def _observed(self, event: Moderated) -> None:
+        """The ``chatkit_moderated`` hook, once the action was told."""
+        hooks = self.hooks
+        if hooks is not None and hooks.has("chatkit_moderated"):
+            await hooks.notify("chatkit_moderated", event=event)
 
     def _error(self, by: Session | None, code: ErrorCode, text: str, ref: Any) -> None:
         if by is not None:

@@ -22,28 +22,20 @@ import msgspec
 from .._events import (
     LOBBY,
     PROTOCOL_VERSION,
-    Ban,
-    Bans,
     Bye,
     ClientRequest,
-    Deop,
-    Devoice,
+    Command,
     DirectMessage,
     Dm,
     ErrorReply,
     Hello,
     History,
-    Invite,
     Join,
     Joined,
-    Kick,
     Leave,
     Left,
     Message,
-    Modes,
-    Mute,
     Nick,
-    Op,
     Ping,
     Pong,
     Renamed,
@@ -51,19 +43,17 @@ from .._events import (
     Rooms,
     RoomsReply,
     Say,
-    Topic,
-    Unban,
-    Unmute,
-    Voice,
     Welcome,
     Who,
     WhoReply,
 )
 from .._exceptions import ErrorCode, Veto
+from .._moderation_events import MODERATION_REQUESTS
 from ..backplane import JOINED, LEFT, RENAMED, Envelope, Publication
 from ..protocol import Mode, is_valid_name, is_valid_room
 from ._admission import Admission
 from ._bucket import Bucket
+from ._commands import run_command
 from ._messages import Messages
 from ._moderation import Moderation, ModerationStore, host_of
 from ._moderator import Moderator
@@ -139,7 +129,7 @@ class ChatRules:
             self.moderation,
         )
         self.moderator = Moderator(
-            self.moderation, self.directory, rooms, fanout, self._remove_member
+            self.moderation, self.directory, rooms, fanout, self._remove_member, hooks
         )
         self.closing = False
         """The server is shutting down: no presence notices for leavers."""
@@ -239,33 +229,12 @@ class ChatRules:
                 session.send(Pong(ref=request.ref))
             case Bye():
                 return LeaveReason.EXIT if session.mode == "line" else LeaveReason.BYE
-            case Topic(text=None):
-                if self.moderation.visible(request.room, request.room in session.rooms):
-                    session.send(self.moderator.topic(request.room, request.ref))
-                else:
-                    session.error(
-                        ErrorCode.NOT_IN_ROOM, f"{request.room} is secret", request.ref
-                    )
-            case Modes(
-                invite_only=None, moderated=None, secret=None, limit=None, slow=None
-            ):
-                session.send(self.moderator.modes(request.room, request.ref))
-            case (
-                Kick()
-                | Ban()
-                | Unban()
-                | Mute()
-                | Unmute()
-                | Op()
-                | Deop()
-                | Bans()
-                | Topic()
-                | Modes()
-                | Invite()
-                | Voice()
-                | Devoice()
-            ):
+            case _ if isinstance(request, MODERATION_REQUESTS):
                 await self.moderator.handle(session, request)
+            case Command():
+                await run_command(
+                    session, request, self.hooks, self.messages, self.limits
+                )
         return None
 
     def opened(self, session: Session) -> None:
@@ -416,20 +385,26 @@ class ChatRules:
                 join.ref,
             )
             return
-        ban = self.moderation.banned(session.name, host_of(session), join.room)
-        if ban is not None:
-            text = f"you are banned from {join.room}"
-            session.error(
-                ErrorCode.BANNED,
-                f"{text}: {ban.reason}" if ban.reason else text,
-                join.ref,
-            )
+        if self.moderator.banned_from(session, join.room, join.ref):
             return
-        refusal = self.moderation.may_join(
-            session.name, join.room, len(room.members) if room is not None else 0
-        )
-        if refusal is not None:
-            session.error(ErrorCode(refusal[0]), refusal[1], join.ref)
+        if self.hooks.has("chatkit_join"):
+            try:
+                await self.hooks.veto(
+                    "chatkit_join", fail_closed=False, user=session.user, room=join.room
+                )
+            except Veto as exc:
+                session.error(ErrorCode.REJECTED, exc.reason, join.ref)
+                return
+            # The hooks may have awaited: gone, or banned meanwhile?
+            if session.closed or self.moderator.banned_from(
+                session, join.room, join.ref
+            ):
+                return
+            room = self.rooms.get(join.room)
+            if room is not None and session in room.members:
+                session.send(Joined(room=room.name, name=session.name, ref=join.ref))
+                return
+        if self.moderator.keeps_out(session, join.room, room, join.ref):
             return
         if room is None and join.room != LOBBY:
             await self.moderation.room_created(join.room, session.name)

@@ -1,18 +1,49 @@
-"""Running a server until someone stops it: Enter, SIGINT or SIGTERM."""
+"""Running a server: for the duration of an ``async with`` block
+(:func:`open_server`), or until someone stops it: Enter, SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 
 from .._console import StdinReader
 from ._server import ChatServer
 
-__all__ = ["serve_until_stopped", "serve_until_stopped_by"]
+__all__ = ["open_server", "serve_until_stopped", "serve_until_stopped_by"]
 
 log = logging.getLogger("chatkit.server")
+
+
+@asynccontextmanager
+async def open_server(
+    host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+) -> AsyncIterator[ChatServer]:
+    """Run a :class:`ChatServer` for the duration of an ``async with`` block.
+
+    Takes :class:`ChatServer`'s arguments; the server is listening on entry
+    (read ``server.port``) and shut down gracefully on exit. An exception
+    raised in the block propagates unchanged (not wrapped in an
+    ``ExceptionGroup`` by the server's nursery).
+    """
+    server = ChatServer(host, port, **kwargs)
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        try:
+            yield server
+        except BaseException as exc:
+            # Re-raised below, outside the nursery, so it is not grouped.
+            body_error = exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await server.aclose()
+    if body_error is not None:
+        raise body_error
 
 
 async def serve_until_stopped(

@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from collections.abc import Awaitable, Iterable, Mapping
+from contextlib import AsyncExitStack, suppress
 from typing import Any
 
 import trio
 
-from .._events import DirectMessage, ErrorReply, Message, Shutdown
+from .._events import DirectMessage, ErrorReply, Message, Moderated, Shutdown
 from .._exceptions import ErrorCode
 from .._hooks import HookDispatcher, hookspec, make_plugin_manager
 from ..backplane import Backplane
 from ..history import HistoryStore, HistoryStoreError, MemoryHistory
 from ._fanout import Fanout
 from ._limits import Limits
-from ._moderation import parse_network
+from ._moderation import api_target
 from ._outbox import Stats
 from ._rooms import Rooms
 from ._rules import ChatRules
@@ -45,7 +45,7 @@ from ._session import SERVER_SENDER, LeaveReason, RemoteUser, Session, User
 from ._transport import Link, TcpTransport, Transport
 from ._web import WebTransport
 
-__all__ = ["ChatServer", "ServerSpec", "open_server"]
+__all__ = ["ChatServer", "ServerSpec"]
 
 log = logging.getLogger("chatkit.server")
 
@@ -263,17 +263,23 @@ class ChatServer:
             await self._listen(task_status)
 
     async def _listen(self, task_status: trio.TaskStatus[int]) -> None:
+        moderator = self._rules.moderator
         with self._connections_scope:
-            async with trio.open_nursery() as connections:
-                self._nursery = connections
-                with self._accept_scope:
-                    async with trio.open_nursery() as accept:
-                        for transport in self._transports:
-                            await accept.start(
-                                transport.serve, self._handle, connections
-                            )
-                        await self._hooks.notify("chatkit_server_started")
-                        task_status.started(self.port)
+            try:
+                async with trio.open_nursery() as connections:
+                    self._nursery = connections
+                    # The hook of a kick() (which cannot await) runs here.
+                    moderator.spawn = connections.start_soon
+                    with self._accept_scope:
+                        async with trio.open_nursery() as accept:
+                            for transport in self._transports:
+                                await accept.start(
+                                    transport.serve, self._handle, connections
+                                )
+                            await self._hooks.notify("chatkit_server_started")
+                            task_status.started(self.port)
+            finally:
+                moderator.spawn = None  # the nursery is closed
         # Connections wind down in the connections nursery (aclose told
         # them to; its deadline bounds them).
 
@@ -353,7 +359,7 @@ class ChatServer:
             ValueError: not exactly one of ``name`` and ``address``, or a
                 bad address or duration.
         """
-        network = _target(name, address, duration)
+        network = api_target(name, address, duration)
         await self._rules.moderator.ban(name, network, room, reason, duration)
 
     async def unban(
@@ -364,7 +370,7 @@ class ChatServer:
         room: str | None = None,
     ) -> bool:
         """Lift a ban; False if there was none."""
-        network = _target(name, address, None)
+        network = api_target(name, address, None)
         return await self._rules.moderator.unban(name, network, room)
 
     async def mute(
@@ -378,7 +384,7 @@ class ChatServer:
         """Keep ``name`` from speaking in ``room`` (None: anywhere, direct
         messages included) for ``duration`` seconds (None: until
         :meth:`unmute`)."""
-        _target(name, None, duration)
+        api_target(name, None, duration)
         await self._rules.moderator.mute(name, room, reason, duration)
 
     async def unmute(self, name: str, *, room: str | None = None) -> bool:
@@ -411,17 +417,6 @@ class ChatServer:
         return session.run(self._rules)
 
 
-def _target(
-    name: str | None, address: str | None, duration: float | None
-) -> str | None:
-    """Check a ban's or mute's target; ``address`` as a canonical network."""
-    if (name is None) == (address is None):
-        raise ValueError("give a name or an address, not both")
-    if duration is not None and not duration > 0:
-        raise ValueError(f"duration must be positive, not {duration}")
-    return None if address is None else parse_network(address)
-
-
 async def _refuse(link: Link, code: ErrorCode, text: str, limits: Limits) -> None:
     """Tell a connection we will not serve it, then close it (bounded)."""
     log.warning("refused a connection from %s: %s", link.address, text)
@@ -448,33 +443,6 @@ async def _in_nursery_of(
             body_error = exc
         finally:
             nursery.cancel_scope.cancel()
-    if body_error is not None:
-        raise body_error
-
-
-@asynccontextmanager
-async def open_server(
-    host: str = "127.0.0.1", port: int = 0, **kwargs: Any
-) -> AsyncIterator[ChatServer]:
-    """Run a :class:`ChatServer` for the duration of an ``async with`` block.
-
-    Takes :class:`ChatServer`'s arguments; the server is listening on entry
-    (read ``server.port``) and shut down gracefully on exit. An exception
-    raised in the block propagates unchanged (not wrapped in an
-    ``ExceptionGroup`` by the server's nursery).
-    """
-    server = ChatServer(host, port, **kwargs)
-    body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        try:
-            yield server
-        except BaseException as exc:
-            # Re-raised below, outside the nursery, so it is not grouped.
-            body_error = exc
-        finally:
-            with trio.CancelScope(shield=True):
-                await server.aclose()
     if body_error is not None:
         raise body_error
 
@@ -534,6 +502,19 @@ class ServerSpec:
         """``user`` joined ``room`` (``lobby`` included, right after login)."""
 
     @hookspec
+    def chatkit_join(self, server: ChatServer, user: User, room: str) -> None:
+        """``user`` asks to join ``room`` (a ``join`` request; not the
+        ``lobby`` a login puts it in: refuse logins with
+        :meth:`chatkit_authenticate`); runs before the join, once the
+        room's name, the user's room count and the room's bans allow it.
+
+        Can veto: raise :class:`chatkit.Veto`; the user alone gets ``error
+        rejected`` with the reason, and nobody else sees anything. Fails
+        open: an implementation that raises anything else, or times out,
+        is logged and skipped.
+        """
+
+    @hookspec
     def chatkit_user_left(
         self, server: ChatServer, user: User, room: str, reason: LeaveReason
     ) -> None:
@@ -585,3 +566,29 @@ class ServerSpec:
     @hookspec
     def chatkit_dm_delivered(self, server: ChatServer, message: DirectMessage) -> None:
         """A private ``message`` was handed to its recipient."""
+
+    @hookspec(firstresult=True)
+    def chatkit_command(
+        self, server: ChatServer, user: User, name: str, args: str, room: str | None
+    ) -> str | None:
+        """``user`` runs the command ``name`` (``/roll 2d6``: ``name`` is
+        ``roll``, ``args`` is ``2d6``), about ``room`` if its request named
+        one (the user is in it), else ``None``.
+
+        Return the answer's text and later plugins are not called; the user
+        alone gets it (a ``command`` reply). Return ``None`` if the command
+        is not yours: when no plugin answers, the user gets ``error
+        bad_request`` (``no command /name``). Can veto: raise
+        :class:`chatkit.Veto` and the user gets ``error rejected`` with the
+        reason. An implementation that raises anything else, or times out,
+        is logged and skipped; if none answers after that, the user gets
+        ``error rejected``.
+        """
+
+    @hookspec
+    def chatkit_moderated(self, server: ChatServer, event: Moderated) -> None:
+        """A moderation action was done and told: ``event`` is the
+        :class:`chatkit.Moderated` those concerned were sent (without a
+        ``ref``): a kick, ban, unban, mute, unmute, op or deop, by an
+        operator's request or the server's Python API (``by`` is
+        ``*server*``). Fires once per action; observe only."""
