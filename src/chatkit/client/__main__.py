@@ -31,6 +31,7 @@ from .._events import (
     Joined,
     Left,
     Message,
+    Moderated,
     Renamed,
     ServerEvent,
     Shutdown,
@@ -38,6 +39,8 @@ from .._events import (
 from .._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
 from ._client import DEFAULT_PORT, ChatClient, open_client
 from ._connection import describe_error, open_stream
+from ._moderating import COMMANDS as MODERATION_COMMANDS
+from ._moderating import describe_moderated, moderate
 from ._reconnect import (
     ClientEvent,
     Interrupted,
@@ -64,6 +67,22 @@ Type a line to send it to the current room. Commands:
   /history [ROOM] [N] [before ID | after ID]
                     N messages (default 20) of ROOM (default: the current
                     room): the last ones, or those before / after message ID
+  /kick [-s] NAME [REASON]
+                    put NAME out of the current room (-s: off the server)
+  /ban [-s] NAME|ADDRESS [DURATION] [REASON]
+                    ban NAME (or an address, a network) from the current
+                    room (-s: the server), for DURATION (30s, 10m, 2h, 1d)
+                    or until unbanned
+  /unban [-s] NAME|ADDRESS
+                    lift a ban in the current room (-s: on the server)
+  /mute [-s] NAME [DURATION] [REASON]
+                    keep NAME from speaking in the current room (-s:
+                    anywhere), for DURATION or until unmuted
+  /unmute [-s] NAME let NAME speak again
+  /op NAME          make NAME an operator of the current room
+  /deop NAME        take the current room's operator role from NAME
+  /bans [-s]        the bans, mutes and operators of the current room
+                    (-s: of the server)
   /help             this help
   /quit or exit     leave the chat"""
 
@@ -183,6 +202,11 @@ class ChatShell:
                 if new == me:
                     return f"You are now known as {new}."
                 return f"{old} is now known as {new}."
+            case Moderated():
+                rooms = self.client.joined_rooms
+                if self.room not in rooms and LOBBY in rooms:
+                    self.room = LOBBY  # put out of the room we talked in
+                return describe_moderated(event, me)
             case ErrorReply(message=message, code=code):
                 return f"Error: {message} ({code})"
             case Shutdown(reason=reason):
@@ -263,6 +287,11 @@ class ChatShell:
                 await self._history(words)
             case "/help", []:
                 self._print(HELP)
+            case _ if command in MODERATION_COMMANDS:
+                if not await moderate(
+                    client, self.room, command, rest.split(), self._print
+                ):
+                    self._print(_usage(command))
             case _ if command in _USAGE:
                 self._print(_usage(command))
             case _:

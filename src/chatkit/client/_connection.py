@@ -23,6 +23,7 @@ import trio
 
 from .._events import (
     PROTOCOL_VERSION,
+    BansReply,
     ClientRequest,
     ErrorReply,
     Hello,
@@ -56,7 +57,7 @@ OnNews: TypeAlias = Callable[[ServerEvent], Awaitable[None]]
 
 _RECEIVE_SIZE: Final = 64 * 1024
 # Events that only answer a request (no news for ``async for``).
-_ANSWERS: Final = (ErrorReply, WhoReply, RoomsReply, HistoryReply, Pong)
+_ANSWERS: Final = (ErrorReply, WhoReply, RoomsReply, HistoryReply, BansReply, Pong)
 # Errors the server closes the connection after (extensions to v1).
 _CLOSING_CODES: Final = frozenset(
     {ErrorCode.TOO_SLOW, ErrorCode.KICKED, ErrorCode.TIMEOUT, ErrorCode.REPLACED}
@@ -288,6 +289,9 @@ class Connection:
                 self._lose(f"server shutting down: {reason}", "shutdown")
             case ErrorReply(code=code, message=message) if code in _CLOSING_CODES:
                 self._lose(f"{code}: {message}", code)
+            case ErrorReply(code=ErrorCode.BANNED, message=message, ref=None):
+                # Banned from the server (a refused join carries its ref).
+                self._lose(f"banned: {message}", ErrorCode.BANNED)
         ref = getattr(event, "ref", None)
         if self._answer(
             ref,

@@ -22,6 +22,7 @@ from .._events import ServerEvent
 from .._exceptions import (
     BadName,
     BadRequest,
+    Banned,
     ConnectionClosed,
     NameTaken,
     Rejected,
@@ -44,7 +45,7 @@ __all__ = [
 log = logging.getLogger("chatkit.client")
 
 # Refusals a reconnect cannot get past by waiting: the client gives up.
-_PERMANENT: Final = (Unauthorized, BadName, BadRequest, Rejected, TooLarge)
+_PERMANENT: Final = (Unauthorized, BadName, BadRequest, Banned, Rejected, TooLarge)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,6 +27,7 @@ from .._events import (
     Joined,
     Left,
     Message,
+    Moderated,
     Renamed,
     ServerEvent,
     Welcome,
@@ -41,8 +42,9 @@ __all__ = ["Session", "Sink"]
 log = logging.getLogger("chatkit.client")
 
 # The server ended the connection for good: no reconnect. (``replaced``: we
-# logged in again elsewhere; coming back would take that session over.)
-_FINAL_CODES = frozenset({ErrorCode.KICKED, ErrorCode.REPLACED})
+# logged in again elsewhere; coming back would take that session over.
+# ``banned``: from the server; coming back would be refused.)
+_FINAL_CODES = frozenset({ErrorCode.KICKED, ErrorCode.REPLACED, ErrorCode.BANNED})
 
 
 class Sink(Protocol):
@@ -241,7 +243,12 @@ class Session:
                 # (Not the lobby the server joins us to while the resume
                 # leaves it again: see _connect.)
                 self.joined_rooms.add(room)
-            case Left(room=room, name=name) if name == self.name:
+            case (
+                Left(room=room, name=name)
+                | Moderated(action="kick" | "ban", room=str(room), name=name)
+            ) if name == self.name:
+                # (Kicked or banned from a room, we are told by `moderated`
+                # alone: the others get `left`.)
                 self.joined_rooms.discard(room)
                 if resumer is not None:
                     resumer.forget(room)

@@ -29,6 +29,7 @@ from .._events import (
     ErrorReply,
     Joined,
     Message,
+    Moderated,
     Renamed,
     ServerEvent,
 )
@@ -227,6 +228,8 @@ async def chat(
                     echoes.remove((event.room, event.text))
                     continue  # shown as sent already
                 show(event)
+                if isinstance(event, Moderated):
+                    set_prompt()  # put out of the room we talked in: moved
             # The connection ended for good: stop reading input.
             for waiter in on_loss:
                 waiter.set()

@@ -1,0 +1,203 @@
+"""ChatClient's moderation methods (kick, ban, unban, mute, unmute, op,
+deop, bans) against a real server on loopback: each one's acknowledgement,
+what the others see through ``async for``, and the refusals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trio
+
+import chatkit
+from tests.helpers import TIMEOUT
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[chatkit.ChatServer]:
+    """A server where ``root`` is a server operator."""
+    async with chatkit.open_server(operators=["root"]) as server:
+        yield server
+
+
+def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.ChatClient:
+    return chatkit.open_client("127.0.0.1", server.port, name=name, **kwargs)
+
+
+async def next_matching(
+    client: chatkit.ChatClient, check: Callable[[object], bool]
+) -> object:
+    """The next event of ``client`` for which ``check`` holds."""
+    with trio.fail_after(TIMEOUT):
+        async for event in client:
+            if check(event):
+                return event
+    raise AssertionError(f"{client.name}'s events ended: {client.close_reason}")
+
+
+def moderated(action: str) -> Callable[[object], bool]:
+    return lambda e: isinstance(e, chatkit.Moderated) and e.action == action
+
+
+async def test_kick_from_a_room_is_acknowledged_and_seen_by_the_room(
+    server: chatkit.ChatServer,
+) -> None:
+    async with connect(server, "root") as root, connect(server, "bob") as bob:
+        await root.join("dev")
+        await bob.join("dev")
+        ack = await root.kick("bob", room="dev", reason="spam")
+        assert (ack.action, ack.by, ack.name, ack.room, ack.reason) == (
+            "kick",
+            "root",
+            "bob",
+            "dev",
+            "spam",
+        )
+        assert ack.ref is not None
+        seen = await next_matching(bob, moderated("kick"))
+        assert isinstance(seen, chatkit.Moderated)
+        assert (seen.by, seen.name, seen.room, seen.ref) == ("root", "bob", "dev", None)
+        # bob is out of dev (told by `moderated` alone), still connected;
+        # the client knows it.
+        assert bob.joined_rooms == {"lobby"}
+        assert not bob.closed
+        assert server.rooms["dev"] == ("root",)
+        # The operator's own copy comes through async for too.
+        mine = await next_matching(root, moderated("kick"))
+        assert mine == ack
+
+
+async def test_kick_off_the_server_ends_the_kicked_client(
+    server: chatkit.ChatServer,
+) -> None:
+    async with (
+        connect(server, "root") as root,
+        connect(server, "bob", reconnect=True) as bob,
+    ):
+        await root.kick("bob", reason="enough")
+        with trio.fail_after(TIMEOUT):
+            async for _ in bob:
+                pass
+        assert bob.closed
+        assert "enough" in (bob.close_reason or "")
+
+
+async def test_a_member_who_is_no_operator_gets_forbidden(
+    server: chatkit.ChatServer,
+) -> None:
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        calls = [
+            alice.kick("bob"),
+            alice.kick("bob", room="lobby"),
+            alice.ban("bob"),
+            alice.ban(address="203.0.113.0/24"),
+            alice.unban("bob"),
+            alice.mute("bob", room="lobby"),
+            alice.unmute("bob"),
+            alice.op("lobby", "alice"),
+            alice.deop("lobby", "bob"),
+            alice.bans(),
+        ]
+        for call in calls:
+            with pytest.raises(chatkit.Forbidden):
+                await call
+        assert (await bob.say("still here")).text == "still here"
+
+
+async def test_ban_unban_and_the_bans_list(server: chatkit.ChatServer) -> None:
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        await alice.join("dev")  # alice owns dev
+        ack = await alice.ban("bob", room="dev", reason="spam", duration=600)
+        assert (ack.action, ack.name, ack.room, ack.reason) == (
+            "ban",
+            "bob",
+            "dev",
+            "spam",
+        )
+        assert ack.until is not None
+        with pytest.raises(chatkit.Banned):
+            await bob.join("dev")
+        listing = await alice.bans("dev")
+        assert isinstance(listing, chatkit.BansReply)
+        assert listing.room == "dev"
+        assert [(b.name, b.by, b.reason) for b in listing.bans] == [
+            ("bob", "alice", "spam")
+        ]
+        assert listing.operators == ("alice",)
+        assert (await alice.unban("bob", room="dev")).action == "unban"
+        await bob.join("dev")
+        with pytest.raises(chatkit.BadRequest):
+            await alice.unban("bob", room="dev")  # not banned any more
+        assert (await alice.bans("dev")).bans == ()
+        # The answers to bans() are no news: async for never sees them.
+        await alice.say("done", room="dev")
+        seen = []
+        with trio.fail_after(TIMEOUT):
+            async for event in alice:
+                seen.append(event)
+                if isinstance(event, chatkit.Message) and event.text == "done":
+                    break
+        assert not [e for e in seen if isinstance(e, chatkit.BansReply)]
+        assert [e.action for e in seen if isinstance(e, chatkit.Moderated)] == [
+            "ban",
+            "unban",
+        ]
+
+
+async def test_ban_needs_a_name_or_an_address() -> None:
+    client = chatkit.ChatClient(name="nobody")  # never entered: nothing sent
+    with pytest.raises(ValueError, match="name or an address"):
+        await client.ban()
+    with pytest.raises(ValueError, match="name or an address"):
+        await client.unban("eve", address="203.0.113.7")
+
+
+async def test_a_server_ban_ends_a_client_for_good(
+    server: chatkit.ChatServer,
+) -> None:
+    async with connect(server, "root") as root:
+        async with connect(server, "eve", reconnect=True) as eve:
+            await root.ban("eve", reason="no")
+            with trio.fail_after(TIMEOUT):
+                async for _ in eve:
+                    pass  # no reconnect: the ban would refuse it
+            assert eve.closed
+            assert (eve.close_reason or "").startswith("banned")
+        with pytest.raises(chatkit.Banned):
+            async with connect(server, "eve"):
+                pass
+
+
+async def test_mute_and_unmute(server: chatkit.ChatServer) -> None:
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        await alice.join("dev")
+        await bob.join("dev")
+        ack = await alice.mute("bob", room="dev", reason="calm down", duration=60)
+        assert (ack.action, ack.name, ack.room) == ("mute", "bob", "dev")
+        with pytest.raises(chatkit.Muted):
+            await bob.say("let me speak", room="dev")
+        assert (await bob.say("elsewhere")).room == "lobby"
+        assert [m.name for m in (await alice.bans("dev")).mutes] == ["bob"]
+        assert (await alice.unmute("bob", room="dev")).action == "unmute"
+        assert (await bob.say("thanks", room="dev")).text == "thanks"
+
+
+async def test_op_and_deop(server: chatkit.ChatServer) -> None:
+    async with (
+        connect(server, "alice") as alice,
+        connect(server, "bob") as bob,
+        connect(server, "carol") as carol,
+    ):
+        for client in (alice, bob, carol):
+            await client.join("dev")
+        with pytest.raises(chatkit.Forbidden):
+            await bob.kick("carol", room="dev")
+        ack = await alice.op("dev", "bob")
+        assert (ack.action, ack.by, ack.name, ack.room) == ("op", "alice", "bob", "dev")
+        assert (await alice.bans("dev")).operators == ("alice", "bob")
+        await bob.kick("carol", room="dev")
+        assert (await alice.deop("dev", "bob")).action == "deop"
+        await carol.join("dev")
+        with pytest.raises(chatkit.Forbidden):
+            await bob.kick("carol", room="dev")

@@ -1,0 +1,99 @@
+"""The terminal client's moderation commands (``/kick``, ``/ban``, ``/mute``,
+``/bans``...) as a person sees them on a pty (tests/terminal.py), and in
+piped mode; plus the duration words they take."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatkit.client.__main__ import HELP
+from chatkit.client._moderating import parse_duration
+from tests.programs import Launch, start_client, start_server
+from tests.terminal import OpenTerminal, open_chat
+
+
+@pytest.mark.parametrize(
+    ("word", "seconds"),
+    [("30s", 30), ("10m", 600), ("2h", 7200), ("1d", 86400), ("1W", 604800)],
+)
+def test_durations(word: str, seconds: int) -> None:
+    assert parse_duration(word) == seconds
+
+
+@pytest.mark.parametrize("word", ["", "10", "0m", "m", "1.5h", "-1h", "10y", "99999d"])
+def test_no_durations(word: str) -> None:
+    assert parse_duration(word) is None
+
+
+def test_help_lists_the_moderation_commands() -> None:
+    commands = [line.split()[0] for line in HELP.splitlines() if line[:3] == "  /"]
+    for command in ("/kick", "/ban", "/unban", "/mute", "/unmute", "/op", "/deop"):
+        assert command in commands
+    assert "/bans" in commands
+
+
+async def test_an_operator_kicks_and_both_screens_show_it(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await root.wait_for("bob has joined the chat.")
+    bob.type("/join dev\r")
+    await bob.wait_for("[dev]>")
+    root.type("/join dev\r")
+    await root.wait_for("[dev]>")
+    await bob.wait_for("root has joined dev.")
+    root.type("/kick bob flooding the room\r")
+    await root.wait_for("* You kicked bob from dev: flooding the room")
+    await bob.wait_for("* root kicked you from dev: flooding the room")
+    # bob stays connected, out of dev: he talks in the lobby again.
+    await bob.wait_for("[lobby]>")
+    bob.type("/who dev\r")
+    await bob.wait_for("In dev: root")
+    # A server kick: bob is disconnected with the reason.
+    root.type("/kick -s bob enough\r")
+    await root.wait_for("* You kicked bob off the server: enough")
+    await bob.wait_for("enough")
+    assert await bob.wait_exit() == 0
+
+
+async def test_help_and_a_refusal_on_the_screen(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    alice = await open_chat(
+        terminal, port, "alice", "--no-timestamps", type_name=False, lines=60
+    )
+    alice.type("/help\r")
+    await alice.wait_for("/bans [-s]")
+    text = alice.text()
+    for line in HELP.splitlines():
+        if line.startswith(("  /kick", "  /ban", "  /mute", "  /op", "  /deop")):
+            assert line.rstrip() in text
+    # No operator: refused, as the client shows errors.
+    alice.type("/ban -s bob 10m spam\r")
+    await alice.wait_for("(forbidden)")
+    # A command used wrongly shows its usage.
+    alice.type("/op\r")
+    await alice.wait_for("Usage:\n  /op NAME")
+
+
+async def test_ban_mute_and_bans_piped(launch: Launch) -> None:
+    # Scripted moderation: the transcript says what happened, plainly.
+    _server, port = await start_server(launch, "--operator", "root")
+    eve = await start_client(launch, port, "eve")
+    root = await launch("client", "--port", str(port), "--name", "root")
+    await root.send(
+        "/mute eve 10m be nice\n/bans\n/unmute eve\n"
+        "/ban 203.0.113.0/24 1h\n/ban -s eve spam\n"
+    )
+    await eve.expect(r"^\* root muted you in lobby until \d\d:\d\d: be nice$")
+    await eve.expect(r"^\* root unmuted you in lobby$")
+    await eve.expect(r"^Error: you are banned from this server: spam \(banned\)$")
+    assert await eve.wait() == 0
+    await root.expect(r"^Mutes in lobby: eve \(by root, until \d\d:\d\d: be nice\)$")
+    await root.expect(r"^\* You banned 203\.0\.113\.0/24 from lobby until \d\d:\d\d$")
+    await root.expect(r"^\* You banned eve from the server: spam$")
+    await root.close_stdin()
+    assert await root.wait() == 0
