@@ -523,3 +523,22 @@ async def test_topics_and_modes_survive_a_restart(
         assert (modes["moderated"], modes["slow"], modes["secret"]) == (True, 5, False)
         await bob.send_json(type="mode", room="dev", moderated=False, ref=4)
         assert (await bob.expect("error", ref=4))["code"] == "forbidden"
+
+
+async def test_a_room_ban_by_address_tells_those_it_puts_out_by_name(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await login(open_raw, server.port, "root")
+    await joined(root, "dev", "root")
+    eve = RawClient(await connect_from(server.port, "127.1.4.4"))
+    try:
+        await eve.hello("eve")
+        await joined(eve, "dev", "eve")
+        await root.send_json(type="ban", room="dev", address="127.1.0.0/16", ref=1)
+        await root.expect("moderated", ref=1)
+        told = await eve.expect("moderated", action="ban")
+        assert (told["name"], told["room"]) == ("eve", "dev")
+        assert "address" not in told
+        await root.expect("left", room="dev", name="eve")
+    finally:
+        await eve.aclose()

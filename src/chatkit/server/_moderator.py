@@ -339,6 +339,19 @@ class Moderator:
                 if isinstance(member, Session) and moderation.banned(
                     member.name, host_of(member), room
                 ):
+                    if ban.address is not None:
+                        # Told by name (not the address, which is for
+                        # operators' eyes): its client must know it is out.
+                        member.send(
+                            announcement(
+                                "ban",
+                                ban.by,
+                                name=member.name,
+                                room=room,
+                                reason=ban.reason,
+                                until=ban.until,
+                            )
+                        )
                     self._remove_member(member, place, LeaveReason.KICKED)
             return
         for session in list(self._directory.users):
