@@ -542,3 +542,23 @@ async def test_a_room_ban_by_address_tells_those_it_puts_out_by_name(
         await root.expect("left", room="dev", name="eve")
     finally:
         await eve.aclose()
+
+
+async def test_an_owner_hands_the_room_over(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await joined(bob, "dev", "bob")
+    await bob.send_json(type="owner", room="dev", name="bob", ref=1)
+    assert (await bob.expect("error", ref=1))["code"] == "forbidden"
+    await alice.send_json(type="owner", room="dev", name="bob", ref=2)
+    await alice.expect("moderated", action="owner", name="bob", ref=2)
+    await bob.expect("moderated", action="owner", name="bob", by="alice")
+    await bob.send_json(type="bans", room="dev", ref=3)
+    assert (await bob.expect("bans", ref=3))["operators"] == ["bob"]
+    await alice.send_json(type="topic", room="dev", text="mine?", ref=4)
+    assert (await alice.expect("error", ref=4))["code"] == "forbidden"
+    await bob.send_json(type="op", room="dev", name="alice", ref=5)
+    await bob.expect("moderated", action="op", ref=5)

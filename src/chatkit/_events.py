@@ -61,6 +61,7 @@ __all__ = [
     "Mute",
     "Nick",
     "Op",
+    "Owner",
     "Ping",
     "Pong",
     "Ref",
@@ -106,6 +107,7 @@ from ._moderation_events import (
     ModesReply,
     Mute,
     Op,
+    Owner,
     Topic,
     TopicReply,
     Unban,
@@ -226,6 +228,7 @@ ClientRequest: TypeAlias = (
     | Unmute
     | Op
     | Deop
+    | Owner
     | Bans
     | Topic
     | Modes

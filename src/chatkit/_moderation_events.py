@@ -28,6 +28,7 @@ __all__ = [
     "ModesReply",
     "Mute",
     "Op",
+    "Owner",
     "Topic",
     "TopicReply",
     "Unban",
@@ -106,6 +107,15 @@ class Op(Event, tag="op", frozen=True):
 
 class Deop(Event, tag="deop", frozen=True):
     """Take ``room``'s operator role from user ``name``."""
+
+    room: str
+    name: str
+    ref: Ref = None
+
+
+class Owner(Event, tag="owner", frozen=True):
+    """Hand ``room`` over to user ``name``, its new owner (its owner, or a
+    server operator, may)."""
 
     room: str
     name: str
@@ -197,8 +207,8 @@ class Moderated(Event, tag="moderated", frozen=True):
     only.
 
     Attributes:
-        action: ``kick``, ``ban``, ``unban``, ``mute``, ``unmute``, ``op``
-            or ``deop``.
+        action: ``kick``, ``ban``, ``unban``, ``mute``, ``unmute``, ``op``,
+            ``deop``, ``owner``, ``invite``, ``voice`` or ``devoice``.
         by: the operator's name (``*server*``: the server's own code).
         name: the user it concerns (or ``address``: an address ban).
         until: when a ban or mute ends (Unix time); none: when lifted.
@@ -279,6 +289,7 @@ MODERATION_REQUESTS: Final = (
     Unmute,
     Op,
     Deop,
+    Owner,
     Bans,
     Topic,
     Modes,

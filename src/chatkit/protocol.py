@@ -62,6 +62,7 @@ from ._events import ModesReply as ModesReply
 from ._events import Mute as Mute
 from ._events import Nick as Nick
 from ._events import Op as Op
+from ._events import Owner as Owner
 from ._events import Ping as Ping
 from ._events import Pong as Pong
 from ._events import Ref as Ref
@@ -136,6 +137,7 @@ __all__ = [
     "Mute",
     "Nick",
     "Op",
+    "Owner",
     "Ping",
     "Pong",
     "ProtocolError",
@@ -309,6 +311,7 @@ _VERBS: Final = MappingProxyType(
         "mute": "muted",
         "unmute": "unmuted",
         "op": "made",
+        "owner": "made",
         "deop": "took",
     }
 )
@@ -326,6 +329,8 @@ def _moderated_line(event: Moderated) -> str:
             text = f"{target} {'from ' + room if room else 'from the server'}"
         case "op":
             text = f"{target} an operator of {room}"
+        case "owner":
+            text = f"{target} the owner of {room}"
         case "deop":
             text = f"{target}'s operator role in {room}"
         case _:

@@ -185,6 +185,11 @@ class Moderation:
             self._doc.owners[room] = creator.casefold()
             await self._save()
 
+    async def set_owner(self, room: str, name: str) -> None:
+        """``name`` owns ``room`` from now on."""
+        self._doc.owners[room] = name.casefold()
+        await self._save()
+
     async def set_operator(self, room: str, name: str, *, on: bool) -> bool:
         """Make ``name`` an operator of ``room`` (or not); False if nothing
         changed."""

@@ -30,6 +30,7 @@ from .._events import (
     ModesReply,
     Mute,
     Op,
+    Owner,
     Topic,
     TopicReply,
     Unban,
@@ -142,7 +143,8 @@ class Moderator:
             session.error(problem[0], problem[1], ref)
             return
         if not self.moderation.may_moderate(session.name, room) or (
-            isinstance(request, Op | Deop) and not self._may_grant(session, room)
+            isinstance(request, Op | Deop | Owner)
+            and not self._may_grant(session, room)
         ):
             where = f"in {room}" if room is not None else "on this server"
             session.error(ErrorCode.FORBIDDEN, f"you are not an operator {where}", ref)
@@ -171,6 +173,8 @@ class Moderator:
                 await self.set_operator(
                     request.room, request.name, isinstance(request, Op), session, ref
                 )
+            case Owner():
+                await self.set_owner(request.room, request.name, session, ref)
             case Bans():
                 session.send(self.moderation.reply(request.room, ref))
             case Topic():
@@ -450,6 +454,15 @@ class Moderator:
         self._tell(place.members if place is not None else (), event, by, ref)
         await self._observed(event)
         return changed
+
+    async def set_owner(
+        self, room: str, name: str, by: Session | None = None, ref: Any = None
+    ) -> None:
+        """Hand ``room`` over to ``name``; the room's members are told."""
+        await self.moderation.set_owner(room, name)
+        self._tell_room(
+            room, announcement("owner", _name(by), name=name, room=room), by, ref
+        )
 
     # --- topics and modes -------------------------------------------------
 
