@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import msgspec
 import trio
@@ -41,6 +41,10 @@ __all__ = ["Moderation", "ModerationStore", "Restriction", "RoomSettings"]
 log = logging.getLogger("chatkit.server")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Slow mode's memory of who spoke when: pruned past this many entries of
+# anything older than the longest slow mode (a day).
+_MAX_SPOKE: Final = 10_000
+_DAY: Final = 86_400
 
 
 @runtime_checkable
@@ -268,7 +272,10 @@ class Moderation:
             if last is not None and now - last < settings.slow:
                 wait = settings.slow - (now - last)
                 return "rate_limited", f"slow mode in {room}: wait {wait:.0f} s"
-            self._spoke[(room, key)] = now
+            spoke = self._spoke
+            if len(spoke) >= _MAX_SPOKE:  # bounded: forget what no mode needs
+                self._spoke = spoke = {k: t for k, t in spoke.items() if now - t < _DAY}
+            spoke[(room, key)] = now
         return None
 
     def visible(self, room: str, member: bool) -> bool:
