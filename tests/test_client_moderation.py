@@ -201,3 +201,145 @@ async def test_op_and_deop(server: chatkit.ChatServer) -> None:
         await carol.join("dev")
         with pytest.raises(chatkit.Forbidden):
             await bob.kick("carol", room="dev")
+
+
+async def test_topic_set_ask_and_seen(server: chatkit.ChatServer) -> None:
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        await alice.join("dev")  # alice owns dev
+        await bob.join("dev")
+        empty = await alice.topic("dev")
+        assert (empty.room, empty.text) == ("dev", "")
+        reply = await alice.topic("dev", "release on Friday")
+        assert isinstance(reply, chatkit.TopicReply)
+        assert (reply.room, reply.text, reply.by) == (
+            "dev",
+            "release on Friday",
+            "alice",
+        )
+        assert reply.ref is not None
+        seen = await next_matching(bob, lambda e: isinstance(e, chatkit.TopicReply))
+        assert isinstance(seen, chatkit.TopicReply)
+        assert (seen.text, seen.by, seen.ref) == ("release on Friday", "alice", None)
+        asked = await bob.topic("dev")
+        assert (asked.text, asked.by) == ("release on Friday", "alice")
+        with pytest.raises(chatkit.Forbidden):
+            await bob.topic("dev", "mine now")
+        # alice sees her own change, as bob does; her ask's answer is no news.
+        await alice.topic("dev")
+        await alice.say("done", room="dev")
+        events = await events_until(alice, "done")
+        topics = [e for e in events if isinstance(e, chatkit.TopicReply)]
+        assert [(t.text, t.by) for t in topics] == [("release on Friday", "alice")]
+
+
+async def test_a_joiner_gets_the_topic_through_async_for(
+    server: chatkit.ChatServer,
+) -> None:
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        await alice.join("dev")
+        await alice.topic("dev", "welcome")
+        await bob.join("dev")
+        seen = await next_matching(
+            bob, lambda e: isinstance(e, chatkit.TopicReply) and e.room == "dev"
+        )
+        assert isinstance(seen, chatkit.TopicReply)
+        assert (seen.text, seen.by) == ("welcome", "alice")
+
+
+async def test_modes_set_ask_and_their_effects(server: chatkit.ChatServer) -> None:
+    async with (
+        connect(server, "alice") as alice,
+        connect(server, "bob") as bob,
+        connect(server, "carol") as carol,
+    ):
+        await alice.join("dev")
+        await bob.join("dev")
+        plain = await alice.modes("dev")
+        assert isinstance(plain, chatkit.ModesReply)
+        assert (plain.invite_only, plain.moderated, plain.secret) == (False,) * 3
+        assert (plain.limit, plain.slow) == (0, 0)
+        reply = await alice.modes("dev", invite_only=True, moderated=True)
+        assert (reply.invite_only, reply.moderated, reply.slow, reply.by) == (
+            True,
+            True,
+            0,
+            "alice",
+        )
+        seen = await next_matching(bob, lambda e: isinstance(e, chatkit.ModesReply))
+        assert isinstance(seen, chatkit.ModesReply)
+        assert (seen.invite_only, seen.moderated, seen.by) == (True, True, "alice")
+        with pytest.raises(chatkit.Forbidden):
+            await bob.modes("dev", invite_only=False)
+        assert (await bob.modes("dev")).invite_only  # anyone may ask
+        # moderated: bob speaks once voiced.
+        with pytest.raises(chatkit.Muted):
+            await bob.say("hello?", room="dev")
+        ack = await alice.voice("dev", "bob")
+        assert (ack.action, ack.name, ack.room, ack.by) == (
+            "voice",
+            "bob",
+            "dev",
+            "alice",
+        )
+        assert (await bob.say("thanks", room="dev")).text == "thanks"
+        assert (await alice.devoice("dev", "bob")).action == "devoice"
+        with pytest.raises(chatkit.Muted):
+            await bob.say("again?", room="dev")
+        # invite_only: carol joins once invited.
+        with pytest.raises(chatkit.Forbidden):
+            await carol.join("dev")
+        ack = await alice.invite("dev", "carol")
+        assert (ack.action, ack.name, ack.room) == ("invite", "carol", "dev")
+        await carol.join("dev")
+        assert "dev" in carol.joined_rooms
+        # alice's own change comes through async for; her ask does not.
+        await alice.say("done", room="dev")
+        events = await events_until(alice, "done")
+        modes = [e for e in events if isinstance(e, chatkit.ModesReply)]
+        assert [(m.invite_only, m.by) for m in modes] == [(True, "alice")]
+
+
+class Echo:
+    """A plugin with one command, ``/echo``."""
+
+    @chatkit.hookimpl
+    def chatkit_command(
+        self, user: chatkit.User, name: str, args: str, room: str | None
+    ) -> str | None:
+        if name != "echo":
+            return None
+        return f"{user.name} said {args!r}" + (f" in {room}" if room else "")
+
+
+async def test_plugin_commands() -> None:
+    async with (
+        chatkit.open_server(plugins=[Echo()]) as server,
+        connect(server, "alice") as alice,
+    ):
+        reply = await alice.command("echo", "hi there")
+        assert isinstance(reply, chatkit.CommandReply)
+        assert (reply.name, reply.text, reply.room) == (
+            "echo",
+            "alice said 'hi there'",
+            None,
+        )
+        await alice.join("dev")
+        reply = await alice.command("echo", "x", room="dev")
+        assert (reply.text, reply.room) == ("alice said 'x' in dev", "dev")
+        with pytest.raises(chatkit.BadRequest, match="no command /nope"):
+            await alice.command("nope")
+        # The answers are no news.
+        await alice.say("done")
+        events = await events_until(alice, "done")
+        assert not [e for e in events if isinstance(e, chatkit.CommandReply)]
+
+
+async def events_until(client: chatkit.ChatClient, text: str) -> list[object]:
+    """``client``'s events up to its message ``text``."""
+    seen: list[object] = []
+    with trio.fail_after(TIMEOUT):
+        async for event in client:
+            seen.append(event)
+            if isinstance(event, chatkit.Message) and event.text == text:
+                return seen
+    raise AssertionError(f"{client.name}'s events ended: {client.close_reason}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from chatkit.client.__main__ import HELP
-from chatkit.client._moderating import parse_duration
+from chatkit.client._moderating import parse_duration, parse_modes
 from tests.programs import Launch, start_client, start_server
 from tests.terminal import OpenTerminal, open_chat
 
@@ -30,6 +30,30 @@ def test_help_lists_the_moderation_commands() -> None:
     for command in ("/kick", "/ban", "/unban", "/mute", "/unmute", "/op", "/deop"):
         assert command in commands
     assert "/bans" in commands
+    for command in ("/topic", "/mode", "/invite", "/voice", "/devoice"):
+        assert command in commands
+
+
+@pytest.mark.parametrize(
+    ("words", "changes"),
+    [
+        (["+i"], {"invite_only": True}),
+        (["-m", "+s"], {"moderated": False, "secret": True}),
+        (["+im"], {"invite_only": True, "moderated": True}),
+        (["limit=20", "slow=10"], {"limit": 20, "slow": 10}),
+        (["slow=1m"], {"slow": 60}),
+        (["slow=0"], {"slow": 0}),
+    ],
+)
+def test_mode_words(words: list[str], changes: dict[str, object]) -> None:
+    assert parse_modes(words) == changes
+
+
+@pytest.mark.parametrize(
+    "words", [[], ["i"], ["+x"], ["+"], ["limit=-1"], ["limit=x"], ["slow=2d"], ["n=1"]]
+)
+def test_no_mode_words(words: list[str]) -> None:
+    assert parse_modes(words) is None
 
 
 async def test_an_operator_kicks_and_both_screens_show_it(
@@ -97,3 +121,43 @@ async def test_ban_mute_and_bans_piped(launch: Launch) -> None:
     await root.expect(r"^\* You banned eve from the server: spam$")
     await root.close_stdin()
     assert await root.wait() == 0
+
+
+async def test_topic_mode_invite_voice_and_plugin_commands_piped(
+    launch: Launch,
+) -> None:
+    _server, port = await start_server(
+        launch, "--operator", "root", "--plugin", "examples.dice:Dice"
+    )
+    bob = await start_client(launch, port, "bob")
+    root = await launch("client", "--port", str(port), "--name", "root")
+    await root.send(
+        "/join dev\n/topic\n/topic release on  Friday\n/topic\n"
+        "/mode\n/mode +im slow=10\n/mode bogus\n/invite bob\n"
+        "/roll 2d6\n/bogus\n"
+    )
+    await root.expect(r"^You joined dev\.$")
+    await root.expect(r"^No topic in dev\.$")
+    await root.expect(r"^\* You set the topic of dev: release on  Friday$")
+    await root.expect(r"^Topic of dev: release on  Friday \(set by root\)$")
+    await root.expect(r"^Modes of dev: none$")
+    await root.expect(r"^\* You set modes of dev: \+im slow=10$")
+    await root.expect(r"^  /mode \[\+i")  # its usage
+    await root.expect(r"^\* You invited bob to dev$")
+    await root.expect(r"^root rolled 2d6: \d+ \+ \d+ = \d+$")
+    await root.expect(r"^Unknown command /bogus\. Type /help for commands\.$")
+    await bob.expect(r"^\* root invited you to dev$")
+    await bob.send("/join dev\n/mode\nhello?\n")
+    await bob.expect(r"^You joined dev\.$")
+    await bob.expect(r"^Topic of dev: release on  Friday$")
+    await bob.expect(r"^Modes of dev: \+im slow=10$")
+    await bob.expect(r"^Error: .* \(muted\)$")
+    await root.send("/voice bob\n/devoice bob\n/mode -im slow=0\n/topic\n")
+    await bob.expect(r"^\* root gave you a voice in dev$")
+    await bob.expect(r"^\* root took your voice in dev$")
+    await bob.expect(r"^\* root set modes of dev: none$")
+    await root.expect(r"^\* You gave bob a voice in dev$")
+    await root.close_stdin()
+    assert await root.wait() == 0
+    await bob.close_stdin()
+    assert await bob.wait() == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -32,15 +33,28 @@ from .._events import (
     Left,
     Message,
     Moderated,
+    ModesReply,
     Renamed,
     ServerEvent,
     Shutdown,
+    TopicReply,
 )
-from .._exceptions import BadName, ConnectionClosed, NameTaken, RequestError
+from .._exceptions import (
+    BadName,
+    BadRequest,
+    ConnectionClosed,
+    NameTaken,
+    RequestError,
+)
 from ._client import DEFAULT_PORT, ChatClient, open_client
 from ._connection import describe_error, open_stream
 from ._moderating import COMMANDS as MODERATION_COMMANDS
-from ._moderating import describe_moderated, moderate
+from ._moderating import (
+    describe_moderated,
+    describe_modes,
+    describe_topic,
+    moderate,
+)
 from ._reconnect import (
     ClientEvent,
     Interrupted,
@@ -56,7 +70,8 @@ _Printer = Callable[[str], None]
 CONNECT_TIMEOUT = 10.0  # seconds, as ChatClient's connect_timeout
 
 HELP = """\
-Type a line to send it to the current room. Commands:
+Type a line to send it to the current room. Commands (any other /COMMAND
+[ARGS] goes to the server's plugins, e.g. /roll 2d6):
   /join ROOM        join ROOM (created if needed) and talk there
   /leave [ROOM]     leave ROOM (default: the current room)
   /room ROOM        talk in ROOM from now on (a room you are in)
@@ -83,6 +98,14 @@ Type a line to send it to the current room. Commands:
   /deop NAME        take the current room's operator role from NAME
   /bans [-s]        the bans, mutes and operators of the current room
                     (-s: of the server)
+  /topic [TEXT]     show the current room's topic, or set it to TEXT
+  /mode [+i|-i|+m|-m|+s|-s|limit=N|slow=N ...]
+                    show the current room's modes, or change them: invite
+                    only (i), moderated (m), secret (s), at most N members,
+                    N seconds between a member's messages (0: no limit)
+  /invite NAME      let NAME join the current room (invite-only) once
+  /voice NAME       let NAME speak in the current room (moderated)
+  /devoice NAME     take NAME's voice in the current room
   /help             this help
   /quit or exit     leave the chat"""
 
@@ -161,10 +184,14 @@ class ChatShell:
         self._print = print_line
         self._greeted = False
         self._lost: str | None = None  # why, while reconnecting
+        # The room we just joined: the topic that may come next (the
+        # server's, without a ref) is its topic to show, not a change.
+        self._joining: str | None = None
 
     def describe(self, event: ServerEvent | ClientEvent) -> str | None:
         """The text shown for ``event`` (``None`` to show nothing)."""
         me = self.client.name
+        joining, self._joining = self._joining, None
         match event:
             case Interrupted(reason=reason):
                 self._lost = _said_once(reason)
@@ -189,6 +216,7 @@ class ChatShell:
                 return f"{sender} (private): {text}"
             case Joined(room=room, name=name):
                 if name == me:
+                    self._joining = room
                     if room == LOBBY and not self._greeted:
                         self._greeted = True  # the welcome banner said it
                         return None
@@ -207,6 +235,16 @@ class ChatShell:
                 if self.room not in rooms and LOBBY in rooms:
                     self.room = LOBBY  # put out of the room we talked in
                 return describe_moderated(event, me)
+            case TopicReply(room=room, text=text, ref=None) if room == joining:
+                return f"Topic of {room}: {text}"
+            case TopicReply():
+                return describe_topic(event, me)
+            case ModesReply(room=room, by=by):
+                who = "You" if by == me else by
+                modes = describe_modes(event)
+                if who is None:
+                    return f"Modes of {room}: {modes}"
+                return f"* {who} set modes of {room}: {modes}"
             case ErrorReply(message=message, code=code):
                 return f"Error: {message} ({code})"
             case Shutdown(reason=reason):
@@ -288,14 +326,26 @@ class ChatShell:
             case "/help", []:
                 self._print(HELP)
             case _ if command in MODERATION_COMMANDS:
-                if not await moderate(
-                    client, self.room, command, rest.split(), self._print
-                ):
+                if not await moderate(client, self.room, command, rest, self._print):
                     self._print(_usage(command))
             case _ if command in _USAGE:
                 self._print(_usage(command))
             case _:
-                self._print(f"Unknown command {command}. Type /help for commands.")
+                await self._plugin_command(command, rest)
+
+    async def _plugin_command(self, command: str, args: str) -> None:
+        # Not ours: a command of the server's plugins, about this room.
+        unknown = f"Unknown command {command}. Type /help for commands."
+        name = command[1:]
+        if not _PLUGIN_COMMAND.fullmatch(name):
+            self._print(unknown)
+            return
+        try:
+            reply = await self.client.command(name, args, room=self.room)
+        except BadRequest:  # no plugin knows it
+            self._print(unknown)
+            return
+        self._print(reply.text)
 
     async def _history(self, words: list[str]) -> None:
         # /history [ROOM] [N] [before ID | after ID], read from the right.
@@ -351,6 +401,10 @@ class ChatShell:
             # How to get the next page.
             edge = f"after {shown[-1].id}" if forward else f"before {shown[0].id}"
             self._print(f"(more: /history {room} {count} {edge})")
+
+
+# What a plugin command's name may be (docs/protocol.md#plugin-commands).
+_PLUGIN_COMMAND = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
 def _command_usages(help_text: str) -> dict[str, str]:

@@ -11,6 +11,9 @@ A :class:`ChatClient` is lifecycle and public API over three objects:
   ``async for event in client`` and the client hooks;
 * the plugin manager of the client hooks, :class:`ClientSpec`.
 
+Its moderation methods (``kick``, ``topic``, ``command``...) come from a
+mixin, ``ModerationRequests`` (``_moderation.py``).
+
 The client owns a nursery holding the session's task and, when plugins
 implement client hooks, the hook task.
 """
@@ -28,29 +31,19 @@ import trio
 
 from .._events import (
     LOBBY,
-    Ban,
-    Bans,
-    BansReply,
-    Deop,
     DirectMessage,
     Dm,
     Event,
     History,
     HistoryReply,
     Join,
-    Kick,
     Leave,
     Message,
-    Moderated,
-    Mute,
     Nick,
-    Op,
     Ping,
     Rooms,
     RoomsReply,
     Say,
-    Unban,
-    Unmute,
     Welcome,
     Who,
     WhoReply,
@@ -65,6 +58,7 @@ from .._hooks import (
 from ..protocol import DEFAULT_MAX_LINE_LENGTH
 from ._connection import ConnectionOptions
 from ._delivery import Delivery
+from ._moderation import ModerationRequests
 from ._reconnect import ClientItem, Reconnect
 from ._session import Session
 
@@ -145,7 +139,7 @@ class ClientSpec:
         does not fire again."""
 
 
-class ChatClient:
+class ChatClient(ModerationRequests):
     """A connection to a chat server, as an async context manager::
 
         async with chatkit.open_client("127.0.0.1", 12345, name="alice") as client:
@@ -465,109 +459,8 @@ class ChatClient:
         await self._session.request(Ping())
         return trio.current_time() - start
 
-    # --- moderation (docs/moderation.md) ------------------------------------
-    # Each returns the server's acknowledgement: our copy of the `moderated`
-    # event (which also comes through ``async for``, as others see it).
-    # Without ``room``, an action concerns the whole server. Each raises
-    # Forbidden (we lack the role), NoSuchUser, BadRequest (nothing to
-    # lift) or ConnectionClosed, as the server answers.
-
-    async def kick(
-        self, name: str, *, room: str | None = None, reason: str = ""
-    ) -> Moderated:
-        """Put ``name`` out of ``room``, or (no ``room``) off the server.
-
-        Raises:
-            Forbidden: we are no operator of ``room`` (or the server).
-            NoSuchUser: ``name`` is not there.
-        """
-        request = Kick(name=name, room=room, reason=reason)
-        result: Moderated = await self._session.request(request)
-        return result
-
-    async def ban(
-        self,
-        name: str | None = None,
-        *,
-        address: str | None = None,
-        room: str | None = None,
-        reason: str = "",
-        duration: int | None = None,
-    ) -> Moderated:
-        """Ban ``name``, or an ``address`` (IP address or CIDR network),
-        from ``room`` (or the server) for ``duration`` seconds, or until
-        unbanned. A banned member is put out at once.
-
-        Raises:
-            ValueError: not exactly one of ``name`` and ``address``.
-        """
-        _one_target(name, address)
-        request = Ban(
-            name=name, address=address, room=room, reason=reason, duration=duration
-        )
-        result: Moderated = await self._session.request(request)
-        return result
-
-    async def unban(
-        self,
-        name: str | None = None,
-        *,
-        address: str | None = None,
-        room: str | None = None,
-    ) -> Moderated:
-        """Lift the ban of ``name`` or ``address`` from ``room`` (or the
-        server).
-
-        Raises:
-            ValueError: not exactly one of ``name`` and ``address``.
-        """
-        _one_target(name, address)
-        request = Unban(name=name, address=address, room=room)
-        result: Moderated = await self._session.request(request)
-        return result
-
-    async def mute(
-        self,
-        name: str,
-        *,
-        room: str | None = None,
-        reason: str = "",
-        duration: int | None = None,
-    ) -> Moderated:
-        """Keep ``name`` from speaking in ``room`` (or anywhere) for
-        ``duration`` seconds, or until unmuted."""
-        request = Mute(name=name, room=room, reason=reason, duration=duration)
-        result: Moderated = await self._session.request(request)
-        return result
-
-    async def unmute(self, name: str, *, room: str | None = None) -> Moderated:
-        """Let ``name`` speak in ``room`` (or on the server) again."""
-        result: Moderated = await self._session.request(Unmute(name=name, room=room))
-        return result
-
-    async def op(self, room: str, name: str) -> Moderated:
-        """Make ``name`` an operator of ``room`` (its owner, or a server
-        operator, may)."""
-        result: Moderated = await self._session.request(Op(room=room, name=name))
-        return result
-
-    async def deop(self, room: str, name: str) -> Moderated:
-        """Take ``room``'s operator role from ``name``."""
-        result: Moderated = await self._session.request(Deop(room=room, name=name))
-        return result
-
-    async def bans(self, room: str | None = None) -> BansReply:
-        """The bans, mutes and operators of ``room`` (or of the server)."""
-        result: BansReply = await self._session.request(Bans(room=room))
-        return result
-
     def __repr__(self) -> str:
         return f"<ChatClient {self.name!r} {self.host}:{self.port}>"
-
-
-def _one_target(name: str | None, address: str | None) -> None:
-    if (name is None) == (address is None):
-        raise ValueError("give a name or an address (one of them)")
 
 
 def open_client(

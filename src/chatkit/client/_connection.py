@@ -25,14 +25,17 @@ from .._events import (
     PROTOCOL_VERSION,
     BansReply,
     ClientRequest,
+    CommandReply,
     ErrorReply,
     Hello,
     HistoryReply,
+    Modes,
     Ping,
     Pong,
     RoomsReply,
     ServerEvent,
     Shutdown,
+    Topic,
     Welcome,
     WhoReply,
 )
@@ -57,7 +60,15 @@ OnNews: TypeAlias = Callable[[ServerEvent], Awaitable[None]]
 
 _RECEIVE_SIZE: Final = 64 * 1024
 # Events that only answer a request (no news for ``async for``).
-_ANSWERS: Final = (ErrorReply, WhoReply, RoomsReply, HistoryReply, BansReply, Pong)
+_ANSWERS: Final = (
+    ErrorReply,
+    WhoReply,
+    RoomsReply,
+    HistoryReply,
+    BansReply,
+    CommandReply,
+    Pong,
+)
 # Errors the server closes the connection after (extensions to v1).
 _CLOSING_CODES: Final = frozenset(
     {ErrorCode.TOO_SLOW, ErrorCode.KICKED, ErrorCode.TIMEOUT, ErrorCode.REPLACED}
@@ -119,6 +130,10 @@ class Connection:
         self._options = options
         self._proto = ClientConnection(max_line_length=options.max_line_length)
         self._refs = refs
+        # The refs of our asks (a `topic` or `mode` request without a
+        # change): their answer is no news, though the same event telling
+        # of a change is.
+        self._asks: set[int] = set()
         self._on_lost = on_lost
         self._send_lock = trio.StrictFIFOLock()
         self._pending: dict[int, _Pending] = {}
@@ -201,6 +216,8 @@ class Connection:
         """
         ref = next(self._refs)
         pending = self._pending[ref] = _Pending()
+        if _is_ask(request):
+            self._asks.add(ref)
         try:
             await self.send(msgspec.structs.replace(request, ref=ref))
             await pending.done.wait()
@@ -293,15 +310,19 @@ class Connection:
                 # Banned from the server (a refused join carries its ref).
                 self._lose(f"banned: {message}", ErrorCode.BANNED)
         ref = getattr(event, "ref", None)
+        answer_only = isinstance(event, _ANSWERS)
+        if isinstance(ref, int) and ref in self._asks:
+            self._asks.discard(ref)
+            answer_only = True
         if self._answer(
             ref,
             RequestError.from_code(event.code, event.message)
             if isinstance(event, ErrorReply)
             else event,
         ):
-            if isinstance(event, _ANSWERS):
+            if answer_only:
                 return  # answered to the caller; not part of the event stream
-        elif isinstance(event, _ANSWERS) and isinstance(ref, int):
+        elif answer_only and isinstance(ref, int):
             return  # the answer to a request whose caller gave up (cancelled)
         elif isinstance(event, Pong) and ref is None:
             return  # the answer to a keepalive ping
@@ -425,6 +446,15 @@ def describe_error(exc: BaseException) -> str:
     if _refused(exc):
         return "connection refused: is the server running?"
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _is_ask(request: ClientRequest) -> bool:
+    """Whether ``request`` asks for a room's topic or modes (no change)."""
+    if isinstance(request, Topic):
+        return request.text is None
+    return isinstance(request, Modes) and request == Modes(
+        room=request.room, ref=request.ref
+    )
 
 
 def _refused(exc: BaseException) -> bool:

@@ -1,10 +1,13 @@
-"""The terminal client's moderation commands (``/kick``, ``/ban``, ...)
-and how a ``moderated`` event reads there.
+"""The terminal client's moderation commands (``/kick``, ``/ban``, ...,
+``/topic``, ``/mode``, ``/invite``, ``/voice``) and how a ``moderated``,
+``topic`` or ``modes`` event reads there.
 
 Each command acts on the current room, or with ``-s`` on the whole
-server; what the server did comes back as a ``moderated`` event, shown
-(to us as to everyone it concerns) by :func:`describe_moderated`, so a
-command prints nothing of its own but the ``/bans`` listing.
+server; what the server did comes back as a ``moderated`` event (or a
+``topic`` or ``modes`` one), shown (to us as to everyone it concerns) by
+:func:`describe_moderated` (:func:`describe_topic`, :func:`describe_modes`),
+so a command prints nothing of its own but what it asks for: the ``/bans``
+listing, the topic, the modes.
 """
 
 from __future__ import annotations
@@ -16,15 +19,41 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Final
 
-from .._events import BanInfo, Moderated
+from .._events import BanInfo, Moderated, ModesReply, TopicReply
 from ._client import ChatClient
 
-__all__ = ["COMMANDS", "describe_moderated", "moderate", "parse_duration"]
+__all__ = [
+    "COMMANDS",
+    "describe_moderated",
+    "describe_modes",
+    "describe_topic",
+    "moderate",
+    "parse_duration",
+    "parse_modes",
+]
 
 #: The commands :func:`moderate` knows.
 COMMANDS: Final = frozenset(
-    ("/kick", "/ban", "/unban", "/mute", "/unmute", "/op", "/deop", "/bans")
+    (
+        "/kick",
+        "/ban",
+        "/unban",
+        "/mute",
+        "/unmute",
+        "/op",
+        "/deop",
+        "/bans",
+        "/topic",
+        "/mode",
+        "/invite",
+        "/voice",
+        "/devoice",
+    )
 )
+
+# /mode's letters, and the most its numbers may be (the protocol's).
+_FLAGS: Final = MappingProxyType({"i": "invite_only", "m": "moderated", "s": "secret"})
+_NUMBERS: Final = MappingProxyType({"limit": 1_000_000, "slow": 86_400})
 
 _DURATION: Final = re.compile(r"([1-9][0-9]{0,9})([smhdw])")
 _UNIT_SECONDS: Final = MappingProxyType(
@@ -43,6 +72,48 @@ def parse_duration(word: str) -> int | None:
     return seconds if seconds <= _MAX_DURATION else None
 
 
+def parse_modes(words: list[str]) -> dict[str, bool | int] | None:
+    """``/mode``'s words (``+i``, ``-m``, ``+is``, ``limit=20``,
+    ``slow=10``, ``slow=1m``) as :meth:`ChatClient.modes` arguments;
+    ``None`` if a word is none of those."""
+    changes: dict[str, bool | int] = {}
+    for word in words:
+        sign, letters = word[:1], word[1:]
+        key, equals, value = word.partition("=")
+        if sign in ("+", "-") and letters and all(c in _FLAGS for c in letters):
+            for letter in letters:
+                changes[_FLAGS[letter]] = sign == "+"
+        elif equals and key in _NUMBERS:
+            if value.isascii() and value.isdigit() and len(value) <= 10:
+                number: int | None = int(value)
+            else:
+                number = parse_duration(value) if key == "slow" else None
+            if number is None or number > _NUMBERS[key]:
+                return None
+            changes[key] = number
+        else:
+            return None
+    return changes or None
+
+
+def describe_modes(modes: ModesReply) -> str:
+    """The modes in force, as ``/mode`` takes them: ``+im limit=20``;
+    ``none``."""
+    letters = "".join(c for c, field in _FLAGS.items() if getattr(modes, field))
+    words = [f"+{letters}"] if letters else []
+    words += [f"{key}={getattr(modes, key)}" for key in _NUMBERS if getattr(modes, key)]
+    return " ".join(words) or "none"
+
+
+def describe_topic(event: TopicReply, me: str) -> str:
+    """A change of topic as one line: ``* alice set the topic of dev:
+    release on Friday``."""
+    by = "You" if event.by == me else event.by or "someone"
+    if not event.text:
+        return f"* {by} cleared the topic of {event.room}"
+    return f"* {by} set the topic of {event.room}: {event.text}"
+
+
 def _is_address(word: str) -> bool:
     try:
         ipaddress.ip_network(word, strict=False)
@@ -55,16 +126,17 @@ async def moderate(
     client: ChatClient,
     room: str,
     command: str,
-    words: list[str],
+    line: str,
     show: Callable[[str], None],
 ) -> bool:
-    """Carry out moderation ``command`` (one of :data:`COMMANDS`) with its
-    ``words``, in ``room`` (``-s`` first: on the server); False when the
-    words do not fit the command (nothing sent).
+    """Carry out moderation ``command`` (one of :data:`COMMANDS`) with the
+    rest of its ``line``, in ``room`` (``-s`` first: on the server); False
+    when the words do not fit the command (nothing sent).
 
     Raises:
         RequestError: the server's refusal (``Forbidden``...).
     """
+    words = line.split()
     server = bool(words) and words[0] == "-s"
     if server:
         words = words[1:]
@@ -94,6 +166,25 @@ async def moderate(
             await client.op(room, name)
         case "/deop", [name] if not server:
             await client.deop(room, name)
+        case "/invite", [name] if not server:
+            await client.invite(room, name)
+        case "/voice", [name] if not server:
+            await client.voice(room, name)
+        case "/devoice", [name] if not server:
+            await client.devoice(room, name)
+        case "/topic", [] if not server:
+            topic = await client.topic(room)
+            if topic.text:
+                by = f" (set by {topic.by})" if topic.by else ""
+                show(f"Topic of {room}: {topic.text}{by}")
+            else:
+                show(f"No topic in {room}.")
+        case "/topic", [_, *_] if not server:
+            await client.topic(room, line)
+        case "/mode", [] if not server:
+            show(f"Modes of {room}: {describe_modes(await client.modes(room))}")
+        case "/mode", _ if not server and (changes := parse_modes(words)):
+            await client.modes(room, **changes)  # type: ignore[arg-type]
         case "/bans", []:
             reply = await client.bans(where)
             place = f"in {room}" if where else "on the server"
@@ -147,6 +238,13 @@ def describe_moderated(event: Moderated, me: str) -> str:
         case "deop":
             whose = "your" if target == "you" else f"{target}'s"
             what = f"took {whose} operator role in {room}"
+        case "invite":
+            what = f"invited {target} to {room}"
+        case "voice":
+            what = f"gave {target} a voice in {room}"
+        case "devoice":
+            whose = "your" if target == "you" else f"{target}'s"
+            what = f"took {whose} voice in {room}"
         case action:
             what = f"{action}: {target}" + (f" in {room}" if room else "")
     if event.until is not None and event.action in ("ban", "mute"):
