@@ -562,3 +562,32 @@ async def test_an_owner_hands_the_room_over(
     assert (await alice.expect("error", ref=4))["code"] == "forbidden"
     await bob.send_json(type="op", room="dev", name="alice", ref=5)
     await bob.expect("moderated", action="op", ref=5)
+
+
+async def test_the_python_api_sets_topics_modes_and_owners(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    alice = await login(open_raw, server.port, "alice")
+    bob = await login(open_raw, server.port, "bob")
+    await joined(alice, "dev", "alice")
+    await server.set_topic("dev", "from the program")
+    topic = await alice.expect("topic", text="from the program")
+    assert topic["by"] == chatkit.SERVER_SENDER
+    await server.set_modes("dev", invite_only=True, slow=10)
+    modes = await alice.expect("modes")
+    assert (modes["invite_only"], modes["slow"], modes["moderated"]) == (
+        True,
+        10,
+        False,
+    )
+    await bob.send_json(type="join", room="dev", ref=1)
+    assert (await bob.expect("error", ref=1))["code"] == "forbidden"
+    await server.invite("dev", "bob")
+    await bob.expect("moderated", action="invite", room="dev")
+    await joined(bob, "dev", "bob")
+    await server.owner("dev", "bob")
+    await alice.expect("moderated", action="owner", name="bob")
+    await bob.send_json(type="bans", room="dev", ref=2)
+    assert (await bob.expect("bans", ref=2))["operators"] == ["bob"]
+    with pytest.raises(ValueError, match="slow"):
+        await server.set_modes("dev", slow=-1)

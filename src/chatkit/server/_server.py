@@ -37,7 +37,7 @@ from ..backplane import Backplane
 from ..history import HistoryStore, HistoryStoreError, MemoryHistory
 from ._fanout import Fanout
 from ._limits import Limits
-from ._moderation import api_target
+from ._moderation_api import ModerationAPI
 from ._outbox import Stats
 from ._rooms import Rooms
 from ._rules import ChatRules
@@ -50,7 +50,7 @@ __all__ = ["ChatServer", "ServerSpec"]
 log = logging.getLogger("chatkit.server")
 
 
-class ChatServer:
+class ChatServer(ModerationAPI):
     """A chat server speaking chatkit protocol v1 (JSON and line mode).
 
     Run it in a nursery you own; stop it with :meth:`aclose`::
@@ -332,72 +332,6 @@ class ChatServer:
         if message is None:
             raise HistoryStoreError(f"the history store refused a message to {room}")
         return message
-
-    def kick(
-        self, name: str, reason: str = "kicked", *, room: str | None = None
-    ) -> bool:
-        """Put user ``name`` out of ``room`` (its members are told, and it
-        gets ``left`` with reason ``kicked``), or with no ``room`` off the
-        server (``error kicked``); True if found."""
-        return self._rules.kick(name, reason, room)
-
-    async def ban(
-        self,
-        name: str | None = None,
-        *,
-        address: str | None = None,
-        room: str | None = None,
-        reason: str = "",
-        duration: float | None = None,
-    ) -> None:
-        """Ban ``name`` or ``address`` (an IP address or a CIDR network)
-        from ``room`` (None: the server) for ``duration`` seconds (None:
-        until :meth:`unban`); whoever it keeps out is put out now. Saved in
-        the history store, when it keeps moderation (docs/moderation.md).
-
-        Raises:
-            ValueError: not exactly one of ``name`` and ``address``, or a
-                bad address or duration.
-        """
-        network = api_target(name, address, duration)
-        await self._rules.moderator.ban(name, network, room, reason, duration)
-
-    async def unban(
-        self,
-        name: str | None = None,
-        *,
-        address: str | None = None,
-        room: str | None = None,
-    ) -> bool:
-        """Lift a ban; False if there was none."""
-        network = api_target(name, address, None)
-        return await self._rules.moderator.unban(name, network, room)
-
-    async def mute(
-        self,
-        name: str,
-        *,
-        room: str | None = None,
-        reason: str = "",
-        duration: float | None = None,
-    ) -> None:
-        """Keep ``name`` from speaking in ``room`` (None: anywhere, direct
-        messages included) for ``duration`` seconds (None: until
-        :meth:`unmute`)."""
-        api_target(name, None, duration)
-        await self._rules.moderator.mute(name, room, reason, duration)
-
-    async def unmute(self, name: str, *, room: str | None = None) -> bool:
-        """Let ``name`` speak again; False if it was not muted."""
-        return await self._rules.moderator.unmute(name, room)
-
-    async def op(self, room: str, name: str) -> None:
-        """Make ``name`` an operator of ``room``."""
-        await self._rules.moderator.set_operator(room, name, True)
-
-    async def deop(self, room: str, name: str) -> None:
-        """Take ``room``'s operator role from ``name``."""
-        await self._rules.moderator.set_operator(room, name, False)
 
     # --- connections ------------------------------------------------------
 
