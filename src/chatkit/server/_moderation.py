@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 import msgspec
 import trio
 
-from .._events import BanInfo, BansReply, Moderated
+from .._events import BanInfo, BansReply
 from .._exceptions import ErrorCode
 from ..protocol import is_valid_name, is_valid_room
 
@@ -414,25 +414,3 @@ def check_target(name: str | None, room: str | None) -> tuple[ErrorCode, str] | 
     if room is not None and not is_valid_room(room):
         return ErrorCode.BAD_NAME, f"{room!r} is not a room name"
     return None
-
-
-def announcement(
-    action: str,
-    by: str,
-    *,
-    name: str | None = None,
-    address: str | None = None,
-    room: str | None = None,
-    reason: str = "",
-    until: float | None = None,
-) -> Moderated:
-    """The ``moderated`` event telling what happened."""
-    return Moderated(
-        action=action,
-        by=by,
-        name=name,
-        address=address,
-        room=room,
-        reason=reason,
-        until=until,
-    )

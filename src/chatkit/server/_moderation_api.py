@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from .._moderation_events import Modes
 from ._moderation import api_target
 
@@ -112,18 +114,20 @@ class ModerationAPI:
         Raises:
             ValueError: ``limit`` or ``slow`` out of range.
         """
-        if limit is not None and not 0 <= limit <= 1_000_000:
-            raise ValueError(f"limit must be from 0 to 1000000, not {limit}")
-        if slow is not None and not 0 <= slow <= 86_400:
-            raise ValueError(f"slow must be from 0 to 86400 seconds, not {slow}")
-        request = Modes(
-            room=room,
-            invite_only=invite_only,
-            moderated=moderated,
-            secret=secret,
-            limit=limit,
-            slow=slow,
-        )
+        given = {
+            "invite_only": invite_only,
+            "moderated": moderated,
+            "secret": secret,
+            "limit": limit,
+            "slow": slow,
+        }
+        try:  # the protocol's own bounds, as for a client's request
+            request = msgspec.convert(
+                {"room": room, **{k: v for k, v in given.items() if v is not None}},
+                Modes,
+            )
+        except msgspec.ValidationError as exc:
+            raise ValueError(str(exc)) from None
         await self._rules.moderator.set_modes(request)
 
     async def invite(self, room: str, name: str) -> None:

@@ -41,7 +41,6 @@ from .._exceptions import ErrorCode
 from ._moderation import (
     Moderation,
     Restriction,
-    announcement,
     check_target,
     host_of,
     parse_network,
@@ -234,8 +233,8 @@ class Moderator:
             where = f" in {room}" if room is not None else ""
             self._error(by, ErrorCode.NO_SUCH_USER, f"no user {name}{where}", ref)
             return None
-        event = announcement(
-            "kick", _name(by), name=target.name, room=room, reason=reason
+        event = Moderated(
+            action="kick", by=_name(by), name=target.name, room=room, reason=reason
         )
         if place is not None:
             self._tell(place.members, event, by, ref)
@@ -308,9 +307,9 @@ class Moderator:
             until=until,
         )
         await moderation.restrict(ban)
-        event = announcement(
-            "ban",
-            ban.by,
+        event = Moderated(
+            action="ban",
+            by=ban.by,
             name=name,
             address=address,
             room=room,
@@ -347,9 +346,9 @@ class Moderator:
                         # Told by name (not the address, which is for
                         # operators' eyes): its client must know it is out.
                         member.send(
-                            announcement(
-                                "ban",
-                                ban.by,
+                            Moderated(
+                                action="ban",
+                                by=ban.by,
                                 name=member.name,
                                 room=room,
                                 reason=ban.reason,
@@ -390,7 +389,9 @@ class Moderator:
                 by, ErrorCode.BAD_REQUEST, f"{name or address} is not banned", ref
             )
             return False
-        event = announcement("unban", _name(by), name=name, address=address, room=room)
+        event = Moderated(
+            action="unban", by=_name(by), name=name, address=address, room=room
+        )
         place = None if room is None or address is not None else self._rooms.get(room)
         self._tell(place.members if place is not None else (), event, by, ref)
         await self._observed(event)
@@ -418,8 +419,8 @@ class Moderator:
             until=until,
         )
         await moderation.restrict(mute)
-        event = announcement(
-            "mute", mute.by, name=name, room=room, reason=reason, until=until
+        event = Moderated(
+            action="mute", by=mute.by, name=name, room=room, reason=reason, until=until
         )
         self._tell(self._concerned(name, room), event, by, ref)
         await self._observed(event)
@@ -434,7 +435,7 @@ class Moderator:
         if not await self.moderation.lift(like):
             self._error(by, ErrorCode.BAD_REQUEST, f"{name} is not muted", ref)
             return False
-        event = announcement("unmute", _name(by), name=name, room=room)
+        event = Moderated(action="unmute", by=_name(by), name=name, room=room)
         self._tell(self._concerned(name, room), event, by, ref)
         await self._observed(event)
         return True
@@ -449,7 +450,9 @@ class Moderator:
     ) -> bool:
         """Make ``name`` an operator of ``room`` (``on``) or not."""
         changed = await self.moderation.set_operator(room, name, on=on)
-        event = announcement("op" if on else "deop", _name(by), name=name, room=room)
+        event = Moderated(
+            action="op" if on else "deop", by=_name(by), name=name, room=room
+        )
         place = self._rooms.get(room)
         self._tell(place.members if place is not None else (), event, by, ref)
         await self._observed(event)
@@ -461,7 +464,7 @@ class Moderator:
         """Hand ``room`` over to ``name``; the room's members are told."""
         await self.moderation.set_owner(room, name)
         self._tell_room(
-            room, announcement("owner", _name(by), name=name, room=room), by, ref
+            room, Moderated(action="owner", by=_name(by), name=name, room=room), by, ref
         )
 
     # --- topics and modes -------------------------------------------------
@@ -513,7 +516,7 @@ class Moderator:
         invited = self.moderation.settings(room).invited
         if key not in invited:
             await self.moderation.change_settings(room, invited=[*invited, key])
-        event = announcement("invite", _name(by), name=name, room=room)
+        event = Moderated(action="invite", by=_name(by), name=name, room=room)
         target = self._directory.get(name)
         self._tell([target] if target is not None else (), event, by, ref)
 
@@ -526,8 +529,8 @@ class Moderator:
         await self.moderation.change_settings(
             room, voiced=[*voiced, key] if on else voiced
         )
-        event = announcement(
-            "voice" if on else "devoice", _name(by), name=name, room=room
+        event = Moderated(
+            action="voice" if on else "devoice", by=_name(by), name=name, room=room
         )
         self._tell_room(room, event, by, ref)
 
