@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import trustme
 
 import chatkit
 from tests.helpers import RawClient
+from tests.redis_server import RedisServer, redis_server
 
 # chatkit's own tests never pick up entry-point plugins installed on the
 # machine; tests that exercise entry points pass their own allow-list.
@@ -33,6 +35,13 @@ OpenRaw = Callable[..., Awaitable[RawClient]]
 async def server() -> AsyncIterator[chatkit.ChatServer]:
     """A ChatServer with default settings on a free loopback port."""
     async with chatkit.open_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A ``redis-server`` of the test's own, on a free loopback port."""
+    async with redis_server(tmp_path) as server:
         yield server
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,15 +19,9 @@ from chatkit import ChatServer, Message, hookimpl
 from chatkit.cluster import BackplaneError, RedisBackplane
 from tests.helpers import RawClient, next_event, unref, wait_until
 from tests.programs import Launch, start_server
-from tests.redis_server import RedisServer, free_port, redis_proxy, redis_server
+from tests.redis_server import RedisServer, free_port, redis_proxy
 
 TIMEOUT = 10.0
-
-
-@pytest.fixture
-async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    async with redis_server(tmp_path) as server:
-        yield server
 
 
 @asynccontextmanager

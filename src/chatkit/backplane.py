@@ -27,6 +27,8 @@ __all__ = [
     "JOINED",
     "LEFT",
     "MESSAGE",
+    "MODERATED",
+    "MODERATION",
     "RENAMED",
     "Backplane",
     "ClusterPort",
@@ -42,6 +44,12 @@ DM: Final = "d"
 JOINED: Final = "j"
 LEFT: Final = "l"
 RENAMED: Final = "n"
+#: A moderation action, told on every node (``text``: the event told;
+#: ``rooms``: whose members hear it; ``to``: the one user who does).
+MODERATED: Final = "o"
+#: A change of the moderation state (``text``: the change; ``version``:
+#: the state's version after it), published by the commit itself.
+MODERATION: Final = "s"
 
 
 class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -60,6 +68,7 @@ class Envelope(msgspec.Struct, frozen=True, omit_defaults=True):
     reason: str = ""
     old: str = ""
     rooms: tuple[str, ...] = ()
+    version: int = 0
 
 
 encode_envelope = msgspec.json.Encoder().encode
@@ -131,6 +140,16 @@ class ClusterPort(Protocol):
         """Run the delivery hooks of this node's own message or dm."""
         ...
 
+    async def rejoined(self) -> None:
+        """The node (re)joined the cluster and reads its events from now
+        on: load what the cluster keeps for every node (the moderation
+        state), which the events that follow change.
+
+        Raises:
+            OSError: the cluster is unreachable (the backplane tries again).
+        """
+        ...
+
 
 class Backplane(Protocol):
     """A cluster of servers sharing rooms, names and history
@@ -191,4 +210,35 @@ class Backplane(Protocol):
 
     async def rooms(self) -> dict[str, int]:
         """Every room of the cluster and its number of members."""
+        ...
+
+    async def locate(self, name: str) -> tuple[str, tuple[str, ...]] | None:
+        """User ``name`` (on any node), as its node spells it, and the
+        rooms it is in; None if there is none.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
+        ...
+
+    async def load_moderation(self) -> tuple[int, bytes | None]:
+        """The cluster's moderation state: its version and document (None
+        if it has none yet).
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
+        ...
+
+    async def commit_moderation(
+        self, version: int, document: bytes, change: bytes
+    ) -> bool:
+        """Make ``document`` the moderation state, if it is still at
+        ``version``, and publish ``change`` (an :data:`MODERATION` event
+        at ``version + 1``) in the same step; False (nothing done) if
+        another node changed it first.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
         ...

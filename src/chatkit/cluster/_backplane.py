@@ -15,6 +15,7 @@ from .._events import LOBBY
 from .._exceptions import StartupError
 from ..backplane import (
     MESSAGE,
+    MODERATION,
     ClusterPort,
     Envelope,
     Publication,
@@ -180,6 +181,9 @@ class RedisBackplane:
         for name in self._lost_names(await renewed):
             log.warning("%s was claimed by another node during the outage", name)
             server.kick(name, f"the name {name} was taken during an outage")
+        # Read after the stream's position was taken: what changes it from
+        # here on comes through the stream.
+        await server.rejoined()
 
     def _renewal(self, pipe: Any, names: list[str]) -> Any:
         """Queue on ``pipe`` the renewal of this node's liveness key and of
@@ -346,6 +350,59 @@ class RedisBackplane:
         scripts = self._scripts
         flat = await self._query(lambda pipe: scripts.rooms(pipe, LOBBY))
         return {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def locate(self, name: str) -> tuple[str, tuple[str, ...]] | None:
+        """User ``name`` as spelt by its node, and the rooms it is in;
+        None if no live node has it."""
+        scripts = self._scripts
+        found = await self._query(lambda pipe: scripts.locate(pipe, name))
+        if found is None:
+            return None
+        spelt = found[0].decode() or name
+        return spelt, tuple(sorted(room.decode() for room in found[1:]))
+
+    # --- the moderation state ---------------------------------------------
+
+    async def load_moderation(self) -> tuple[int, bytes | None]:
+        """The moderation state kept in Redis: its version and document
+        (None: there is none yet).
+
+        Raises:
+            OSError: Redis is unreachable.
+        """
+        try:
+            raw = await self._redis.get(self._keys.moderation)
+        except OUTAGE as exc:
+            raise ConnectionError(f"cannot reach Redis at {self.url}: {exc}") from exc
+        if raw is None:
+            return 0, None
+        version, _, document = raw.partition(b" ")
+        return int(version), document
+
+    async def commit_moderation(
+        self, version: int, document: bytes, change: bytes
+    ) -> bool:
+        """Make ``document`` the moderation state if it is at ``version``,
+        publishing ``change`` to every node in the same step; False if
+        another node changed the state first.
+
+        Raises:
+            OSError: Redis is unreachable.
+        """
+        # Its node is this one's, its seq none of this node's publications:
+        # this node's reader passes it by (the state changed here already).
+        event = encode_envelope(
+            Envelope(
+                MODERATION, node=self.node_id, version=version + 1, text=change.decode()
+            )
+        )
+        scripts, maxlen = self._scripts, self.events_maxlen
+        done = await self._query(
+            lambda pipe: scripts.moderate(
+                pipe, version, document, event, events_maxlen=maxlen
+            )
+        )
+        return bool(done)
 
 
 def _memberships(

@@ -51,6 +51,11 @@ class Keys:
         """The set of rooms that have (or had) members."""
         return self._key("rooms")
 
+    @property
+    def moderation(self) -> str:
+        """The moderation state: ``VERSION DOCUMENT``."""
+        return self._key("moderation")
+
     def history(self, room: str = "") -> str:
         """``room``'s history: a sorted set of messages, scored by id."""
         return self._key("history:", room)

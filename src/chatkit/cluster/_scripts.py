@@ -138,6 +138,48 @@ end
 return 0
 """
 
+_LOCATE: Final = """
+-- KEYS: the name's claim, the rooms set; ARGV: members hash prefix, node
+-- key prefix, the name lowercased (names are ASCII). Nothing if no node
+-- holds the name; else the name as its user spells it (as given if it is
+-- in no room), then the rooms it is in.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return false
+end
+local out = {''}
+for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local all = redis.call('HGETALL', ARGV[1] .. room)
+  for i = 1, #all, 2 do
+    if string.lower(all[i]) == ARGV[3]
+        and redis.call('EXISTS', ARGV[2] .. all[i + 1]) == 1 then
+      out[1] = all[i]
+      out[#out + 1] = room
+      break
+    end
+  end
+end
+return out
+"""
+
+_MODERATE: Final = """
+-- KEYS: the moderation state, the id counter, the events stream.
+-- ARGV: the version expected, the new document, the change's event,
+-- events cap. 1 if the state was at that version (and is now the new
+-- document, one version on, the event published); 0 if not (nothing done).
+local current = redis.call('GET', KEYS[1])
+local version = 0
+if current then
+  version = tonumber(string.match(current, '^(%d+) '))
+end
+if version ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[1], (version + 1) .. ' ' .. ARGV[2])
+local id = redis.call('GET', KEYS[2]) or '0'
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'i', id, 'e', ARGV[3])
+return 1
+"""
+
 
 class Scripts:
     """The scripts, on the keys of ``keys``, registered on ``redis``.
@@ -160,6 +202,8 @@ class Scripts:
         self._forget = redis.register_script(_FORGET)
         self._floor = redis.register_script(_FLOOR)
         self._renew = redis.register_script(_RENEW)
+        self._locate = redis.register_script(_LOCATE)
+        self._moderate = redis.register_script(_MODERATE)
         self._all = (
             self._publish,
             self._claim,
@@ -169,6 +213,8 @@ class Scripts:
             self._forget,
             self._floor,
             self._renew,
+            self._locate,
+            self._moderate,
         )
 
     async def load(self) -> None:
@@ -234,3 +280,29 @@ class Scripts:
     def floor(self, client: Any, id: int) -> Any:
         """Raise the id counter to ``id``, an id already used."""
         return self._call(self._floor, client, [self._keys.last_id], [id])
+
+    def locate(self, client: Any, name: str) -> Any:
+        """Where user ``name`` is: None if no node holds it; else its name
+        as spelt (``""`` if it is in no room), then its rooms."""
+        keys = self._keys
+        args = [keys.members(), keys.node(), name.lower()]
+        return self._call(self._locate, client, [keys.name(name), keys.rooms], args)
+
+    def moderate(
+        self,
+        client: Any,
+        version: int,
+        document: bytes,
+        event: bytes,
+        *,
+        events_maxlen: int,
+    ) -> Any:
+        """Replace the moderation state at ``version`` by ``document`` and
+        publish ``event``: 1; 0 if the state is at another version."""
+        keys = self._keys
+        return self._call(
+            self._moderate,
+            client,
+            [keys.moderation, keys.last_id, keys.events],
+            [version, document, event, events_maxlen],
+        )

@@ -80,7 +80,9 @@ class EventStream:
                     log.error("bad entry %r in %s", entry.identifier, key)
                     continue
                 publication = None
-                if env.node == self._node_id:
+                # One of this node's publications (not what the cluster
+                # published for it, with no seq: a change of its state).
+                if env.node == self._node_id and env.seq:
                     publication = self._waiting.pop(env.seq, None)
                     if publication is None:
                         # Delivered locally when Redis was lost (deliver_here).

@@ -1,12 +1,14 @@
 """Moderation: who may keep order, and the bans and mutes in force.
 
-:class:`Moderation` is the state (roles, restrictions), kept by the server
-and saved whole, as one JSON document, in the history store whenever it
-changes (when the store can keep one: :class:`ModerationStore`), so that
-it survives a restart. :class:`ModerationRules` answers the requests
-(``kick``, ``ban``, ``unban``, ``mute``, ``unmute``, ``op``, ``deop``,
-``bans``) and tells those concerned (``moderated``). docs/moderation.md is
-the guide.
+:class:`Moderation` is the state (roles, restrictions, room settings),
+kept by the server and saved whole, as one JSON document, in the history
+store whenever it changes (when the store can keep one:
+:class:`ModerationStore`), so that it survives a restart. In a cluster the
+document lives in Redis instead (:class:`SharedModeration`), with a
+version: a node commits a :class:`Change` only on top of the version it
+made it on, and every node applies the changes in the order committed.
+The moderator (``_moderator``) answers the requests and tells those
+concerned. docs/moderation.md is the guide.
 
 Roles are checked here for every request, from the server's own state; a
 client claims nothing. Server operators are named in the server's
@@ -23,7 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import msgspec
@@ -36,7 +38,14 @@ from ..protocol import is_valid_name, is_valid_room
 if TYPE_CHECKING:
     from ._session import Session
 
-__all__ = ["Moderation", "ModerationStore", "Restriction", "RoomSettings"]
+__all__ = [
+    "Change",
+    "Moderation",
+    "ModerationStore",
+    "Restriction",
+    "RoomSettings",
+    "SharedModeration",
+]
 
 log = logging.getLogger("chatkit.server")
 
@@ -119,19 +128,78 @@ class _Document(msgspec.Struct, kw_only=True):
     rooms: dict[str, RoomSettings] = msgspec.field(default_factory=dict)
 
 
+class Change(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One change of the state: each part given replaces that part. In a
+    cluster every node applies it, in the order the cluster committed
+    them, so it names the parts' new values, never a step to take."""
+
+    restrictions: list[Restriction] | None = None
+    owners: dict[str, str] = msgspec.field(default_factory=dict)
+    # room -> its operators (none: empty)
+    operators: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    # room -> its settings (the defaults: none kept)
+    rooms: dict[str, RoomSettings] = msgspec.field(default_factory=dict)
+
+    def apply(self, doc: _Document) -> None:
+        """Make it so in ``doc``."""
+        if self.restrictions is not None:
+            doc.restrictions = list(self.restrictions)
+        doc.owners.update(self.owners)
+        for room, operators in self.operators.items():
+            if operators:
+                doc.operators[room] = list(operators)
+            else:
+                doc.operators.pop(room, None)
+        for room, settings in self.rooms.items():
+            if settings == RoomSettings():
+                doc.rooms.pop(room, None)
+            else:
+                doc.rooms[room] = settings
+
+
+_decode_document = msgspec.json.Decoder(_Document).decode
+_decode_change = msgspec.json.Decoder(Change).decode
+
+
+def _decode(document: bytes | None) -> _Document:
+    return _decode_document(document) if document else _Document()
+
+
+class SharedModeration(Protocol):
+    """Where a cluster keeps the state every node shares (a
+    :class:`chatkit.backplane.Backplane`): a version and a document, each
+    change committed only on top of the version it was made on."""
+
+    async def load_moderation(self) -> tuple[int, bytes | None]:
+        """The version and document (None: none yet)."""
+        ...
+
+    async def commit_moderation(
+        self, version: int, document: bytes, change: bytes
+    ) -> bool:
+        """Store ``document`` if the state is at ``version`` and tell every
+        node ``change``; False if it is not."""
+        ...
+
+
 class Moderation:
     """Roles and restrictions of one server.
 
     Args:
         operators: the server operators' names.
         store: where the state is saved (or None: kept in memory only).
+        shared: the cluster's state, which this node's follows (``store``
+            is then unused).
 
     Raises:
         ValueError: an operator's name is not a valid user name.
     """
 
     def __init__(
-        self, operators: Iterable[str] = (), store: ModerationStore | None = None
+        self,
+        operators: Iterable[str] = (),
+        store: ModerationStore | None = None,
+        shared: SharedModeration | None = None,
     ) -> None:
         operators = list(operators)
         for name in operators:
@@ -139,27 +207,89 @@ class Moderation:
                 raise ValueError(f"operator {name!r} is not a user name")
         self.server_operators = frozenset(name.casefold() for name in operators)
         self._store = store
+        self._shared = shared
+        self.version = 0
+        """How many changes the cluster's state has had (with ``shared``)."""
+        self._stale = False  # changes were missed: reload before the next
         self._doc = _Document()
         self._anchor = 0.0  # Unix time minus trio's clock (set by open())
         # When each member last spoke in a slow-mode room (not saved).
         self._spoke: dict[tuple[str, str], float] = {}
 
     async def open(self) -> None:
-        """Load the saved state (the server is starting)."""
+        """Load the saved state (the server is starting; a cluster's is
+        loaded when the node joins it: :meth:`reload`)."""
         self._anchor = time.time() - trio.current_time()
-        if self._store is None:
+        if self._store is None or self._shared is not None:
             return
-        document = await self._store.load_moderation()
-        if document:
-            self._doc = msgspec.json.decode(document, type=_Document)
+        self._doc = _decode(await self._store.load_moderation())
 
     def now(self) -> float:
         """Unix time, as far as moderation is concerned."""
         return self._anchor + trio.current_time()
 
-    async def _save(self) -> None:
-        if self._store is not None:
-            await self._store.save_moderation(msgspec.json.encode(self._doc))
+    async def reload(self) -> None:
+        """Load the cluster's state (the node joined it, or missed a
+        change): it replaces this node's unless this node is further on."""
+        shared = self._shared
+        if shared is None:
+            return
+        version, document = await shared.load_moderation()
+        if version >= self.version:
+            self._doc = _decode(document)
+            self.version = version
+            self._stale = False
+
+    def shared_change(self, version: int, change: str) -> bool:
+        """A node of the cluster (this one too) made ``change`` (a
+        :class:`Change`, in JSON), taking the state to ``version``. True
+        if this node missed changes before it: :meth:`reload` is due."""
+        if version <= self.version:
+            return False  # this node has it already (its own, committed)
+        if version > self.version + 1:
+            log.warning(
+                "moderation changes %d to %d missed; reloading",
+                self.version + 1,
+                version - 1,
+            )
+            self._stale = True
+        _decode_change(change).apply(self._doc)
+        self.version = version
+        return self._stale
+
+    async def _change(self, make: Callable[[], Change | None]) -> bool:
+        """Apply the change ``make`` finds (None: nothing to do; False),
+        then save it (in a cluster: commit it, if no other node changed
+        the state first; if one did, ``make`` is asked again on the state
+        it left).
+
+        Raises:
+            ConnectionError: in a cluster, Redis is unreachable.
+        """
+        shared = self._shared
+        if shared is not None and self._stale:
+            await self.reload()
+        while True:
+            change = make()
+            if change is None:
+                return False
+            if shared is None:
+                change.apply(self._doc)
+                if self._store is not None:
+                    await self._store.save_moderation(msgspec.json.encode(self._doc))
+                return True
+            version = self.version
+            document = _decode_document(msgspec.json.encode(self._doc))  # a copy
+            change.apply(document)
+            encoded = msgspec.json.encode(document)
+            if await shared.commit_moderation(
+                version, encoded, msgspec.json.encode(change)
+            ):
+                if self.version == version:  # not applied from the stream yet
+                    self._doc = document
+                    self.version = version + 1
+                return True
+            await self.reload()
 
     # --- roles ------------------------------------------------------------
 
@@ -185,30 +315,30 @@ class Moderation:
     async def room_created(self, room: str, creator: str) -> None:
         """``creator`` made ``room`` (it did not exist): it owns it, unless
         it had an owner already."""
-        if room not in self._doc.owners:
-            self._doc.owners[room] = creator.casefold()
-            await self._save()
+        await self._change(
+            lambda: None
+            if room in self._doc.owners
+            else Change(owners={room: creator.casefold()})
+        )
 
     async def set_owner(self, room: str, name: str) -> None:
         """``name`` owns ``room`` from now on."""
-        self._doc.owners[room] = name.casefold()
-        await self._save()
+        await self._change(lambda: Change(owners={room: name.casefold()}))
 
     async def set_operator(self, room: str, name: str, *, on: bool) -> bool:
         """Make ``name`` an operator of ``room`` (or not); False if nothing
         changed."""
         key = name.casefold()
-        operators = self._doc.operators.setdefault(room, [])
-        if on == (key in operators):
-            return False
-        if on:
-            operators.append(key)
-        else:
-            operators.remove(key)
-        if not operators:
-            del self._doc.operators[room]
-        await self._save()
-        return True
+
+        def make() -> Change | None:
+            operators = self._doc.operators.get(room, [])
+            if on == (key in operators):
+                return None
+            if on:
+                return Change(operators={room: [*operators, key]})
+            return Change(operators={room: [n for n in operators if n != key]})
+
+        return await self._change(make)
 
     def operators(self, room: str | None) -> tuple[str, ...]:
         """The operators of ``room`` (its owner first) or of the server."""
@@ -226,13 +356,12 @@ class Moderation:
 
     async def change_settings(self, room: str, **changes: Any) -> RoomSettings:
         """Change ``room``'s settings (and save them); the new settings."""
-        settings = msgspec.structs.replace(self.settings(room), **changes)
-        if settings == RoomSettings():
-            self._doc.rooms.pop(room, None)
-        else:
-            self._doc.rooms[room] = settings
-        await self._save()
-        return settings
+        await self._change(
+            lambda: Change(
+                rooms={room: msgspec.structs.replace(self.settings(room), **changes)}
+            )
+        )
+        return self.settings(room)
 
     def may_join(self, name: str, room: str, members: int) -> tuple[str, str] | None:
         """Why ``name`` may not join ``room`` (with ``members`` now), as an
@@ -248,10 +377,18 @@ class Moderation:
 
     async def joined(self, name: str, room: str) -> None:
         """``name`` joined ``room``: its invite, if any, is used up."""
-        settings = self._doc.rooms.get(room)
-        if settings is not None and name.casefold() in settings.invited:
-            invited = [n for n in settings.invited if n != name.casefold()]
-            await self.change_settings(room, invited=invited)
+        key = name.casefold()
+
+        def make() -> Change | None:
+            settings = self._doc.rooms.get(room)
+            if settings is None or key not in settings.invited:
+                return None
+            invited = [n for n in settings.invited if n != key]
+            return Change(
+                rooms={room: msgspec.structs.replace(settings, invited=invited)}
+            )
+
+        await self._change(make)
 
     def may_speak(self, name: str, room: str) -> tuple[str, str] | None:
         """Why ``name`` may not speak in ``room`` now (moderated, or slow
@@ -330,29 +467,29 @@ class Moderation:
 
     async def restrict(self, restriction: Restriction) -> None:
         """Impose ``restriction`` (replacing one on the same target)."""
-        self._lift(restriction)
-        self._doc.restrictions.append(restriction)
-        await self._save()
+        await self._change(
+            lambda: Change(restrictions=[*self._others(restriction), restriction])
+        )
 
     async def lift(self, restriction: Restriction) -> bool:
         """Lift the restriction of ``restriction``'s kind on its target;
         False if there was none."""
-        lifted = self._lift(restriction)
-        if lifted:
-            await self._save()
-        return lifted
 
-    def _lift(self, like: Restriction) -> bool:
-        restrictions = self._current()
-        kept = [
-            r
-            for r in restrictions
-            if (r.kind, r.name, r.address, r.room)
-            != (like.kind, like.name, like.address, like.room)
+        def make() -> Change | None:
+            kept = self._others(restriction)
+            if len(kept) == len(self._doc.restrictions):
+                return None
+            return Change(restrictions=kept)
+
+        return await self._change(make)
+
+    def _others(self, like: Restriction) -> list[Restriction]:
+        """The restrictions in force but the one of ``like``'s kind on its
+        target."""
+        target = (like.kind, like.name, like.address, like.room)
+        return [
+            r for r in self._current() if (r.kind, r.name, r.address, r.room) != target
         ]
-        lifted = len(kept) != len(restrictions)
-        restrictions[:] = kept
-        return lifted
 
     def listing(self, room: str | None) -> tuple[list[Restriction], list[Restriction]]:
         """The bans and the mutes of ``room`` (None: the server's)."""

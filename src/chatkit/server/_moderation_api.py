@@ -29,8 +29,10 @@ class ModerationAPI:
     ) -> bool:
         """Put user ``name`` out of ``room`` (its members are told, and it
         gets ``left`` with reason ``kicked``), or with no ``room`` off the
-        server (``error kicked``); True if found."""
-        return self._rules.kick(name, reason, room)
+        server (``error kicked``); True if found. In a cluster, a user of
+        another node is kicked there, in a task: True means asked (nothing
+        happens if there is no such user)."""
+        return self._rules.moderator.kick_soon(name, room, reason)
 
     async def ban(
         self,

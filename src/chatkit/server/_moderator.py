@@ -1,17 +1,20 @@
 """The moderation requests: ``kick``, ``ban``, ``unban``, ``mute``,
-``unmute``, ``op``, ``deop`` and ``bans`` (:class:`Moderator`), on the state
+``unmute``, ``op``, ``deop``, ``owner``, ``bans``, ``topic``, ``mode``,
+``invite``, ``voice`` and ``devoice`` (:class:`Moderator`), on the state
 that :class:`~chatkit.server._moderation.Moderation` keeps.
 
 Every request is checked against the requester's role first (``error
-forbidden``); what is done is told (``moderated``) to those it concerns,
-the requester's copy carrying its ``ref`` as the acknowledgement. Then
-the ``chatkit_moderated`` hook sees it, once per action.
+forbidden``); the state is changed (in a cluster, for every node), then
+what was done is told to those it concerns and carried out, on every node
+(:class:`~chatkit.server._announcer.Announcer`), the requester's copy
+carrying its ``ref`` as the acknowledgement. Then the ``chatkit_moderated``
+hook sees it, once per action, on the node that acted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -22,7 +25,6 @@ from .._events import (
     ClientRequest,
     Deop,
     Devoice,
-    ErrorReply,
     Invite,
     Kick,
     Moderated,
@@ -45,19 +47,18 @@ from ._moderation import (
     host_of,
     parse_network,
 )
-from ._session import SERVER_SENDER, Directory, LeaveReason, Session
+from ._session import SERVER_SENDER, Directory, Session
 
 if TYPE_CHECKING:
     from .._hooks import HookDispatcher
-    from ._fanout import Fanout
-    from ._rooms import Room, Rooms
+    from ._announcer import Announcer
+    from ._node import Node
+    from ._rooms import Room
 
 __all__ = ["Moderator"]
 
 log = logging.getLogger("chatkit.server")
 
-#: Takes ``session`` out of ``room`` for ``reason`` (announcing its leave).
-RemoveMember = Callable[[Session, "Room", LeaveReason], None]
 #: Runs ``function(*args)`` in a task (a nursery's ``start_soon``).
 Spawn = Callable[..., None]
 
@@ -67,32 +68,29 @@ class Moderator:
 
     Args:
         moderation: the roles and restrictions.
+        announcer: tells what is done, and carries it out.
         directory: who is logged in.
-        rooms: the server's rooms.
-        fanout: where everything sent goes.
-        remove_member: takes a member out of a room, announcing it.
+        node: the cluster, if any.
         hooks: the plugins, told of every action (``chatkit_moderated``).
     """
 
     def __init__(
         self,
         moderation: Moderation,
+        announcer: Announcer,
         directory: Directory,
-        rooms: Rooms,
-        fanout: Fanout,
-        remove_member: RemoveMember,
+        node: Node,
         hooks: HookDispatcher | None = None,
     ) -> None:
         self.moderation = moderation
+        self.announcer = announcer
         self.hooks = hooks
         self.spawn: Spawn | None = None
         """Where the hook of an action taken without awaiting (``kick``
         from the server's Python API) runs: the server's connections
         nursery's ``start_soon``, set while it serves."""
         self._directory = directory
-        self._rooms = rooms
-        self._fanout = fanout
-        self._remove_member = remove_member
+        self._node = node
 
     def banned_from(self, session: Session, room: str, ref: Any) -> bool:
         """Tell ``session`` it is banned from ``room`` (which it would
@@ -120,7 +118,23 @@ class Moderator:
 
     async def handle(self, session: Session, request: ClientRequest) -> None:
         """Act on a moderation request from ``session`` (asking for a
-        room's topic or modes needs no role)."""
+        room's topic or modes needs no role); ``error unavailable`` if it
+        needs the cluster and the cluster is unreachable."""
+        try:
+            await self._handle(session, request)
+        except OSError as exc:
+            log.warning(
+                "%s refused: the cluster is unreachable (%s)",
+                type(request).__name__,
+                exc,
+            )
+            session.error(
+                ErrorCode.UNAVAILABLE,
+                "the cluster is unreachable; try again later",
+                request.ref,
+            )
+
+    async def _handle(self, session: Session, request: ClientRequest) -> None:
         if isinstance(request, Topic) and request.text is None:
             if self.moderation.visible(request.room, request.room in session.rooms):
                 session.send(self.topic(request.room, request.ref))
@@ -150,11 +164,9 @@ class Moderator:
             return
         match request:
             case Kick():
-                event = self._kick(
+                await self.kick(
                     request.name, request.room, request.reason, session, ref
                 )
-                if event is not None:
-                    await self._observed(event)
             case Ban() | Unban():
                 await self._ban(session, request)
             case Mute():
@@ -197,7 +209,20 @@ class Moderator:
 
     # --- the actions (also the Python API's, with by=None: the server) -----
 
-    def kick(
+    async def _where(self, name: str) -> tuple[str, tuple[str, ...]] | None:
+        """User ``name`` (as this node knows it) and its rooms, on any
+        node; None if there is no such user.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
+        target = self._directory.get(name)
+        if target is not None:
+            return target.name, target.rooms
+        cluster = self._node.cluster
+        return None if cluster is None else await cluster.locate(name)
+
+    async def kick(
         self,
         name: str,
         room: str | None,
@@ -205,50 +230,69 @@ class Moderator:
         by: Session | None = None,
         ref: Any = None,
     ) -> bool:
-        """Put ``name`` out of ``room`` (None: off the server); False (and
-        an error to ``by``) if it is not there. Does not wait for the
-        ``chatkit_moderated`` hook: it runs in a task of its own."""
-        event = self._kick(name, room, reason, by, ref)
-        if event is None:
+        """Put ``name`` out of ``room`` (None: off the server), on whichever
+        node it is; False (and an error to ``by``) if it is not there.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
+        where = await self._where(name)
+        if where is None or (room is not None and room not in where[1]):
+            in_room = f" in {room}" if room is not None else ""
+            self._error(by, ErrorCode.NO_SUCH_USER, f"no user {name}{in_room}", ref)
             return False
-        hooks, spawn = self.hooks, self.spawn
+        event = Moderated(
+            action="kick", by=_name(by), name=where[0], room=room, reason=reason
+        )
+        self.announcer.announce(
+            event, where[1] if room is None else (room,), by=by, ref=ref
+        )
+        log.info(
+            "%s kicked %s from %s: %s", _name(by), name, room or "the server", reason
+        )
+        await self._observed(event)
+        return True
+
+    def kick_soon(self, name: str, room: str | None, reason: str) -> bool:
+        """The server's own kick, which cannot await: a user of this node
+        is put out now (True; False if it is not there); in a cluster, one
+        of another node in a task (True: asked). The ``chatkit_moderated``
+        hook runs in a task of its own."""
+        target = self._directory.get(name)
+        spawn = self.spawn
+        if target is None:
+            if self._node.cluster is None or spawn is None:
+                return False
+            spawn(self._kick_elsewhere, name, room, reason)
+            return True
+        if room is not None and room not in target.rooms:
+            return False
+        event = Moderated(
+            action="kick", by=SERVER_SENDER, name=target.name, room=room, reason=reason
+        )
+        self.announcer.announce(event, target.rooms if room is None else (room,))
+        log.info("*server* kicked %s from %s: %s", name, room or "the server", reason)
+        hooks = self.hooks
         if hooks is not None and spawn is not None and hooks.has("chatkit_moderated"):
             spawn(self._observed, event)
         return True
 
-    def _kick(
-        self,
-        name: str,
-        room: str | None,
-        reason: str,
-        by: Session | None,
-        ref: Any,
-    ) -> Moderated | None:
-        """The kick itself; what was told, or None if ``name`` is not there."""
+    async def _kick_elsewhere(self, name: str, room: str | None, reason: str) -> None:
+        try:
+            await self.kick(name, room, reason)
+        except OSError as exc:
+            log.warning("could not kick %s: the cluster is unreachable (%s)", name, exc)
+
+    def kick_here(self, name: str, reason: str) -> bool:
+        """Put ``name``, a user of this node, off it, telling this node's
+        users alone (its name is another node's now); False if there is
+        no such user here."""
         target = self._directory.get(name)
-        place = None if room is None else self._rooms.get(room)
-        if target is None or (
-            room is not None and (place is None or target not in place.members)
-        ):
-            where = f" in {room}" if room is not None else ""
-            self._error(by, ErrorCode.NO_SUCH_USER, f"no user {name}{where}", ref)
-            return None
-        event = Moderated(
-            action="kick", by=_name(by), name=target.name, room=room, reason=reason
-        )
-        if place is not None:
-            self._tell(place.members, event, by, ref)
-            self._remove_member(target, place, LeaveReason.KICKED)
-        else:  # the target hears it as the error it is closed with
-            self._tell(self._sharing(target)[1:], event, by, ref)
-            target.close(
-                LeaveReason.KICKED,
-                ErrorReply(code=ErrorCode.KICKED, message=reason or "kicked"),
-            )
-        log.info(
-            "%s kicked %s from %s: %s", _name(by), name, room or "the server", reason
-        )
-        return event
+        if target is None:
+            return False
+        event = Moderated(action="kick", by=SERVER_SENDER, name=name, reason=reason)
+        self.announcer.announce(event, target.rooms, share=False)
+        return True
 
     async def _ban(self, session: Session, request: Ban | Unban) -> None:
         if (request.name is None) == (request.address is None):
@@ -282,6 +326,18 @@ class Moderator:
                 request.name, address, request.room, by=session, ref=request.ref
             )
 
+    async def _audience(self, name: str | None, room: str | None) -> tuple[str, ...]:
+        """The rooms whose members hear of an action on ``name`` in
+        ``room`` (None: across the server: the rooms it is in).
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
+        if room is not None:
+            return (room,)
+        where = None if name is None else await self._where(name)
+        return () if where is None else where[1]
+
     async def ban(
         self,
         name: str | None,
@@ -294,8 +350,14 @@ class Moderator:
         ref: Any = None,
     ) -> Restriction:
         """Ban ``name`` or ``address`` (a canonical network) from ``room``
-        (None: the server), and put out whoever it keeps out."""
+        (None: the server), and put out whoever it keeps out.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
         moderation = self.moderation
+        # An address ban is for operators' eyes.
+        rooms = () if address is not None else await self._audience(name, room)
         until = None if duration is None else moderation.now() + duration
         ban = Restriction(
             kind="ban",
@@ -316,56 +378,10 @@ class Moderator:
             reason=reason,
             until=until,
         )
-        place = None if room is None else self._rooms.get(room)
-        if address is not None:
-            self._tell((), event, by, ref)  # an address is for operators' eyes
-        elif place is not None:
-            self._tell(place.members, event, by, ref)
-        else:
-            target = self._directory.get(name or "")
-            # The target hears it as the error it is closed with.
-            self._tell(self._sharing(target)[1:] if target else (), event, by, ref)
-        self._enforce(ban)
+        self.announcer.announce(event, rooms, by=by, ref=ref)
         log.info("%s banned %s from %s", ban.by, name or address, room or "the server")
         await self._observed(event)
         return ban
-
-    def _enforce(self, ban: Restriction) -> None:
-        """Put out of the room (or off the server) whoever ``ban`` keeps out."""
-        moderation = self.moderation
-        room = ban.room
-        if room is not None:
-            place = self._rooms.get(room)
-            if place is None:
-                return
-            for member in list(place.members):
-                if isinstance(member, Session) and moderation.banned(
-                    member.name, host_of(member), room
-                ):
-                    if ban.address is not None:
-                        # Told by name (not the address, which is for
-                        # operators' eyes): its client must know it is out.
-                        member.send(
-                            Moderated(
-                                action="ban",
-                                by=ban.by,
-                                name=member.name,
-                                room=room,
-                                reason=ban.reason,
-                                until=ban.until,
-                            )
-                        )
-                    self._remove_member(member, place, LeaveReason.KICKED)
-            return
-        for session in list(self._directory.users):
-            if moderation.banned(session.name, host_of(session), None):
-                message = "you are banned from this server"
-                if ban.reason:
-                    message += f": {ban.reason}"
-                session.close(
-                    LeaveReason.KICKED,
-                    ErrorReply(code=ErrorCode.BANNED, message=message),
-                )
 
     async def unban(
         self,
@@ -376,7 +392,11 @@ class Moderator:
         by: Session | None = None,
         ref: Any = None,
     ) -> bool:
-        """Lift a ban; False (and an error to ``by``) if there was none."""
+        """Lift a ban; False (and an error to ``by``) if there was none.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
         like = Restriction(
             kind="ban",
             by="",
@@ -392,8 +412,8 @@ class Moderator:
         event = Moderated(
             action="unban", by=_name(by), name=name, address=address, room=room
         )
-        place = None if room is None or address is not None else self._rooms.get(room)
-        self._tell(place.members if place is not None else (), event, by, ref)
+        rooms = (room,) if room is not None and address is None else ()
+        self.announcer.announce(event, rooms, by=by, ref=ref)
         await self._observed(event)
         return True
 
@@ -407,8 +427,13 @@ class Moderator:
         by: Session | None = None,
         ref: Any = None,
     ) -> Restriction:
-        """Keep ``name`` quiet in ``room`` (None: everywhere)."""
+        """Keep ``name`` quiet in ``room`` (None: everywhere).
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
         moderation = self.moderation
+        rooms = await self._audience(name, room)
         until = None if duration is None else moderation.now() + duration
         mute = Restriction(
             kind="mute",
@@ -422,7 +447,7 @@ class Moderator:
         event = Moderated(
             action="mute", by=mute.by, name=name, room=room, reason=reason, until=until
         )
-        self._tell(self._concerned(name, room), event, by, ref)
+        self.announcer.announce(event, rooms, by=by, ref=ref)
         await self._observed(event)
         return mute
 
@@ -430,13 +455,18 @@ class Moderator:
         self, name: str, room: str | None, *, by: Session | None = None, ref: Any = None
     ) -> bool:
         """Let ``name`` speak again; False (and an error to ``by``) if it
-        was not muted."""
+        was not muted.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
+        rooms = await self._audience(name, room)
         like = Restriction(kind="mute", by="", name=name.casefold(), room=room)
         if not await self.moderation.lift(like):
             self._error(by, ErrorCode.BAD_REQUEST, f"{name} is not muted", ref)
             return False
         event = Moderated(action="unmute", by=_name(by), name=name, room=room)
-        self._tell(self._concerned(name, room), event, by, ref)
+        self.announcer.announce(event, rooms, by=by, ref=ref)
         await self._observed(event)
         return True
 
@@ -453,8 +483,7 @@ class Moderator:
         event = Moderated(
             action="op" if on else "deop", by=_name(by), name=name, room=room
         )
-        place = self._rooms.get(room)
-        self._tell(place.members if place is not None else (), event, by, ref)
+        self.announcer.announce(event, (room,), by=by, ref=ref)
         await self._observed(event)
         return changed
 
@@ -463,9 +492,8 @@ class Moderator:
     ) -> None:
         """Hand ``room`` over to ``name``; the room's members are told."""
         await self.moderation.set_owner(room, name)
-        self._tell_room(
-            room, Moderated(action="owner", by=_name(by), name=name, room=room), by, ref
-        )
+        event = Moderated(action="owner", by=_name(by), name=name, room=room)
+        self.announcer.announce(event, (room,), by=by, ref=ref)
 
     # --- topics and modes -------------------------------------------------
 
@@ -494,7 +522,7 @@ class Moderator:
         who = _name(by)
         await self.moderation.change_settings(room, topic=text, topic_by=who)
         event = msgspec.structs.replace(self.topic(room), by=who)
-        self._tell_room(room, event, by, ref)
+        self.announcer.announce(event, (room,), by=by, ref=ref)
 
     async def set_modes(self, request: Modes, by: Session | None = None) -> None:
         """Change the modes ``request`` gives; the room's members are told."""
@@ -505,7 +533,7 @@ class Moderator:
         }
         await self.moderation.change_settings(request.room, **changes)
         event = msgspec.structs.replace(self.modes(request.room), by=_name(by))
-        self._tell_room(request.room, event, by, request.ref)
+        self.announcer.announce(event, (request.room,), by=by, ref=request.ref)
 
     async def invite(
         self, room: str, name: str, by: Session | None = None, ref: Any = None
@@ -517,8 +545,7 @@ class Moderator:
         if key not in invited:
             await self.moderation.change_settings(room, invited=[*invited, key])
         event = Moderated(action="invite", by=_name(by), name=name, room=room)
-        target = self._directory.get(name)
-        self._tell([target] if target is not None else (), event, by, ref)
+        self.announcer.announce(event, to=name, by=by, ref=ref)
 
     async def set_voice(
         self, room: str, name: str, on: bool, by: Session | None = None, ref: Any = None
@@ -532,45 +559,7 @@ class Moderator:
         event = Moderated(
             action="voice" if on else "devoice", by=_name(by), name=name, room=room
         )
-        self._tell_room(room, event, by, ref)
-
-    def _tell_room(self, room: str, event: Any, by: Session | None, ref: Any) -> None:
-        place = self._rooms.get(room)
-        self._tell(place.members if place is not None else (), event, by, ref)
-
-    # --- telling ------------------------------------------------------------
-
-    def _concerned(self, name: str, room: str | None) -> Iterable[Any]:
-        """Who hears of an action on ``name`` in ``room`` (None: the
-        server): the room's members, or those sharing a room with it."""
-        if room is not None:
-            place = self._rooms.get(room)
-            return place.members if place is not None else ()
-        target = self._directory.get(name)
-        return self._sharing(target) if target is not None else ()
-
-    def _sharing(self, target: Session) -> list[Any]:
-        """``target`` (first) and everyone in a room with it, each once."""
-        seen: dict[Any, None] = {target: None}
-        for room_name in target.rooms:
-            place = self._rooms.get(room_name)
-            if place is not None:
-                seen.update(dict.fromkeys(place.members))
-        return list(seen)
-
-    def _tell(
-        self,
-        members: Iterable[Any],
-        event: Moderated | TopicReply | ModesReply,
-        by: Session | None,
-        ref: Any,
-    ) -> None:
-        """``event`` to ``members``; ``by`` gets its copy with ``ref``."""
-        others = [member for member in members if member is not by]
-        if others:
-            self._fanout.send_each(others, event)
-        if by is not None:
-            by.send(msgspec.structs.replace(event, ref=ref))
+        self.announcer.announce(event, (room,), by=by, ref=ref)
 
     async def _observed(self, event: Moderated) -> None:
         """The ``chatkit_moderated`` hook, once the action was told."""

@@ -25,7 +25,6 @@ from .._events import (
     Bye,
     ClientRequest,
     Command,
-    DirectMessage,
     Dm,
     ErrorReply,
     Hello,
@@ -34,7 +33,6 @@ from .._events import (
     Joined,
     Leave,
     Left,
-    Message,
     Nick,
     Ping,
     Pong,
@@ -49,15 +47,17 @@ from .._events import (
 )
 from .._exceptions import ErrorCode, Veto
 from .._moderation_events import MODERATION_REQUESTS
-from ..backplane import JOINED, LEFT, RENAMED, Envelope, Publication
+from ..backplane import JOINED, LEFT, RENAMED
 from ..protocol import Mode, is_valid_name, is_valid_room
 from ._admission import Admission
+from ._announcer import Announcer
 from ._bucket import Bucket
 from ._commands import run_command
 from ._messages import Messages
 from ._moderation import Moderation, ModerationStore, host_of
 from ._moderator import Moderator
 from ._node import Node
+from ._port import NodePort
 from ._session import Directory, LeaveReason, Session
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ _RESUME_BYTES = 18
 
 class ChatRules:
     """The rules of one server's chat: the requests (messages are
-    :class:`Messages`' part), the life of a connection, and what the
-    backplane may ask (:class:`chatkit.backplane.ClusterPort`).
+    :class:`Messages`' part, moderation the :class:`Moderator`'s), and the
+    life of a connection.
 
     Args:
         fanout: where everything sent goes.
@@ -115,7 +115,9 @@ class ChatRules:
         self.admission = Admission(limits)
         """Who may connect (told here of logins and of connections gone)."""
         self.moderation = Moderation(
-            operators, store if isinstance(store, ModerationStore) else None
+            operators,
+            store if isinstance(store, ModerationStore) else None,
+            shared=backplane,
         )
         """Roles, bans and mutes (loaded by :meth:`Moderation.open`)."""
         self.messages = Messages(
@@ -128,9 +130,21 @@ class ChatRules:
             self.node,
             self.moderation,
         )
-        self.moderator = Moderator(
-            self.moderation, self.directory, rooms, fanout, self._remove_member, hooks
+        announcer = Announcer(
+            self.moderation,
+            self.directory,
+            rooms,
+            fanout,
+            self.node,
+            self._remove_member,
         )
+        self.moderator = Moderator(
+            self.moderation, announcer, self.directory, self.node, hooks
+        )
+        self.port = NodePort(
+            self.messages, self.moderation, self.moderator, self.directory, limits
+        )
+        """What the backplane may ask of this server."""
         self.closing = False
         """The server is shutting down: no presence notices for leavers."""
         self.gone_by = math.inf
@@ -140,49 +154,6 @@ class ChatRules:
     def get(self, name: str) -> Session | None:
         """The logged-in session called ``name`` (case-insensitively)."""
         return self.directory.get(name)
-
-    def kick(self, name: str, reason: str, room: str | None = None) -> bool:
-        """Put user ``name`` out of ``room``, or off the server (``error
-        kicked``); True if found."""
-        return self.moderator.kick(name, room, reason)
-
-    # --- what the backplane may ask (chatkit.backplane.ClusterPort) ----------
-
-    @property
-    def last_id(self) -> int:
-        """The highest message id handed out or seen."""
-        return self.messages.last_id
-
-    def see_id(self, id: int) -> None:
-        """Ids from now on are above ``id``."""
-        self.messages.see_id(id)
-
-    @property
-    def close_timeout(self) -> float:
-        """How long closing may take (the limits')."""
-        return self.limits.close_timeout
-
-    def memberships(self) -> list[tuple[str, tuple[str, ...]]]:
-        """Each local user's name and rooms, in login order."""
-        return [(session.name, session.rooms) for session in self.directory.users]
-
-    def has_user(self, name: str) -> bool:
-        """Whether a local user is called ``name``."""
-        return self.get(name) is not None
-
-    def deliver(
-        self, id: int, env: Envelope, publication: Publication | None
-    ) -> Message | DirectMessage | None:
-        """See :meth:`chatkit.backplane.ClusterPort.deliver`."""
-        return self.messages.deliver(id, env, publication)
-
-    def deliver_here(self, publication: Publication) -> Message | DirectMessage | None:
-        """See :meth:`chatkit.backplane.ClusterPort.deliver_here`."""
-        return self.messages.deliver_here(publication)
-
-    async def delivered(self, event: Message | DirectMessage) -> None:
-        """See :meth:`chatkit.backplane.ClusterPort.delivered`."""
-        await self.messages.delivered(event)
 
     # --- the handler a session calls --------------------------------------
 
@@ -406,11 +377,17 @@ class ChatRules:
                 return
         if self.moderator.keeps_out(session, join.room, room, join.ref):
             return
-        if room is None and join.room != LOBBY:
-            await self.moderation.room_created(join.room, session.name)
+        try:
+            if room is None and join.room != LOBBY:
+                await self.moderation.room_created(join.room, session.name)
+        except OSError as exc:  # the cluster: the room stays without owner
+            log.warning(
+                "%s has no owner: the cluster is unreachable (%s)", join.room, exc
+            )
         room = self.rooms.open(join.room)
         self._add_member(session, room, ref=join.ref)
-        await self.moderation.joined(session.name, room.name)
+        with suppress(OSError):  # the cluster: the invite stays
+            await self.moderation.joined(session.name, room.name)
         if self.moderation.settings(room.name).topic:
             session.send(self.moderator.topic(room.name))
         await self.hooks.notify(

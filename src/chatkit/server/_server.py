@@ -248,7 +248,7 @@ class ChatServer(ModerationAPI):
                     await bound.enter_async_context(transport.bound())
                 last_id = await bound.enter_async_context(self.history.open())
                 # Ids keep increasing across restarts.
-                self._rules.see_id(last_id)
+                self._rules.messages.see_id(last_id)
                 await self._rules.moderation.open()
                 await _in_nursery_of(self._fanout.run, self._serve, task_status)
         finally:
@@ -259,7 +259,7 @@ class ChatServer(ModerationAPI):
         if self.backplane is None:
             await self._listen(task_status)
             return
-        async with self.backplane.attach(self._rules):
+        async with self.backplane.attach(self._rules.port):
             await self._listen(task_status)
 
     async def _listen(self, task_status: trio.TaskStatus[int]) -> None:
