@@ -53,8 +53,8 @@ async def next_matching(
 
 
 def moderated(action: str, name: str | None = None) -> Callable[[object], bool]:
-    return (
-        lambda e: isinstance(e, chatkit.Moderated)
+    return lambda e: (
+        isinstance(e, chatkit.Moderated)
         and e.action == action
         and name in (None, e.name)
     )

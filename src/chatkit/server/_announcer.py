@@ -172,9 +172,7 @@ class Announcer:
                         # Told by name (not the address, which is for
                         # operators' eyes): its client must know it is out.
                         member.send(
-                            msgspec.structs.replace(
-                                ban, name=member.name, address=None
-                            )
+                            msgspec.structs.replace(ban, name=member.name, address=None)
                         )
                     self._remove_member(member, room, LeaveReason.KICKED)
             return

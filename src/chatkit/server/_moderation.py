@@ -316,9 +316,11 @@ class Moderation:
         """``creator`` made ``room`` (it did not exist): it owns it, unless
         it had an owner already."""
         await self._change(
-            lambda: None
-            if room in self._doc.owners
-            else Change(owners={room: creator.casefold()})
+            lambda: (
+                None
+                if room in self._doc.owners
+                else Change(owners={room: creator.casefold()})
+            )
         )
 
     async def set_owner(self, room: str, name: str) -> None:
