@@ -29,6 +29,12 @@ How it works::
 * Room membership for ``who``/``rooms`` is a hash per room (name -> node),
   filtered by the nodes still alive (each renews a ``{prefix}node:ID`` key).
 * Hooks run on the node where the event originated, once per event.
+* Moderation's state (bans, mutes, roles, topics, modes) is one document
+  with a version, ``{prefix}moderation``: a node commits a change only on
+  top of the version it made it on, and the same script publishes the
+  change on the stream, which every node applies in order; what an
+  operator did is published too, and each node carries it out on its own
+  users (docs/moderation.md, "In a cluster").
 * When Redis is unreachable, the node keeps serving its own users alone
   (messages reach local members only, with node-local ids that may repeat
   ids the rest of the cluster hands out meanwhile, and are not kept in the
