@@ -285,3 +285,34 @@ async def test_moderation_needing_redis_is_refused_while_it_is_away(
         with pytest.raises(chatkit.Banned):
             async with client(b, "eve"):
                 pass
+
+
+async def test_a_redis_that_restarts_empty_gets_the_state_back_from_the_nodes(
+    redis: RedisServer,
+) -> None:
+    fast = {"name_ttl": 0.6, "reconnect_delay": 0.05, "max_reconnect_delay": 0.2}
+    async with two_nodes(redis, **fast) as (a, b):
+        await a.ban("mallory", reason="spam")
+        await b.set_topic("dev", "kept")
+        backplanes = [node.backplane for node in (a, b)]
+        await redis.stop()
+        await wait_until(lambda: not any(bp and bp.available for bp in backplanes))
+        await redis.start()  # empty: no persistence
+        await wait_until(lambda: all(bp and bp.available for bp in backplanes))
+        async with chatkit.open_server(backplane=RedisBackplane(redis.url)) as c:
+            # The nodes give Redis their state back as soon as they are
+            # back: a node that joins after them finds it there.
+            with trio.fail_after(TIMEOUT):
+                while True:
+                    async with client(c, "carol") as carol:
+                        if (await carol.topic("dev")).text == "kept":
+                            break
+                    await trio.sleep(0.05)
+            with pytest.raises(chatkit.Banned):
+                async with client(c, "mallory"):
+                    pass
+            await a.mute("eve")  # made on top of the state given back
+            async with client(c, "eve") as eve:
+                assert (await eve.topic("dev")).text == "kept"
+                with pytest.raises(chatkit.Muted):
+                    await eve.say("hello")

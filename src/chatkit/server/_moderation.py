@@ -228,17 +228,47 @@ class Moderation:
         """Unix time, as far as moderation is concerned."""
         return self._anchor + trio.current_time()
 
-    async def reload(self) -> None:
-        """Load the cluster's state (the node joined it, or missed a
-        change): it replaces this node's unless this node is further on."""
+    async def reload(self, *, newer_only: bool = False) -> bool:
+        """Load the cluster's state (the node joined the cluster, or missed
+        changes): it replaces this node's, unless ``newer_only`` and this
+        node's is further on (the stream moved it on meanwhile). True if
+        the cluster has none (its Redis restarted empty) and this node has
+        one to give it back (:meth:`restore`): this node's is kept.
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
         shared = self._shared
         if shared is None:
-            return
+            return False
+        self._stale = False
         version, document = await shared.load_moderation()
-        if version >= self.version:
-            self._doc = _decode(document)
-            self.version = version
-            self._stale = False
+        if document is None and not newer_only and self._doc != _Document():
+            self.version = 0
+            return True
+        if newer_only and version < self.version:
+            return False
+        self._doc = _decode(document)
+        self.version = version
+        return False
+
+    async def restore(self) -> None:
+        """Give the cluster this node's state, which it lost (see
+        :meth:`reload`).
+
+        Raises:
+            OSError: the cluster is unreachable.
+        """
+        mine = self._doc
+        await self._change(
+            lambda: Change(
+                restrictions=mine.restrictions,
+                owners=mine.owners,
+                operators=mine.operators,
+                rooms=mine.rooms,
+            )
+        )
+        log.warning("the cluster had lost its moderation state: given this node's")
 
     def shared_change(self, version: int, change: str) -> bool:
         """A node of the cluster (this one too) made ``change`` (a
@@ -289,7 +319,10 @@ class Moderation:
                     self._doc = document
                     self.version = version + 1
                 return True
-            await self.reload()
+            before = self.version
+            await self.reload(newer_only=True)
+            if self.version == before:  # the cluster went back: its word
+                await self.reload()
 
     # --- roles ------------------------------------------------------------
 

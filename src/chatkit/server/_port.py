@@ -101,16 +101,26 @@ class NodePort:
 
     async def rejoined(self) -> None:
         """See :meth:`chatkit.backplane.ClusterPort.rejoined`: the
-        moderation state is loaded.
+        moderation state is loaded (or, if the cluster lost it, given
+        back, in a task: the backplane does not send yet).
 
         Raises:
             OSError: the cluster is unreachable.
         """
-        await self._moderation.reload()
+        if await self._moderation.reload():
+            spawn = self._moderator.spawn
+            if spawn is not None:
+                spawn(self._restore)
 
     async def _reload(self) -> None:
         """Load the moderation state again, changes having been missed."""
         try:
-            await self._moderation.reload()
+            await self._moderation.reload(newer_only=True)
         except OSError as exc:  # loaded when the node rejoins, then
             log.warning("could not load the moderation state: %s", exc)
+
+    async def _restore(self) -> None:
+        try:
+            await self._moderation.restore()
+        except OSError as exc:
+            log.warning("could not give the cluster its moderation state: %s", exc)
