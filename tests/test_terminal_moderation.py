@@ -9,7 +9,7 @@ import pytest
 from chatkit.client.__main__ import HELP
 from chatkit.client._moderating import parse_duration, parse_modes
 from tests.programs import Launch, start_client, start_server
-from tests.terminal import OpenTerminal, open_chat
+from tests.terminal import OpenTerminal, Terminal, open_chat
 
 
 @pytest.mark.parametrize(
@@ -101,6 +101,70 @@ async def test_help_and_a_refusal_on_the_screen(
     # A command used wrongly shows its usage.
     alice.type("/op\r")
     await alice.wait_for("Usage:\n  /op NAME")
+
+
+def count(term: Terminal, line: str) -> int:
+    """How many times ``line`` was shown, scrolled off or on the screen."""
+    return term.transcript().count(line)
+
+
+async def in_dev(*people: Terminal) -> None:
+    """Each of ``people`` joins dev, in turn, and talks there."""
+    for person in people:
+        person.type("/join dev\r")
+        await person.wait_for("[dev]>")
+
+
+async def test_a_topic_is_set_and_shown_on_joining(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    await in_dev(root)
+    root.type("/topic\r")
+    await root.wait_for("No topic in dev.")
+    root.type("/topic release on  Friday\r")  # shown as typed
+    await root.wait_for("* You set the topic of dev: release on  Friday")
+    # bob, joining later, is shown the topic as he joins.
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await in_dev(bob)
+    await bob.wait_for("You joined dev.\nTopic of dev: release on  Friday\n")
+    await root.wait_for("bob has joined dev.")
+    bob.type("/topic\r")
+    await bob.wait_for("Topic of dev: release on  Friday (set by root)")
+    # A change while he is there: he sees who made it.
+    root.type("/topic ship it\r")
+    await bob.wait_for("* root set the topic of dev: ship it")
+    await root.wait_for("* You set the topic of dev: ship it")
+
+
+async def test_an_invite_only_room_refuses_until_an_invite(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await in_dev(root)
+    root.type("/mode +i\r")
+    await root.wait_for("* You set modes of dev: +i")
+    bob.type("/join dev\r")
+    refused = "Error: dev is invite-only: ask an operator for an invite (forbidden)"
+    await bob.wait_for(refused)
+    # Still out of dev, talking in lobby (the prompt is set before the next
+    # line typed is acted on).
+    bob.type("/room dev\r")
+    await bob.wait_for("You are not in dev; /join dev first.")
+    assert bob.rows()[bob.cursor[0]] == "[lobby]>"
+    assert count(bob, refused) == 1
+    assert "bob has joined dev." not in root.transcript()
+    root.type("/invite bob\r")
+    await root.wait_for("* You invited bob to dev")
+    await bob.wait_for("* root invited you to dev")
+    bob.type("/join dev\r")
+    await bob.wait_for("You joined dev.")
+    await bob.wait_for("[dev]>")
+    await root.wait_for("bob has joined dev.")
+    assert count(bob, refused) == 1
 
 
 async def test_ban_mute_and_bans_piped(launch: Launch) -> None:
