@@ -4,12 +4,16 @@ piped mode; plus the duration words they take."""
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Callable
+
 import pytest
 
 from chatkit.client.__main__ import HELP
 from chatkit.client._moderating import parse_duration, parse_modes
 from tests.programs import Launch, start_client, start_server
-from tests.terminal import OpenTerminal, open_chat
+from tests.terminal import OpenTerminal, Terminal, open_chat
 
 
 @pytest.mark.parametrize(
@@ -101,6 +105,184 @@ async def test_help_and_a_refusal_on_the_screen(
     # A command used wrongly shows its usage.
     alice.type("/op\r")
     await alice.wait_for("Usage:\n  /op NAME")
+
+
+def found(term: Terminal, pattern: str) -> re.Match[str] | None:
+    """The last row of the screen that matches ``pattern`` (a regex,
+    searched), as for a line with the time in it."""
+    matches = (re.search(pattern, row) for row in reversed(term.rows()))
+    return next((match for match in matches if match), None)
+
+
+def matching(pattern: str) -> Callable[[Terminal], bool]:
+    """For ``wait_for``: a row of the screen matches ``pattern``."""
+    return lambda term: found(term, pattern) is not None
+
+
+def clocks(seconds: int, since: float) -> set[str]:
+    """The local ``HH:MM`` ``seconds`` from some time between ``since`` and
+    now (the minute may turn meanwhile)."""
+    return {
+        time.strftime("%H:%M", time.localtime(t + seconds))
+        for t in (since, time.time())
+    }
+
+
+def count(term: Terminal, line: str) -> int:
+    """How many times ``line`` was shown, scrolled off or on the screen."""
+    return term.transcript().count(line)
+
+
+async def in_dev(*people: Terminal) -> None:
+    """Each of ``people`` joins dev, in turn, and talks there."""
+    for person in people:
+        person.type("/join dev\r")
+        await person.wait_for("[dev]>")
+
+
+async def test_a_topic_is_set_and_shown_on_joining(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    await in_dev(root)
+    root.type("/topic\r")
+    await root.wait_for("No topic in dev.")
+    root.type("/topic release on  Friday\r")  # shown as typed
+    await root.wait_for("* You set the topic of dev: release on  Friday")
+    # bob, joining later, is shown the topic as he joins.
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await in_dev(bob)
+    await bob.wait_for("You joined dev.\nTopic of dev: release on  Friday\n")
+    await root.wait_for("bob has joined dev.")
+    bob.type("/topic\r")
+    await bob.wait_for("Topic of dev: release on  Friday (set by root)")
+    # A change while he is there: he sees who made it.
+    root.type("/topic ship it\r")
+    await bob.wait_for("* root set the topic of dev: ship it")
+    await root.wait_for("* You set the topic of dev: ship it")
+
+
+async def test_an_invite_only_room_refuses_until_an_invite(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await in_dev(root)
+    root.type("/mode +i\r")
+    await root.wait_for("* You set modes of dev: +i")
+    bob.type("/join dev\r")
+    refused = "Error: dev is invite-only: ask an operator for an invite (forbidden)"
+    await bob.wait_for(refused)
+    # Still out of dev, talking in lobby (the prompt is set before the next
+    # line typed is acted on).
+    bob.type("/room dev\r")
+    await bob.wait_for("You are not in dev; /join dev first.")
+    assert bob.rows()[bob.cursor[0]] == "[lobby]>"
+    assert count(bob, refused) == 1
+    assert "bob has joined dev." not in root.transcript()
+    root.type("/invite bob\r")
+    await root.wait_for("* You invited bob to dev")
+    await bob.wait_for("* root invited you to dev")
+    bob.type("/join dev\r")
+    await bob.wait_for("You joined dev.")
+    await bob.wait_for("[dev]>")
+    await root.wait_for("bob has joined dev.")
+    assert count(bob, refused) == 1
+
+
+async def test_a_moderated_room_and_a_voice(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await in_dev(root, bob)
+    await root.wait_for("bob has joined dev.")
+    root.type("/mode +m\r")
+    await root.wait_for("* You set modes of dev: +m")
+    await bob.wait_for("* root set modes of dev: +m")
+    refused = "Error: dev is moderated: only operators and voiced members speak (muted)"
+    bob.type("may I?\r")
+    await bob.wait_for(refused)
+    root.type("/voice bob\r")
+    await root.wait_for("* You gave bob a voice in dev")
+    await bob.wait_for("* root gave you a voice in dev")
+    bob.type("thank you\r")
+    await root.wait_for("[dev] bob: thank you")
+    root.type("/devoice bob\r")
+    await root.wait_for("* You took bob's voice in dev")
+    await bob.wait_for("* root took your voice in dev")
+    bob.type("one more thing\r")
+    await bob.wait_for(lambda term: count(term, refused) == 2)
+    # Unmoderated again, bob speaks: the server takes his lines in order, so
+    # root is shown this one after any of the refused ones it was sent.
+    root.type("/mode -m\r")
+    await bob.wait_for("* root set modes of dev: none")
+    bob.type("free again\r")
+    await root.wait_for("[dev] bob: free again")
+    said = [row for row in root.transcript() if row.startswith("[dev] bob: ")]
+    assert said == ["[dev] bob: thank you", "[dev] bob: free again"]
+
+
+async def test_a_mute_on_both_screens_and_in_bans(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--operator", "root")
+    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await root.wait_for("bob has joined the chat.")
+    since = time.time()
+    root.type("/mute bob 10m be nice\r")
+    muted = r"^\* {} in lobby until (\d\d:\d\d): be nice$"
+    await root.wait_for(matching(muted.format("You muted bob")))
+    await bob.wait_for(matching(muted.format("root muted you")))
+    for term, who in ((root, "You muted bob"), (bob, "root muted you")):
+        match = found(term, muted.format(who))
+        assert match is not None and match[1] in clocks(600, since)
+    bob.type("hello all\r")
+    refused = "Error: you are muted in lobby: be nice (muted)"
+    await bob.wait_for(refused)
+    root.type("/bans\r")
+    await root.wait_for("Bans in lobby: none")
+    await root.wait_for(
+        matching(r"^Mutes in lobby: bob \(by root, until \d\d:\d\d: be nice\)$")
+    )
+    root.type("/unmute bob\r")
+    await root.wait_for("* You unmuted bob in lobby")
+    await bob.wait_for("* root unmuted you in lobby")
+    # The server takes bob's lines in order: root would have been shown
+    # "hello all" before this one.
+    bob.type("hello again\r")
+    await root.wait_for("bob: hello again")
+    said = [row for row in root.transcript() if row.startswith("bob: ")]
+    assert said == ["bob: hello again"]
+    assert count(bob, refused) == 1
+    root.type("/bans\r")
+    await root.wait_for("Mutes in lobby: none")
+
+
+async def test_a_plugin_command_answers_on_the_screen(
+    launch: Launch, terminal: OpenTerminal
+) -> None:
+    _server, port = await start_server(launch, "--plugin", "examples.dice:Dice")
+    alice = await open_chat(terminal, port, "alice", "--no-timestamps", type_name=False)
+    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    await alice.wait_for("bob has joined the chat.")
+    alice.type("/roll 2d6\r")
+    rolled = r"^alice rolled 2d6: ([1-6]) \+ ([1-6]) = (\d+)$"
+    await alice.wait_for(matching(rolled))
+    match = found(alice, rolled)
+    assert match is not None and int(match[1]) + int(match[2]) == int(match[3])
+    alice.type("/roll lots\r")
+    await alice.wait_for("alice, I can't read 'lots': try /roll 2d6")
+    alice.type("/bogus\r")
+    await alice.wait_for("Unknown command /bogus. Type /help for commands.")
+    # The answers are alice's alone: bob sees her next line, and no roll.
+    alice.type("done\r")
+    await bob.wait_for("alice: done")
+    assert not [row for row in bob.transcript() if "rolled" in row]
 
 
 async def test_ban_mute_and_bans_piped(launch: Launch) -> None:
