@@ -1,0 +1,227 @@
+"""Server operators by login: an authenticator's ``chatkit.Login(operator=
+True)`` (a plugin's, ``TokenAuth``'s operator token, a password file's
+``operator`` entry) makes the session an operator's. The role is the
+session's: it stays across a rename and a resume, and ends with the session,
+never passing to the next login under the name (docs/moderation.md).
+
+Everything goes through real servers on 127.0.0.1: ``ChatClient`` for what
+an operator may and may not do, raw clients for the resume secret and the
+wire's ``error forbidden``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+import chatkit
+from tests.conftest import OpenRaw
+from tests.helpers import TIMEOUT, wait_until
+
+TOKEN = "a shared secret for everyone"
+OPERATOR_TOKEN = "the operators' own secret"
+
+
+@asynccontextmanager
+async def connect(
+    server: chatkit.ChatServer, name: str, token: str | None = None
+) -> AsyncIterator[chatkit.ChatClient]:
+    async with chatkit.open_client(
+        "127.0.0.1", server.port, name=name, token=token, connect_timeout=TIMEOUT
+    ) as client:
+        yield client
+
+
+async def moderates(server: chatkit.ChatServer, op: chatkit.ChatClient) -> None:
+    """``op`` does what only a server operator may: sets ``lobby``'s modes
+    (``lobby`` has no owner), mutes and bans a victim server-wide, bans it
+    from a room someone else owns, and kicks it off the server."""
+    async with (
+        connect(server, "owner", TOKEN) as owner,
+        connect(server, "victim", TOKEN) as victim,
+    ):
+        await owner.join("dev")  # owner's room, not op's
+        await victim.join("dev")
+        modes = await op.modes("lobby", slow=0)
+        assert modes.room == "lobby"
+        assert (await op.mute("victim")).action == "mute"
+        assert (await op.unmute("victim")).action == "unmute"
+        assert (await op.ban("victim", room="dev")).action == "ban"
+        await wait_until(lambda: server.rooms.get("dev") == ("owner",))
+        assert (await op.unban("victim", room="dev")).action == "unban"
+        assert (await op.op("dev", "victim")).action == "op"
+        assert (await op.bans()).room is None
+        assert (await op.kick("victim", reason="out")).action == "kick"
+        await wait_until(lambda: server.get_user("victim") is None)
+
+
+async def is_forbidden(server: chatkit.ChatServer, client: chatkit.ChatClient) -> None:
+    """``client`` may do none of what :func:`moderates` does."""
+    async with connect(server, "victim", TOKEN):
+        calls = [
+            lambda: client.modes("lobby", slow=0),
+            lambda: client.mute("victim"),
+            lambda: client.ban("victim"),
+            lambda: client.ban("victim", room="lobby"),
+            lambda: client.op("lobby", "victim"),
+            lambda: client.bans(),
+            lambda: client.kick("victim"),
+        ]
+        for call in calls:
+            with pytest.raises(chatkit.Forbidden):
+                await call()
+        assert server.get_user("victim") is not None
+
+
+# --- the hook: chatkit.Login --------------------------------------------------
+
+
+class GrantByToken:
+    """An authenticator of its own: ``"op"`` logs in as an operator,
+    ``"user"`` as anyone; anything else is refused."""
+
+    @chatkit.hookimpl
+    def chatkit_authenticate(self, token: str | None) -> chatkit.Login | None:
+        if token == "op":
+            return chatkit.Login(operator=True)
+        if token in ("user", TOKEN):
+            return None
+        raise chatkit.Veto("who are you?")
+
+
+async def test_a_plugins_login_with_operator_makes_an_operator() -> None:
+    async with (
+        chatkit.open_server(plugins=[GrantByToken()]) as server,
+        connect(server, "boss", "op") as boss,
+        connect(server, "pleb", "user") as pleb,
+    ):
+        boss_user, pleb_user = server.get_user("boss"), server.get_user("pleb")
+        assert boss_user is not None and pleb_user is not None
+        assert boss_user.operator is True
+        assert pleb_user.operator is False
+        await is_forbidden(server, pleb)
+        await moderates(server, boss)
+
+
+async def test_a_login_operator_is_held_back_by_no_room_mode() -> None:
+    async with (
+        chatkit.open_server(plugins=[GrantByToken()]) as server,
+        connect(server, "owner", "user") as owner,
+        connect(server, "boss", "op") as boss,
+        connect(server, "pleb", "user") as pleb,
+    ):
+        await owner.join("dev")
+        await owner.modes("dev", invite_only=True, moderated=True, slow=60)
+        with pytest.raises(chatkit.Forbidden):
+            await pleb.join("dev")  # invite-only
+        await boss.join("dev")  # not invited: an operator
+        await boss.say("first", room="dev")  # moderated: an operator
+        await boss.say("second", room="dev")  # slow mode: an operator
+
+
+def test_login_is_a_frozen_value_with_false_defaults() -> None:
+    assert chatkit.Login() == chatkit.Login(identified=False, operator=False)
+    login = chatkit.Login(operator=True)
+    with pytest.raises(AttributeError):
+        login.operator = False  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        chatkit.Login(True)  # type: ignore[misc]  # keywords only
+
+
+class Broken:
+    @chatkit.hookimpl
+    def chatkit_authenticate(self) -> None:
+        raise RuntimeError("the directory is down")
+
+
+class SlowGrant:
+    @chatkit.hookimpl
+    async def chatkit_authenticate(self) -> chatkit.Login:
+        await trio.sleep_forever()
+        return chatkit.Login(operator=True)  # never
+
+
+class Refuse:
+    @chatkit.hookimpl
+    def chatkit_authenticate(self) -> None:
+        raise chatkit.Veto("not today")
+
+
+@pytest.mark.parametrize(
+    ("other", "reason"),
+    [
+        (Broken(), "could not check"),
+        (SlowGrant(), "could not check"),
+        (Refuse(), "not today"),
+    ],
+    ids=["raises", "times-out", "vetoes"],
+)
+async def test_an_operator_grant_does_not_outvote_a_refusal(
+    other: object, reason: str
+) -> None:
+    # Fail closed: an authenticator that breaks refuses, whatever another
+    # one granted; so does a Veto.
+    async with chatkit.open_server(
+        plugins=[GrantByToken(), other], limits=chatkit.Limits(hook_timeout=0.2)
+    ) as server:
+        with pytest.raises(chatkit.Unauthorized, match=reason):
+            async with connect(server, "boss", "op"):
+                pass
+        assert list(server.users) == []
+
+
+class Identify:
+    """Says that a token of ``"pw-NAME"`` proves the client is NAME."""
+
+    def __init__(self, *, as_login: bool) -> None:
+        self.as_login = as_login
+
+    @chatkit.hookimpl
+    def chatkit_authenticate(
+        self, name: str, token: str | None
+    ) -> chatkit.Login | bool | None:
+        if token != f"pw-{name}":
+            return None
+        return chatkit.Login(identified=True) if self.as_login else True
+
+
+@pytest.mark.parametrize("as_login", [True, False], ids=["Login", "True"])
+async def test_identified_takes_over_whether_said_with_login_or_true(
+    as_login: bool, open_raw: OpenRaw
+) -> None:
+    async with chatkit.open_server(plugins=[Identify(as_login=as_login)]) as server:
+        old = await open_raw(server.port)
+        await old.hello("alice", token="pw-alice")
+        new = await open_raw(server.port)
+        await new.hello("alice", token="pw-alice")  # no resume secret
+        assert any('"replaced"' in line for line in await old.assert_closed())
+        user = server.get_user("alice")
+        assert user is not None and not user.operator  # identified is no role
+
+
+class Odd:
+    @chatkit.hookimpl
+    def chatkit_authenticate(self) -> object:
+        return "operator"  # not a Login: ignored, and said so
+
+
+async def test_an_odd_return_is_ignored_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "chatkit.server")
+    async with (
+        chatkit.open_server(plugins=[Odd()]) as server,
+        connect(server, "alice") as alice,
+    ):
+        user = server.get_user("alice")
+        assert user is not None and not user.operator
+        with pytest.raises(chatkit.Forbidden):
+            await alice.kick("alice")
+    assert any(
+        "chatkit_authenticate returned 'operator'" in r.getMessage()
+        for r in caplog.records
+    )
