@@ -276,6 +276,26 @@ def test_token_auth_compares_bytes_in_constant_time(
     ]
 
 
+def test_token_auth_compares_both_tokens_whichever_matches(
+    compare_calls: list[tuple[bytes, bytes]],
+) -> None:
+    # Both comparisons run for every login, so that the time does not say
+    # which secret matched (or how close a guess came to either).
+    plugin = auth.TokenAuth("plain", operator_token="boss")
+    assert plugin.chatkit_authenticate(token="plain") is None
+    assert plugin.chatkit_authenticate(token="boss") == chatkit.Login(operator=True)
+    with pytest.raises(chatkit.Veto, match=r"^invalid token$"):
+        plugin.chatkit_authenticate(token="guess")
+    assert compare_calls == [
+        (b"plain", b"plain"),
+        (b"plain", b"boss"),
+        (b"boss", b"plain"),
+        (b"boss", b"boss"),
+        (b"guess", b"plain"),
+        (b"guess", b"boss"),
+    ]
+
+
 def test_token_auth_refuses_a_missing_token() -> None:
     with pytest.raises(chatkit.Veto, match=r"^invalid token$"):
         auth.TokenAuth("x").chatkit_authenticate(token=None)
@@ -286,8 +306,22 @@ def test_token_auth_needs_a_token() -> None:
         auth.TokenAuth("")
 
 
+@pytest.mark.parametrize(
+    ("operator_token", "message"),
+    [("", "the operator token is empty"), (TOKEN, "is the shared token")],
+)
+def test_token_auth_needs_a_distinct_operator_token(
+    operator_token: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        auth.TokenAuth(TOKEN, operator_token=operator_token)
+
+
 def test_token_auth_repr_hides_the_token() -> None:
     assert TOKEN not in repr(auth.TokenAuth(TOKEN))
+    plugin = auth.TokenAuth(TOKEN, operator_token="operators only")
+    assert "operators only" not in repr(plugin)
+    assert repr(plugin) == "TokenAuth(<secret>, operator_token=<secret>)"
 
 
 async def test_token_auth_goes_first_and_stops_the_chain() -> None:

@@ -19,8 +19,10 @@ import pytest
 import trio
 
 import chatkit
+from chatkit import auth
 from tests.conftest import OpenRaw
-from tests.helpers import TIMEOUT, wait_until
+from tests.helpers import TIMEOUT, RawClient, wait_until
+from tests.programs import Launch, start_server
 
 TOKEN = "a shared secret for everyone"
 OPERATOR_TOKEN = "the operators' own secret"
@@ -225,3 +227,117 @@ async def test_an_odd_return_is_ignored_and_logged(
         "chatkit_authenticate returned 'operator'" in r.getMessage()
         for r in caplog.records
     )
+
+
+# --- TokenAuth's operator token -------------------------------------------------
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[chatkit.ChatServer]:
+    """A server letting in ``TOKEN``, and operators with ``OPERATOR_TOKEN``."""
+    plugin = auth.TokenAuth(TOKEN, operator_token=OPERATOR_TOKEN)
+    async with chatkit.open_server(plugins=[plugin]) as server:
+        yield server
+
+
+async def test_the_operator_token_makes_an_operator_and_the_shared_one_does_not(
+    server: chatkit.ChatServer,
+) -> None:
+    async with (
+        connect(server, "root", OPERATOR_TOKEN) as root,
+        connect(server, "alice", TOKEN) as alice,
+    ):
+        root_user, alice_user = server.get_user("root"), server.get_user("alice")
+        assert root_user is not None and root_user.operator
+        assert alice_user is not None and not alice_user.operator
+        await is_forbidden(server, alice)
+        await moderates(server, root)
+
+
+async def forbidden_on_the_wire(client: RawClient, ref: int) -> None:
+    """``client``'s server kick is answered ``error forbidden``."""
+    await client.send_json(type="kick", name="nobody", ref=ref)
+    error = await client.expect("error", ref=ref)
+    assert error["code"] == "forbidden", error
+
+
+async def allowed_on_the_wire(client: RawClient, ref: int) -> None:
+    """``client`` sets lobby's modes (server operators only)."""
+    await client.send_json(type="mode", room="lobby", slow=0, ref=ref)
+    await client.expect("modes", room="lobby", ref=ref)
+
+
+async def test_the_role_stays_with_the_session_across_a_rename(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    root = await open_raw(server.port)
+    await root.hello("root", token=OPERATOR_TOKEN)
+    await root.send_json(type="nick", name="boss", ref=1)
+    await root.expect("renamed", new="boss", ref=1)
+    await allowed_on_the_wire(root, 2)  # boss is still an operator
+    # The old name is free, and carries nothing: a plain login takes it.
+    imposter = await open_raw(server.port)
+    await imposter.hello("root", token=TOKEN)
+    await forbidden_on_the_wire(imposter, 3)
+    user = server.get_user("root")
+    assert user is not None and not user.operator
+
+
+async def test_the_role_ends_with_the_session(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    first = await open_raw(server.port)
+    await first.hello("root", token=OPERATOR_TOKEN)
+    await allowed_on_the_wire(first, 1)
+    await first.send_json(type="bye")
+    await first.assert_closed()
+    await wait_until(lambda: server.get_user("root") is None)
+    # The next person to log in as root, with the shared token, is no one
+    # special.
+    second = await open_raw(server.port)
+    await second.hello("root", token=TOKEN)
+    await forbidden_on_the_wire(second, 2)
+    user = server.get_user("root")
+    assert user is not None and not user.operator
+
+
+async def test_a_resume_keeps_the_role(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    old = await open_raw(server.port)
+    secret = (await old.hello("root", token=OPERATOR_TOKEN))["resume"]
+    # The reconnect presents the shared token only: the session it takes
+    # over is what makes it an operator.
+    new = await open_raw(server.port)
+    await new.hello("root", token=TOKEN, resume=secret)
+    assert any('"replaced"' in line for line in await old.assert_closed())
+    await allowed_on_the_wire(new, 1)
+    user = server.get_user("root")
+    assert user is not None and user.operator
+
+
+async def test_a_resume_grants_no_role_the_session_did_not_have(
+    server: chatkit.ChatServer, open_raw: OpenRaw
+) -> None:
+    old = await open_raw(server.port)
+    secret = (await old.hello("alice", token=TOKEN))["resume"]
+    new = await open_raw(server.port)
+    await new.hello("alice", token=TOKEN, resume=secret)
+    await old.assert_closed()
+    await forbidden_on_the_wire(new, 1)
+
+
+async def test_the_server_cli_takes_an_operator_token(launch: Launch) -> None:
+    _, port = await start_server(
+        launch, "--no-db", "--auth-token", TOKEN, "--operator-token", OPERATOR_TOKEN
+    )
+    async with (
+        chatkit.open_client(
+            "127.0.0.1", port, name="root", token=OPERATOR_TOKEN
+        ) as root,
+        chatkit.open_client("127.0.0.1", port, name="bob", token=TOKEN) as bob,
+    ):
+        with pytest.raises(chatkit.Forbidden):
+            await bob.kick("root")
+        ack = await root.kick("bob", reason="bye bob")
+        assert (ack.action, ack.by, ack.name) == ("kick", "root", "bob")

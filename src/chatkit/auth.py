@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Final
 from ._exceptions import Veto
 from ._hooks import hookimpl
 from .protocol import is_valid_name
+from .server import Login
 
 if TYPE_CHECKING:
     from .server import User
@@ -215,39 +216,66 @@ def verify_password(password: str, encoded: str) -> bool:
 
 
 class TokenAuth:
-    """A plugin admitting only clients whose ``hello`` carries ``token``.
+    """A plugin admitting only clients whose ``hello`` carries ``token``
+    (or ``operator_token``).
 
     One secret shared by every user: it says who may connect, not who they
     are (any holder may pick any free name). Refused clients get ``error
     unauthorized`` with the reason :data:`INVALID_TOKEN`. A ``hello`` without
     a token, and every line-mode login, is refused.
 
+    A client presenting ``operator_token`` instead gets in as a server
+    operator (:class:`~chatkit.Login` with ``operator=True``): the role is
+    its session's, under whatever name it picks, and ends with it (see
+    docs/moderation.md).
+
     Args:
         token: the shared secret; not empty. Send it over TLS: ``hello``
             carries it in clear text.
+        operator_token: the server operators' secret, if any; not empty,
+            and not ``token``.
 
     Raises:
-        ValueError: ``token`` is empty.
+        ValueError: a token is empty, or both are the same.
     """
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, *, operator_token: str | None = None) -> None:
         if not token:
             raise ValueError("the shared token is empty")
+        if operator_token is not None:
+            if not operator_token:
+                raise ValueError("the operator token is empty")
+            if operator_token == token:
+                raise ValueError("the operator token is the shared token")
         self._token = token.encode("utf-8")
+        self._operator_token = (
+            None if operator_token is None else operator_token.encode("utf-8")
+        )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(<secret>)"
+        operator = ", operator_token=<secret>" if self._operator_token else ""
+        return f"{type(self).__name__}(<secret>{operator})"
 
     @hookimpl(tryfirst=True)
-    def chatkit_authenticate(self, token: str | None) -> None:
-        """Refuse with :data:`INVALID_TOKEN` unless ``token`` is the secret."""
+    def chatkit_authenticate(self, token: str | None) -> Login | None:
+        """Refuse with :data:`INVALID_TOKEN` unless ``token`` is the secret
+        (None: let in) or the operators' secret (let in as an operator)."""
         if token is None:
             raise Veto(INVALID_TOKEN)
         # Compared as bytes: compare_digest's time depends on the lengths of
         # the inputs (worthless to learn for a long random token), never on
-        # where they differ.
-        if not hmac.compare_digest(token.encode("utf-8"), self._token):
+        # where they differ. Both comparisons always run, so that the time
+        # does not tell which secret matched, either.
+        offered = token.encode("utf-8")
+        plain = hmac.compare_digest(offered, self._token)
+        operator = self._operator_token is not None and hmac.compare_digest(
+            offered, self._operator_token
+        )
+        if operator:
+            return Login(operator=True)
+        if not plain:
             raise Veto(INVALID_TOKEN)
+        return None
 
 
 class PasswordFileAuth:
