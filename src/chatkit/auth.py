@@ -23,24 +23,27 @@ Passwords are stored as scrypt hashes; create entries with
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import getpass
-import hashlib
 import hmac
 import os
 import secrets
 import sys
 import tempfile
-import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 from ._exceptions import Veto
 from ._hooks import hookimpl
+from ._scrypt import HASH_BYTES as HASH_BYTES
+from ._scrypt import SALT_BYTES as SALT_BYTES
+from ._scrypt import SCRYPT_N as SCRYPT_N
+from ._scrypt import SCRYPT_P as SCRYPT_P
+from ._scrypt import SCRYPT_R as SCRYPT_R
+from ._scrypt import Hash, parse_hash
+from ._scrypt import hash_password as hash_password
+from ._scrypt import verify_password as verify_password
 from .protocol import is_valid_name
 from .server import Login
 
@@ -63,153 +66,11 @@ __all__ = [
     "verify_password",
 ]
 
-#: scrypt CPU/memory cost (``N``) of new hashes: 2048 (2 to the 11th),
-#: about 2 MiB and 3 ms per verification. Deliberately far below the usual
-#: interactive-login advice (2 to the 17th): verification runs inside the
-#: server's event loop, which it blocks while it runs. See
-#: ``docs/security.md``.
-SCRYPT_N: Final = 2**11
-#: scrypt block size (``r``) of new hashes.
-SCRYPT_R: Final = 8
-#: scrypt parallelism (``p``) of new hashes.
-SCRYPT_P: Final = 1
-#: Length of the random salt of new hashes, in bytes.
-SALT_BYTES: Final = 16
-#: Length of the derived key of new hashes, in bytes.
-HASH_BYTES: Final = 32
-
 #: The refusal reason of :class:`TokenAuth`.
 INVALID_TOKEN: Final = "invalid token"
 #: The refusal reason of :class:`PasswordFileAuth`, the same whether the name
 #: is unknown or the password wrong, so that it reveals no user names.
 INVALID_LOGIN: Final = "invalid name or password"
-
-_SCHEME: Final = "scrypt"
-# Limits on parameters read from a hash string, so that a hand-edited or
-# hostile file cannot make one login take seconds or gigabytes. Memory is
-# about 128 * r * (n + p) bytes.
-_MAX_MEMORY: Final = 64 * 1024 * 1024
-_MAX_P: Final = 16
-_MIN_SALT_BYTES: Final = 8
-_MIN_HASH_BYTES: Final = 16
-
-
-# --- hashing -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Hash:
-    """A parsed ``scrypt$n$r$p$salt$hash`` string."""
-
-    n: int
-    r: int
-    p: int
-    salt: bytes
-    digest: bytes
-
-    def derive(self, password: str) -> bytes:
-        return _scrypt(password, self.salt, self.n, self.r, self.p, len(self.digest))
-
-    def encode(self) -> str:
-        salt = base64.b64encode(self.salt).decode("ascii")
-        digest = base64.b64encode(self.digest).decode("ascii")
-        return f"{_SCHEME}${self.n}${self.r}${self.p}${salt}${digest}"
-
-
-def _memory(n: int, r: int, p: int) -> int:
-    return 128 * r * (n + p + 2)
-
-
-def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
-    # NFC, so that the same password typed on two systems that compose
-    # accents differently hashes the same (as RFC 8265's OpaqueString).
-    secret = unicodedata.normalize("NFC", password).encode("utf-8")
-    return hashlib.scrypt(
-        secret,
-        salt=salt,
-        n=n,
-        r=r,
-        p=p,
-        dklen=dklen,
-        maxmem=_memory(n, r, p) + 1024 * 1024,
-    )
-
-
-def _check_parameters(n: int, r: int, p: int) -> None:
-    if n < 2 or n & (n - 1):
-        raise ValueError(f"scrypt n must be a power of 2 above 1, not {n}")
-    if r < 1 or not 1 <= p <= _MAX_P:
-        raise ValueError(f"scrypt r must be >= 1 and p 1..{_MAX_P}, not r={r} p={p}")
-    if _memory(n, r, p) > _MAX_MEMORY:
-        raise ValueError(
-            f"scrypt n={n} r={r} p={p} needs more than"
-            f" {_MAX_MEMORY // (1024 * 1024)} MiB"
-        )
-
-
-def _parse_hash(encoded: str) -> _Hash:
-    """Parse a hash string; ValueError says what is wrong with it."""
-    parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != _SCHEME:
-        raise ValueError("hash is not of the form scrypt$n$r$p$salt$hash")
-    try:
-        n, r, p = (int(part, 10) for part in parts[1:4])
-    except ValueError:
-        raise ValueError("scrypt n, r and p must be decimal integers") from None
-    _check_parameters(n, r, p)
-    try:
-        salt = base64.b64decode(parts[4], validate=True)
-        digest = base64.b64decode(parts[5], validate=True)
-    except binascii.Error:
-        raise ValueError("salt and hash must be base64") from None
-    if len(salt) < _MIN_SALT_BYTES or len(digest) < _MIN_HASH_BYTES:
-        raise ValueError(
-            f"salt must be at least {_MIN_SALT_BYTES} bytes and hash at least"
-            f" {_MIN_HASH_BYTES} bytes"
-        )
-    return _Hash(n, r, p, salt, digest)
-
-
-def hash_password(
-    password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
-) -> str:
-    """Hash ``password`` for a password file, with a fresh random salt.
-
-    Args:
-        password: the password (NFC-normalised, then UTF-8 encoded).
-        n: scrypt CPU/memory cost, a power of 2; :data:`SCRYPT_N` by default.
-            Each verification of the hash costs time proportional to ``n * r``
-            inside the server's event loop.
-        r: scrypt block size; :data:`SCRYPT_R` by default.
-        p: scrypt parallelism; :data:`SCRYPT_P` by default.
-
-    Returns:
-        ``scrypt$n$r$p$salt$hash``, salt and hash in base64; the parameters
-        travel with the hash, so hashes made with other ones still verify.
-
-    Raises:
-        ValueError: ``password`` is empty, or the parameters are invalid or
-            need more than 64 MiB.
-    """
-    if not password:
-        raise ValueError("the password is empty")
-    _check_parameters(n, r, p)
-    salt = secrets.token_bytes(SALT_BYTES)
-    digest = _scrypt(password, salt, n, r, p, HASH_BYTES)
-    return _Hash(n, r, p, salt, digest).encode()
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """True if ``password`` matches ``encoded``, a :func:`hash_password` string.
-
-    The derived key is compared with :func:`hmac.compare_digest`, in
-    constant time.
-
-    Raises:
-        ValueError: ``encoded`` is not a valid hash string.
-    """
-    parsed = _parse_hash(encoded)
-    return hmac.compare_digest(parsed.derive(password), parsed.digest)
 
 
 # --- plugins -----------------------------------------------------------------
@@ -315,10 +176,10 @@ class PasswordFileAuth:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._entries: Mapping[str, _Hash] = _read_password_file(self.path)
+        self._entries: Mapping[str, Hash] = _read_password_file(self.path)
         # Checked when the name is unknown, so that an unknown name costs
         # the same scrypt run as a known one.
-        self._dummy = _parse_hash(hash_password(secrets.token_urlsafe(16)))
+        self._dummy = parse_hash(hash_password(secrets.token_urlsafe(16)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -366,7 +227,7 @@ class PasswordFileAuth:
 # --- the password file -------------------------------------------------------
 
 
-def _read_password_file(path: Path) -> Mapping[str, _Hash]:
+def _read_password_file(path: Path) -> Mapping[str, Hash]:
     """The entries of a password file, by casefolded name (read-only).
 
     Raises:
@@ -387,8 +248,8 @@ def _is_entry(line: str) -> bool:
     return bool(line) and not line.startswith("#")
 
 
-def _parse_password_file(text: str, path: Path) -> Mapping[str, _Hash]:
-    entries: dict[str, _Hash] = {}
+def _parse_password_file(text: str, path: Path) -> Mapping[str, Hash]:
+    entries: dict[str, Hash] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not _is_entry(line):
@@ -401,7 +262,7 @@ def _parse_password_file(text: str, path: Path) -> Mapping[str, _Hash]:
                 raise ValueError(f"{name!r} is not a valid chat name")
             if name.casefold() in entries:
                 raise ValueError(f"{name} appears twice (names ignore case)")
-            entries[name.casefold()] = _parse_hash(encoded)
+            entries[name.casefold()] = parse_hash(encoded)
         except ValueError as exc:
             raise ValueError(f"{path}:{number}: {exc}") from None
     return MappingProxyType(entries)
