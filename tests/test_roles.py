@@ -12,8 +12,10 @@ wire's ``error forbidden``.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -22,7 +24,7 @@ import chatkit
 from chatkit import auth
 from tests.conftest import OpenRaw
 from tests.helpers import TIMEOUT, RawClient, wait_until
-from tests.programs import Launch, start_server
+from tests.programs import Launch, child_environment, start_server
 
 TOKEN = "a shared secret for everyone"
 OPERATOR_TOKEN = "the operators' own secret"
@@ -38,13 +40,29 @@ async def connect(
         yield client
 
 
-async def moderates(server: chatkit.ChatServer, op: chatkit.ChatClient) -> None:
+def shared(name: str) -> str:
+    """What ``name`` logs in with on a server with a shared token."""
+    return TOKEN
+
+
+def password(name: str) -> str:
+    """``name``'s password in the password files here."""
+    return f"pw-{name}"
+
+
+Secret = Callable[[str], str]
+
+
+async def moderates(
+    server: chatkit.ChatServer, op: chatkit.ChatClient, secret: Secret = shared
+) -> None:
     """``op`` does what only a server operator may: sets ``lobby``'s modes
     (``lobby`` has no owner), mutes and bans a victim server-wide, bans it
-    from a room someone else owns, and kicks it off the server."""
+    from a room someone else owns, makes it an operator of that room, lists
+    the server's bans, and kicks it off the server."""
     async with (
-        connect(server, "owner", TOKEN) as owner,
-        connect(server, "victim", TOKEN) as victim,
+        connect(server, "owner", secret("owner")) as owner,
+        connect(server, "victim", secret("victim")) as victim,
     ):
         await owner.join("dev")  # owner's room, not op's
         await victim.join("dev")
@@ -61,9 +79,11 @@ async def moderates(server: chatkit.ChatServer, op: chatkit.ChatClient) -> None:
         await wait_until(lambda: server.get_user("victim") is None)
 
 
-async def is_forbidden(server: chatkit.ChatServer, client: chatkit.ChatClient) -> None:
+async def is_forbidden(
+    server: chatkit.ChatServer, client: chatkit.ChatClient, secret: Secret = shared
+) -> None:
     """``client`` may do none of what :func:`moderates` does."""
-    async with connect(server, "victim", TOKEN):
+    async with connect(server, "victim", secret("victim")):
         calls = [
             lambda: client.modes("lobby", slow=0),
             lambda: client.mute("victim"),
@@ -341,3 +361,91 @@ async def test_the_server_cli_takes_an_operator_token(launch: Launch) -> None:
             await bob.kick("root")
         ack = await root.kick("bob", reason="bye bob")
         assert (ack.action, ack.by, ack.name) == ("kick", "root", "bob")
+
+
+# --- PasswordFileAuth's operator entries ------------------------------------------
+
+
+def password_file(path: Path, *names: str, operators: tuple[str, ...] = ()) -> Path:
+    """A password file for ``names`` (each with :func:`password`), those in
+    ``operators`` with the role; cheap hashes (n=2) keep the tests fast."""
+    for name in names:
+        auth.add_user(path, name, password(name), operator=name in operators, n=2)
+    return path
+
+
+async def test_a_password_files_operator_entry_moderates_and_a_plain_one_may_not(
+    tmp_path: Path, open_raw: OpenRaw
+) -> None:
+    path = password_file(
+        tmp_path / "passwd", "root", "alice", "owner", "victim", operators=("root",)
+    )
+    async with (
+        chatkit.open_server(plugins=[auth.PasswordFileAuth(path)]) as server,
+        connect(server, "root", password("root")) as root,
+        connect(server, "alice", password("alice")) as alice,
+    ):
+        await is_forbidden(server, alice, password)
+        raw = await open_raw(server.port)  # the wire's answer, as documented
+        await raw.hello("owner", token=password("owner"))
+        await forbidden_on_the_wire(raw, 1)
+        await raw.send_json(type="bye")
+        await raw.assert_closed()
+        await wait_until(lambda: server.get_user("owner") is None)
+        await moderates(server, root, password)
+
+
+async def test_a_password_role_is_the_sessions_and_reload_changes_the_next_login(
+    tmp_path: Path, open_raw: OpenRaw
+) -> None:
+    path = password_file(tmp_path / "passwd", "root", "alice", operators=("root",))
+    plugin = auth.PasswordFileAuth(path)
+    async with chatkit.open_server(plugins=[plugin]) as server:
+        root = await open_raw(server.port)
+        await root.hello("root", token=password("root"))
+        alice = await open_raw(server.port)
+        await alice.hello("alice", token=password("alice"))
+        await allowed_on_the_wire(root, 1)
+        await forbidden_on_the_wire(alice, 2)
+        # The roles trade places in the file; the sessions keep theirs.
+        auth.set_operator(path, "root", False)
+        auth.set_operator(path, "alice", True)
+        plugin.reload()
+        await allowed_on_the_wire(root, 3)
+        await forbidden_on_the_wire(alice, 4)
+        # Logging in again (the password takes the session over, no resume
+        # secret) is a new login: it has the role the file gives now.
+        new_root = await open_raw(server.port)
+        await new_root.hello("root", token=password("root"))
+        await root.assert_closed()
+        await forbidden_on_the_wire(new_root, 5)
+        new_alice = await open_raw(server.port)
+        await new_alice.hello("alice", token=password("alice"))
+        await alice.assert_closed()
+        await allowed_on_the_wire(new_alice, 6)
+
+
+async def test_cli_add_operator_makes_an_operator_end_to_end(
+    tmp_path: Path, launch: Launch
+) -> None:
+    path = tmp_path / "passwd"
+    for extra, name in ((["--operator"], "root"), ([], "bob")):
+        added = await trio.run_process(
+            [sys.executable, "-m", "chatkit.auth", "add", *extra, str(path), name],
+            stdin=f"{password(name)}\n".encode(),
+            capture_stdout=True,
+            capture_stderr=True,
+            env=child_environment(),
+        )
+        assert added.stderr.decode().startswith(f"added {name} in {path}")
+    _, port = await start_server(launch, "--no-db", "--password-file", str(path))
+    async with (
+        chatkit.open_client("127.0.0.1", port, name="root", token="pw-root") as root,
+        chatkit.open_client("127.0.0.1", port, name="bob", token="pw-bob") as bob,
+    ):
+        with pytest.raises(chatkit.Forbidden):
+            await bob.mute("root")
+        ack = await root.mute("bob", reason="quiet")
+        assert (ack.action, ack.by, ack.name) == ("mute", "root", "bob")
+        with pytest.raises(chatkit.Muted):
+            await bob.say("hello?")

@@ -18,6 +18,11 @@ plugin is on.
 Passwords are stored as scrypt hashes; create entries with
 ``python -m chatkit.auth add FILE NAME`` or :func:`hash_password`. See
 ``docs/security.md`` for the cost parameters and their trade-off.
+
+Either plugin can also make a login a server operator's: ``TokenAuth``'s
+``operator_token``, or a password file entry with the ``operator`` role
+(``python -m chatkit.auth add --operator FILE NAME``); see
+``docs/moderation.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import secrets
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
@@ -63,6 +69,7 @@ __all__ = [
     "add_user",
     "hash_password",
     "main",
+    "set_operator",
     "verify_password",
 ]
 
@@ -71,6 +78,9 @@ INVALID_TOKEN: Final = "invalid token"
 #: The refusal reason of :class:`PasswordFileAuth`, the same whether the name
 #: is unknown or the password wrong, so that it reveals no user names.
 INVALID_LOGIN: Final = "invalid name or password"
+
+# The role a password file's entry may give, as its third field.
+_OPERATOR: Final = "operator"
 
 
 # --- plugins -----------------------------------------------------------------
@@ -143,15 +153,19 @@ class PasswordFileAuth:
     """A plugin admitting users whose ``hello`` token is their password.
 
     The password file has one ``name:hash`` line per user, ``hash`` made by
-    :func:`hash_password` (or ``python -m chatkit.auth add FILE NAME``);
-    blank lines and lines starting with ``#`` are ignored. Names are matched
+    :func:`hash_password` (or ``python -m chatkit.auth add FILE NAME``), or
+    ``name:hash:operator`` for a server operator (each of its logins is
+    one: :class:`~chatkit.Login` with ``operator=True``); blank lines and
+    lines starting with ``#`` are ignored. Names are matched
     case-insensitively, as chat names are. The client logs in with its name
     and sends its password as ``token``. An unknown name and a wrong password
     get the same refusal, :data:`INVALID_LOGIN`, after the same amount of
     work (an unknown name is checked against a dummy hash), so neither the
     answer nor its timing tells which names exist.
 
-    The file is read once, here; :meth:`reload` reads it again. Each check
+    The file is read once, here; :meth:`reload` reads it again (a role
+    changed there counts from the next login on; a session keeps the role it
+    logged in with). Each check
     runs scrypt in the connecting user's task, blocking the event loop for a
     few milliseconds with the default parameters.
 
@@ -176,7 +190,7 @@ class PasswordFileAuth:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._entries: Mapping[str, Hash] = _read_password_file(self.path)
+        self._entries: Mapping[str, _Entry] = _read_password_file(self.path)
         # Checked when the name is unknown, so that an unknown name costs
         # the same scrypt run as a known one.
         self._dummy = parse_hash(hash_password(secrets.token_urlsafe(16)))
@@ -189,6 +203,11 @@ class PasswordFileAuth:
         """The registered names, casefolded."""
         return frozenset(self._entries)
 
+    @property
+    def operators(self) -> frozenset[str]:
+        """The names whose logins are server operators', casefolded."""
+        return frozenset(key for key, entry in self._entries.items() if entry.operator)
+
     def reload(self) -> None:
         """Read the password file again; on error, keep the current users.
 
@@ -200,20 +219,26 @@ class PasswordFileAuth:
 
     def check(self, name: str, password: str | None) -> bool:
         """True if ``password`` is ``name``'s password. Always runs scrypt."""
+        return self._verified(name, password) is not None
+
+    def _verified(self, name: str, password: str | None) -> _Entry | None:
+        """``name``'s entry if ``password`` is its password."""
         entry = self._entries.get(name.casefold())
-        expected = entry if entry is not None else self._dummy
+        expected = entry.hash if entry is not None else self._dummy
         derived = expected.derive(password or "")
         match = hmac.compare_digest(derived, expected.digest)
-        return match and entry is not None and password is not None
+        return entry if match and password is not None else None
 
     @hookimpl(tryfirst=True)
-    def chatkit_authenticate(self, name: str, token: str | None) -> bool:
+    def chatkit_authenticate(self, name: str, token: str | None) -> Login:
         """Refuse with :data:`INVALID_LOGIN` unless ``token`` is ``name``'s
-        password; it is: True, the client is ``name`` (it may take over a
-        session of ``name`` still logged in)."""
-        if not self.check(name, token):
+        password; it is: the client is ``name`` (it may take over a session
+        of ``name`` still logged in), a server operator if its entry says
+        so."""
+        entry = self._verified(name, token)
+        if entry is None:
             raise Veto(INVALID_LOGIN)
-        return True
+        return Login(identified=True, operator=entry.operator)
 
     @hookimpl(tryfirst=True)
     def chatkit_nick(self, user: User, new: str) -> None:
@@ -227,7 +252,20 @@ class PasswordFileAuth:
 # --- the password file -------------------------------------------------------
 
 
-def _read_password_file(path: Path) -> Mapping[str, Hash]:
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A password file's line: ``name:hash`` or ``name:hash:operator``."""
+
+    name: str  # as written
+    hash: Hash
+    operator: bool
+
+
+def _line(name: str, encoded: str, operator: bool) -> str:
+    return f"{name}:{encoded}:{_OPERATOR}" if operator else f"{name}:{encoded}"
+
+
+def _read_password_file(path: Path) -> Mapping[str, _Entry]:
     """The entries of a password file, by casefolded name (read-only).
 
     Raises:
@@ -248,21 +286,27 @@ def _is_entry(line: str) -> bool:
     return bool(line) and not line.startswith("#")
 
 
-def _parse_password_file(text: str, path: Path) -> Mapping[str, Hash]:
-    entries: dict[str, Hash] = {}
+def _parse_password_file(text: str, path: Path) -> Mapping[str, _Entry]:
+    entries: dict[str, _Entry] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not _is_entry(line):
             continue
         try:
-            name, colon, encoded = line.partition(":")
-            if not colon:
-                raise ValueError("expected name:hash")
+            # Neither names nor hashes (base64 and "$") hold a colon.
+            fields = line.split(":")
+            if len(fields) not in (2, 3):
+                raise ValueError("expected name:hash or name:hash:ROLE")
+            name, encoded, *role = fields
             if not is_valid_name(name):
                 raise ValueError(f"{name!r} is not a valid chat name")
             if name.casefold() in entries:
                 raise ValueError(f"{name} appears twice (names ignore case)")
-            entries[name.casefold()] = parse_hash(encoded)
+            if role and role != [_OPERATOR]:
+                raise ValueError(
+                    f"unknown role {role[0]!r} (the one role is {_OPERATOR!r})"
+                )
+            entries[name.casefold()] = _Entry(name, parse_hash(encoded), bool(role))
         except ValueError as exc:
             raise ValueError(f"{path}:{number}: {exc}") from None
     return MappingProxyType(entries)
@@ -273,6 +317,7 @@ def add_user(
     name: str,
     password: str,
     *,
+    operator: bool | None = None,
     n: int = SCRYPT_N,
     r: int = SCRYPT_R,
     p: int = SCRYPT_P,
@@ -282,6 +327,10 @@ def add_user(
     The file is rewritten atomically (a temporary file in the same directory,
     then :func:`os.replace`) with mode 0600; other lines and comments are
     kept. An existing entry for ``name`` (in any case) is replaced in place.
+
+    Args:
+        operator: give ``name`` the server-operator role (True) or take it
+            away (False); None keeps what its entry had (a new one: none).
 
     Returns:
         True if ``name`` was already in the file.
@@ -294,12 +343,50 @@ def add_user(
     if not is_valid_name(name):
         raise ValueError(f"{name!r} is not a valid chat name")
     target = Path(path)
+    text, entries = _read_for_update(target)
+    if operator is None:
+        old = entries.get(name.casefold())
+        operator = old is not None and old.operator
+    encoded = hash_password(password, n=n, r=r, p=p)
+    return _put(target, text, name, _line(name, encoded, operator))
+
+
+def set_operator(path: str | os.PathLike[str], name: str, operator: bool) -> bool:
+    """Give ``name`` the server-operator role in the password file at
+    ``path`` (``operator``), or take it away; its password is unchanged.
+    The file is rewritten as :func:`add_user` does.
+
+    Returns:
+        False if the entry was so already (the file is left as it was).
+
+    Raises:
+        ValueError: ``name`` is not in the file, or the file is malformed.
+        OSError: the file cannot be read or written.
+    """
+    target = Path(path)
+    text, entries = _read_for_update(target)
+    entry = entries.get(name.casefold())
+    if entry is None:
+        raise ValueError(f"{name} is not in {target}")
+    if entry.operator == operator:
+        return False
+    _put(target, text, name, _line(entry.name, entry.hash.encode(), operator))
+    return True
+
+
+def _read_for_update(target: Path) -> tuple[str, Mapping[str, _Entry]]:
+    """The file's text (empty if missing) and its entries: never rewrite a
+    file we cannot read."""
     try:
         text = _read_text(target)
     except FileNotFoundError:
         text = ""
-    _parse_password_file(text, target)  # never rewrite a file we cannot read
-    entry = f"{name}:{hash_password(password, n=n, r=r, p=p)}"
+    return text, _parse_password_file(text, target)
+
+
+def _put(target: Path, text: str, name: str, entry: str) -> bool:
+    """Write ``text`` to ``target`` with ``name``'s line (in any case) made
+    ``entry``, added at the end if it had none; True if it had one."""
     lines = text.splitlines()
     replaced = False
     for index, raw in enumerate(lines):
@@ -356,6 +443,24 @@ def _build_parser() -> argparse.ArgumentParser:
         help="scrypt cost, a power of 2 (default: %(default)s); each login "
         "costs the server time proportional to it",
     )
+    add.add_argument(
+        "--operator",
+        action=argparse.BooleanOptionalAction,
+        help="NAME's logins are server operators' (--no-operator: no longer); "
+        "without either, an existing entry keeps its role",
+    )
+    for command, text in (
+        ("op", "give NAME the server-operator role"),
+        ("deop", "take the server-operator role from NAME"),
+    ):
+        role = commands.add_parser(
+            command,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]} in FILE, from NAME's next "
+            "login on (the password is unchanged).",
+        )
+        role.add_argument("file", metavar="FILE", help="the password file")
+        role.add_argument("name", metavar="NAME", help="a chat name in FILE")
     return parser
 
 
@@ -374,20 +479,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``add FILE NAME`` sets NAME's password in FILE (see :func:`add_user`),
     prompting for it (twice) on a terminal, or reading one line from
-    standard input otherwise. Errors are reported on standard error with
-    status 1; usage errors exit with status 2.
+    standard input otherwise; ``--operator`` (``--no-operator``) gives
+    (takes away) the server-operator role. ``op FILE NAME`` and ``deop FILE
+    NAME`` give and take away the role alone (:func:`set_operator`).
+    Errors are reported on standard error with status 1; usage errors exit
+    with status 2.
     """
     args = _build_parser().parse_args(argv)
+    name, path = args.name, args.file
     try:
-        if not is_valid_name(args.name):
-            raise ValueError(f"{args.name!r} is not a valid chat name")
-        password = _read_password()
-        replaced = add_user(args.file, args.name, password, n=args.scrypt_n)
+        if not is_valid_name(name):
+            raise ValueError(f"{name!r} is not a valid chat name")
+        if args.command == "add":
+            password = _read_password()
+            replaced = add_user(
+                path, name, password, operator=args.operator, n=args.scrypt_n
+            )
+            done = f"{'updated' if replaced else 'added'} {name} in {path}"
+            if args.operator is not None:
+                done += f" ({'' if args.operator else 'not '}a server operator)"
+        else:
+            on = args.command == "op"
+            changed = set_operator(path, name, on)
+            done = {
+                (True, True): f"{name} is now a server operator in {path}",
+                (True, False): f"{name} was a server operator already in {path}",
+                (False, True): f"{name} is no longer a server operator in {path}",
+                (False, False): f"{name} was not a server operator in {path}",
+            }[on, changed]
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    verb = "updated" if replaced else "added"
-    print(f"{verb} {args.name} in {args.file}", file=sys.stderr)
+    print(done, file=sys.stderr)
     return 0
 
 
