@@ -154,6 +154,12 @@ def test_login_is_a_frozen_value_with_false_defaults() -> None:
         chatkit.Login(True)  # type: ignore[misc]  # keywords only
 
 
+def test_a_remote_user_reads_as_no_operator() -> None:
+    # A plugin may read user.operator of any user it is given, a chatkit_dm
+    # recipient on another node of a cluster included.
+    assert chatkit.RemoteUser("bob").operator is False
+
+
 class Broken:
     @chatkit.hookimpl
     def chatkit_authenticate(self) -> None:

@@ -193,10 +193,13 @@ class User:
 class RemoteUser:
     """A user connected to another node of the cluster (see
     :mod:`chatkit.cluster`): the ``recipient`` of ``chatkit_dm`` when the
-    recipient is not on this node. It has a name and nothing else here."""
+    recipient is not on this node. It has a name and nothing else here
+    (its login's role, :attr:`User.operator`, is known on its own node
+    only: False here)."""
 
     address = ""
     mode = "remote"
+    operator = False
     rooms: frozenset[str] = frozenset()
 
     def __init__(self, name: str) -> None:
