@@ -276,6 +276,26 @@ def test_token_auth_compares_bytes_in_constant_time(
     ]
 
 
+def test_token_auth_compares_both_tokens_whichever_matches(
+    compare_calls: list[tuple[bytes, bytes]],
+) -> None:
+    # Both comparisons run for every login, so that the time does not say
+    # which secret matched (or how close a guess came to either).
+    plugin = auth.TokenAuth("plain", operator_token="boss")
+    assert plugin.chatkit_authenticate(token="plain") is None
+    assert plugin.chatkit_authenticate(token="boss") == chatkit.Login(operator=True)
+    with pytest.raises(chatkit.Veto, match=r"^invalid token$"):
+        plugin.chatkit_authenticate(token="guess")
+    assert compare_calls == [
+        (b"plain", b"plain"),
+        (b"plain", b"boss"),
+        (b"boss", b"plain"),
+        (b"boss", b"boss"),
+        (b"guess", b"plain"),
+        (b"guess", b"boss"),
+    ]
+
+
 def test_token_auth_refuses_a_missing_token() -> None:
     with pytest.raises(chatkit.Veto, match=r"^invalid token$"):
         auth.TokenAuth("x").chatkit_authenticate(token=None)
@@ -286,8 +306,22 @@ def test_token_auth_needs_a_token() -> None:
         auth.TokenAuth("")
 
 
+@pytest.mark.parametrize(
+    ("operator_token", "message"),
+    [("", "the operator token is empty"), (TOKEN, "is the shared token")],
+)
+def test_token_auth_needs_a_distinct_operator_token(
+    operator_token: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        auth.TokenAuth(TOKEN, operator_token=operator_token)
+
+
 def test_token_auth_repr_hides_the_token() -> None:
     assert TOKEN not in repr(auth.TokenAuth(TOKEN))
+    plugin = auth.TokenAuth(TOKEN, operator_token="operators only")
+    assert "operators only" not in repr(plugin)
+    assert repr(plugin) == "TokenAuth(<secret>, operator_token=<secret>)"
 
 
 async def test_token_auth_goes_first_and_stops_the_chain() -> None:
@@ -529,6 +563,11 @@ GOOD = auth.hash_password("pw")
             ":1: salt must be at least 8 bytes",
         ),
         (f"alice:{GOOD}\nbob:{GOOD}\nALICE:{GOOD}\n", ":3: ALICE appears twice"),
+        (f"alice:{GOOD}:admin\n", ":1: unknown role 'admin' (the one role is"),
+        (f"alice:{GOOD}:Operator\n", ":1: unknown role 'Operator'"),
+        (f"alice:{GOOD}:\n", ":1: unknown role ''"),
+        (f"alice:{GOOD}:operator:x\n", ":1: expected name:hash or name:hash:ROLE"),
+        ("alice:operator\n", ":1: hash is not of the form"),
     ],
 )
 def test_malformed_files_name_the_file_and_line(
@@ -539,6 +578,35 @@ def test_malformed_files_name_the_file_and_line(
     with pytest.raises(ValueError) as raised:
         auth.PasswordFileAuth(path)
     assert str(raised.value).startswith(f"{path}{error}")
+
+
+def test_an_entry_may_give_the_operator_role(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    path.write_text(f"root:{GOOD}:operator\nalice:{GOOD}\n  Bob:{GOOD}:operator  \n")
+    plugin = auth.PasswordFileAuth(path)
+    assert plugin.names == {"root", "alice", "bob"}
+    assert plugin.operators == {"root", "bob"}
+    assert plugin.check("root", "pw")  # the role does not change the password
+    login = plugin.chatkit_authenticate(name="ROOT", token="pw")
+    assert login == chatkit.Login(identified=True, operator=True)
+    login = plugin.chatkit_authenticate(name="alice", token="pw")
+    assert login == chatkit.Login(identified=True, operator=False)
+    with pytest.raises(chatkit.Veto, match=auth.INVALID_LOGIN):
+        plugin.chatkit_authenticate(name="root", token="wrong")
+
+
+def test_reload_picks_up_role_changes(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    path.write_text(f"root:{GOOD}:operator\nalice:{GOOD}\n")
+    plugin = auth.PasswordFileAuth(path)
+    assert plugin.operators == {"root"}
+    assert auth.set_operator(path, "root", False) is True
+    assert auth.set_operator(path, "Alice", True) is True
+    assert plugin.operators == {"root"}  # read once
+    plugin.reload()
+    assert plugin.operators == {"alice"}
+    assert plugin.chatkit_authenticate(name="alice", token="pw").operator
+    assert not plugin.chatkit_authenticate(name="root", token="pw").operator
 
 
 def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
@@ -595,6 +663,63 @@ def test_add_user_rewrites_atomically_and_keeps_other_lines(
     plugin = auth.PasswordFileAuth(path)
     assert plugin.check("alice", "new")
     assert plugin.check("bob", "pw")
+
+
+def test_add_user_keeps_gives_or_takes_the_role(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    auth.add_user(path, "root", "one", operator=True)
+    auth.add_user(path, "alice", "two")
+    root, alice = path.read_text().splitlines()
+    assert root.startswith("root:scrypt$") and root.endswith("=:operator")
+    assert alice.startswith("alice:scrypt$") and alice.endswith("=")
+    assert auth.PasswordFileAuth(path).operators == {"root"}
+    auth.add_user(path, "ROOT", "three")  # a new password keeps the role
+    plugin = auth.PasswordFileAuth(path)
+    assert plugin.operators == {"root"}
+    assert plugin.check("root", "three")
+    auth.add_user(path, "root", "four", operator=False)
+    auth.add_user(path, "alice", "five", operator=True)
+    assert auth.PasswordFileAuth(path).operators == {"alice"}
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("root:scrypt$")
+    assert lines[0].count(":") == 1
+    assert lines[1].startswith("alice:scrypt$")
+    assert lines[1].endswith(":operator")
+
+
+def test_set_operator_changes_the_role_alone(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    path.write_text(f"# staff\nAlice:{GOOD}\nbob:{GOOD}:operator\n")
+    assert auth.set_operator(path, "alice", True) is True
+    assert path.read_text() == f"# staff\nAlice:{GOOD}:operator\nbob:{GOOD}:operator\n"
+    before = path.stat().st_mtime_ns, path.stat().st_ino
+    assert auth.set_operator(path, "ALICE", True) is False  # so already
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == before  # not rewritten
+    assert auth.set_operator(path, "bob", False) is True
+    assert path.read_text() == f"# staff\nAlice:{GOOD}:operator\nbob:{GOOD}\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    plugin = auth.PasswordFileAuth(path)
+    assert plugin.check("alice", "pw") and plugin.check("bob", "pw")
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (f"alice:{GOOD}\n", "carol is not in "),
+        (None, "carol is not in "),
+        ("carol:oops\n", ":1: hash is not of the form"),
+    ],
+)
+def test_set_operator_refuses_an_unknown_name_or_a_malformed_file(
+    tmp_path: Path, content: str | None, error: str
+) -> None:
+    path = tmp_path / "passwd"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=error):
+        auth.set_operator(path, "carol", True)
+    assert (path.read_text() if content is not None else None) == content
+    assert path.exists() == (content is not None)
 
 
 def test_a_failed_write_leaves_the_file_untouched(
@@ -697,8 +822,46 @@ def test_cli_add_refuses_a_malformed_file(tmp_path: Path) -> None:
     path.write_text("alice\n")
     result = run_cli("add", str(path), "bob", stdin="pw\n")
     assert result.returncode == 1
-    assert result.stderr == f"error: {path}:1: expected name:hash\n"
+    assert result.stderr == (f"error: {path}:1: expected name:hash or name:hash:ROLE\n")
     assert path.read_text() == "alice\n"
+
+
+def test_cli_add_operator_and_op_deop(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    result = run_cli("add", "--operator", str(path), "root", stdin="pw\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"added root in {path} (a server operator)\n"
+    assert run_cli("add", str(path), "alice", stdin="pw\n").returncode == 0
+    assert auth.PasswordFileAuth(path).operators == {"root"}
+    result = run_cli("op", str(path), "Alice")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"Alice is now a server operator in {path}\n"
+    result = run_cli("op", str(path), "alice")
+    assert result.stderr == f"alice was a server operator already in {path}\n"
+    result = run_cli("deop", str(path), "root")
+    assert result.stderr == f"root is no longer a server operator in {path}\n"
+    result = run_cli("deop", str(path), "root")
+    assert result.stderr == f"root was not a server operator in {path}\n"
+    assert auth.PasswordFileAuth(path).operators == {"alice"}
+    result = run_cli("add", "--no-operator", str(path), "alice", stdin="new\n")
+    assert result.stderr == f"updated alice in {path} (not a server operator)\n"
+    plugin = auth.PasswordFileAuth(path)
+    assert plugin.operators == set()
+    assert plugin.check("alice", "new") and plugin.check("root", "pw")
+
+
+@pytest.mark.parametrize("command", ["op", "deop"])
+def test_cli_op_and_deop_refuse_an_unknown_name(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "passwd"
+    auth.add_user(path, "alice", "pw")
+    before = path.read_text()
+    result = run_cli(command, str(path), "carol")
+    assert result.returncode == 1
+    assert result.stderr == f"error: carol is not in {path}\n"
+    result = run_cli(command, str(path), "bad name")
+    assert result.returncode == 1
+    assert result.stderr == "error: 'bad name' is not a valid chat name\n"
+    assert path.read_text() == before
 
 
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ from .server import SERVER_SENDER as SERVER_SENDER
 from .server import ChatServer as ChatServer
 from .server import LeaveReason as LeaveReason
 from .server import Limits as Limits
+from .server import Login as Login
 from .server import RemoteUser as RemoteUser
 from .server import User as User
 from .server import open_server as open_server
@@ -109,6 +110,7 @@ __all__ = [
     "LeaveReason",
     "Left",
     "Limits",
+    "Login",
     "MemoryHistory",
     "Message",
     "Moderated",

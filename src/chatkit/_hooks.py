@@ -195,25 +195,28 @@ class HookDispatcher:
 
     async def veto(
         self, name: str, /, *, fail_closed: bool = True, **kwargs: Any
-    ) -> bool:
+    ) -> list[Any]:
         """Call every implementation of ``name`` until one raises
-        :class:`~chatkit.Veto`, which propagates; True if none did and some
-        implementation returned ``True`` (what that means is the hook's to
-        say, as ``chatkit_authenticate`` does).
+        :class:`~chatkit.Veto`, which propagates; if none did, what the
+        implementations returned other than ``None``, in the order they
+        ran (what that means is the hook's to say, as
+        ``chatkit_authenticate`` does).
 
         Fails closed: an implementation that raises something else or times
         out counts as a refusal (a broken authenticator must not let
         everyone in). With ``fail_closed=False`` it is logged and skipped
         instead (a broken plugin must not keep everyone out of rooms).
         """
-        affirmed = False
+        results: list[Any] = []
         for impl in self._impls(name):
             result = await self._call(name, impl, kwargs)
-            if result is _FAILED and fail_closed:
-                # The log names the plugin; the peer learns nothing internal.
-                raise Veto("refused: the server could not check this request")
-            affirmed = affirmed or result is True
-        return affirmed
+            if result is _FAILED:
+                if fail_closed:
+                    # The log names the plugin; the peer learns nothing internal.
+                    raise Veto("refused: the server could not check this request")
+            elif result is not None:
+                results.append(result)
+        return results
 
     async def rewrite(self, name: str, key: str, /, **kwargs: Any) -> Any:
         """Thread ``kwargs[key]`` through every implementation of ``name``.

@@ -18,21 +18,22 @@ plugin is on.
 Passwords are stored as scrypt hashes; create entries with
 ``python -m chatkit.auth add FILE NAME`` or :func:`hash_password`. See
 ``docs/security.md`` for the cost parameters and their trade-off.
+
+Either plugin can also make a login a server operator's: ``TokenAuth``'s
+``operator_token``, or a password file entry with the ``operator`` role
+(``python -m chatkit.auth add --operator FILE NAME``); see
+``docs/moderation.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import getpass
-import hashlib
 import hmac
 import os
 import secrets
 import sys
 import tempfile
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,16 @@ from typing import TYPE_CHECKING, Final
 
 from ._exceptions import Veto
 from ._hooks import hookimpl
+from ._scrypt import HASH_BYTES as HASH_BYTES
+from ._scrypt import SALT_BYTES as SALT_BYTES
+from ._scrypt import SCRYPT_N as SCRYPT_N
+from ._scrypt import SCRYPT_P as SCRYPT_P
+from ._scrypt import SCRYPT_R as SCRYPT_R
+from ._scrypt import Hash, parse_hash
+from ._scrypt import hash_password as hash_password
+from ._scrypt import verify_password as verify_password
 from .protocol import is_valid_name
+from .server import Login
 
 if TYPE_CHECKING:
     from .server import User
@@ -59,23 +69,9 @@ __all__ = [
     "add_user",
     "hash_password",
     "main",
+    "set_operator",
     "verify_password",
 ]
-
-#: scrypt CPU/memory cost (``N``) of new hashes: 2048 (2 to the 11th),
-#: about 2 MiB and 3 ms per verification. Deliberately far below the usual
-#: interactive-login advice (2 to the 17th): verification runs inside the
-#: server's event loop, which it blocks while it runs. See
-#: ``docs/security.md``.
-SCRYPT_N: Final = 2**11
-#: scrypt block size (``r``) of new hashes.
-SCRYPT_R: Final = 8
-#: scrypt parallelism (``p``) of new hashes.
-SCRYPT_P: Final = 1
-#: Length of the random salt of new hashes, in bytes.
-SALT_BYTES: Final = 16
-#: Length of the derived key of new hashes, in bytes.
-HASH_BYTES: Final = 32
 
 #: The refusal reason of :class:`TokenAuth`.
 INVALID_TOKEN: Final = "invalid token"
@@ -83,186 +79,93 @@ INVALID_TOKEN: Final = "invalid token"
 #: is unknown or the password wrong, so that it reveals no user names.
 INVALID_LOGIN: Final = "invalid name or password"
 
-_SCHEME: Final = "scrypt"
-# Limits on parameters read from a hash string, so that a hand-edited or
-# hostile file cannot make one login take seconds or gigabytes. Memory is
-# about 128 * r * (n + p) bytes.
-_MAX_MEMORY: Final = 64 * 1024 * 1024
-_MAX_P: Final = 16
-_MIN_SALT_BYTES: Final = 8
-_MIN_HASH_BYTES: Final = 16
-
-
-# --- hashing -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Hash:
-    """A parsed ``scrypt$n$r$p$salt$hash`` string."""
-
-    n: int
-    r: int
-    p: int
-    salt: bytes
-    digest: bytes
-
-    def derive(self, password: str) -> bytes:
-        return _scrypt(password, self.salt, self.n, self.r, self.p, len(self.digest))
-
-    def encode(self) -> str:
-        salt = base64.b64encode(self.salt).decode("ascii")
-        digest = base64.b64encode(self.digest).decode("ascii")
-        return f"{_SCHEME}${self.n}${self.r}${self.p}${salt}${digest}"
-
-
-def _memory(n: int, r: int, p: int) -> int:
-    return 128 * r * (n + p + 2)
-
-
-def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
-    # NFC, so that the same password typed on two systems that compose
-    # accents differently hashes the same (as RFC 8265's OpaqueString).
-    secret = unicodedata.normalize("NFC", password).encode("utf-8")
-    return hashlib.scrypt(
-        secret,
-        salt=salt,
-        n=n,
-        r=r,
-        p=p,
-        dklen=dklen,
-        maxmem=_memory(n, r, p) + 1024 * 1024,
-    )
-
-
-def _check_parameters(n: int, r: int, p: int) -> None:
-    if n < 2 or n & (n - 1):
-        raise ValueError(f"scrypt n must be a power of 2 above 1, not {n}")
-    if r < 1 or not 1 <= p <= _MAX_P:
-        raise ValueError(f"scrypt r must be >= 1 and p 1..{_MAX_P}, not r={r} p={p}")
-    if _memory(n, r, p) > _MAX_MEMORY:
-        raise ValueError(
-            f"scrypt n={n} r={r} p={p} needs more than"
-            f" {_MAX_MEMORY // (1024 * 1024)} MiB"
-        )
-
-
-def _parse_hash(encoded: str) -> _Hash:
-    """Parse a hash string; ValueError says what is wrong with it."""
-    parts = encoded.split("$")
-    if len(parts) != 6 or parts[0] != _SCHEME:
-        raise ValueError("hash is not of the form scrypt$n$r$p$salt$hash")
-    try:
-        n, r, p = (int(part, 10) for part in parts[1:4])
-    except ValueError:
-        raise ValueError("scrypt n, r and p must be decimal integers") from None
-    _check_parameters(n, r, p)
-    try:
-        salt = base64.b64decode(parts[4], validate=True)
-        digest = base64.b64decode(parts[5], validate=True)
-    except binascii.Error:
-        raise ValueError("salt and hash must be base64") from None
-    if len(salt) < _MIN_SALT_BYTES or len(digest) < _MIN_HASH_BYTES:
-        raise ValueError(
-            f"salt must be at least {_MIN_SALT_BYTES} bytes and hash at least"
-            f" {_MIN_HASH_BYTES} bytes"
-        )
-    return _Hash(n, r, p, salt, digest)
-
-
-def hash_password(
-    password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P
-) -> str:
-    """Hash ``password`` for a password file, with a fresh random salt.
-
-    Args:
-        password: the password (NFC-normalised, then UTF-8 encoded).
-        n: scrypt CPU/memory cost, a power of 2; :data:`SCRYPT_N` by default.
-            Each verification of the hash costs time proportional to ``n * r``
-            inside the server's event loop.
-        r: scrypt block size; :data:`SCRYPT_R` by default.
-        p: scrypt parallelism; :data:`SCRYPT_P` by default.
-
-    Returns:
-        ``scrypt$n$r$p$salt$hash``, salt and hash in base64; the parameters
-        travel with the hash, so hashes made with other ones still verify.
-
-    Raises:
-        ValueError: ``password`` is empty, or the parameters are invalid or
-            need more than 64 MiB.
-    """
-    if not password:
-        raise ValueError("the password is empty")
-    _check_parameters(n, r, p)
-    salt = secrets.token_bytes(SALT_BYTES)
-    digest = _scrypt(password, salt, n, r, p, HASH_BYTES)
-    return _Hash(n, r, p, salt, digest).encode()
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """True if ``password`` matches ``encoded``, a :func:`hash_password` string.
-
-    The derived key is compared with :func:`hmac.compare_digest`, in
-    constant time.
-
-    Raises:
-        ValueError: ``encoded`` is not a valid hash string.
-    """
-    parsed = _parse_hash(encoded)
-    return hmac.compare_digest(parsed.derive(password), parsed.digest)
+# The role a password file's entry may give, as its third field.
+_OPERATOR: Final = "operator"
 
 
 # --- plugins -----------------------------------------------------------------
 
 
 class TokenAuth:
-    """A plugin admitting only clients whose ``hello`` carries ``token``.
+    """A plugin admitting only clients whose ``hello`` carries ``token``
+    (or ``operator_token``).
 
     One secret shared by every user: it says who may connect, not who they
     are (any holder may pick any free name). Refused clients get ``error
     unauthorized`` with the reason :data:`INVALID_TOKEN`. A ``hello`` without
     a token, and every line-mode login, is refused.
 
+    A client presenting ``operator_token`` instead gets in as a server
+    operator (:class:`~chatkit.Login` with ``operator=True``): the role is
+    its session's, under whatever name it picks, and ends with it (see
+    docs/moderation.md).
+
     Args:
         token: the shared secret; not empty. Send it over TLS: ``hello``
             carries it in clear text.
+        operator_token: the server operators' secret, if any; not empty,
+            and not ``token``.
 
     Raises:
-        ValueError: ``token`` is empty.
+        ValueError: a token is empty, or both are the same.
     """
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, *, operator_token: str | None = None) -> None:
         if not token:
             raise ValueError("the shared token is empty")
+        if operator_token is not None:
+            if not operator_token:
+                raise ValueError("the operator token is empty")
+            if operator_token == token:
+                raise ValueError("the operator token is the shared token")
         self._token = token.encode("utf-8")
+        self._operator_token = (
+            None if operator_token is None else operator_token.encode("utf-8")
+        )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(<secret>)"
+        operator = ", operator_token=<secret>" if self._operator_token else ""
+        return f"{type(self).__name__}(<secret>{operator})"
 
     @hookimpl(tryfirst=True)
-    def chatkit_authenticate(self, token: str | None) -> None:
-        """Refuse with :data:`INVALID_TOKEN` unless ``token`` is the secret."""
+    def chatkit_authenticate(self, token: str | None) -> Login | None:
+        """Refuse with :data:`INVALID_TOKEN` unless ``token`` is the secret
+        (None: let in) or the operators' secret (let in as an operator)."""
         if token is None:
             raise Veto(INVALID_TOKEN)
         # Compared as bytes: compare_digest's time depends on the lengths of
         # the inputs (worthless to learn for a long random token), never on
-        # where they differ.
-        if not hmac.compare_digest(token.encode("utf-8"), self._token):
+        # where they differ. Both comparisons always run, so that the time
+        # does not tell which secret matched, either.
+        offered = token.encode("utf-8")
+        plain = hmac.compare_digest(offered, self._token)
+        operator = self._operator_token is not None and hmac.compare_digest(
+            offered, self._operator_token
+        )
+        if operator:
+            return Login(operator=True)
+        if not plain:
             raise Veto(INVALID_TOKEN)
+        return None
 
 
 class PasswordFileAuth:
     """A plugin admitting users whose ``hello`` token is their password.
 
     The password file has one ``name:hash`` line per user, ``hash`` made by
-    :func:`hash_password` (or ``python -m chatkit.auth add FILE NAME``);
-    blank lines and lines starting with ``#`` are ignored. Names are matched
+    :func:`hash_password` (or ``python -m chatkit.auth add FILE NAME``), or
+    ``name:hash:operator`` for a server operator (each of its logins is
+    one: :class:`~chatkit.Login` with ``operator=True``); blank lines and
+    lines starting with ``#`` are ignored. Names are matched
     case-insensitively, as chat names are. The client logs in with its name
     and sends its password as ``token``. An unknown name and a wrong password
     get the same refusal, :data:`INVALID_LOGIN`, after the same amount of
     work (an unknown name is checked against a dummy hash), so neither the
     answer nor its timing tells which names exist.
 
-    The file is read once, here; :meth:`reload` reads it again. Each check
+    The file is read once, here; :meth:`reload` reads it again (a role
+    changed there counts from the next login on; a session keeps the role it
+    logged in with). Each check
     runs scrypt in the connecting user's task, blocking the event loop for a
     few milliseconds with the default parameters.
 
@@ -287,10 +190,10 @@ class PasswordFileAuth:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._entries: Mapping[str, _Hash] = _read_password_file(self.path)
+        self._entries: Mapping[str, _Entry] = _read_password_file(self.path)
         # Checked when the name is unknown, so that an unknown name costs
         # the same scrypt run as a known one.
-        self._dummy = _parse_hash(hash_password(secrets.token_urlsafe(16)))
+        self._dummy = parse_hash(hash_password(secrets.token_urlsafe(16)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
@@ -299,6 +202,11 @@ class PasswordFileAuth:
     def names(self) -> frozenset[str]:
         """The registered names, casefolded."""
         return frozenset(self._entries)
+
+    @property
+    def operators(self) -> frozenset[str]:
+        """The names whose logins are server operators', casefolded."""
+        return frozenset(key for key, entry in self._entries.items() if entry.operator)
 
     def reload(self) -> None:
         """Read the password file again; on error, keep the current users.
@@ -311,20 +219,26 @@ class PasswordFileAuth:
 
     def check(self, name: str, password: str | None) -> bool:
         """True if ``password`` is ``name``'s password. Always runs scrypt."""
+        return self._verified(name, password) is not None
+
+    def _verified(self, name: str, password: str | None) -> _Entry | None:
+        """``name``'s entry if ``password`` is its password."""
         entry = self._entries.get(name.casefold())
-        expected = entry if entry is not None else self._dummy
+        expected = entry.hash if entry is not None else self._dummy
         derived = expected.derive(password or "")
         match = hmac.compare_digest(derived, expected.digest)
-        return match and entry is not None and password is not None
+        return entry if match and password is not None else None
 
     @hookimpl(tryfirst=True)
-    def chatkit_authenticate(self, name: str, token: str | None) -> bool:
+    def chatkit_authenticate(self, name: str, token: str | None) -> Login:
         """Refuse with :data:`INVALID_LOGIN` unless ``token`` is ``name``'s
-        password; it is: True, the client is ``name`` (it may take over a
-        session of ``name`` still logged in)."""
-        if not self.check(name, token):
+        password; it is: the client is ``name`` (it may take over a session
+        of ``name`` still logged in), a server operator if its entry says
+        so."""
+        entry = self._verified(name, token)
+        if entry is None:
             raise Veto(INVALID_LOGIN)
-        return True
+        return Login(identified=True, operator=entry.operator)
 
     @hookimpl(tryfirst=True)
     def chatkit_nick(self, user: User, new: str) -> None:
@@ -338,7 +252,20 @@ class PasswordFileAuth:
 # --- the password file -------------------------------------------------------
 
 
-def _read_password_file(path: Path) -> Mapping[str, _Hash]:
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A password file's line: ``name:hash`` or ``name:hash:operator``."""
+
+    name: str  # as written
+    hash: Hash
+    operator: bool
+
+
+def _line(name: str, encoded: str, operator: bool) -> str:
+    return f"{name}:{encoded}:{_OPERATOR}" if operator else f"{name}:{encoded}"
+
+
+def _read_password_file(path: Path) -> Mapping[str, _Entry]:
     """The entries of a password file, by casefolded name (read-only).
 
     Raises:
@@ -359,21 +286,27 @@ def _is_entry(line: str) -> bool:
     return bool(line) and not line.startswith("#")
 
 
-def _parse_password_file(text: str, path: Path) -> Mapping[str, _Hash]:
-    entries: dict[str, _Hash] = {}
+def _parse_password_file(text: str, path: Path) -> Mapping[str, _Entry]:
+    entries: dict[str, _Entry] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not _is_entry(line):
             continue
         try:
-            name, colon, encoded = line.partition(":")
-            if not colon:
-                raise ValueError("expected name:hash")
+            # Neither names nor hashes (base64 and "$") hold a colon.
+            fields = line.split(":")
+            if len(fields) not in (2, 3):
+                raise ValueError("expected name:hash or name:hash:ROLE")
+            name, encoded, *role = fields
             if not is_valid_name(name):
                 raise ValueError(f"{name!r} is not a valid chat name")
             if name.casefold() in entries:
                 raise ValueError(f"{name} appears twice (names ignore case)")
-            entries[name.casefold()] = _parse_hash(encoded)
+            if role and role != [_OPERATOR]:
+                raise ValueError(
+                    f"unknown role {role[0]!r} (the one role is {_OPERATOR!r})"
+                )
+            entries[name.casefold()] = _Entry(name, parse_hash(encoded), bool(role))
         except ValueError as exc:
             raise ValueError(f"{path}:{number}: {exc}") from None
     return MappingProxyType(entries)
@@ -384,6 +317,7 @@ def add_user(
     name: str,
     password: str,
     *,
+    operator: bool | None = None,
     n: int = SCRYPT_N,
     r: int = SCRYPT_R,
     p: int = SCRYPT_P,
@@ -393,6 +327,10 @@ def add_user(
     The file is rewritten atomically (a temporary file in the same directory,
     then :func:`os.replace`) with mode 0600; other lines and comments are
     kept. An existing entry for ``name`` (in any case) is replaced in place.
+
+    Args:
+        operator: give ``name`` the server-operator role (True) or take it
+            away (False); None keeps what its entry had (a new one: none).
 
     Returns:
         True if ``name`` was already in the file.
@@ -405,12 +343,50 @@ def add_user(
     if not is_valid_name(name):
         raise ValueError(f"{name!r} is not a valid chat name")
     target = Path(path)
+    text, entries = _read_for_update(target)
+    if operator is None:
+        old = entries.get(name.casefold())
+        operator = old is not None and old.operator
+    encoded = hash_password(password, n=n, r=r, p=p)
+    return _put(target, text, name, _line(name, encoded, operator))
+
+
+def set_operator(path: str | os.PathLike[str], name: str, operator: bool) -> bool:
+    """Give ``name`` the server-operator role in the password file at
+    ``path`` (``operator``), or take it away; its password is unchanged.
+    The file is rewritten as :func:`add_user` does.
+
+    Returns:
+        False if the entry was so already (the file is left as it was).
+
+    Raises:
+        ValueError: ``name`` is not in the file, or the file is malformed.
+        OSError: the file cannot be read or written.
+    """
+    target = Path(path)
+    text, entries = _read_for_update(target)
+    entry = entries.get(name.casefold())
+    if entry is None:
+        raise ValueError(f"{name} is not in {target}")
+    if entry.operator == operator:
+        return False
+    _put(target, text, name, _line(entry.name, entry.hash.encode(), operator))
+    return True
+
+
+def _read_for_update(target: Path) -> tuple[str, Mapping[str, _Entry]]:
+    """The file's text (empty if missing) and its entries: never rewrite a
+    file we cannot read."""
     try:
         text = _read_text(target)
     except FileNotFoundError:
         text = ""
-    _parse_password_file(text, target)  # never rewrite a file we cannot read
-    entry = f"{name}:{hash_password(password, n=n, r=r, p=p)}"
+    return text, _parse_password_file(text, target)
+
+
+def _put(target: Path, text: str, name: str, entry: str) -> bool:
+    """Write ``text`` to ``target`` with ``name``'s line (in any case) made
+    ``entry``, added at the end if it had none; True if it had one."""
     lines = text.splitlines()
     replaced = False
     for index, raw in enumerate(lines):
@@ -467,6 +443,24 @@ def _build_parser() -> argparse.ArgumentParser:
         help="scrypt cost, a power of 2 (default: %(default)s); each login "
         "costs the server time proportional to it",
     )
+    add.add_argument(
+        "--operator",
+        action=argparse.BooleanOptionalAction,
+        help="NAME's logins are server operators' (--no-operator: no longer); "
+        "without either, an existing entry keeps its role",
+    )
+    for command, text in (
+        ("op", "give NAME the server-operator role"),
+        ("deop", "take the server-operator role from NAME"),
+    ):
+        role = commands.add_parser(
+            command,
+            help=text,
+            description=f"{text[0].upper()}{text[1:]} in FILE, from NAME's next "
+            "login on (the password is unchanged).",
+        )
+        role.add_argument("file", metavar="FILE", help="the password file")
+        role.add_argument("name", metavar="NAME", help="a chat name in FILE")
     return parser
 
 
@@ -485,20 +479,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``add FILE NAME`` sets NAME's password in FILE (see :func:`add_user`),
     prompting for it (twice) on a terminal, or reading one line from
-    standard input otherwise. Errors are reported on standard error with
-    status 1; usage errors exit with status 2.
+    standard input otherwise; ``--operator`` (``--no-operator``) gives
+    (takes away) the server-operator role. ``op FILE NAME`` and ``deop FILE
+    NAME`` give and take away the role alone (:func:`set_operator`).
+    Errors are reported on standard error with status 1; usage errors exit
+    with status 2.
     """
     args = _build_parser().parse_args(argv)
+    name, path = args.name, args.file
     try:
-        if not is_valid_name(args.name):
-            raise ValueError(f"{args.name!r} is not a valid chat name")
-        password = _read_password()
-        replaced = add_user(args.file, args.name, password, n=args.scrypt_n)
+        if not is_valid_name(name):
+            raise ValueError(f"{name!r} is not a valid chat name")
+        if args.command == "add":
+            password = _read_password()
+            replaced = add_user(
+                path, name, password, operator=args.operator, n=args.scrypt_n
+            )
+            done = f"{'updated' if replaced else 'added'} {name} in {path}"
+            if args.operator is not None:
+                done += f" ({'' if args.operator else 'not '}a server operator)"
+        else:
+            on = args.command == "op"
+            changed = set_operator(path, name, on)
+            done = {
+                (True, True): f"{name} is now a server operator in {path}",
+                (True, False): f"{name} was a server operator already in {path}",
+                (False, True): f"{name} is no longer a server operator in {path}",
+                (False, False): f"{name} was not a server operator in {path}",
+            }[on, changed]
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    verb = "updated" if replaced else "added"
-    print(f"{verb} {args.name} in {args.file}", file=sys.stderr)
+    print(done, file=sys.stderr)
     return 0
 
 

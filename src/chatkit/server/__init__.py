@@ -27,6 +27,7 @@ from ._server import ChatServer as ChatServer
 from ._server import ServerSpec as ServerSpec
 from ._session import SERVER_SENDER as SERVER_SENDER
 from ._session import LeaveReason as LeaveReason
+from ._session import Login as Login
 from ._session import RemoteUser as RemoteUser
 from ._session import User as User
 from ._transport import Link as Link
@@ -43,6 +44,7 @@ __all__ = [
     "LeaveReason",
     "Limits",
     "Link",
+    "Login",
     "RemoteUser",
     "ServerSpec",
     "Stats",

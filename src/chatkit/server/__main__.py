@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-token", metavar="TOKEN", help="clients must send this token in hello"
     )
     auth.add_argument(
+        "--operator-token",
+        metavar="TOKEN",
+        help="with --auth-token: clients sending this token instead get in as "
+        "server operators (docs/moderation.md)",
+    )
+    auth.add_argument(
         "--password-file",
         metavar="PATH",
         help="clients log in with a password from this file "
@@ -326,11 +332,18 @@ def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | 
     return context
 
 
-def _auth_plugins(token: str | None, password_file: str | None) -> list[object]:
+def _auth_plugins(
+    token: str | None, operator_token: str | None, password_file: str | None
+) -> list[object]:
     if token is not None and password_file is not None:
         raise ValueError("use --auth-token or --password-file, not both")
+    if operator_token is not None and token is None:
+        raise ValueError(
+            "--operator-token needs --auth-token (a password file gives roles "
+            "itself: python -m chatkit.auth add --operator)"
+        )
     if token is not None:
-        return [TokenAuth(token)]
+        return [TokenAuth(token, operator_token=operator_token)]
     if password_file is not None:
         try:
             return [PasswordFileAuth(password_file)]
@@ -405,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The Redis client's retries are its business; its failures are ours.
     logging.getLogger("coredis").setLevel(logging.WARNING)
     try:
-        plugins = _auth_plugins(args.auth_token, args.password_file)
+        plugins = _auth_plugins(
+            args.auth_token, args.operator_token, args.password_file
+        )
         plugins += [load_plugin(spec) for spec in args.plugin]
         server = ChatServer(
             args.host,

@@ -93,9 +93,7 @@ class Messages:
         messages) now; if so, it is told (``error muted``)."""
         mute = self.moderation.muted(session.name, room)
         if mute is None:
-            refusal = (
-                None if room is None else self.moderation.may_speak(session.name, room)
-            )
+            refusal = None if room is None else self.moderation.may_speak(session, room)
             if refusal is None:
                 return False
             session.error(ErrorCode(refusal[0]), refusal[1], ref)

@@ -12,8 +12,10 @@ concerned. docs/moderation.md is the guide.
 
 Roles are checked here for every request, from the server's own state; a
 client claims nothing. Server operators are named in the server's
-configuration; a room's owner is whoever created it (the first to join
-it), and its operators are those the owner (or a server operator) made so.
+configuration, or made so by their login (an authenticator's
+:class:`~chatkit.Login`: the session's role); a room's owner is whoever
+created it (the first to join it), and its operators are those the owner
+(or a server operator) made so.
 
 Times: a ban's or mute's end is Unix time (kept across restarts), read
 against a clock anchored to trio's at start (so that trio's test clocks
@@ -326,21 +328,22 @@ class Moderation:
 
     # --- roles ------------------------------------------------------------
 
-    def is_server_operator(self, name: str) -> bool:
-        """Whether ``name`` is a server operator."""
-        return name.casefold() in self.server_operators
+    def is_server_operator(self, who: Session) -> bool:
+        """Whether ``who`` is a server operator: by its name, in the
+        configuration, or by its login (:attr:`Session.operator`)."""
+        return who.operator or who.name.casefold() in self.server_operators
 
     def owner(self, room: str) -> str | None:
         """The casefolded name of ``room``'s owner, if it has one."""
         return self._doc.owners.get(room)
 
-    def may_moderate(self, name: str, room: str | None) -> bool:
-        """Whether ``name`` may act on ``room`` (None: the server)."""
-        if self.is_server_operator(name):
+    def may_moderate(self, who: Session, room: str | None) -> bool:
+        """Whether ``who`` may act on ``room`` (None: the server)."""
+        if self.is_server_operator(who):
             return True
         if room is None:
             return False
-        key = name.casefold()
+        key = who.name.casefold()
         return key == self._doc.owners.get(room) or key in self._doc.operators.get(
             room, ()
         )
@@ -398,13 +401,13 @@ class Moderation:
         )
         return self.settings(room)
 
-    def may_join(self, name: str, room: str, members: int) -> tuple[str, str] | None:
-        """Why ``name`` may not join ``room`` (with ``members`` now), as an
+    def may_join(self, who: Session, room: str, members: int) -> tuple[str, str] | None:
+        """Why ``who`` may not join ``room`` (with ``members`` now), as an
         error code and message; None if it may. Operators always may."""
         settings = self._doc.rooms.get(room)
-        if settings is None or self.may_moderate(name, room):
+        if settings is None or self.may_moderate(who, room):
             return None
-        if settings.invite_only and name.casefold() not in settings.invited:
+        if settings.invite_only and who.name.casefold() not in settings.invited:
             return "forbidden", f"{room} is invite-only: ask an operator for an invite"
         if settings.limit and members >= settings.limit:
             return "room_full", f"{room} is full ({settings.limit} members)"
@@ -425,14 +428,14 @@ class Moderation:
 
         await self._change(make)
 
-    def may_speak(self, name: str, room: str) -> tuple[str, str] | None:
-        """Why ``name`` may not speak in ``room`` now (moderated, or slow
+    def may_speak(self, who: Session, room: str) -> tuple[str, str] | None:
+        """Why ``who`` may not speak in ``room`` now (moderated, or slow
         mode), as an error code and message; None if it may (and, in slow
         mode, the message is counted)."""
         settings = self._doc.rooms.get(room)
-        if settings is None or self.may_moderate(name, room):
+        if settings is None or self.may_moderate(who, room):
             return None
-        key = name.casefold()
+        key = who.name.casefold()
         if settings.moderated and key not in settings.voiced:
             return (
                 "muted",

@@ -110,7 +110,7 @@ class Moderator:
         """Tell ``session`` why ``room`` (called ``name``; None: not made
         yet) does not let it in (invite-only, full); True if so."""
         members = len(room.members) if room is not None else 0
-        refusal = self.moderation.may_join(session.name, name, members)
+        refusal = self.moderation.may_join(session, name, members)
         if refusal is None:
             return False
         session.error(ErrorCode(refusal[0]), refusal[1], ref)
@@ -155,7 +155,7 @@ class Moderator:
         if problem is not None:
             session.error(problem[0], problem[1], ref)
             return
-        if not self.moderation.may_moderate(session.name, room) or (
+        if not self.moderation.may_moderate(session, room) or (
             isinstance(request, Op | Deop | Owner)
             and not self._may_grant(session, room)
         ):
@@ -203,7 +203,7 @@ class Moderator:
     def _may_grant(self, session: Session, room: str | None) -> bool:
         """Only a room's owner or a server operator makes room operators."""
         key = session.name.casefold()
-        return self.moderation.is_server_operator(key) or (
+        return self.moderation.is_server_operator(session) or (
             room is not None and self.moderation.owner(room) == key
         )
 

@@ -58,7 +58,7 @@ from ._moderation import Moderation, ModerationStore, host_of
 from ._moderator import Moderator
 from ._node import Node
 from ._port import NodePort
-from ._session import Directory, LeaveReason, Session
+from ._session import Directory, LeaveReason, Session, login_of
 
 if TYPE_CHECKING:
     from .._hooks import HookDispatcher
@@ -77,6 +77,14 @@ _NAME_RULE = "names are 1-32 letters, digits, '_', '-' or '.'"
 _ROOM_RULE = "room names are 1-64 letters, digits, '_', '-' or '.'"
 # Random bytes of a session's resume secret (welcome.resume): 144 bits.
 _RESUME_BYTES = 18
+
+
+def _resumes(hello: Hello, holder: Session) -> bool:
+    """Whether ``hello`` presents ``holder``'s resume secret."""
+    offered = hello.resume
+    if not offered:
+        return False
+    return hmac.compare_digest(offered.encode(), holder.resume.encode())
 
 
 class ChatRules:
@@ -241,11 +249,13 @@ class ChatRules:
             self._name_refused(session, name, hello.ref)
             return None
         try:
-            identified = await self.hooks.veto(
-                "chatkit_authenticate",
-                name=name,
-                token=hello.token,
-                address=session.address,
+            login = login_of(
+                await self.hooks.veto(
+                    "chatkit_authenticate",
+                    name=name,
+                    token=hello.token,
+                    address=session.address,
+                )
             )
         except Veto as exc:
             log.info("refused %s from %s: %s", name, session.address, exc.reason)
@@ -264,7 +274,7 @@ class ChatRules:
         # The same user, back before its old session was reaped, takes it
         # over: the name stays this node's, claimed already. (Nothing is
         # awaited from here to the login then, so nobody else can take it.)
-        replaced = await self._take_over(session, hello, identified=identified)
+        replaced = await self._take_over(session, hello, identified=login.identified)
         # Is the name in use (the hooks may have awaited)? Claim it across
         # the cluster, and check it again after that await.
         if (
@@ -275,9 +285,18 @@ class ChatRules:
             or self._name_refused(session, name, hello.ref)
         ):
             return None
+        # The role is the session's: a resume (the same session, going on)
+        # keeps it; a new login has what its authenticators gave it.
+        operator = login.operator or (
+            replaced is not None and replaced.operator and _resumes(hello, replaced)
+        )
         # Line mode cannot send a hello.resume: no secret to keep.
         json_mode = session.mode == Mode.JSON.value
-        session.accept(name, secrets.token_urlsafe(_RESUME_BYTES) if json_mode else "")
+        session.accept(
+            name,
+            secrets.token_urlsafe(_RESUME_BYTES) if json_mode else "",
+            operator=operator,
+        )
         self.directory.log_in(session, name)
         self.admission.logged_in(session)
         session.send(
@@ -309,10 +328,7 @@ class ChatRules:
         holder = self.directory.get(hello.name)
         if holder is None or holder is session or session.closed:
             return None
-        if not identified and not (
-            hello.resume
-            and hmac.compare_digest(hello.resume.encode(), holder.resume.encode())
-        ):
+        if not identified and not _resumes(hello, holder):
             return None
         # What the old session said goes out before it leaves (a cluster).
         await self.node.settle(holder)

@@ -41,7 +41,7 @@ from ._moderation_api import ModerationAPI
 from ._outbox import Stats
 from ._rooms import Rooms
 from ._rules import ChatRules
-from ._session import SERVER_SENDER, LeaveReason, RemoteUser, Session, User
+from ._session import SERVER_SENDER, LeaveReason, Login, RemoteUser, Session, User
 from ._transport import Link, TcpTransport, Transport
 from ._web import WebTransport
 
@@ -402,7 +402,7 @@ class ServerSpec:
     @hookspec
     def chatkit_authenticate(
         self, server: ChatServer, name: str, token: str | None, address: str
-    ) -> bool | None:
+    ) -> Login | bool | None:
         """A client asks to log in as ``name`` (valid; perhaps in use).
 
         Can veto: raise :class:`chatkit.Veto` with a reason to refuse; the
@@ -412,11 +412,16 @@ class ServerSpec:
         plugin refuses. Fails closed: an implementation that raises anything
         else, or times out, refuses the user too.
 
-        Return ``True`` only if ``token`` proves that the client *is*
-        ``name`` (a password of that name, not a secret shared by many
-        users): a session still logged in as ``name`` (a reconnect before
-        the server noticed the old connection was gone) is then taken over
-        by this login, rather than it getting ``name_taken``.
+        Return ``True`` (or ``Login(identified=True)``) only if ``token``
+        proves that the client *is* ``name`` (a password of that name, not
+        a secret shared by many users): a session still logged in as
+        ``name`` (a reconnect before the server noticed the old connection
+        was gone) is then taken over by this login, rather than it getting
+        ``name_taken``. Return ``Login(operator=True)`` to make this login a
+        server operator's (:attr:`chatkit.User.operator`): the role is the
+        session's, and ends with it. Each field of the :class:`chatkit.Login`
+        holds if any implementation said so; returning ``None`` (or
+        ``False``) says nothing.
         """
 
     @hookspec

@@ -6,7 +6,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from typing import TYPE_CHECKING, Final, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -16,6 +17,8 @@ from ..protocol import EOF, NEED_DATA, Blank, Mode, ServerConnection, Status
 from ._outbox import Outbox
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ._bucket import Bucket
     from ._fanout import Fanout
     from ._limits import Limits
@@ -27,9 +30,11 @@ __all__ = [
     "Directory",
     "Handler",
     "LeaveReason",
+    "Login",
     "RemoteUser",
     "Session",
     "User",
+    "login_of",
 ]
 
 log = logging.getLogger("chatkit.server")
@@ -71,6 +76,49 @@ class LeaveReason(enum.StrEnum):
     REPLACED = "replaced"
     """The same user logged in again on a new connection, which took the
     session over (its ``resume`` secret, or its password)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Login:
+    """What an authenticator says of a login: a ``chatkit_authenticate``
+    implementation may return one (see
+    :meth:`~chatkit.hookspecs.ServerSpec.chatkit_authenticate`).
+
+    Returning ``True`` means ``Login(identified=True)``, and ``None``
+    ``Login()``. Over all the implementations that let the login in, a
+    field holds if any of them said so.
+
+    Attributes:
+        identified: the token proves that the client *is* the name it logs
+            in as (a password of that name, not a secret shared by many):
+            it may take over a session of that name still logged in.
+        operator: the login is a server operator's: for this session (a
+            rename and a resume keep it), not for the name, whoever logs in
+            under it next. See docs/moderation.md.
+    """
+
+    identified: bool = False
+    operator: bool = False
+
+
+def login_of(results: Iterable[Any]) -> Login:
+    """What ``chatkit_authenticate``'s implementations said, together:
+    ``True`` or a :class:`Login` from any of them counts; ``False`` says
+    nothing, and anything else is logged and ignored."""
+    identified = operator = False
+    for result in results:
+        if isinstance(result, Login):
+            identified = identified or result.identified
+            operator = operator or result.operator
+        elif result is True:
+            identified = True
+        elif result is not False:
+            log.warning(
+                "chatkit_authenticate returned %r, not a bool, a Login or None;"
+                " ignored",
+                result,
+            )
+    return Login(identified=identified, operator=operator)
 
 
 class Handler(Protocol):
@@ -129,6 +177,15 @@ class User:
         """``"json"`` or ``"line"`` (``"unknown"`` before the first line)."""
         return self._session.mode
 
+    @property
+    def operator(self) -> bool:
+        """Whether the user's login made it a server operator (an
+        authenticator returned :class:`~chatkit.Login` with
+        ``operator=True``). It lasts as long as the session; the operators
+        named in the server's configuration (``ChatServer(operators=...)``)
+        are operators by name, and not counted here."""
+        return self._session.operator
+
     def __repr__(self) -> str:
         return f"<User {self.name!r} {self.address}>"
 
@@ -136,10 +193,13 @@ class User:
 class RemoteUser:
     """A user connected to another node of the cluster (see
     :mod:`chatkit.cluster`): the ``recipient`` of ``chatkit_dm`` when the
-    recipient is not on this node. It has a name and nothing else here."""
+    recipient is not on this node. It has a name and nothing else here
+    (its login's role, :attr:`User.operator`, is known on its own node
+    only: False here)."""
 
     address = ""
     mode = "remote"
+    operator = False
     rooms: frozenset[str] = frozenset()
 
     def __init__(self, name: str) -> None:
@@ -177,6 +237,7 @@ class Session:
         "address",
         "left_rooms",
         "name",
+        "operator",
         "outbox",
         "reason",
         "renames",
@@ -216,6 +277,10 @@ class Session:
         self.resume = ""
         """The secret a reconnecting client presents to take this session
         over (``welcome.resume``; ``""`` before the handshake)."""
+        self.operator = False
+        """The login made this session a server operator (its
+        authenticator's :class:`Login`): the session's role, not its
+        name's, so it ends with the session."""
         self._closed = False
         self._mark = 0  # the fan-out's mark of this session's last output
         # The reader's deadline: the handshake timeout, then the idle
@@ -286,12 +351,13 @@ class Session:
 
     # --- the handshake ----------------------------------------------------
 
-    def accept(self, name: str, resume: str = "") -> None:
+    def accept(self, name: str, resume: str = "", *, operator: bool = False) -> None:
         """The handshake is done: ``name`` is the user's (``resume`` the
-        secret that takes the session over); from now on only the idle
-        timeout applies."""
+        secret that takes the session over, ``operator`` its role); from
+        now on only the idle timeout applies."""
         self.name = name
         self.resume = resume
+        self.operator = operator
         self._proto.accept()
         idle = self._limits.idle_timeout
         self._reader_scope.deadline = (
