@@ -28,14 +28,25 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 import trio
 
-from .._events import BanInfo, BansReply
+from .._events import BansReply
 from .._exceptions import ErrorCode
 from ..protocol import is_valid_name, is_valid_room
+from ._moderation_state import (
+    Change,
+    Document,
+    ModerationStore,
+    Restriction,
+    RoomSettings,
+    SharedModeration,
+    decode,
+    decode_change,
+    decode_document,
+)
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -51,137 +62,10 @@ __all__ = [
 
 log = logging.getLogger("chatkit.server")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Slow mode's memory of who spoke when: pruned past this many entries of
 # anything older than the longest slow mode (a day).
 _MAX_SPOKE: Final = 10_000
 _DAY: Final = 86_400
-
-
-@runtime_checkable
-class ModerationStore(Protocol):
-    """A history store that also keeps the moderation state (one document,
-    saved whole): :class:`~chatkit.SqliteHistory` and
-    :class:`~chatkit.MemoryHistory` do."""
-
-    async def load_moderation(self) -> bytes | None:
-        """The document saved last, or None."""
-        ...
-
-    async def save_moderation(self, document: bytes) -> None:
-        """Keep ``document`` (durably, before returning)."""
-        ...
-
-
-class Restriction(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A ban or a mute.
-
-    Attributes:
-        kind: ``"ban"`` or ``"mute"``.
-        name: the user's name, casefolded (or ``address``).
-        address: a network in CIDR form (bans only).
-        room: the room, or None: the whole server.
-        by: who imposed it.
-        until: when it ends (Unix time), or None: when lifted.
-    """
-
-    kind: str
-    by: str
-    name: str | None = None
-    address: str | None = None
-    room: str | None = None
-    reason: str = ""
-    until: float | None = None
-
-    def info(self) -> BanInfo:
-        """As the ``bans`` reply lists it."""
-        return BanInfo(
-            name=self.name,
-            address=self.address,
-            by=self.by,
-            reason=self.reason,
-            until=self.until,
-        )
-
-
-class RoomSettings(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A room's topic and modes (see :class:`chatkit.protocol.Mode`), and
-    who it lets in or speak."""
-
-    topic: str = ""
-    topic_by: str | None = None
-    invite_only: bool = False
-    moderated: bool = False
-    secret: bool = False
-    limit: int = 0
-    slow: int = 0
-    invited: list[str] = msgspec.field(default_factory=list)  # casefolded
-    voiced: list[str] = msgspec.field(default_factory=list)  # casefolded
-
-
-class _Document(msgspec.Struct, kw_only=True):
-    """What is saved: restrictions, room roles, room settings."""
-
-    restrictions: list[Restriction] = msgspec.field(default_factory=list)
-    # room -> its owner's casefolded name
-    owners: dict[str, str] = msgspec.field(default_factory=dict)
-    # room -> its operators' casefolded names
-    operators: dict[str, list[str]] = msgspec.field(default_factory=dict)
-    rooms: dict[str, RoomSettings] = msgspec.field(default_factory=dict)
-
-
-class Change(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One change of the state: each part given replaces that part. In a
-    cluster every node applies it, in the order the cluster committed
-    them, so it names the parts' new values, never a step to take."""
-
-    restrictions: list[Restriction] | None = None
-    owners: dict[str, str] = msgspec.field(default_factory=dict)
-    # room -> its operators (none: empty)
-    operators: dict[str, list[str]] = msgspec.field(default_factory=dict)
-    # room -> its settings (the defaults: none kept)
-    rooms: dict[str, RoomSettings] = msgspec.field(default_factory=dict)
-
-    def apply(self, doc: _Document) -> None:
-        """Make it so in ``doc``."""
-        if self.restrictions is not None:
-            doc.restrictions = list(self.restrictions)
-        doc.owners.update(self.owners)
-        for room, operators in self.operators.items():
-            if operators:
-                doc.operators[room] = list(operators)
-            else:
-                doc.operators.pop(room, None)
-        for room, settings in self.rooms.items():
-            if settings == RoomSettings():
-                doc.rooms.pop(room, None)
-            else:
-                doc.rooms[room] = settings
-
-
-_decode_document = msgspec.json.Decoder(_Document).decode
-_decode_change = msgspec.json.Decoder(Change).decode
-
-
-def _decode(document: bytes | None) -> _Document:
-    return _decode_document(document) if document else _Document()
-
-
-class SharedModeration(Protocol):
-    """Where a cluster keeps the state every node shares (a
-    :class:`chatkit.backplane.Backplane`): a version and a document, each
-    change committed only on top of the version it was made on."""
-
-    async def load_moderation(self) -> tuple[int, bytes | None]:
-        """The version and document (None: none yet)."""
-        ...
-
-    async def commit_moderation(
-        self, version: int, document: bytes, change: bytes
-    ) -> bool:
-        """Store ``document`` if the state is at ``version`` and tell every
-        node ``change``; False if it is not."""
-        ...
 
 
 class Moderation:
@@ -213,7 +97,7 @@ class Moderation:
         self.version = 0
         """How many changes the cluster's state has had (with ``shared``)."""
         self._stale = False  # changes were missed: reload before the next
-        self._doc = _Document()
+        self._doc = Document()
         self._anchor = 0.0  # Unix time minus trio's clock (set by open())
         # When each member last spoke in a slow-mode room (not saved).
         self._spoke: dict[tuple[str, str], float] = {}
@@ -224,7 +108,7 @@ class Moderation:
         self._anchor = time.time() - trio.current_time()
         if self._store is None or self._shared is not None:
             return
-        self._doc = _decode(await self._store.load_moderation())
+        self._doc = decode(await self._store.load_moderation())
 
     def now(self) -> float:
         """Unix time, as far as moderation is concerned."""
@@ -245,12 +129,12 @@ class Moderation:
             return False
         self._stale = False
         version, document = await shared.load_moderation()
-        if document is None and not newer_only and self._doc != _Document():
+        if document is None and not newer_only and self._doc != Document():
             self.version = 0
             return True
         if newer_only and version < self.version:
             return False
-        self._doc = _decode(document)
+        self._doc = decode(document)
         self.version = version
         return False
 
@@ -285,7 +169,7 @@ class Moderation:
                 version - 1,
             )
             self._stale = True
-        _decode_change(change).apply(self._doc)
+        decode_change(change).apply(self._doc)
         self.version = version
         return self._stale
 
@@ -311,7 +195,7 @@ class Moderation:
                     await self._store.save_moderation(msgspec.json.encode(self._doc))
                 return True
             version = self.version
-            document = _decode_document(msgspec.json.encode(self._doc))  # a copy
+            document = decode_document(msgspec.json.encode(self._doc))  # a copy
             change.apply(document)
             encoded = msgspec.json.encode(document)
             if await shared.commit_moderation(
