@@ -402,10 +402,12 @@ class ChatRules:
             )
         room = self.rooms.open(join.room)
         self._add_member(session, room, ref=join.ref)
-        with suppress(OSError):  # the cluster: the invite stays
-            await self.moderation.joined(session.name, room.name)
+        # The topic right after the joiner's `joined`, before anything
+        # else can reach it (a client shows it as the room's topic then).
         if self.moderation.settings(room.name).topic:
             session.send(self.moderator.topic(room.name))
+        with suppress(OSError):  # the cluster: the invite stays
+            await self.moderation.joined(session.name, room.name)
         await self.hooks.notify(
             "chatkit_user_joined", user=session.user, room=room.name
         )
