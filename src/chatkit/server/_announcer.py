@@ -108,14 +108,14 @@ class Announcer:
         self, event: Told, rooms: Sequence[str], to: str, by: Session | None, ref: Any
     ) -> None:
         """Tell ``event`` to this node's concerned, then carry it out here."""
-        if to:
-            target = self._directory.get(to)
-            listeners: list[Any] = [target] if target is not None else []
+        target = None
+        if to:  # one user hears it (an invite)
+            invitee = self._directory.get(to)
+            listeners: list[Any] = [invitee] if invitee is not None else []
         else:
             listeners = self._members(rooms)
-        target = None
-        if isinstance(event, Moderated) and event.name is not None and not to:
-            target = self._directory.get(event.name)
+            if isinstance(event, Moderated) and event.name is not None:
+                target = self._directory.get(event.name)
         if target is not None and event.room is None:  # an action on a user
             assert isinstance(event, Moderated)
             if event.action in ("kick", "ban"):
