@@ -381,15 +381,43 @@ class Session:
         link = self._link
         log.info("New connection from %s", link.peer)
         handler.opened(self)
+        proto = self._proto
+        fanout = self._fanout
+        limits = self._limits
         try:
-            # Inline, not a method of its own: an idle connection's task is
-            # a stack of suspended frames, and each one costs memory.
+            # The read loop is inline, not a method of its own: an idle
+            # connection's task is a stack of suspended frames, and each one
+            # costs memory (what a read brought is handled by a method: its
+            # frame is gone by the next wait).
             scope = self._reader_scope
             scope.deadline = min(
-                scope.deadline, trio.current_time() + self._limits.handshake_timeout
+                scope.deadline, trio.current_time() + limits.handshake_timeout
             )
             with scope:
-                reason = await self._read(handler)
+                reason: LeaveReason | None = None
+                while reason is None:
+                    if fanout.backlogged:
+                        await fanout.wait_ready()
+                    try:
+                        # Before the handshake, small reads: a connection
+                        # that has not said hello holds little
+                        # (docs/security.md).
+                        data = await link.receive_some(
+                            None
+                            if self.name
+                            else limits.max_hello_length + _HELLO_READ_SLACK
+                        )
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""  # gone: as if it had said goodbye silently
+                    if self.name:
+                        idle = limits.idle_timeout
+                        if idle is not None:
+                            scope.deadline = trio.current_time() + idle
+                        elif scope.deadline != math.inf:  # the setter costs
+                            scope.deadline = math.inf
+                    proto.receive_data(data)
+                    del data  # not held while idle
+                    reason = await self._handle_read(handler)
                 self.close(reason)
             if scope.cancelled_caught and not self._closed:
                 self._time_out()
@@ -423,83 +451,64 @@ class Session:
             LeaveReason.TIMEOUT, ErrorReply(code=ErrorCode.TIMEOUT, message=text)
         )
 
-    async def _read(self, handler: Handler) -> LeaveReason:
+    async def _handle_read(self, handler: Handler) -> LeaveReason | None:
+        """Handle the requests that the last read completed; a reason when
+        the connection must end."""
         proto = self._proto
         link = self._link
-        scope = self._reader_scope
-        fanout = self._fanout
         limits = self._limits
+        # Every request decoded from one read is handled before the next
+        # read, so that its output is one batch.
+        handled = refused = 0
+        unknown = proto.mode is Mode.UNKNOWN
         while True:
-            if fanout.backlogged:
-                await fanout.wait_ready()
+            if self._closed:
+                # Closed mid-read (kicked by a plugin, too slow): the
+                # requests still buffered must not be acted on.
+                return self.reason or LeaveReason.DISCONNECT
             try:
-                # Before the handshake, small reads: a connection that has
-                # not said hello holds little (docs/security.md).
-                data = await link.receive_some(
-                    None if self.name else limits.max_hello_length + _HELLO_READ_SLACK
+                request: ClientRequest | Status | Blank | RemoteProtocolError = (
+                    proto.next_event(report_blank_lines=True)
                 )
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""  # gone: as if it had said goodbye without a word
-            if self.name:
-                idle = limits.idle_timeout
-                if idle is not None:
-                    scope.deadline = trio.current_time() + idle
-                elif scope.deadline != math.inf:  # the setter costs: not per read
-                    scope.deadline = math.inf
-            proto.receive_data(data)
-            del data  # not held while idle
-            # Every request decoded from one read is handled before the next
-            # read, so that its output is one batch.
-            handled = refused = 0
-            unknown = proto.mode is Mode.UNKNOWN
-            while True:
-                if self._closed:
-                    # Closed mid-read (kicked by a plugin, too slow): the
-                    # requests still buffered must not be acted on.
-                    return self.reason or LeaveReason.DISCONNECT
-                try:
-                    request: ClientRequest | Status | Blank | RemoteProtocolError = (
-                        proto.next_event(report_blank_lines=True)
-                    )
-                except RemoteProtocolError as exc:
-                    request = exc  # a bad line costs a token like any request
-                if unknown and proto.mode is not Mode.UNKNOWN:
-                    # The first line chose the mode: output takes its format.
-                    self.outbox.wire = link.wire(proto.mode)
-                    unknown = False
-                if request is NEED_DATA:
-                    break
-                if request is EOF:
-                    return LeaveReason.DISCONNECT
-                # One read can hold thousands of lines: let the other
-                # connections run now and then. Refused and blank lines (a
-                # flood) come cheap and fast, so they pause often; admitted
-                # requests pause rarely, as each pause can end the batch
-                # early. Every line, blank or not, costs a token.
-                admitted = self._admit()
-                if not admitted or isinstance(request, (Blank, RemoteProtocolError)):
-                    refused += 1
-                    if refused % _PAUSE_EVERY_REFUSED == 0:
-                        await trio.lowlevel.checkpoint()
-                    ref = None if isinstance(request, Blank) else request.ref
-                    if not admitted:
-                        if self._violations >= limits.flood_limit:
-                            self.error(
-                                ErrorCode.RATE_LIMITED,
-                                "too many requests; disconnecting",
-                                ref,
-                            )
-                            return LeaveReason.FLOOD
-                        self.error(ErrorCode.RATE_LIMITED, "slow down", ref)
-                    elif isinstance(request, RemoteProtocolError):  # a bad line
-                        self.error(request.code, request.message, ref)
-                    continue
-                handled += 1
-                if handled % _PAUSE_EVERY_ADMITTED == 0:
+            except RemoteProtocolError as exc:
+                request = exc  # a bad line costs a token like any request
+            if unknown and proto.mode is not Mode.UNKNOWN:
+                # The first line chose the mode: output takes its format.
+                self.outbox.wire = link.wire(proto.mode)
+                unknown = False
+            if request is NEED_DATA:
+                return None
+            if request is EOF:
+                return LeaveReason.DISCONNECT
+            # One read can hold thousands of lines: let the other
+            # connections run now and then. Refused and blank lines (a
+            # flood) come cheap and fast, so they pause often; admitted
+            # requests pause rarely, as each pause can end the batch
+            # early. Every line, blank or not, costs a token.
+            admitted = self._admit()
+            if not admitted or isinstance(request, (Blank, RemoteProtocolError)):
+                refused += 1
+                if refused % _PAUSE_EVERY_REFUSED == 0:
                     await trio.lowlevel.checkpoint()
-                reason = await handler.handle(self, request)
-                if reason is not None:
-                    return reason
+                ref = None if isinstance(request, Blank) else request.ref
+                if not admitted:
+                    if self._violations >= limits.flood_limit:
+                        self.error(
+                            ErrorCode.RATE_LIMITED,
+                            "too many requests; disconnecting",
+                            ref,
+                        )
+                        return LeaveReason.FLOOD
+                    self.error(ErrorCode.RATE_LIMITED, "slow down", ref)
+                elif isinstance(request, RemoteProtocolError):  # a bad line
+                    self.error(request.code, request.message, ref)
+                continue
+            handled += 1
+            if handled % _PAUSE_EVERY_ADMITTED == 0:
+                await trio.lowlevel.checkpoint()
+            reason = await handler.handle(self, request)
+            if reason is not None:
+                return reason
 
     def _admit(self) -> bool:
         """Take a token from the bucket; False if it is empty."""
