@@ -225,6 +225,24 @@ async def test_changes_made_at_once_on_both_nodes_are_all_kept(
                 assert {ban.name for ban in listing.bans} == names
 
 
+async def test_invites_made_at_once_on_both_nodes_are_all_kept(
+    redis: RedisServer,
+) -> None:
+    # An invite adds to the room's list: made again on the list another
+    # node left when that node committed first, not on a stale copy.
+    async with two_nodes(redis) as (a, b):
+        await a.set_modes("dev", invite_only=True)
+        names = {node: [f"guest{node.port}x{n}" for n in range(5)] for node in (a, b)}
+        async with trio.open_nursery() as nursery:
+            for node, guests in names.items():
+                for guest in guests:
+                    nursery.start_soon(node.invite, "dev", guest)
+        for node, guests in names.items():
+            for guest in guests:
+                async with client(node, guest) as invited:
+                    await invited.join("dev")
+
+
 async def test_the_state_is_in_redis_across_a_restart_of_every_node(
     redis: RedisServer,
 ) -> None:

@@ -184,7 +184,7 @@ class Moderation:
         """
         shared = self._shared
         if shared is not None and self._stale:
-            await self.reload()
+            await self.reload(newer_only=True)
         while True:
             change = make()
             if change is None:
@@ -277,13 +277,50 @@ class Moderation:
         return self._doc.rooms.get(room) or RoomSettings()
 
     async def change_settings(self, room: str, **changes: Any) -> RoomSettings:
-        """Change ``room``'s settings (and save them); the new settings."""
-        await self._change(
-            lambda: Change(
-                rooms={room: msgspec.structs.replace(self.settings(room), **changes)}
-            )
+        """Set fields of ``room``'s settings (and save them); the new
+        settings."""
+        return await self.edit_settings(
+            room, lambda settings: msgspec.structs.replace(settings, **changes)
         )
+
+    async def edit_settings(
+        self, room: str, edit: Callable[[RoomSettings], RoomSettings]
+    ) -> RoomSettings:
+        """Change ``room``'s settings to what ``edit`` makes of them (and
+        save them; in a cluster ``edit`` may be asked again, of the
+        settings another node left); the new settings."""
+
+        def make() -> Change | None:
+            settings = self.settings(room)
+            edited = edit(settings)
+            return None if edited == settings else Change(rooms={room: edited})
+
+        await self._change(make)
         return self.settings(room)
+
+    async def invite(self, room: str, name: str) -> None:
+        """Let ``name`` into invite-only ``room``, once."""
+        key = name.casefold()
+        await self.edit_settings(
+            room,
+            lambda s: (
+                s
+                if key in s.invited
+                else msgspec.structs.replace(s, invited=[*s.invited, key])
+            ),
+        )
+
+    async def set_voice(self, room: str, name: str, *, on: bool) -> None:
+        """Let ``name`` speak in moderated ``room`` (``on``) or not."""
+        key = name.casefold()
+
+        def edit(settings: RoomSettings) -> RoomSettings:
+            voiced = [n for n in settings.voiced if n != key]
+            return msgspec.structs.replace(
+                settings, voiced=[*voiced, key] if on else voiced
+            )
+
+        await self.edit_settings(room, edit)
 
     def may_join(self, who: Session, room: str, members: int) -> tuple[str, str] | None:
         """Why ``who`` may not join ``room`` (with ``members`` now), as an
@@ -300,17 +337,13 @@ class Moderation:
     async def joined(self, name: str, room: str) -> None:
         """``name`` joined ``room``: its invite, if any, is used up."""
         key = name.casefold()
-
-        def make() -> Change | None:
-            settings = self._doc.rooms.get(room)
-            if settings is None or key not in settings.invited:
-                return None
-            invited = [n for n in settings.invited if n != key]
-            return Change(
-                rooms={room: msgspec.structs.replace(settings, invited=invited)}
+        if key in self.settings(room).invited:
+            await self.edit_settings(
+                room,
+                lambda s: msgspec.structs.replace(
+                    s, invited=[n for n in s.invited if n != key]
+                ),
             )
-
-        await self._change(make)
 
     def may_speak(self, who: Session, room: str) -> tuple[str, str] | None:
         """Why ``who`` may not speak in ``room`` now (moderated, or slow

@@ -540,10 +540,7 @@ class Moderator:
     ) -> None:
         """Let ``name`` join invite-only ``room`` once; it is told (if
         online), and so is ``by``."""
-        key = name.casefold()
-        invited = self.moderation.settings(room).invited
-        if key not in invited:
-            await self.moderation.change_settings(room, invited=[*invited, key])
+        await self.moderation.invite(room, name)
         event = Moderated(action="invite", by=_name(by), name=name, room=room)
         self.announcer.announce(event, to=name, by=by, ref=ref)
 
@@ -551,11 +548,7 @@ class Moderator:
         self, room: str, name: str, on: bool, by: Session | None = None, ref: Any = None
     ) -> None:
         """Let ``name`` speak in moderated ``room`` (``on``) or not."""
-        key = name.casefold()
-        voiced = [n for n in self.moderation.settings(room).voiced if n != key]
-        await self.moderation.change_settings(
-            room, voiced=[*voiced, key] if on else voiced
-        )
+        await self.moderation.set_voice(room, name, on=on)
         event = Moderated(
             action="voice" if on else "devoice", by=_name(by), name=name, room=room
         )
