@@ -177,10 +177,9 @@ class Announcer:
                     self._remove_member(member, room, LeaveReason.KICKED)
             return
         for session in list(self._directory.users):
-            if moderation.banned(session.name, host_of(session), None):
-                message = "you are banned from this server"
-                if ban.reason:
-                    message += f": {ban.reason}"
+            keeps_out = moderation.banned(session.name, host_of(session), None)
+            if keeps_out is not None:
+                message = keeps_out.refusal("from this server")
                 session.close(
                     LeaveReason.KICKED,
                     ErrorReply(code=ErrorCode.BANNED, message=message),

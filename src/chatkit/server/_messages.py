@@ -99,10 +99,7 @@ class Messages:
             session.error(ErrorCode(refusal[0]), refusal[1], ref)
             return True
         where = f"in {room}" if room is not None else "on this server"
-        message = f"you are muted {where}"
-        if mute.reason:
-            message += f": {mute.reason}"
-        session.error(ErrorCode.MUTED, message, ref)
+        session.error(ErrorCode.MUTED, mute.refusal(where), ref)
         return True
 
     def member_room(self, session: Session, room: str, ref: Any) -> Room | None:

@@ -60,6 +60,13 @@ class Restriction(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     reason: str = ""
     until: float | None = None
 
+    def refusal(self, where: str) -> str:
+        """What the user it concerns is told when it keeps them out or
+        quiet: ``you are banned from dev: spam`` (``where``: ``from
+        dev``), ``you are muted in lobby``."""
+        text = f"you are {'banned' if self.kind == 'ban' else 'muted'} {where}"
+        return f"{text}: {self.reason}" if self.reason else text
+
     def info(self) -> BanInfo:
         """As the ``bans`` reply lists it."""
         return BanInfo(

@@ -98,10 +98,7 @@ class Moderator:
         ban = self.moderation.banned(session.name, host_of(session), room)
         if ban is None:
             return False
-        text = f"you are banned from {room}"
-        session.error(
-            ErrorCode.BANNED, f"{text}: {ban.reason}" if ban.reason else text, ref
-        )
+        session.error(ErrorCode.BANNED, ban.refusal(f"from {room}"), ref)
         return True
 
     def keeps_out(
@@ -241,17 +238,32 @@ class Moderator:
             in_room = f" in {room}" if room is not None else ""
             self._error(by, ErrorCode.NO_SUCH_USER, f"no user {name}{in_room}", ref)
             return False
-        event = Moderated(
-            action="kick", by=_name(by), name=where[0], room=room, reason=reason
-        )
-        self.announcer.announce(
-            event, where[1] if room is None else (room,), by=by, ref=ref
-        )
-        log.info(
-            "%s kicked %s from %s: %s", _name(by), name, room or "the server", reason
-        )
-        await self._observed(event)
+        spelt, rooms = where
+        await self._observed(self._put_out(spelt, rooms, room, reason, by, ref))
         return True
+
+    def _put_out(
+        self,
+        name: str,
+        rooms: tuple[str, ...],
+        room: str | None,
+        reason: str,
+        by: Session | None = None,
+        ref: Any = None,
+        *,
+        share: bool = True,
+    ) -> Moderated:
+        """Kick ``name`` (in ``rooms``) out of ``room`` (None: off the
+        server), on every node (``share=False``: this one); what was told."""
+        event = Moderated(
+            action="kick", by=_name(by), name=name, room=room, reason=reason
+        )
+        audience = rooms if room is None else (room,)
+        self.announcer.announce(event, audience, by=by, ref=ref, share=share)
+        log.info(
+            "%s kicked %s from %s: %s", event.by, name, room or "the server", reason
+        )
+        return event
 
     def kick_soon(self, name: str, room: str | None, reason: str) -> bool:
         """The server's own kick, which cannot await: a user of this node
@@ -267,11 +279,7 @@ class Moderator:
             return True
         if room is not None and room not in target.rooms:
             return False
-        event = Moderated(
-            action="kick", by=SERVER_SENDER, name=target.name, room=room, reason=reason
-        )
-        self.announcer.announce(event, target.rooms if room is None else (room,))
-        log.info("*server* kicked %s from %s: %s", name, room or "the server", reason)
+        event = self._put_out(target.name, target.rooms, room, reason)
         hooks = self.hooks
         if hooks is not None and spawn is not None and hooks.has("chatkit_moderated"):
             spawn(self._observed, event)
@@ -290,8 +298,7 @@ class Moderator:
         target = self._directory.get(name)
         if target is None:
             return False
-        event = Moderated(action="kick", by=SERVER_SENDER, name=name, reason=reason)
-        self.announcer.announce(event, target.rooms, share=False)
+        self._put_out(target.name, target.rooms, None, reason, share=False)
         return True
 
     async def _ban(self, session: Session, request: Ban | Unban) -> None:

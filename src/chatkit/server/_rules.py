@@ -264,12 +264,7 @@ class ChatRules:
         ban = self.moderation.banned(name, host_of(session), None)
         if ban is not None:
             log.info("refused %s from %s: banned", name, session.address)
-            text = "you are banned from this server"
-            session.error(
-                ErrorCode.BANNED,
-                f"{text}: {ban.reason}" if ban.reason else text,
-                hello.ref,
-            )
+            session.error(ErrorCode.BANNED, ban.refusal("from this server"), hello.ref)
             return LeaveReason.DISCONNECT
         # The same user, back before its old session was reaped, takes it
         # over: the name stays this node's, claimed already. (Nothing is
