@@ -15,7 +15,7 @@ cluster published first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -113,7 +113,8 @@ class Announcer:
             invitee = self._directory.get(to)
             listeners: list[Any] = [invitee] if invitee is not None else []
         else:
-            listeners = self._members(rooms)
+            rooms_here = [room for name in rooms if (room := self._rooms.get(name))]
+            listeners = self._rooms.each_member(rooms_here)
             if isinstance(event, Moderated) and event.name is not None:
                 target = self._directory.get(event.name)
         if target is not None and event.room is None:  # an action on a user
@@ -135,15 +136,6 @@ class Announcer:
                 self._kick(target, event)
             elif event.action == "ban":
                 self._enforce(event)
-
-    def _members(self, rooms: Iterable[str]) -> list[Any]:
-        """This node's members of ``rooms``, each once."""
-        seen: dict[Any, None] = {}
-        for name in rooms:
-            room = self._rooms.get(name)
-            if room is not None:
-                seen.update(dict.fromkeys(room.members))
-        return list(seen)
 
     def _kick(self, target: Session, event: Moderated) -> None:
         if event.room is None:
