@@ -591,3 +591,40 @@ async def test_the_python_api_sets_topics_modes_and_owners(
     assert (await bob.expect("bans", ref=2))["operators"] == ["bob"]
     with pytest.raises(ValueError, match="slow"):
         await server.set_modes("dev", slow=-1)
+
+
+async def test_an_address_ban_and_a_room_ban_end_when_they_expire(
+    mock_clock: trio.testing.MockClock, open_raw: OpenRaw
+) -> None:
+    mock_clock.rate = 1  # real time, and jumps
+    async with chatkit.open_server(operators=["root"]) as server:
+        root = await login(open_raw, server.port, "root")
+        bob = await login(open_raw, server.port, "bob")
+        await root.send_json(type="ban", address="127.1.0.0/16", duration=60, ref=1)
+        await root.expect("moderated", action="ban", ref=1)
+        await root.send_json(type="ban", name="bob", room="dev", duration=600, ref=2)
+        await root.expect("moderated", action="ban", ref=2)
+
+        async def hello_from(source: str) -> RawClient:
+            client = RawClient(await connect_from(server.port, source))
+            await client.send_json(type="hello", name="eve", protocol=1)
+            return client
+
+        eve = await hello_from("127.1.2.3")
+        try:
+            assert (await eve.expect("error"))["code"] == "banned"
+        finally:
+            await eve.aclose()
+        await bob.send_json(type="join", room="dev", ref=3)
+        assert (await bob.expect("error", ref=3))["code"] == "banned"
+        mock_clock.jump(61)  # the address ban is over, not the room ban
+        eve = await hello_from("127.1.2.3")
+        try:
+            await eve.expect("welcome")
+        finally:
+            await eve.aclose()
+        await bob.send_json(type="join", room="dev", ref=4)
+        assert (await bob.expect("error", ref=4))["code"] == "banned"
+        mock_clock.jump(540)
+        await bob.send_json(type="join", room="dev", ref=5)
+        await bob.expect("joined", room="dev", name="bob", ref=5)
