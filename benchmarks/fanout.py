@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
@@ -787,11 +787,7 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     rows = []
     for history, new, old in TARGET_PAIRS:
         for n in sorted({r["clients"] for r in results if r["server"] == new}):
-            pairs = [
-                (r, before[key(r, old)])
-                for r in results
-                if key(r)[:2] == (new, n) and key(r, old) in before
-            ]
+            pairs = paired(results, new, n, old, before)
             if not pairs:
                 continue
             rss = [r["rss_per_connection_kib"] for r, _ in pairs]
@@ -815,12 +811,7 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     revisions = ", ".join(sorted({r["revision"] for r in before.values()}))
-    rates = sorted(
-        r["latency"]["offered_deliveries_per_s"]
-        for r in before.values()
-        if "latency" in r
-    )
-    rate = f"{rates[0]:,.0f}" if rates else "-"
+    rate = lowest_offered_rate(before.values())
     return [
         f"\nIssue 17 targets: chatkit against chatkit-before ({revisions}) of the"
         " same round, history in memory (off) and in SQLite (on); p99 at"
@@ -841,14 +832,8 @@ def ws_targets(results: list[dict[str, Any]]) -> list[str]:
     by_key = {key(r): r for r in results}
     rows = []
     for n in sorted({r["clients"] for r in results if r["server"] == "chatkit-ws"}):
-        pairs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        for server in ("chatkit", "websockets"):
-            pairs[server] = [
-                (r, by_key[key(r, server)])
-                for r in results
-                if key(r)[:2] == ("chatkit-ws", n) and key(r, server) in by_key
-            ]
-        tcp, reference = pairs["chatkit"], pairs["websockets"]
+        tcp = paired(results, "chatkit-ws", n, "chatkit", by_key)
+        reference = paired(results, "chatkit-ws", n, "websockets", by_key)
         if not tcp and not reference:
             continue
         cells = [
@@ -873,12 +858,7 @@ def ws_targets(results: list[dict[str, Any]]) -> list[str]:
         rows.append("| " + " | ".join(cells) + " |")
     if not rows:
         return []
-    rates = sorted(
-        r["latency"]["offered_deliveries_per_s"]
-        for r in results
-        if r["server"] == "chatkit-ws" and "latency" in r
-    )
-    rate = f"{rates[0]:,.0f}" if rates else "-"
+    rate = lowest_offered_rate(r for r in results if r["server"] == "chatkit-ws")
     return [
         "\nIssue 20 targets: chatkit over WebSocket (chatkit-ws) against chatkit's"
         " TCP JSON (chatkit) and the websockets reference (websockets) of the same"
@@ -890,6 +870,31 @@ def ws_targets(results: list[dict[str, Any]]) -> list[str]:
         "|---:|---:|---:|---|---:|---|---:|---|",
         *rows,
     ]
+
+
+def paired(
+    results: list[dict[str, Any]],
+    server: str,
+    n: int,
+    reference: str,
+    references: dict[tuple[str, int, int], dict[str, Any]],
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each result of ``server`` at N=``n`` with the same round's result of
+    ``reference`` (from ``references``, by :func:`key`), where there is one."""
+    return [
+        (r, references[key(r, reference)])
+        for r in results
+        if key(r)[:2] == (server, n) and key(r, reference) in references
+    ]
+
+
+def lowest_offered_rate(results: Iterable[dict[str, Any]]) -> str:
+    """The lowest deliveries/s offered in the latency phase of ``results``,
+    formatted ("-" without a latency phase)."""
+    rates = [
+        r["latency"]["offered_deliveries_per_s"] for r in results if "latency" in r
+    ]
+    return f"{min(rates):,.0f}" if rates else "-"
 
 
 def median_ratio(

@@ -153,6 +153,9 @@ def make_text(sender: int, seq: int) -> bytes:
 class Conn(asyncio.Protocol):
     """One benchmark client."""
 
+    #: What each delivery holds once, and nothing else does.
+    mark = MARK
+
     def __init__(self, worker: Worker, index: int) -> None:
         self.w = worker
         self.index = index
@@ -189,18 +192,23 @@ class Conn(asyncio.Protocol):
             self.tail = buf
             return
         self.tail = buf[end:]
-        n = buf.count(MARK, 0, end)
-        if n:
-            w.received += n
-            w.shared[w.recv_slot] = w.received
-            if w.parse_latency or self.observer:
-                w.record_latency(self, buf[:end])
-            if self.is_sender and w.pumping:
-                w.pump()
+        self.delivered(buf, end)
         if w.registering:
             self.registration_lines(buf[:end])
         elif w.irc and b"PING" in buf[:end]:
             self.answer_pings(buf[:end])
+
+    def delivered(self, chunk: bytes | bytearray, end: int) -> None:
+        """Count the deliveries in ``chunk[:end]`` (whole messages)."""
+        w = self.w
+        n = chunk.count(self.mark, 0, end)
+        if n:
+            w.received += n
+            w.shared[w.recv_slot] = w.received
+            if w.parse_latency or self.observer:
+                w.record_latency(self, chunk[:end])
+            if self.is_sender and w.pumping:
+                w.pump()
 
     def registration_lines(self, chunk: bytes) -> None:
         w = self.w
@@ -233,7 +241,11 @@ class Conn(asyncio.Protocol):
         for _ in range(count):
             parts.append(message(make_text(self.index, self.seq)))
             self.seq += 1
-        self.transport.write(b"".join(parts))
+        self.transport.write(self.pack(parts))
+
+    def pack(self, messages: list[bytes]) -> bytes:
+        """``messages`` (the dialect's) as the bytes to send."""
+        return b"".join(messages)
 
 
 class WsConn(Conn):
@@ -247,6 +259,8 @@ class WsConn(Conn):
     a ping, a close, a fragment) they are parsed one by one
     (:func:`wsframes.walk`).
     """
+
+    mark = WS_MARK
 
     def __init__(self, worker: Worker, index: int) -> None:
         super().__init__(worker, index)
@@ -313,18 +327,6 @@ class WsConn(Conn):
             self.pending = None
         return buf[head_end + 4 :]
 
-    def delivered(self, chunk: bytes | bytearray, end: int) -> None:
-        """Count the deliveries in ``chunk[:end]`` (whole messages)."""
-        w = self.w
-        n = chunk.count(WS_MARK, 0, end)
-        if n:
-            w.received += n
-            w.shared[w.recv_slot] = w.received
-            if w.parse_latency or self.observer:
-                w.record_latency(self, chunk[:end])
-            if self.is_sender and w.pumping:
-                w.pump()
-
     def frames(self, buf: bytes) -> None:
         """Handle the complete frames at the start of ``buf`` one by one."""
         try:
@@ -382,13 +384,9 @@ class WsConn(Conn):
                 if not self.ready.done():
                     self.ready.set_result(None)
 
-    def send_messages(self, count: int) -> None:
-        message = self.w.dialect.message
-        payloads = []
-        for _ in range(count):
-            payloads.append(message(make_text(self.index, self.seq)))
-            self.seq += 1
-        self.transport.write(wsframes.client_frames(payloads))
+    def pack(self, messages: list[bytes]) -> bytes:
+        """``messages`` as masked text frames."""
+        return wsframes.client_frames(messages)
 
 
 class Worker:

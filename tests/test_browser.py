@@ -24,6 +24,7 @@ from playwright.sync_api import Browser, Playwright, expect, sync_playwright
 import chatkit
 
 from .browser import CHROMIUM, TIMEOUT, ChatPage, TcpUser, WebServer, new_page
+from .wsclient import upgrade_request
 
 ROOT = Path(__file__).resolve().parent.parent
 XSS = "<img src=x onerror=alert(1)>"
@@ -302,15 +303,9 @@ def test_html_in_a_message_is_text_and_runs_nothing(
 
 def _handshake(port: int, origin: str | None) -> str:
     """The status line a WebSocket handshake on /ws gets."""
-    request = (
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n"
-        + (f"Origin: {origin}\r\n" if origin is not None else "")
-        + "\r\n"
-    )
+    request, _ = upgrade_request(host=f"127.0.0.1:{port}", origin=origin)
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(request.encode())
+        sock.sendall(request)
         return sock.makefile("rb").readline().decode().strip()
 
 

@@ -85,7 +85,7 @@ def normalize_origin(origin: str) -> str:
     if origin == "*":
         return origin
     parts = urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme not in _SCHEMES or not parts.hostname:
         raise ValueError(
             f"{origin!r} is not an origin (such as https://example.com:8443)"
         )
@@ -236,37 +236,29 @@ class WebTransport(TcpTransport):
         """Read the request and answer it: a page, an error, or the upgrade
         (then the link)."""
         reader = HttpRequestReader()
-        while True:
-            try:
-                request = reader.next_request()
-            except BadHttpRequest as exc:
-                await stream.send_all(http_response(exc.status, f"{exc}\n".encode()))
-                return None
-            if request is not NEED_DATA:
-                break
-            reader.receive_data(await stream.receive_some())
-        if not isinstance(request, HttpRequest):
-            return None  # closed before asking
-        if not request.websocket or request.path != WEBSOCKET_PATH:
-            await stream.send_all(self.pages.respond(request))
-            return None
-        origin = request.headers.get("origin")
-        if origin is not None and not self._allows(origin, request.headers):
-            log.warning(
-                "refused a WebSocket from %s: origin %s is not allowed",
-                stream.address,
-                origin,
-            )
-            body = b"origin not allowed (see --web-origin)\n"
-            await stream.send_all(http_response(403, body))
-            return None
         try:
-            answer = accept_websocket(request)
+            while (request := reader.next_request()) is NEED_DATA:
+                reader.receive_data(await stream.receive_some())
+            if not isinstance(request, HttpRequest):
+                return None  # closed before asking
+            origin = request.headers.get("origin")
+            if not request.websocket or request.path != WEBSOCKET_PATH:
+                response = self.pages.respond(request)
+            elif origin is not None and not self._allows(origin, request.headers):
+                log.warning(
+                    "refused a WebSocket from %s: origin %s is not allowed",
+                    stream.address,
+                    origin,
+                )
+                body = b"origin not allowed (see --web-origin)\n"
+                response = http_response(403, body)
+            else:
+                await stream.send_all(accept_websocket(request))
+                return WebSocketLink(stream, reader.trailing_data)
         except BadHttpRequest as exc:
-            await stream.send_all(http_response(exc.status, f"{exc}\n".encode()))
-            return None
-        await stream.send_all(answer)
-        return WebSocketLink(stream, reader.trailing_data)
+            response = http_response(exc.status, f"{exc}\n".encode())
+        await stream.send_all(response)
+        return None
 
     def _allows(self, origin: str, headers: dict[str, str]) -> bool:
         """Whether a browser's page at ``origin`` may open a WebSocket."""
