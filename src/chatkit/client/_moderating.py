@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Final
 
 from .._events import BanInfo, Moderated, ModesReply, TopicReply
+from .._moderation_events import MAX_DURATION, MAX_LIMIT, MAX_SLOW
 from ._client import ChatClient
 
 __all__ = [
@@ -53,13 +54,12 @@ COMMANDS: Final = frozenset(
 
 # /mode's letters, and the most its numbers may be (the protocol's).
 _FLAGS: Final = MappingProxyType({"i": "invite_only", "m": "moderated", "s": "secret"})
-_NUMBERS: Final = MappingProxyType({"limit": 1_000_000, "slow": 86_400})
+_NUMBERS: Final = MappingProxyType({"limit": MAX_LIMIT, "slow": MAX_SLOW})
 
 _DURATION: Final = re.compile(r"([1-9][0-9]{0,9})([smhdw])")
 _UNIT_SECONDS: Final = MappingProxyType(
     {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 )
-_MAX_DURATION: Final = 2**31 - 1  # the protocol's limit
 
 
 def parse_duration(word: str) -> int | None:
@@ -69,7 +69,7 @@ def parse_duration(word: str) -> int | None:
     if match is None:
         return None
     seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
-    return seconds if seconds <= _MAX_DURATION else None
+    return seconds if seconds <= MAX_DURATION else None
 
 
 def parse_modes(words: list[str]) -> dict[str, bool | int] | None:
