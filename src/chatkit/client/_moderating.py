@@ -223,6 +223,7 @@ def describe_moderated(event: Moderated, me: str) -> str:
     """``event`` as one line, seen by ``me``: ``* root kicked bob from dev:
     spam``, ``* alice muted you in dev until 14:05``."""
     target = "you" if event.name == me else event.name or event.address or "?"
+    whose = "your" if target == "you" else f"{target}'s"
     room = event.room
     match event.action:
         case "kick":
@@ -236,14 +237,12 @@ def describe_moderated(event: Moderated, me: str) -> str:
         case "op":
             what = f"made {target} an operator of {room}"
         case "deop":
-            whose = "your" if target == "you" else f"{target}'s"
             what = f"took {whose} operator role in {room}"
         case "invite":
             what = f"invited {target} to {room}"
         case "voice":
             what = f"gave {target} a voice in {room}"
         case "devoice":
-            whose = "your" if target == "you" else f"{target}'s"
             what = f"took {whose} voice in {room}"
         case action:
             what = f"{action}: {target}" + (f" in {room}" if room else "")
