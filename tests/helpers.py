@@ -129,6 +129,12 @@ class RawClient:
         await self.stream.aclose()
 
 
+def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.ChatClient:
+    """A ChatClient named ``name`` for ``server`` on loopback (``async with``
+    it to connect)."""
+    return chatkit.open_client("127.0.0.1", server.port, name=name, **kwargs)
+
+
 def unref(event: Any) -> Any:
     """``event`` without the ``ref`` only the requester's copy carries."""
     if "ref" not in event.__struct_fields__:
@@ -156,6 +162,15 @@ async def next_event(
             ):
                 return event
     raise AssertionError(f"{client} ended before a {kind.__name__} with {fields}")
+
+
+async def ended(client: chatkit.ChatClient, within: float = TIMEOUT) -> str:
+    """Wait for ``client``'s events to end (its connection closed for good);
+    why they did."""
+    with trio.fail_after(within):
+        async for _ in client:
+            pass
+    return client.close_reason or ""
 
 
 class HoldLogin:

@@ -4,14 +4,13 @@ what the others see through ``async for``, and the refusals."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
 import chatkit
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, connect, ended, next_event
 
 
 @pytest.fixture
@@ -19,25 +18,6 @@ async def server() -> AsyncIterator[chatkit.ChatServer]:
     """A server where ``root`` is a server operator."""
     async with chatkit.open_server(operators=["root"]) as server:
         yield server
-
-
-def connect(server: chatkit.ChatServer, name: str, **kwargs: Any) -> chatkit.ChatClient:
-    return chatkit.open_client("127.0.0.1", server.port, name=name, **kwargs)
-
-
-async def next_matching(
-    client: chatkit.ChatClient, check: Callable[[object], bool]
-) -> object:
-    """The next event of ``client`` for which ``check`` holds."""
-    with trio.fail_after(TIMEOUT):
-        async for event in client:
-            if check(event):
-                return event
-    raise AssertionError(f"{client.name}'s events ended: {client.close_reason}")
-
-
-def moderated(action: str) -> Callable[[object], bool]:
-    return lambda e: isinstance(e, chatkit.Moderated) and e.action == action
 
 
 async def test_kick_from_a_room_is_acknowledged_and_seen_by_the_room(
@@ -55,7 +35,7 @@ async def test_kick_from_a_room_is_acknowledged_and_seen_by_the_room(
             "spam",
         )
         assert ack.ref is not None
-        seen = await next_matching(bob, moderated("kick"))
+        seen = await next_event(bob, chatkit.Moderated, action="kick")
         assert isinstance(seen, chatkit.Moderated)
         assert (seen.by, seen.name, seen.room, seen.ref) == ("root", "bob", "dev", None)
         # bob is out of dev (told by `moderated` alone), still connected;
@@ -64,7 +44,7 @@ async def test_kick_from_a_room_is_acknowledged_and_seen_by_the_room(
         assert not bob.closed
         assert server.rooms["dev"] == ("root",)
         # The operator's own copy comes through async for too.
-        mine = await next_matching(root, moderated("kick"))
+        mine = await next_event(root, chatkit.Moderated, action="kick")
         assert mine == ack
 
 
@@ -76,9 +56,7 @@ async def test_kick_off_the_server_ends_the_kicked_client(
         connect(server, "bob", reconnect=True) as bob,
     ):
         await root.kick("bob", reason="enough")
-        with trio.fail_after(TIMEOUT):
-            async for _ in bob:
-                pass
+        await ended(bob)
         assert bob.closed
         assert "enough" in (bob.close_reason or "")
 
@@ -132,12 +110,7 @@ async def test_ban_unban_and_the_bans_list(server: chatkit.ChatServer) -> None:
         assert (await alice.bans("dev")).bans == ()
         # The answers to bans() are no news: async for never sees them.
         await alice.say("done", room="dev")
-        seen = []
-        with trio.fail_after(TIMEOUT):
-            async for event in alice:
-                seen.append(event)
-                if isinstance(event, chatkit.Message) and event.text == "done":
-                    break
+        seen = await events_until(alice, "done")
         assert not [e for e in seen if isinstance(e, chatkit.BansReply)]
         assert [e.action for e in seen if isinstance(e, chatkit.Moderated)] == [
             "ban",
@@ -159,9 +132,7 @@ async def test_a_server_ban_ends_a_client_for_good(
     async with connect(server, "root") as root:
         async with connect(server, "eve", reconnect=True) as eve:
             await root.ban("eve", reason="no")
-            with trio.fail_after(TIMEOUT):
-                async for _ in eve:
-                    pass  # no reconnect: the ban would refuse it
+            await ended(eve)  # no reconnect: the ban would refuse it
             assert eve.closed
             assert (eve.close_reason or "").startswith("banned")
         with pytest.raises(chatkit.Banned):
@@ -217,7 +188,7 @@ async def test_topic_set_ask_and_seen(server: chatkit.ChatServer) -> None:
             "alice",
         )
         assert reply.ref is not None
-        seen = await next_matching(bob, lambda e: isinstance(e, chatkit.TopicReply))
+        seen = await next_event(bob, chatkit.TopicReply)
         assert isinstance(seen, chatkit.TopicReply)
         assert (seen.text, seen.by, seen.ref) == ("release on Friday", "alice", None)
         asked = await bob.topic("dev")
@@ -239,9 +210,7 @@ async def test_a_joiner_gets_the_topic_through_async_for(
         await alice.join("dev")
         await alice.topic("dev", "welcome")
         await bob.join("dev")
-        seen = await next_matching(
-            bob, lambda e: isinstance(e, chatkit.TopicReply) and e.room == "dev"
-        )
+        seen = await next_event(bob, chatkit.TopicReply, room="dev")
         assert isinstance(seen, chatkit.TopicReply)
         assert (seen.text, seen.by) == ("welcome", "alice")
 
@@ -265,7 +234,7 @@ async def test_modes_set_ask_and_their_effects(server: chatkit.ChatServer) -> No
             0,
             "alice",
         )
-        seen = await next_matching(bob, lambda e: isinstance(e, chatkit.ModesReply))
+        seen = await next_event(bob, chatkit.ModesReply)
         assert isinstance(seen, chatkit.ModesReply)
         assert (seen.invite_only, seen.moderated, seen.by) == (True, True, "alice")
         with pytest.raises(chatkit.Forbidden):

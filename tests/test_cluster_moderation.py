@@ -7,7 +7,7 @@ its servers on free loopback ports."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ import trio
 
 import chatkit
 from chatkit.cluster import RedisBackplane
-from tests.helpers import TIMEOUT, wait_until
+from tests.helpers import TIMEOUT, connect, ended, next_event, wait_until
 from tests.redis_server import RedisServer, redis_proxy
 
 
@@ -37,50 +37,15 @@ async def two_nodes(
         yield a, b
 
 
-def client(server: chatkit.ChatServer, name: str, **kw: Any) -> chatkit.ChatClient:
-    return chatkit.open_client("127.0.0.1", server.port, name=name, **kw)
-
-
-async def next_matching(
-    client: chatkit.ChatClient, check: Callable[[object], bool]
-) -> object:
-    """The next event of ``client`` for which ``check`` holds."""
-    with trio.fail_after(TIMEOUT):
-        async for event in client:
-            if check(event):
-                return event
-    raise AssertionError(f"{client.name}'s events ended: {client.close_reason}")
-
-
-def moderated(action: str, name: str | None = None) -> Callable[[object], bool]:
-    return lambda e: (
-        isinstance(e, chatkit.Moderated)
-        and e.action == action
-        and name in (None, e.name)
-    )
-
-
-def left(name: str, room: str) -> Callable[[object], bool]:
-    return lambda e: isinstance(e, chatkit.Left) and (e.name, e.room) == (name, room)
-
-
-async def ended(client: chatkit.ChatClient) -> str:
-    """Wait for ``client``'s connection to end; why it did."""
-    with trio.fail_after(TIMEOUT):
-        async for _ in client:
-            pass
-    return client.close_reason or ""
-
-
 async def test_a_kick_on_one_node_puts_out_a_user_of_the_other(
     redis: RedisServer,
 ) -> None:
     async with (
         two_nodes(redis) as (a, b),
-        client(a, "root") as root,
-        client(a, "carol") as carol,
-        client(b, "bob") as bob,
-        client(b, "dave") as dave,
+        connect(a, "root") as root,
+        connect(a, "carol") as carol,
+        connect(b, "bob") as bob,
+        connect(b, "dave") as dave,
     ):
         for member in (root, carol, bob, dave):
             await member.join("dev")
@@ -88,18 +53,18 @@ async def test_a_kick_on_one_node_puts_out_a_user_of_the_other(
         assert (ack.action, ack.room, ack.reason) == ("kick", "dev", "spam")
         # Everyone in dev, on either node, sees who was kicked and why.
         for member in (carol, bob, dave):
-            seen = await next_matching(member, moderated("kick"))
+            seen = await next_event(member, chatkit.Moderated, action="kick")
             assert isinstance(seen, chatkit.Moderated)
             assert (seen.by, seen.room, seen.reason) == ("root", "dev", "spam")
             assert seen.name is not None and seen.name.casefold() == "bob"
         for member in (carol, dave):
-            await next_matching(member, left("bob", "dev"))
+            await next_event(member, chatkit.Left, name="bob", room="dev")
         await wait_until(lambda: bob.joined_rooms == {"lobby"})
         assert sorted(await carol.who("dev")) == ["carol", "dave", "root"]
         # Off the server: bob's connection (on b) ends with the reason.
         await root.kick("bob", reason="enough")
         assert "enough" in await ended(bob)
-        seen = await next_matching(dave, moderated("kick", "bob"))
+        seen = await next_event(dave, chatkit.Moderated, action="kick", name="bob")
         assert isinstance(seen, chatkit.Moderated) and seen.room is None
         # Nobody there: no_such_user, from either node's view.
         with pytest.raises(chatkit.NoSuchUser):
@@ -111,31 +76,31 @@ async def test_a_kick_on_one_node_puts_out_a_user_of_the_other(
 async def test_a_ban_on_one_node_holds_on_the_other_until_it_expires(
     redis: RedisServer,
 ) -> None:
-    async with two_nodes(redis) as (a, b), client(a, "root") as root:
-        async with client(b, "bob") as bob, client(b, "dave") as dave:
+    async with two_nodes(redis) as (a, b), connect(a, "root") as root:
+        async with connect(b, "bob") as bob, connect(b, "dave") as dave:
             await bob.join("dev")
             await dave.join("dev")
             await root.ban("bob", reason="spam", duration=2)
             assert "banned" in await ended(bob)
-            seen = await next_matching(dave, moderated("ban", "bob"))
+            seen = await next_event(dave, chatkit.Moderated, action="ban", name="bob")
             assert isinstance(seen, chatkit.Moderated) and seen.reason == "spam"
         for node in (a, b):
             with pytest.raises(chatkit.Banned):
-                async with client(node, "bob"):
+                async with connect(node, "bob"):
                     pass
         # A room ban made on b keeps carol (on a) out of dev.
-        async with client(b, "root2") as other, client(a, "carol") as carol:
+        async with connect(b, "root2") as other, connect(a, "carol") as carol:
             await carol.join("dev")
             with pytest.raises(chatkit.Forbidden):
                 await other.ban("carol", room="dev")
         await b.ban("carol", room="dev", reason="off topic")
-        async with client(a, "carol") as carol:
+        async with connect(a, "carol") as carol:
             with pytest.raises(chatkit.Banned):
                 await carol.join("dev")
         # The server's own ban had a 2 s expiry: it runs out on both nodes.
         await trio.sleep(2.1)
         for node in (a, b):
-            async with client(node, "bob") as bob:
+            async with connect(node, "bob") as bob:
                 await bob.join("dev")
 
 
@@ -144,14 +109,14 @@ async def test_an_address_ban_from_one_node_puts_out_the_other_nodes_users(
 ) -> None:
     async with (
         two_nodes(redis) as (a, b),
-        client(a, "root") as root,
-        client(b, "bob") as bob,
+        connect(a, "root") as root,
+        connect(b, "bob") as bob,
     ):
         await bob.join("dev")
         await root.join("dev")
         await root.ban(address="127.0.0.0/8", room="dev")
         # bob is told by name that he is out (not the address).
-        seen = await next_matching(bob, moderated("ban", "bob"))
+        seen = await next_event(bob, chatkit.Moderated, action="ban", name="bob")
         assert isinstance(seen, chatkit.Moderated) and seen.address is None
         await wait_until(lambda: "dev" not in bob.joined_rooms)
         with pytest.raises(chatkit.Banned):
@@ -163,9 +128,9 @@ async def test_mutes_roles_topics_and_modes_are_the_clusters(
 ) -> None:
     async with (
         two_nodes(redis) as (a, b),
-        client(a, "alice") as alice,
-        client(b, "bob") as bob,
-        client(b, "eve") as eve,
+        connect(a, "alice") as alice,
+        connect(b, "bob") as bob,
+        connect(b, "eve") as eve,
     ):
         await alice.join("dev")  # alice owns dev, on every node
         await bob.join("dev")
@@ -174,7 +139,7 @@ async def test_mutes_roles_topics_and_modes_are_the_clusters(
         with pytest.raises(chatkit.Forbidden):
             await bob.mute("eve", room="dev")
         await alice.op("dev", "bob")
-        seen = await next_matching(eve, moderated("op", "bob"))
+        seen = await next_event(eve, chatkit.Moderated, action="op", name="bob")
         assert isinstance(seen, chatkit.Moderated) and seen.by == "alice"
         await bob.mute("eve", room="dev", reason="calm down")
         with pytest.raises(chatkit.Muted):
@@ -183,27 +148,27 @@ async def test_mutes_roles_topics_and_modes_are_the_clusters(
         assert (await eve.say("thanks", room="dev")).text == "thanks"
         # A topic set on a reaches b's members, and b's joiners.
         await alice.topic("dev", "release on Friday")
-        topic = await next_matching(bob, lambda e: isinstance(e, chatkit.TopicReply))
+        topic = await next_event(bob, chatkit.TopicReply)
         assert isinstance(topic, chatkit.TopicReply)
         assert (topic.text, topic.by) == ("release on Friday", "alice")
         # Modes set on a: invite-only keeps b's users out until invited.
         await alice.modes("dev", invite_only=True)
-        modes = await next_matching(bob, lambda e: isinstance(e, chatkit.ModesReply))
+        modes = await next_event(bob, chatkit.ModesReply)
         assert isinstance(modes, chatkit.ModesReply) and modes.invite_only
-        async with client(b, "frank") as frank:
+        async with connect(b, "frank") as frank:
             with pytest.raises(chatkit.Forbidden):
                 await frank.join("dev")
             await alice.invite("dev", "frank")
-            invite = await next_matching(frank, moderated("invite", "frank"))
+            invite = await next_event(
+                frank, chatkit.Moderated, action="invite", name="frank"
+            )
             assert isinstance(invite, chatkit.Moderated) and invite.room == "dev"
             await frank.join("dev")
-            shown = await next_matching(
-                frank, lambda e: isinstance(e, chatkit.TopicReply)
-            )
+            shown = await next_event(frank, chatkit.TopicReply)
             assert isinstance(shown, chatkit.TopicReply)
             assert shown.text == "release on Friday"
         # The invite was used up, for every node.
-        async with client(a, "frank") as frank:
+        async with connect(a, "frank") as frank:
             with pytest.raises(chatkit.Forbidden):
                 await frank.join("dev")
 
@@ -220,7 +185,7 @@ async def test_changes_made_at_once_on_both_nodes_are_all_kept(
                     )
         names = {f"{node.port}-{n}" for node in (a, b) for n in range(10)}
         for node in (a, b):
-            async with client(node, "root") as root:
+            async with connect(node, "root") as root:
                 listing = await root.bans()
                 assert {ban.name for ban in listing.bans} == names
 
@@ -248,8 +213,8 @@ async def test_the_state_is_in_redis_across_a_restart_of_every_node(
 ) -> None:
     async with (
         two_nodes(redis) as (a, b),
-        client(a, "alice") as alice,
-        client(b, "root") as root,
+        connect(a, "alice") as alice,
+        connect(b, "root") as root,
     ):
         await alice.join("dev")
         await alice.topic("dev", "kept")
@@ -262,10 +227,10 @@ async def test_the_state_is_in_redis_across_a_restart_of_every_node(
             chatkit.open_server(backplane=RedisBackplane(redis.url))
         )
         with pytest.raises(chatkit.Banned):
-            async with client(node, "mallory"):
+            async with connect(node, "mallory"):
                 pass
-        carol = await stack.enter_async_context(client(node, "carol"))
-        eve = await stack.enter_async_context(client(node, "eve"))
+        carol = await stack.enter_async_context(connect(node, "carol"))
+        eve = await stack.enter_async_context(connect(node, "eve"))
         await carol.join("dev")
         topic = await carol.topic("dev")
         assert (topic.text, topic.by) == ("kept", "alice")
@@ -284,8 +249,8 @@ async def test_moderation_needing_redis_is_refused_while_it_is_away(
     async with (
         redis_proxy(redis.port) as proxy,
         two_nodes(redis, proxy.url, **fast) as (a, b),
-        client(a, "root") as root,
-        client(a, "bob") as bob,
+        connect(a, "root") as root,
+        connect(a, "bob") as bob,
     ):
         backplane = a.backplane
         assert backplane is not None
@@ -295,13 +260,13 @@ async def test_moderation_needing_redis_is_refused_while_it_is_away(
             await root.ban("eve")
         # A kick needs no state: this node's users can still be put out.
         await root.kick("bob", room="lobby")
-        await next_matching(bob, moderated("kick", "bob"))
+        await next_event(bob, chatkit.Moderated, action="kick", name="bob")
         await wait_until(lambda: bob.joined_rooms == set())
         proxy.restore()
         await wait_until(lambda: backplane.available)
         await root.ban("eve")
         with pytest.raises(chatkit.Banned):
-            async with client(b, "eve"):
+            async with connect(b, "eve"):
                 pass
 
 
@@ -322,15 +287,15 @@ async def test_a_redis_that_restarts_empty_gets_the_state_back_from_the_nodes(
             # back: a node that joins after them finds it there.
             with trio.fail_after(TIMEOUT):
                 while True:
-                    async with client(c, "carol") as carol:
+                    async with connect(c, "carol") as carol:
                         if (await carol.topic("dev")).text == "kept":
                             break
                     await trio.sleep(0.05)
             with pytest.raises(chatkit.Banned):
-                async with client(c, "mallory"):
+                async with connect(c, "mallory"):
                     pass
             await a.mute("eve")  # made on top of the state given back
-            async with client(c, "eve") as eve:
+            async with connect(c, "eve") as eve:
                 assert (await eve.topic("dev")).text == "kept"
                 with pytest.raises(chatkit.Muted):
                     await eve.say("hello")

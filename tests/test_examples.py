@@ -23,7 +23,8 @@ from examples import audit_log, dice, logging_plugin, profanity_filter
 
 import chatkit
 from chatkit.testing import Chat, open_chat
-from tests.helpers import TIMEOUT, RawClient, next_event, unref, wait_until
+from tests.conftest import OpenRaw
+from tests.helpers import TIMEOUT, next_event, unref, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -292,26 +293,23 @@ def test_dice_rolls_fair_dice_within_their_bounds() -> None:
         assert sum(rolls) == int(total)
 
 
-async def test_dice_answers_roll_and_leaves_other_commands() -> None:
+async def test_dice_answers_roll_and_leaves_other_commands(open_raw: OpenRaw) -> None:
     async with chatkit.open_server(plugins=[dice.Dice(Loaded())]) as server:
-        alice = await RawClient.open(server.port)
-        try:
-            await alice.hello("alice")
-            await alice.send_json(type="command", name="roll", args="2d6", ref=1)
-            assert await alice.expect("command", ref=1) == {
-                "type": "command",
-                "name": "roll",
-                "text": "alice rolled 2d6: 3 + 5 = 8",
-                "ref": 1,
-            }
-            await alice.send_json(type="command", name="roll", args="many", ref=2)
-            reply = await alice.expect("command", ref=2)
-            assert reply["text"].startswith("alice, I can't read 'many'")
-            await alice.send_json(type="command", name="flip", ref=3)
-            error = await alice.expect("error", ref=3)
-            assert error["message"] == "no command /flip"
-        finally:
-            await alice.aclose()
+        alice = await open_raw(server.port)
+        await alice.hello("alice")
+        await alice.send_json(type="command", name="roll", args="2d6", ref=1)
+        assert await alice.expect("command", ref=1) == {
+            "type": "command",
+            "name": "roll",
+            "text": "alice rolled 2d6: 3 + 5 = 8",
+            "ref": 1,
+        }
+        await alice.send_json(type="command", name="roll", args="many", ref=2)
+        reply = await alice.expect("command", ref=2)
+        assert reply["text"].startswith("alice, I can't read 'many'")
+        await alice.send_json(type="command", name="flip", ref=3)
+        error = await alice.expect("error", ref=3)
+        assert error["message"] == "no command /flip"
 
 
 # --- audit_log.py ------------------------------------------------------------------
@@ -362,20 +360,17 @@ async def test_audit_log_writes_one_json_line_per_action(tmp_path: Path) -> None
 
 
 async def test_audit_log_records_operators_requests_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, open_raw: OpenRaw
 ) -> None:
     path = tmp_path / "from-env.jsonl"
     monkeypatch.setenv("CHATKIT_AUDIT_LOG", str(path))
     plugin = audit_log.AuditLog()
     assert plugin.path == path
     async with chatkit.open_server(plugins=[plugin], operators=["alice"]) as server:
-        alice = await RawClient.open(server.port)
-        try:
-            await alice.hello("alice")
-            await alice.send_json(type="ban", name="eve", reason="spam", ref=1)
-            await alice.expect("moderated", ref=1)
-        finally:
-            await alice.aclose()
+        alice = await open_raw(server.port)
+        await alice.hello("alice")
+        await alice.send_json(type="ban", name="eve", reason="spam", ref=1)
+        await alice.expect("moderated", ref=1)
     assert read_audit(path) == [
         {"action": "ban", "by": "alice", "name": "eve", "reason": "spam"}
     ]

@@ -31,6 +31,15 @@ async def joined(client: RawClient, room: str, name: str) -> None:
     await client.expect("joined", room=room, name=name)
 
 
+async def in_dev(open_raw: OpenRaw, port: int, *names: str) -> list[RawClient]:
+    """Log in ``names``, then each joins ``dev`` in turn (the first creates
+    it, and so owns it)."""
+    clients = [await login(open_raw, port, name) for name in names]
+    for client, name in zip(clients, names, strict=True):
+        await joined(client, "dev", name)
+    return clients
+
+
 # --- who may ------------------------------------------------------------------
 
 
@@ -66,12 +75,8 @@ async def test_a_member_who_is_no_operator_is_forbidden(
 async def test_a_rooms_creator_owns_it_and_may_make_operators(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    carol = await login(open_raw, server.port, "carol")
-    await joined(alice, "dev", "alice")  # alice creates dev: she owns it
-    await joined(bob, "dev", "bob")
-    await joined(carol, "dev", "carol")
+    # alice creates dev: she owns it.
+    alice, bob, carol = await in_dev(open_raw, server.port, "alice", "bob", "carol")
     # bob is no operator of dev: he may not op carol, nor kick.
     await bob.send_json(type="op", room="dev", name="carol", ref=1)
     assert (await bob.expect("error", ref=1))["code"] == "forbidden"
@@ -98,10 +103,7 @@ async def test_a_rooms_creator_owns_it_and_may_make_operators(
 async def test_a_kick_from_a_room_is_seen_by_the_room_and_leaves_the_user_online(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    await joined(alice, "dev", "alice")
-    await joined(bob, "dev", "bob")
+    alice, bob = await in_dev(open_raw, server.port, "alice", "bob")
     await alice.send_json(type="kick", room="dev", name="bob", reason="spam", ref=1)
     ack = await alice.expect("moderated", ref=1)
     assert ack == {
@@ -152,10 +154,7 @@ async def test_kicking_nobody_is_an_error(
 async def test_a_room_ban_puts_out_and_keeps_out_until_lifted(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    await joined(alice, "dev", "alice")
-    await joined(bob, "dev", "bob")
+    alice, bob = await in_dev(open_raw, server.port, "alice", "bob")
     await alice.send_json(type="ban", room="dev", name="Bob", reason="trolling", ref=1)
     await alice.expect("moderated", action="ban", ref=1)
     await bob.expect("moderated", action="ban", name="Bob")
@@ -235,10 +234,7 @@ async def test_a_ban_ends_when_it_expires(
 async def test_a_muted_member_is_refused_while_others_chat(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    await joined(alice, "dev", "alice")
-    await joined(bob, "dev", "bob")
+    alice, bob = await in_dev(open_raw, server.port, "alice", "bob")
     await alice.send_json(
         type="mute", room="dev", name="bob", reason="calm down", ref=1
     )
@@ -328,10 +324,7 @@ async def test_moderation_survives_a_restart_on_the_same_database(
 async def test_the_python_api_moderates_as_the_server(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    await joined(alice, "dev", "alice")
-    await joined(bob, "dev", "bob")
+    alice, _bob = await in_dev(open_raw, server.port, "alice", "bob")
     assert server.kick("bob", "bye", room="dev")
     seen = await alice.expect("moderated", action="kick")
     assert seen["by"] == chatkit.SERVER_SENDER
@@ -373,10 +366,7 @@ async def test_line_mode_users_read_what_happened(
 async def test_a_topic_is_set_by_operators_and_shown_on_join(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    await joined(alice, "dev", "alice")
-    await joined(bob, "dev", "bob")
+    alice, bob = await in_dev(open_raw, server.port, "alice", "bob")
     await bob.send_json(type="topic", room="dev", text="bob's topic", ref=1)
     assert (await bob.expect("error", ref=1))["code"] == "forbidden"
     await alice.send_json(type="topic", room="dev", text="Release on Friday", ref=2)
@@ -421,10 +411,7 @@ async def test_an_invite_only_room_lets_in_the_invited_once(
 async def test_a_moderated_room_hears_operators_and_the_voiced(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    await joined(alice, "dev", "alice")
-    await joined(bob, "dev", "bob")
+    alice, bob = await in_dev(open_raw, server.port, "alice", "bob")
     await alice.send_json(type="mode", room="dev", moderated=True, ref=1)
     await alice.expect("modes", ref=1)
     await bob.expect("modes", moderated=True)
@@ -483,10 +470,7 @@ async def test_slow_mode_allows_one_message_per_interval(
 ) -> None:
     mock_clock.rate = 1
     async with chatkit.open_server() as server:
-        alice = await login(open_raw, server.port, "alice")
-        bob = await login(open_raw, server.port, "bob")
-        await joined(alice, "dev", "alice")
-        await joined(bob, "dev", "bob")
+        alice, bob = await in_dev(open_raw, server.port, "alice", "bob")
         await alice.send_json(type="mode", room="dev", slow=30, ref=1)
         await alice.expect("modes", ref=1)
         await bob.send_json(type="say", room="dev", text="one", ref=2)
@@ -547,10 +531,7 @@ async def test_a_room_ban_by_address_tells_those_it_puts_out_by_name(
 async def test_an_owner_hands_the_room_over(
     server: chatkit.ChatServer, open_raw: OpenRaw
 ) -> None:
-    alice = await login(open_raw, server.port, "alice")
-    bob = await login(open_raw, server.port, "bob")
-    await joined(alice, "dev", "alice")
-    await joined(bob, "dev", "bob")
+    alice, bob = await in_dev(open_raw, server.port, "alice", "bob")
     await bob.send_json(type="owner", room="dev", name="bob", ref=1)
     assert (await bob.expect("error", ref=1))["code"] == "forbidden"
     await alice.send_json(type="owner", room="dev", name="bob", ref=2)

@@ -60,12 +60,28 @@ def test_no_mode_words(words: list[str]) -> None:
     assert parse_modes(words) is None
 
 
+async def screen(
+    terminal: OpenTerminal, port: int, name: str, *, lines: int = 24
+) -> Terminal:
+    """``name``'s chat on a terminal, logged in with ``--name``, without
+    time stamps."""
+    return await open_chat(
+        terminal, port, name, "--no-timestamps", type_name=False, lines=lines
+    )
+
+
+async def root_and_bob(
+    launch: Launch, terminal: OpenTerminal
+) -> tuple[Terminal, Terminal]:
+    """A server where ``root`` is an operator; root on a terminal, then bob."""
+    _server, port = await start_server(launch, "--operator", "root")
+    return await screen(terminal, port, "root"), await screen(terminal, port, "bob")
+
+
 async def test_an_operator_kicks_and_both_screens_show_it(
     launch: Launch, terminal: OpenTerminal
 ) -> None:
-    _server, port = await start_server(launch, "--operator", "root")
-    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
-    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    root, bob = await root_and_bob(launch, terminal)
     await root.wait_for("bob has joined the chat.")
     bob.type("/join dev\r")
     await bob.wait_for("[dev]>")
@@ -90,9 +106,7 @@ async def test_help_and_a_refusal_on_the_screen(
     launch: Launch, terminal: OpenTerminal
 ) -> None:
     _server, port = await start_server(launch, "--operator", "root")
-    alice = await open_chat(
-        terminal, port, "alice", "--no-timestamps", type_name=False, lines=60
-    )
+    alice = await screen(terminal, port, "alice", lines=60)
     alice.type("/help\r")
     await alice.wait_for("/bans [-s]")
     text = alice.text()
@@ -144,14 +158,14 @@ async def test_a_topic_is_set_and_shown_on_joining(
     launch: Launch, terminal: OpenTerminal
 ) -> None:
     _server, port = await start_server(launch, "--operator", "root")
-    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
+    root = await screen(terminal, port, "root")
     await in_dev(root)
     root.type("/topic\r")
     await root.wait_for("No topic in dev.")
     root.type("/topic release on  Friday\r")  # shown as typed
     await root.wait_for("* You set the topic of dev: release on  Friday")
     # bob, joining later, is shown the topic as he joins.
-    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    bob = await screen(terminal, port, "bob")
     await in_dev(bob)
     await bob.wait_for("You joined dev.\nTopic of dev: release on  Friday\n")
     await root.wait_for("bob has joined dev.")
@@ -166,9 +180,7 @@ async def test_a_topic_is_set_and_shown_on_joining(
 async def test_an_invite_only_room_refuses_until_an_invite(
     launch: Launch, terminal: OpenTerminal
 ) -> None:
-    _server, port = await start_server(launch, "--operator", "root")
-    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
-    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    root, bob = await root_and_bob(launch, terminal)
     await in_dev(root)
     root.type("/mode +i\r")
     await root.wait_for("* You set modes of dev: +i")
@@ -195,9 +207,7 @@ async def test_an_invite_only_room_refuses_until_an_invite(
 async def test_a_moderated_room_and_a_voice(
     launch: Launch, terminal: OpenTerminal
 ) -> None:
-    _server, port = await start_server(launch, "--operator", "root")
-    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
-    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    root, bob = await root_and_bob(launch, terminal)
     await in_dev(root, bob)
     await root.wait_for("bob has joined dev.")
     root.type("/mode +m\r")
@@ -229,9 +239,7 @@ async def test_a_moderated_room_and_a_voice(
 async def test_a_mute_on_both_screens_and_in_bans(
     launch: Launch, terminal: OpenTerminal
 ) -> None:
-    _server, port = await start_server(launch, "--operator", "root")
-    root = await open_chat(terminal, port, "root", "--no-timestamps", type_name=False)
-    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    root, bob = await root_and_bob(launch, terminal)
     await root.wait_for("bob has joined the chat.")
     since = time.time()
     root.type("/mute bob 10m be nice\r")
@@ -267,8 +275,8 @@ async def test_a_plugin_command_answers_on_the_screen(
     launch: Launch, terminal: OpenTerminal
 ) -> None:
     _server, port = await start_server(launch, "--plugin", "examples.dice:Dice")
-    alice = await open_chat(terminal, port, "alice", "--no-timestamps", type_name=False)
-    bob = await open_chat(terminal, port, "bob", "--no-timestamps", type_name=False)
+    alice = await screen(terminal, port, "alice")
+    bob = await screen(terminal, port, "bob")
     await alice.wait_for("bob has joined the chat.")
     alice.type("/roll 2d6\r")
     rolled = r"^alice rolled 2d6: ([1-6]) \+ ([1-6]) = (\d+)$"

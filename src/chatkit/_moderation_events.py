@@ -11,6 +11,9 @@ import msgspec
 from ._event_base import Event, Ref
 
 __all__ = [
+    "MAX_DURATION",
+    "MAX_LIMIT",
+    "MAX_SLOW",
     "MODERATION_REQUESTS",
     "Ban",
     "BanInfo",
@@ -39,8 +42,14 @@ __all__ = [
 
 # --- moderation (extensions to v1; docs/moderation.md) ---------------------
 
-#: Seconds a ban or mute lasts: 1 s to about 68 years.
-Duration: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+#: The longest ban or mute, in seconds (about 68 years).
+MAX_DURATION: Final = 2**31 - 1
+#: The most a room's ``limit`` (members) and ``slow`` (seconds) modes may be.
+MAX_LIMIT: Final = 1_000_000
+MAX_SLOW: Final = 86_400
+
+#: Seconds a ban or mute lasts: 1 s to :data:`MAX_DURATION`.
+Duration: TypeAlias = Annotated[int, msgspec.Meta(ge=1, le=MAX_DURATION)]
 
 
 class Kick(Event, tag="kick", frozen=True):
@@ -156,8 +165,8 @@ class Modes(Event, tag="mode", frozen=True):
     invite_only: bool | None = None
     moderated: bool | None = None
     secret: bool | None = None
-    limit: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
-    slow: Annotated[int, msgspec.Meta(ge=0, le=86_400)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIMIT)] | None = None
+    slow: Annotated[int, msgspec.Meta(ge=0, le=MAX_SLOW)] | None = None
     ref: Ref = None
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import ssl
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +45,7 @@ from .._exceptions import (
     NameTaken,
     RequestError,
 )
+from ..protocol import is_valid_name
 from ._client import DEFAULT_PORT, ChatClient, open_client
 from ._connection import describe_error, open_stream
 from ._moderating import COMMANDS as MODERATION_COMMANDS
@@ -337,7 +337,7 @@ class ChatShell:
         # Not ours: a command of the server's plugins, about this room.
         unknown = f"Unknown command {command}. Type /help for commands."
         name = command[1:]
-        if not _PLUGIN_COMMAND.fullmatch(name):
+        if not is_valid_name(name):  # the server's rule for command names
             self._print(unknown)
             return
         try:
@@ -401,10 +401,6 @@ class ChatShell:
             # How to get the next page.
             edge = f"after {shown[-1].id}" if forward else f"before {shown[0].id}"
             self._print(f"(more: /history {room} {count} {edge})")
-
-
-# What a plugin command's name may be (docs/protocol.md#plugin-commands).
-_PLUGIN_COMMAND = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
 def _command_usages(help_text: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Final
 
 from .._events import BanInfo, Moderated, ModesReply, TopicReply
+from .._moderation_events import MAX_DURATION, MAX_LIMIT, MAX_SLOW
 from ._client import ChatClient
 
 __all__ = [
@@ -53,13 +54,12 @@ COMMANDS: Final = frozenset(
 
 # /mode's letters, and the most its numbers may be (the protocol's).
 _FLAGS: Final = MappingProxyType({"i": "invite_only", "m": "moderated", "s": "secret"})
-_NUMBERS: Final = MappingProxyType({"limit": 1_000_000, "slow": 86_400})
+_NUMBERS: Final = MappingProxyType({"limit": MAX_LIMIT, "slow": MAX_SLOW})
 
 _DURATION: Final = re.compile(r"([1-9][0-9]{0,9})([smhdw])")
 _UNIT_SECONDS: Final = MappingProxyType(
     {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 )
-_MAX_DURATION: Final = 2**31 - 1  # the protocol's limit
 
 
 def parse_duration(word: str) -> int | None:
@@ -69,7 +69,7 @@ def parse_duration(word: str) -> int | None:
     if match is None:
         return None
     seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
-    return seconds if seconds <= _MAX_DURATION else None
+    return seconds if seconds <= MAX_DURATION else None
 
 
 def parse_modes(words: list[str]) -> dict[str, bool | int] | None:
@@ -223,6 +223,7 @@ def describe_moderated(event: Moderated, me: str) -> str:
     """``event`` as one line, seen by ``me``: ``* root kicked bob from dev:
     spam``, ``* alice muted you in dev until 14:05``."""
     target = "you" if event.name == me else event.name or event.address or "?"
+    whose = "your" if target == "you" else f"{target}'s"
     room = event.room
     match event.action:
         case "kick":
@@ -236,14 +237,12 @@ def describe_moderated(event: Moderated, me: str) -> str:
         case "op":
             what = f"made {target} an operator of {room}"
         case "deop":
-            whose = "your" if target == "you" else f"{target}'s"
             what = f"took {whose} operator role in {room}"
         case "invite":
             what = f"invited {target} to {room}"
         case "voice":
             what = f"gave {target} a voice in {room}"
         case "devoice":
-            whose = "your" if target == "you" else f"{target}'s"
             what = f"took {whose} voice in {room}"
         case action:
             what = f"{action}: {target}" + (f" in {room}" if room else "")

@@ -117,6 +117,7 @@ class ModerationAPI:
             ValueError: ``limit`` or ``slow`` out of range.
         """
         given = {
+            "room": room,
             "invite_only": invite_only,
             "moderated": moderated,
             "secret": secret,
@@ -124,10 +125,7 @@ class ModerationAPI:
             "slow": slow,
         }
         try:  # the protocol's own bounds, as for a client's request
-            request = msgspec.convert(
-                {"room": room, **{k: v for k, v in given.items() if v is not None}},
-                Modes,
-            )
+            request = msgspec.convert(given, Modes)  # None: left as it is
         except msgspec.ValidationError as exc:
             raise ValueError(str(exc)) from None
         await self._rules.moderator.set_modes(request)
