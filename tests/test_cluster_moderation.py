@@ -204,7 +204,7 @@ async def test_invites_made_at_once_on_both_nodes_are_all_kept(
                     nursery.start_soon(node.invite, "dev", guest)
         for node, guests in names.items():
             for guest in guests:
-                async with client(node, guest) as invited:
+                async with connect(node, guest) as invited:
                     await invited.join("dev")
 
 
